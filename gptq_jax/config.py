@@ -1,0 +1,206 @@
+"""GPTQConfig: the quantization settings, with Hugging Face Optimum's GPTQQuantizer surface.
+
+Frozen, keyword-only after ``bits``, validated at construction. Every error names the field, the
+value and what is allowed. ``to_dict`` / ``from_dict`` round-trip with the Hugging Face
+``quantization_config`` dict (the keys transformers, Optimum and GPTQModel write beside weights).
+
+Interactions between fields (decided here, as the references do):
+
+* ``desc_act=True`` with ``act_group_aware=True``: act-order wins and ``act_group_aware`` is set to
+  False with a warning (what transformers' GPTQConfig does).
+* ``act_group_aware`` with ``group_size=-1``: GAR reorders *within groups*, so without groups it is a
+  no-op; the field is normalised to False (no warning: it is the default).
+* ``format="gptq"`` (v1) with ``sym=False``: v1 stores ``zero - 1`` in an unsigned field, so a zero
+  point of 0 cannot be stored. We warn, and the solver limits asymmetric zero points to
+  ``[1, maxq]`` so that the v1 checkpoint is exact (use ``format="gptq_v2"`` for the unrestricted
+  reference grid). Nothing is silently corrupted: packing a zero of 0 as v1 raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Mapping, Sequence
+
+BITS = (2, 3, 4, 8)
+FORMATS = ("gptq", "gptq_v2")
+BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
+NAMED_DATASETS = ("wikitext2", "c4", "c4-new")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"GPTQConfig.{field}={value!r} is not allowed: {field} must be {allowed}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig:
+  """GPTQ settings. ``bits`` is required; everything else is keyword-only.
+
+  Optimum fields: bits, dataset, group_size, damp_percent, desc_act, act_group_aware, sym,
+  true_sequential, format, backend. Ours: static_groups, block_size (the lazy-update block,
+  ``blocksize`` in the paper), damp_auto_increment (damping escalation step when the Cholesky
+  factorisation fails; 0 disables escalation), nsamples / seqlen / seed (calibration data), mse
+  (clipping search norm exponent; 0 = plain min/max grid, 2.4 in the references).
+  """
+
+  bits: int
+  _: dataclasses.KW_ONLY
+  dataset: str | Sequence[str] | None = None
+  group_size: int = 128
+  damp_percent: float = 0.1
+  desc_act: bool = False
+  act_group_aware: bool = True
+  sym: bool = True
+  true_sequential: bool = True
+  format: str = "gptq"
+  backend: str | None = None
+  static_groups: bool = False
+  block_size: int = 128
+  damp_auto_increment: float = 0.01
+  nsamples: int = 128
+  seqlen: int = 2048
+  seed: int = 0
+  mse: float = 0.0
+
+  def __post_init__(self) -> None:
+    if not _is_int(self.bits) or self.bits not in BITS:
+      _fail("bits", self.bits, f"one of {BITS}")
+    if not _is_int(self.group_size) or (self.group_size <= 0 and self.group_size != -1):
+      _fail("group_size", self.group_size, "an int > 0, or -1 for one group per output row")
+    if not _is_number(self.damp_percent) or not 0 < self.damp_percent < 1:
+      _fail("damp_percent", self.damp_percent, "a number with 0 < damp_percent < 1")
+    if not _is_number(self.damp_auto_increment) or not 0 <= self.damp_auto_increment < 1:
+      _fail("damp_auto_increment", self.damp_auto_increment, "a number in [0, 1) (0 disables)")
+    for name in ("desc_act", "act_group_aware", "sym", "true_sequential", "static_groups"):
+      if not isinstance(getattr(self, name), bool):
+        _fail(name, getattr(self, name), "a bool (True or False)")
+    if not isinstance(self.format, str) or self.format.lower() not in FORMATS:
+      _fail("format", self.format, f"one of {FORMATS}")
+    object.__setattr__(self, "format", self.format.lower())
+    backend = "auto" if self.backend is None else self.backend
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+      _fail("backend", self.backend, f"None or one of {BACKENDS}")
+    object.__setattr__(self, "backend", backend.lower())
+    for name in ("block_size", "nsamples", "seqlen"):
+      if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+        _fail(name, getattr(self, name), "an int > 0")
+    if not _is_int(self.seed) or self.seed < 0:
+      _fail("seed", self.seed, "an int >= 0")
+    if not _is_number(self.mse) or self.mse < 0:
+      _fail("mse", self.mse, "0 (off) or a norm exponent > 0 (2.4 in the references)")
+    if self.static_groups and self.group_size == -1:
+      _fail("static_groups", self.static_groups, "False when group_size=-1 (there are no groups)")
+    self._check_dataset()
+    if self.desc_act and self.act_group_aware:
+      warnings.warn(
+          "GPTQConfig: act_group_aware has been disabled because desc_act=True (act-order "
+          "reorders all columns; GAR only applies without it). Pass act_group_aware=False to "
+          "silence this.", UserWarning, stacklevel=3)
+      object.__setattr__(self, "act_group_aware", False)
+    if self.group_size == -1 and self.act_group_aware:
+      object.__setattr__(self, "act_group_aware", False)
+    if self.format == "gptq" and not self.sym:
+      warnings.warn(
+          "GPTQConfig: format='gptq' (v1) cannot store an asymmetric zero point of 0; zero "
+          "points are limited to [1, 2**bits - 1] so the checkpoint stays exact. Use "
+          "format='gptq_v2' for the unrestricted grid.", UserWarning, stacklevel=3)
+
+  def _check_dataset(self) -> None:
+    ds = self.dataset
+    if ds is None:
+      return
+    if isinstance(ds, str):
+      if ds in NAMED_DATASETS or os.path.exists(ds):
+        return
+      _fail("dataset", ds, f"one of {NAMED_DATASETS}, an existing text file / folder / .npy "
+            "token array, or a list of strings")
+    if isinstance(ds, (list, tuple)):
+      if not ds:
+        _fail("dataset", ds, "a non-empty list of strings")
+      bad = [type(s).__name__ for s in ds if not isinstance(s, str)]
+      if bad:
+        _fail("dataset", f"<list with {bad[0]} items>", "a list of strings")
+      object.__setattr__(self, "dataset", tuple(ds))
+      return
+    _fail("dataset", ds, f"None, one of {NAMED_DATASETS}, a path, or a list of strings")
+
+  # --- derived settings -------------------------------------------------------------------------
+  @property
+  def maxq(self) -> int:
+    return 2**self.bits - 1
+
+  @property
+  def min_zero(self) -> int:
+    """Smallest zero point the solver may choose (1 for v1 asymmetric, see module doc)."""
+    return 1 if (self.format == "gptq" and not self.sym) else 0
+
+  def replace(self, **changes: Any) -> "GPTQConfig":
+    return dataclasses.replace(self, **changes)
+
+  # --- Hugging Face quantization_config ---------------------------------------------------------
+  def to_dict(self) -> dict[str, Any]:
+    """The Hugging Face ``quantization_config`` dict (plus our own fields under ``gptq_jax``)."""
+    dataset = list(self.dataset) if isinstance(self.dataset, tuple) else self.dataset
+    ours = {f: getattr(self, f) for f in _OURS if f != "static_groups"}
+    return {
+        "quant_method": "gptq",
+        "bits": self.bits,
+        "group_size": self.group_size,
+        "damp_percent": self.damp_percent,
+        "desc_act": self.desc_act,
+        "act_group_aware": self.act_group_aware,
+        "sym": self.sym,
+        "true_sequential": self.true_sequential,
+        "static_groups": self.static_groups,
+        "format": self.format,
+        "checkpoint_format": self.format,
+        "backend": self.backend,
+        "dataset": dataset,
+        "meta": {"quantizer": ["gptq_jax"]},
+        "gptq_jax": ours,
+    }
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "GPTQConfig":
+    """Build from a Hugging Face ``quantization_config`` (transformers / Optimum / GPTQModel)."""
+    if not isinstance(d, Mapping):
+      raise ValueError(f"GPTQConfig.from_dict needs a mapping, got {type(d).__name__}")
+    method = d.get("quant_method", "gptq")
+    method = getattr(method, "value", method)  # transformers may hand over its enum
+    if str(method).lower() != "gptq":
+      raise ValueError(f"quantization_config.quant_method={method!r} is not supported: only 'gptq'")
+    if "bits" not in d:
+      raise ValueError("quantization_config has no 'bits' field")
+    kwargs: dict[str, Any] = {"bits": d["bits"]}
+    for key in ("group_size", "damp_percent", "desc_act", "sym", "true_sequential",
+                "static_groups", "act_group_aware"):
+      if d.get(key) is not None:
+        kwargs[key] = d[key]
+    fmt = d.get("checkpoint_format") or d.get("format")
+    if fmt is not None:
+      kwargs["format"] = fmt
+    backend = d.get("backend")
+    if isinstance(backend, str) and backend.lower() in BACKENDS:
+      kwargs["backend"] = backend
+    dataset = d.get("dataset")
+    if isinstance(dataset, list) or (isinstance(dataset, str) and dataset in NAMED_DATASETS):
+      kwargs["dataset"] = dataset
+    ours = d.get("gptq_jax") or {}
+    for key in _OURS:
+      if key in ours:
+        kwargs[key] = ours[key]
+    if kwargs.get("desc_act") and kwargs.get("act_group_aware"):
+      kwargs["act_group_aware"] = False  # a checkpoint written with desc_act: no warning needed
+    return cls(**kwargs)
+
+
+_OURS = ("static_groups", "block_size", "damp_auto_increment", "nsamples", "seqlen", "seed", "mse")

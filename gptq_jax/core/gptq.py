@@ -1,0 +1,289 @@
+"""GPTQ for one linear layer (Frantar et al., 2022, https://arxiv.org/abs/2210.17323).
+
+``quantize_weight(kernel, hessian, cfg)`` is the reference ``fasterquant`` (REFERENCE.md §1): dead
+columns, static groups, act-order or group-aware reordering (GAR), relative damping with automatic
+escalation, the upper Cholesky factor of ``H^-1``, and the lazy block update. Notation follows the
+paper with the references' ``W = kernel.T`` (rows = outputs, columns = inputs); we store W
+transposed, i.e. in the Flax kernel layout ``Wt: [columns, rows]``, so "column i" is ``Wt[i]``.
+
+The column loop is a ``lax.fori_loop`` inside a ``lax.scan`` over blocks of ``block_size`` columns:
+the trace does not grow with the width and each (shape, config) compiles once. Blocks have a fixed
+shape: the columns are padded to a multiple of the block size with zero weights and an identity
+Hessian, which quantize exactly to 0 with zero error. The lazy update ``W[:, i2:] -= Err1 @
+Hinv[i1:i2, i2:]`` is applied to all columns (the upper-triangular factor makes it exact for the
+columns before the block; the block's own columns are never read again).
+
+Group grids are fitted, as in the reference, on the *global* W, which only receives updates at block
+boundaries: every group that starts inside a block is therefore fitted at the block's start.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gptq_jax.config import GPTQConfig
+from gptq_jax.core import quantizer
+from gptq_jax.core.weights import QuantizedWeight
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class GPTQInfo(NamedTuple):
+  """What ``quantize_weight(..., return_info=True)`` reports beside the weight."""
+
+  loss: float  # the reference's loss: sum of (w - q)^2 / Hinv[i, i]^2 / 2 (NaN after RTN fallback)
+  damp: float  # the damp_percent that made H factorizable (after escalation)
+  fallback: bool  # True when no damping < 1 worked and round-to-nearest was used instead
+
+
+class _Static(NamedTuple):
+  bits: int
+  group_size: int
+  sym: bool
+  static_groups: bool
+  order: str  # "natural", "desc" (act-order) or "gar"
+  block_size: int
+  min_zero: int
+  mse: float
+
+  def fit(self, x):
+    return quantizer.fit_grid(x, bits=self.bits, sym=self.sym, min_zero=self.min_zero,
+                              mse=self.mse)
+
+
+def _static_of(cfg: GPTQConfig) -> _Static:
+  order = "desc" if cfg.desc_act else ("gar" if cfg.act_group_aware else "natural")
+  return _Static(cfg.bits, cfg.group_size, cfg.sym, cfg.static_groups, order, cfg.block_size,
+                 cfg.min_zero, float(cfg.mse))
+
+
+def gar_permutation(diag, group_size: int):
+  """Group-aware reordering: sort inside each full group by ``diag`` (descending), order the full
+  groups by their largest ``diag`` (descending, stable); a partial last group stays at the end."""
+  cols = diag.shape[0]
+  full = cols // group_size
+  if full == 0:
+    return jnp.arange(cols)
+  d = diag[: full * group_size].reshape(full, group_size)
+  local = jnp.argsort(-d, axis=1, stable=True)  # [full, gs]
+  score = jnp.take_along_axis(d, local[:, :1], axis=1)[:, 0]  # each group's max
+  order = jnp.argsort(-score, stable=True)
+  perm = (local + group_size * jnp.arange(full)[:, None])[order].reshape(-1)
+  return jnp.concatenate([perm, jnp.arange(full * group_size, cols)])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _prepare(kernel, H, st: _Static):
+  """Dead columns, static groups and the column order. Returns the permuted Wt and H."""
+  Wt = kernel.astype(jnp.float32)  # [cols, rows]
+  H = H.astype(jnp.float32)
+  cols, rows = Wt.shape
+  if st.group_size == -1:
+    # One grid per row, fitted (as in the reference) before the dead-column fix.
+    scale0, zero0 = st.fit(Wt.T)  # [rows]
+  else:
+    scale0 = zero0 = jnp.zeros((rows,), jnp.float32)  # unused: groups fit their own
+  dead = jnp.diag(H) == 0
+  H = H + jnp.diag(dead.astype(jnp.float32))
+  Wt = jnp.where(dead[:, None], 0.0, Wt)
+  if st.static_groups:
+    gs = st.group_size
+    groups = -(-cols // gs)
+    Wg = jnp.pad(Wt, ((0, groups * gs - cols), (0, 0))).reshape(groups, gs, rows)
+    sscale, szero = st.fit(jnp.swapaxes(Wg, 1, 2))  # [groups, rows]
+  else:
+    sscale, szero = scale0[None], zero0[None]
+  diag = jnp.diag(H)
+  if st.order == "desc":
+    perm = jnp.argsort(-diag, stable=True)
+  elif st.order == "gar":
+    perm = gar_permutation(diag, st.group_size)
+  else:
+    perm = jnp.arange(cols)
+  return Wt[perm], H[perm][:, perm], perm, (scale0, zero0), (sscale, szero)
+
+
+@jax.jit
+def _inverse_factor(H, damp):
+  """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U); NaN if not PD."""
+  n = H.shape[0]
+  Hd = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
+  L = jnp.linalg.cholesky(Hd, symmetrize_input=False)
+  Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(n, dtype=H.dtype))
+  U = jnp.linalg.cholesky(Hinv, symmetrize_input=False).T
+  return U, jnp.all(jnp.isfinite(U))
+
+
+def _column_grids(st: _Static, i1, Wt, perm, carry, grids0, sgrids, cols: int):
+  """(scale, zero) for each of the block's columns: ``[B, rows]`` each."""
+  B, gs = st.block_size, st.group_size
+  rows = Wt.shape[1]
+  idx = i1 + jnp.arange(B)
+  if gs == -1:
+    return tuple(jnp.broadcast_to(g, (B, rows)) for g in grids0)
+  if st.static_groups:
+    g = jnp.take(perm, jnp.minimum(idx, cols - 1)) // gs
+    return tuple(jnp.take(s, g, axis=0) for s in sgrids)
+  nstarts = -(-B // gs)
+  first = (i1 + gs - 1) // gs * gs
+  starts = first + gs * jnp.arange(nstarts)
+  fit = lambda s: st.fit(jax.lax.dynamic_slice(Wt, (s, 0), (gs, rows)).T)
+  fits = jax.vmap(fit)(starts)  # ([nstarts, rows], [nstarts, rows])
+  g0 = idx // gs * gs
+  pick = jnp.where(g0 >= i1, (g0 - first) // gs + 1, 0)  # 0 = the group carried in
+  return tuple(jnp.concatenate([c[None], f])[pick] for c, f in zip(carry, fits))
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
+  """The column loop. Returns codes, scales and zeros per processed column, and the loss."""
+  cols, rows = Wp.shape
+  B, gs, maxq = st.block_size, st.group_size, 2**st.bits - 1
+  nblocks = -(-cols // B)
+  cp = nblocks * B
+  slack = 2 * gs if gs > 0 else 0  # lets group slices near the end stay in bounds
+  Wt = jnp.pad(Wp, ((0, cp - cols + slack), (0, 0)))
+  Up = jnp.pad(U, ((0, cp - cols), (0, cp - cols))) + jnp.diag(
+      (jnp.arange(cp) >= cols).astype(jnp.float32))
+
+  def block(carry, b):
+    Wt, grid_carry, loss = carry
+    i1 = b * B
+    s_blk, z_blk = _column_grids(st, i1, Wt, perm, grid_carry, grids0, sgrids, cols)
+    W1 = jax.lax.dynamic_slice(Wt, (i1, 0), (B, rows))
+    U1 = jax.lax.dynamic_slice(Up, (i1, i1), (B, B))
+
+    def column(i, state):
+      W1, Q1, Err1, loss = state
+      w, s, z = W1[i], s_blk[i], z_blk[i]
+      q = quantizer.quantize_codes(w, s, z, maxq)
+      dq = s * (q - z)
+      d = U1[i, i]
+      loss = loss + jnp.sum(quantizer.true_divide((w - dq) ** 2, d**2)) / 2
+      err1 = quantizer.true_divide(w - dq, d)
+      W1 = W1 - U1[i][:, None] * err1[None, :]  # U1[i, :i] == 0: earlier columns unchanged
+      return W1, Q1.at[i].set(q), Err1.at[i].set(err1), loss
+
+    zeros = jnp.zeros((B, rows), jnp.float32)
+    _, Q1, Err1, loss = jax.lax.fori_loop(0, B, column, (W1, zeros, zeros, loss))
+    Ublk = jax.lax.dynamic_slice(Up, (i1, 0), (B, cp))  # [B, cp]
+    update = jnp.matmul(Ublk.T, Err1, precision=HIGHEST)  # [cp, rows]
+    Wt = Wt.at[:cp].add(-update)
+    out = (Q1.astype(jnp.uint8), s_blk, z_blk.astype(jnp.int32))
+    return (Wt, (s_blk[-1], z_blk[-1]), loss), out
+
+  init = (Wt, grids0, jnp.zeros((), jnp.float32))
+  (_, _, loss), (q, s, z) = jax.lax.scan(block, init, jnp.arange(nblocks))
+  flat = lambda a: a.reshape(cp, rows)[:cols]
+  return flat(q), flat(s), flat(z), loss
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _assemble(q, s, z, perm, sgrids, st: _Static):
+  """Undo the column order; collect one grid per group in the stored group order; build g_idx."""
+  cols = q.shape[0]
+  gs = cols if st.group_size == -1 else st.group_size
+  groups = -(-cols // gs)
+  inv = jnp.argsort(perm)
+  codes = q[inv]
+  natural_gidx = jnp.arange(cols, dtype=jnp.int32) // gs
+  if st.static_groups:
+    return codes, sgrids[0], sgrids[1].astype(jnp.int32), natural_gidx
+  starts = jnp.arange(groups) * gs  # processed position of each group's first column
+  if st.order == "gar":
+    slot = perm[starts] // gs  # the natural group each processed group consists of
+  else:
+    slot = jnp.arange(groups)
+  scales = jnp.zeros((groups, q.shape[1]), s.dtype).at[slot].set(s[starts])
+  zeros = jnp.zeros((groups, q.shape[1]), jnp.int32).at[slot].set(z[starts])
+  g_idx = natural_gidx[inv] if st.order == "desc" else natural_gidx
+  return codes, scales, zeros, g_idx
+
+
+def _validate(kernel, hessian) -> None:
+  if kernel.ndim != 2:
+    raise ValueError(f"kernel must be 2-D [in, out] (Flax layout), got shape {kernel.shape}")
+  k = kernel.shape[0]
+  if hessian.shape != (k, k):
+    raise ValueError(f"hessian must be [in, in] = [{k}, {k}] for a kernel of shape "
+                     f"{kernel.shape}, got {hessian.shape}")
+  for name, a in (("kernel", kernel), ("hessian", hessian)):
+    bad = int(jnp.size(a) - jnp.sum(jnp.isfinite(a)))
+    if bad:
+      raise ValueError(f"{name} has {bad} NaN/Inf value(s); GPTQ needs finite weights and a "
+                       "finite Hessian (check the calibration activations for overflow)")
+
+
+def factorize(Hp, cfg: GPTQConfig, name: str = "layer"):
+  """U for the first damping in ``damp_percent + j * damp_auto_increment < 1`` that works.
+
+  Returns ``(U, damp)``, or ``(None, damp)`` when every damping failed.
+  """
+  damp = cfg.damp_percent
+  while True:
+    U, ok = _inverse_factor(Hp, jnp.float32(damp))
+    if bool(ok):
+      if damp != cfg.damp_percent:
+        warnings.warn(f"GPTQ {name}: the Hessian was not positive definite at damp_percent="
+                      f"{cfg.damp_percent}; succeeded with damp_percent={damp:.5f}", UserWarning,
+                      stacklevel=3)
+      return U, damp
+    nxt = damp + cfg.damp_auto_increment
+    if cfg.damp_auto_increment == 0 or nxt >= 1:
+      return None, damp
+    damp = nxt
+
+
+def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = False,
+                    name: str = "layer"):
+  """GPTQ-quantize one linear layer.
+
+  Args:
+    kernel: ``[in, out]`` (Flax layout).
+    hessian: ``[in, in]``, ``X^T X`` of the layer's inputs at any positive scale.
+    cfg: the settings (bits, group_size, sym, desc_act, act_group_aware, static_groups,
+      damp_percent, damp_auto_increment, block_size, mse).
+    return_info: also return a ``GPTQInfo`` (loss, damping used, fallback flag).
+    name: used in warnings.
+
+  Returns:
+    ``QuantizedWeight`` (``.dequantize()`` is ``[in, out]`` in the original order), and the info.
+
+  When no damping below 1 makes H factorizable (an indefinite H, not a Gram matrix), the layer falls
+  back to round-to-nearest with a warning and ``info.fallback=True``: a usable result, never NaN.
+  """
+  kernel, hessian = jnp.asarray(kernel), jnp.asarray(hessian)
+  _validate(kernel, hessian)
+  st = _static_of(cfg)
+  Wp, Hp, perm, grids0, sgrids = _prepare(kernel, hessian, st)
+  U, damp = factorize(Hp, cfg, name)
+  if U is None:
+    warnings.warn(f"GPTQ {name}: the Hessian is not positive definite for any damp_percent < 1 "
+                  f"(tried {cfg.damp_percent} upward in steps of {cfg.damp_auto_increment}); "
+                  "this layer falls back to round-to-nearest", UserWarning, stacklevel=2)
+    qw = rtn_quantize(kernel, cfg)
+    info = GPTQInfo(loss=float("nan"), damp=damp, fallback=True)
+  else:
+    q, s, z, loss = _gptq_blocks(Wp, U, perm, grids0, sgrids, st)
+    codes, scales, zeros, g_idx = _assemble(q, s, z, perm, sgrids, st)
+    qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=cfg.bits,
+                         group_size=cfg.group_size)
+    info = GPTQInfo(loss=float(loss), damp=damp, fallback=False)
+  return (qw, info) if return_info else qw
+
+
+def rtn_quantize(kernel, cfg: GPTQConfig) -> QuantizedWeight:
+  """Round-to-nearest with the same grid (groups in natural order): the baseline GPTQ must beat."""
+  kernel = jnp.asarray(kernel)
+  codes, scales, zeros = quantizer.rtn_codes(
+      kernel, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, min_zero=cfg.min_zero,
+      mse=float(cfg.mse))
+  gs = kernel.shape[0] if cfg.group_size == -1 else cfg.group_size
+  g_idx = jnp.arange(kernel.shape[0], dtype=jnp.int32) // gs
+  return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=cfg.bits,
+                         group_size=cfg.group_size)

@@ -1,0 +1,115 @@
+"""Quantized weights as pytrees: ``QuantizedWeight`` (codes unpacked) and ``PackedWeight`` (HF layout).
+
+Both are ``flax.struct`` dataclasses: arrays are pytree leaves, ``bits`` / ``group_size`` /
+``format`` are static metadata, so they pass through ``jit``, ``shard_map`` and orbax untouched.
+Dequantization everywhere is ``K[k, n] = scales[g_idx[k], n] * (q[k, n] - zeros[g_idx[k], n])``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from gptq_jax.core import packing
+
+
+def _dequantize(codes, scales, zeros, g_idx, dtype):
+  s = jnp.take(scales, g_idx, axis=0).astype(jnp.float32)  # [in, out]
+  z = jnp.take(zeros, g_idx, axis=0).astype(jnp.float32)
+  return (s * (codes.astype(jnp.float32) - z)).astype(dtype)
+
+
+@struct.dataclass
+class QuantizedWeight:
+  """One quantized linear layer, Flax layout, integer codes unpacked.
+
+  codes:  [in, out] uint8, in [0, 2**bits - 1]
+  scales: [groups, out] float32
+  zeros:  [groups, out] int32 (the integer zero point, not the v1-stored ``z - 1``)
+  g_idx:  [in] int32, the group of each input row (non-monotone only with act-order)
+  """
+
+  codes: jax.Array
+  scales: jax.Array
+  zeros: jax.Array
+  g_idx: jax.Array
+  bits: int = struct.field(pytree_node=False)
+  group_size: int = struct.field(pytree_node=False)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.codes.shape)
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The dequantized kernel ``[in, out]`` in the original column order."""
+    return _dequantize(self.codes, self.scales, self.zeros, self.g_idx, dtype)
+
+  def pack(self, format: str = "gptq") -> "PackedWeight":
+    """The Hugging Face GPTQ layout (REFERENCE.md §2) for ``format`` in {gptq, gptq_v2}.
+
+    Scales keep their dtype (float32 here, so packing is lossless); the Hugging Face export writes
+    them as float16 as the format prescribes.
+    """
+    if format == "gptq":
+      packing.check_v1_zeros(self.zeros)
+    stored = packing.encode_zeros(self.zeros, self.bits, format)
+    return PackedWeight(
+        qweight=packing.pack_rows(self.codes, self.bits),
+        qzeros=packing.pack_cols(stored, self.bits),
+        scales=self.scales,
+        g_idx=jnp.asarray(self.g_idx, jnp.int32),
+        bits=self.bits,
+        group_size=self.group_size,
+        format=format,
+    )
+
+
+@struct.dataclass
+class PackedWeight:
+  """One linear layer in the Hugging Face GPTQ layout (K = in, N = out, b = bits, G = groups).
+
+  qweight: [K * b / 32, N] int32, packed along the input dimension
+  qzeros:  [G, N * b / 32] int32, packed along the output dimension (v1 stores zero - 1)
+  scales:  [G, N] float
+  g_idx:   [K] int32
+  """
+
+  qweight: jax.Array
+  qzeros: jax.Array
+  scales: jax.Array
+  g_idx: jax.Array
+  bits: int = struct.field(pytree_node=False)
+  group_size: int = struct.field(pytree_node=False)
+  format: str = struct.field(pytree_node=False, default="gptq")
+
+  @property
+  def in_features(self) -> int:
+    return self.g_idx.shape[0]
+
+  @property
+  def out_features(self) -> int:
+    return self.scales.shape[-1]
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.in_features, self.out_features)
+
+  def zeros(self) -> jax.Array:
+    """Integer zero points ``[G, N]`` (the v1 ``+1`` applied)."""
+    stored = packing.unpack_cols(self.qzeros, self.bits)
+    return packing.decode_zeros(stored, self.bits, self.format)
+
+  def unpack(self) -> QuantizedWeight:
+    return QuantizedWeight(
+        codes=packing.unpack_rows(self.qweight, self.bits).astype(jnp.uint8),
+        scales=self.scales,
+        zeros=self.zeros(),
+        g_idx=self.g_idx,
+        bits=self.bits,
+        group_size=self.group_size,
+    )
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    codes = packing.unpack_rows(self.qweight, self.bits)
+    return _dequantize(codes, self.scales, self.zeros(), self.g_idx, dtype)
