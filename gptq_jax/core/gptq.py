@@ -205,6 +205,11 @@ def _assemble(q, s, z, perm, sgrids, st: _Static):
   return codes, scales, zeros, g_idx
 
 
+@jax.jit
+def _count_nonfinite(a):
+  return jnp.sum(~jnp.isfinite(a))
+
+
 def _validate(kernel, hessian) -> None:
   if kernel.ndim != 2:
     raise ValueError(f"kernel must be 2-D [in, out] (Flax layout), got shape {kernel.shape}")
@@ -213,7 +218,7 @@ def _validate(kernel, hessian) -> None:
     raise ValueError(f"hessian must be [in, in] = [{k}, {k}] for a kernel of shape "
                      f"{kernel.shape}, got {hessian.shape}")
   for name, a in (("kernel", kernel), ("hessian", hessian)):
-    bad = int(jnp.size(a) - jnp.sum(jnp.isfinite(a)))
+    bad = int(_count_nonfinite(a))
     if bad:
       raise ValueError(f"{name} has {bad} NaN/Inf value(s); GPTQ needs finite weights and a "
                        "finite Hessian (check the calibration activations for overflow)")

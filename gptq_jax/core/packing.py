@@ -53,7 +53,7 @@ def _unpack_runs(w, bits: int):
   return jnp.stack(vals, axis=1)
 
 
-def _check_len(n: int, bits: int, what: str) -> None:
+def check_length(n: int, bits: int, what: str) -> None:
   nvals, _ = run_shape(bits)
   if n % nvals:
     raise ValueError(
@@ -64,7 +64,7 @@ def _check_len(n: int, bits: int, what: str) -> None:
 def pack_rows(q, bits: int):
   """Codes ``[K, N]`` (ints in [0, 2**bits)) -> ``qweight [K * bits / 32, N]`` int32."""
   k = q.shape[0]
-  _check_len(k, bits, "the input dimension")
+  check_length(k, bits, "the input dimension")
   nvals, nwords = run_shape(bits)
   v = jnp.asarray(q).astype(jnp.uint32).reshape((k // nvals, nvals) + q.shape[1:])
   packed = _pack_runs(v, bits).reshape((k // nvals * nwords,) + q.shape[1:])
@@ -85,7 +85,7 @@ def unpack_rows(packed, bits: int):
 
 def pack_cols(z, bits: int):
   """``[G, N]`` -> ``[G, N * bits / 32]`` int32, packed along the last axis (qzeros)."""
-  _check_len(z.shape[-1], bits, "the output dimension")
+  check_length(z.shape[-1], bits, "the output dimension")
   return pack_rows(jnp.asarray(z).T, bits).T
 
 

@@ -7,6 +7,8 @@ Dequantization everywhere is ``K[k, n] = scales[g_idx[k], n] * (q[k, n] - zeros[
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -14,10 +16,24 @@ from flax import struct
 from gptq_jax.core import packing
 
 
+@functools.partial(jax.jit, static_argnums=4)
 def _dequantize(codes, scales, zeros, g_idx, dtype):
   s = jnp.take(scales, g_idx, axis=0).astype(jnp.float32)  # [in, out]
   z = jnp.take(zeros, g_idx, axis=0).astype(jnp.float32)
   return (s * (codes.astype(jnp.float32) - z)).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _pack(codes, zeros, bits: int, format: str):
+  stored = packing.encode_zeros(zeros, bits, format)
+  return packing.pack_rows(codes, bits), packing.pack_cols(stored, bits)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _unpack(qweight, qzeros, bits: int, format: str):
+  codes = packing.unpack_rows(qweight, bits)
+  zeros = packing.decode_zeros(packing.unpack_cols(qzeros, bits), bits, format)
+  return codes, zeros
 
 
 @struct.dataclass
@@ -43,7 +59,7 @@ class QuantizedWeight:
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The dequantized kernel ``[in, out]`` in the original column order."""
-    return _dequantize(self.codes, self.scales, self.zeros, self.g_idx, dtype)
+    return _dequantize(self.codes, self.scales, self.zeros, self.g_idx, jnp.dtype(dtype))
 
   def pack(self, format: str = "gptq") -> "PackedWeight":
     """The Hugging Face GPTQ layout (REFERENCE.md §2) for ``format`` in {gptq, gptq_v2}.
@@ -53,10 +69,15 @@ class QuantizedWeight:
     """
     if format == "gptq":
       packing.check_v1_zeros(self.zeros)
-    stored = packing.encode_zeros(self.zeros, self.bits, format)
+    packing.encode_zeros(0, self.bits, format)  # validates the format name
+    packing.run_shape(self.bits)
+    for dim, what in ((self.codes.shape[0], "the input dimension"),
+                      (self.codes.shape[1], "the output dimension")):
+      packing.check_length(dim, self.bits, what)
+    qweight, qzeros = _pack(self.codes, self.zeros, self.bits, format)
     return PackedWeight(
-        qweight=packing.pack_rows(self.codes, self.bits),
-        qzeros=packing.pack_cols(stored, self.bits),
+        qweight=qweight,
+        qzeros=qzeros,
         scales=self.scales,
         g_idx=jnp.asarray(self.g_idx, jnp.int32),
         bits=self.bits,
@@ -97,19 +118,19 @@ class PackedWeight:
 
   def zeros(self) -> jax.Array:
     """Integer zero points ``[G, N]`` (the v1 ``+1`` applied)."""
-    stored = packing.unpack_cols(self.qzeros, self.bits)
-    return packing.decode_zeros(stored, self.bits, self.format)
+    return _unpack(self.qweight, self.qzeros, self.bits, self.format)[1]
 
   def unpack(self) -> QuantizedWeight:
+    codes, zeros = _unpack(self.qweight, self.qzeros, self.bits, self.format)
     return QuantizedWeight(
-        codes=packing.unpack_rows(self.qweight, self.bits).astype(jnp.uint8),
+        codes=codes.astype(jnp.uint8),
         scales=self.scales,
-        zeros=self.zeros(),
+        zeros=zeros,
         g_idx=self.g_idx,
         bits=self.bits,
         group_size=self.group_size,
     )
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
-    codes = packing.unpack_rows(self.qweight, self.bits)
-    return _dequantize(codes, self.scales, self.zeros(), self.g_idx, dtype)
+    codes, zeros = _unpack(self.qweight, self.qzeros, self.bits, self.format)
+    return _dequantize(codes, self.scales, zeros, self.g_idx, jnp.dtype(dtype))
