@@ -1,0 +1,280 @@
+"""Hugging Face folders: `config.json` + `model.safetensors` (or a sharded index) <-> our params.
+
+HF stores linear weights `[out, in]`; our kernels are `[in, out]`. Safetensors are memory-mapped and
+read tensor by tensor, so `load_layer_params` reads one decoder layer without touching the rest.
+PyTorch `.bin` checkpoints are read only with `torch.load(weights_only=True)` (no pickle code runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Iterator, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from gptq_jax.models.llama.config import LlamaConfig
+from gptq_jax.models.llama.safetensors_io import SafetensorsFile, save_safetensors
+
+Params = dict[str, Any]
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _proj_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+  """HF `[out, in]` shape of each projection."""
+  q, kv, h, m = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
+                 cfg.hidden_size, cfg.intermediate_size)
+  return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+          "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
+
+
+def layer_tensor_specs(cfg: LlamaConfig, i: int) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
+  """(param path in `layers_{i}`, HF tensor name, HF shape) for every tensor of layer i."""
+  shapes = _proj_shapes(cfg)
+  for group, projs, has_bias in (("self_attn", ATTN_PROJS, cfg.attention_bias),
+                                 ("mlp", MLP_PROJS, cfg.mlp_bias)):
+    for proj in projs:
+      name = f"model.layers.{i}.{group}.{proj}"
+      yield (group, proj, "kernel"), f"{name}.weight", shapes[proj]
+      if has_bias:
+        yield (group, proj, "bias"), f"{name}.bias", shapes[proj][:1]
+  for norm in ("input_layernorm", "post_attention_layernorm"):
+    yield (norm, "weight"), f"model.layers.{i}.{norm}.weight", (cfg.hidden_size,)
+
+
+def nonlayer_tensor_specs(cfg: LlamaConfig) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
+  """(param path, HF tensor name, HF shape) for the embedding, final norm and untied lm_head."""
+  yield ("embed_tokens", "embedding"), "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
+  yield ("norm", "weight"), "model.norm.weight", (cfg.hidden_size,)
+  if not cfg.tie_word_embeddings:
+    yield ("lm_head", "kernel"), "lm_head.weight", (cfg.vocab_size, cfg.hidden_size)
+
+
+def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def params_from_tensors(specs, get, dtype: Any = jnp.float32) -> Params:
+  """Builds a params subtree from `get(hf_name, hf_shape) -> np.ndarray` (HF layout)."""
+  out: Params = {}
+  for path, name, shape in specs:
+    value = get(name, shape)
+    if path[-1] == "kernel":
+      value = value.T  # HF [out, in] -> Flax [in, out]
+    _set(out, path, jnp.asarray(value, dtype=dtype))
+  return out
+
+
+def model_params_from_tensors(cfg: LlamaConfig, get, dtype: Any = jnp.float32) -> Params:
+  """The whole params tree from `get(hf_name, hf_shape) -> np.ndarray` (HF layout)."""
+  params = params_from_tensors(nonlayer_tensor_specs(cfg), get, dtype)
+  for i in range(cfg.num_hidden_layers):
+    params[f"layers_{i}"] = params_from_tensors(layer_tensor_specs(cfg, i), get, dtype)
+  return params
+
+
+def from_hf_state_dict(cfg: LlamaConfig, state_dict: Mapping[str, Any],
+                       dtype: Any = jnp.float32) -> Params:
+  """Params from an in-memory HF state dict (numpy arrays or torch tensors, HF names/layout)."""
+
+  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in state_dict:
+      raise ValueError(f"state dict is missing tensor {name!r}")
+    value = state_dict[name]
+    if hasattr(value, "detach"):  # torch
+      value = value.detach().float().cpu().numpy()
+    value = np.asarray(value)
+    if value.shape != tuple(shape):
+      raise ValueError(f"tensor {name!r} has shape {value.shape}, expected {tuple(shape)}")
+    return value
+
+  return model_params_from_tensors(cfg, get, dtype)
+
+
+class _TorchBinFile:
+  """A PyTorch checkpoint read with `weights_only=True` (tensors only; refuses arbitrary pickles)."""
+
+  def __init__(self, path: str):
+    try:
+      import torch  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+      raise ValueError(f"{path} is a PyTorch .bin checkpoint and torch is not installed; convert "
+                       "it to safetensors or `pip install torch` (read with weights_only=True)") from None
+    self._torch = torch
+    try:
+      self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 (torch raises UnpicklingError and others)
+      raise ValueError(f"refusing to load {path}: not a weights-only PyTorch checkpoint ({e})") from None
+
+  def keys(self) -> list[str]:
+    return list(self._sd)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._sd[name].shape)
+
+  def get(self, name: str) -> np.ndarray:
+    t = self._sd[name]
+    return (t.float() if t.dtype == self._torch.bfloat16 else t).numpy()  # numpy has no bf16
+
+  def close(self) -> None:
+    pass
+
+
+class HFCheckpoint:
+  """An HF Llama folder opened lazily: `.config`, `.layer_params(i)`, `.nonlayer_params()`."""
+
+  def __init__(self, folder: str | os.PathLike):
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"model folder {folder!r} does not exist")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f"{folder!r} has no config.json: not a Hugging Face model folder")
+    with open(config_path) as f:
+      self.config = LlamaConfig.from_hf_dict(json.load(f))
+    self.folder = folder
+    self._files: dict[str, Any] = {}
+    self._where = self._index_weights()  # tensor name -> file path
+
+  def _index_weights(self) -> dict[str, str]:
+    path = lambda name: os.path.join(self.folder, name)  # noqa: E731
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+      if os.path.isfile(path(index_name)):
+        with open(path(index_name)) as f:
+          weight_map = json.load(f)["weight_map"]
+        return {name: path(file) for name, file in weight_map.items()}
+    for single in ("model.safetensors", "pytorch_model.bin"):
+      if os.path.isfile(path(single)):
+        return {name: path(single) for name in self._open(path(single)).keys()}
+    raise FileNotFoundError(
+        f"{self.folder!r} has no weights: expected model.safetensors, model.safetensors.index.json "
+        "(sharded), or pytorch_model.bin[.index.json]")
+
+  def _open(self, file: str):
+    if file not in self._files:
+      if not os.path.isfile(file):
+        raise FileNotFoundError(f"weight file {file!r} (named in the index) does not exist")
+      self._files[file] = (_TorchBinFile(file) if file.endswith(".bin") else SafetensorsFile(file))
+    return self._files[file]
+
+  def tensor_names(self) -> list[str]:
+    return list(self._where)
+
+  def get(self, name: str, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """An HF tensor (HF layout), checked against `expected_shape`."""
+    if name not in self._where:
+      raise ValueError(f"checkpoint {self.folder!r} is missing tensor {name!r}")
+    reader = self._open(self._where[name])
+    shape = reader.shape(name)
+    if expected_shape is not None and shape != tuple(expected_shape):
+      raise ValueError(f"tensor {name!r} has shape {shape}, but config.json implies "
+                       f"{tuple(expected_shape)} (checkpoint {self.folder!r})")
+    return reader.get(name)
+
+  def layer_params(self, i: int, dtype: Any = jnp.float32) -> Params:
+    """The params of decoder layer `i` (reads only that layer's tensors)."""
+    if not 0 <= i < self.config.num_hidden_layers:
+      raise IndexError(f"layer {i} out of range [0, {self.config.num_hidden_layers})")
+    return params_from_tensors(layer_tensor_specs(self.config, i), self.get, dtype)
+
+  def nonlayer_params(self, dtype: Any = jnp.float32) -> Params:
+    """embed_tokens, norm and (untied) lm_head."""
+    return params_from_tensors(nonlayer_tensor_specs(self.config), self.get, dtype)
+
+  def params(self, dtype: Any = jnp.float32) -> Params:
+    params = model_params_from_tensors(self.config, self.get, dtype)
+    self._warn_unexpected()
+    return params
+
+  def _warn_unexpected(self) -> None:
+    cfg = self.config
+    known = {name for _, name, _ in nonlayer_tensor_specs(cfg)} | {"lm_head.weight"}
+    for i in range(cfg.num_hidden_layers):
+      known |= {name for _, name, _ in layer_tensor_specs(cfg, i)}
+    extra = [n for n in self._where if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
+    if extra:
+      warnings.warn(f"{self.folder!r}: ignoring {len(extra)} unexpected tensors, e.g. {extra[:3]}",
+                    stacklevel=3)
+
+  def close(self) -> None:
+    for reader in self._files.values():
+      reader.close()
+    self._files.clear()
+
+
+def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
+  """(config, params) of an HF Llama folder; params cast to `dtype`."""
+  ckpt = HFCheckpoint(folder)
+  try:
+    return ckpt.config, ckpt.params(dtype)
+  finally:
+    ckpt.close()
+
+
+def load_hf_config(folder: str | os.PathLike) -> LlamaConfig:
+  return HFCheckpoint(folder).config
+
+
+def load_layer_params(folder: str | os.PathLike, cfg: LlamaConfig | None, i: int,
+                      dtype: Any = jnp.float32) -> Params:
+  """Decoder layer `i` alone (memory-mapped reads). `cfg` None: read from the folder."""
+  ckpt = HFCheckpoint(folder)
+  if cfg is not None:
+    ckpt.config = cfg
+  try:
+    return ckpt.layer_params(i, dtype)
+  finally:
+    ckpt.close()
+
+
+def load_nonlayer_params(folder: str | os.PathLike, cfg: LlamaConfig | None = None,
+                         dtype: Any = jnp.float32) -> Params:
+  """embed_tokens, norm and (untied) lm_head alone."""
+  ckpt = HFCheckpoint(folder)
+  if cfg is not None:
+    ckpt.config = cfg
+  try:
+    return ckpt.nonlayer_params(dtype)
+  finally:
+    ckpt.close()
+
+
+def to_hf_state_dict(cfg: LlamaConfig, params: Params, dtype: Any = None) -> dict[str, np.ndarray]:
+  """HF-named numpy tensors (HF layout) from dense params; `dtype` None keeps each tensor's dtype."""
+  specs = list(nonlayer_tensor_specs(cfg))
+  for i in range(cfg.num_hidden_layers):
+    specs += [((f"layers_{i}",) + path, name, shape) for path, name, shape in
+              layer_tensor_specs(cfg, i)]
+  out = {}
+  for path, name, shape in specs:
+    value = params
+    for key in path:
+      value = value[key]
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+      raise ValueError(f"{'/'.join(path)} is not a dense array ({type(value).__name__}): "
+                       "only float params can be saved as a Hugging Face float folder")
+    value = np.asarray(value)
+    if path[-1] == "kernel":
+      value = value.T
+    if value.shape != tuple(shape):
+      raise ValueError(f"{'/'.join(path)} has shape {value.shape}, expected {tuple(shape)} (HF)")
+    out[name] = np.ascontiguousarray(value if dtype is None else value.astype(dtype))
+  return out
+
+
+def save_hf_folder(folder: str | os.PathLike, cfg: LlamaConfig, params: Params,
+                   dtype: Any = np.float32) -> None:
+  """Writes `config.json` + `model.safetensors` that transformers loads as LlamaForCausalLM."""
+  os.makedirs(folder, exist_ok=True)
+  tensors = to_hf_state_dict(cfg, params, dtype)
+  torch_dtype = np.dtype(next(iter(tensors.values())).dtype).name
+  config = dict(cfg.to_hf_dict(), torch_dtype=torch_dtype)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  save_safetensors(os.path.join(folder, "model.safetensors"), tensors, metadata={"format": "pt"})

@@ -1,0 +1,96 @@
+"""The Llama building blocks with parameters: Linear (every projection), RMSNorm, Embed.
+
+Every projection of the model goes through `Linear`, and every `Linear` through `linear_apply`:
+the one place that may see a kernel that is not a dense array (a packed GPTQ weight pytree).
+Nothing else reads a kernel's shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+Initializer = Callable[..., Any]
+
+
+def _is_dense(kernel: Any) -> bool:
+  return isinstance(kernel, (jax.Array, jnp.ndarray)) or hasattr(kernel, "__array__")
+
+
+def linear_apply(x: jax.Array, kernel: Any, bias: jax.Array | None, dtype: Any) -> jax.Array:
+  """y = x @ kernel + bias, computed in `dtype`.
+
+  x: [..., in]; kernel: [in, out] (dense); bias: [out] or None -> y: [..., out] in `dtype`.
+  """
+  y = jnp.dot(x.astype(dtype), jnp.asarray(kernel).astype(dtype), precision=HIGHEST)
+  if bias is not None:
+    y = y + bias.astype(dtype)
+  return y
+
+
+class Linear(nn.Module):
+  """A projection with param "kernel" `[in, out]` (Flax layout) and optional "bias" `[out]`."""
+
+  in_features: int
+  out_features: int
+  use_bias: bool = False
+  dtype: Any = jnp.float32  # compute dtype
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = self.kernel_init
+    if self.has_variable("params", "kernel"):
+      existing = self.get_variable("params", "kernel")
+      if not _is_dense(existing):
+        # A packed weight pytree: flax checks an existing param's leaves against the init's
+        # abstract shapes, so mirror its structure instead of the dense [in, out].
+        init = lambda *_: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), existing)  # noqa: E731
+    kernel = self.param("kernel", init, (self.in_features, self.out_features), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.out_features,), self.param_dtype)
+    return linear_apply(x, kernel, bias, self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned scale "weight" `[dim]`; statistics in float32."""
+
+  dim: int
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param("weight", nn.initializers.ones, (self.dim,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    # As Hugging Face: normalize in float32, back to the activation dtype, then scale.
+    return (weight.astype(self.dtype) * xf.astype(self.dtype)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding "embedding" `[vocab, hidden]`; `attend` is the tied output projection."""
+
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param("embedding", nn.initializers.normal(0.02),
+                                (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, input_ids: jax.Array) -> jax.Array:
+    """input_ids: [batch, seq] int -> [batch, seq, hidden] in `dtype`."""
+    return jnp.take(self.embedding, input_ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x: [..., hidden] -> [..., vocab] logits in `dtype`."""
+    return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype), precision=HIGHEST)

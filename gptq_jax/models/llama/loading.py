@@ -1,0 +1,58 @@
+"""`load_llama` / `load_tokenizer`: one entry point for a Hugging Face folder, a .gguf file or the
+embedded "smollm2-135m". Offline by design: hub model ids are refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+from gptq_jax.models.llama.config import LlamaConfig
+from gptq_jax.models.llama.gguf import SMOLLM2_NAME, load_gguf, load_gguf_tokenizer, smollm2_gguf_path
+from gptq_jax.models.llama.hf import Params, load_hf_folder
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WHAT_TO_PASS = (f"pass a local Hugging Face folder (config.json + model.safetensors), a .gguf "
+                 f"file, or {SMOLLM2_NAME!r} (the embedded SmolLM2-135M)")
+
+
+def resolve_model_spec(spec: str | os.PathLike) -> tuple[Literal["hf", "gguf"], str]:
+  """("hf", folder) or ("gguf", file) for a model spec; clear errors for anything else."""
+  spec = os.fspath(spec)
+  if not os.path.exists(spec):
+    if spec.strip().lower() == SMOLLM2_NAME:
+      return "gguf", smollm2_gguf_path()
+    if _HUB_ID.match(spec):
+      raise ValueError(f"{spec!r} looks like a Hugging Face hub id, but the hub is unreachable "
+                       f"offline (and gptq_jax never downloads): {_WHAT_TO_PASS}")
+    raise FileNotFoundError(f"model {spec!r} not found: {_WHAT_TO_PASS}")
+  if os.path.isdir(spec):
+    return "hf", spec
+  if spec.lower().endswith(".gguf"):
+    return "gguf", spec
+  raise ValueError(f"model {spec!r} is a file but not a .gguf: {_WHAT_TO_PASS}")
+
+
+def load_llama(spec: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
+  """(config, float params) from an HF folder, a .gguf file or "smollm2-135m"; params in `dtype`."""
+  kind, path = resolve_model_spec(spec)
+  if kind == "hf":
+    return load_hf_folder(path, dtype)
+  return load_gguf(path, dtype)
+
+
+def load_tokenizer(spec: str | os.PathLike):
+  """The transformers tokenizer of a model spec (from the folder, or built from the GGUF)."""
+  kind, path = resolve_model_spec(spec)
+  if kind == "gguf":
+    return load_gguf_tokenizer(path)
+  from transformers import AutoTokenizer  # noqa: PLC0415 (optional dependency)
+
+  try:
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"no tokenizer could be loaded from {path!r} ({e}); save one there with "
+                     "tokenizer.save_pretrained(folder)") from None

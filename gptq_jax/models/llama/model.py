@@ -1,0 +1,187 @@
+"""The Flax (linen) Llama: decoder layers, the causal LM, and pure block-at-a-time helpers.
+
+Parameters mirror Hugging Face names: `embed_tokens/embedding`, `layers_{i}/self_attn/{q,k,v,o}_proj`,
+`layers_{i}/mlp/{gate,up,down}_proj` (each `{"kernel": [in, out]}`, optional "bias"),
+`layers_{i}/{input,post_attention}_layernorm/weight`, `norm/weight`, `lm_head/kernel` (untied only).
+`attention_mask` is `[batch, seq]`, 1 = real token, 0 = padding; logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptq_jax.models.llama.attention import KVCache, LlamaAttention, init_kv_cache
+from gptq_jax.models.llama.config import LlamaConfig
+from gptq_jax.models.llama.layers import Embed, Linear, RMSNorm
+
+Params = dict[str, Any]
+
+
+def default_positions(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.Array:
+  """Positions `[batch, seq]`: 0.. counted over real tokens (so left padding does not shift them)."""
+  if attention_mask is None:
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  config: LlamaConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    proj = lambda name, n_in, n_out: Linear(  # noqa: E731
+        n_in, n_out, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=self.param_dtype, name=name)
+    gate = proj("gate_proj", cfg.hidden_size, cfg.intermediate_size)(x)
+    up = proj("up_proj", cfg.hidden_size, cfg.intermediate_size)(x)
+    return proj("down_proj", cfg.intermediate_size, cfg.hidden_size)(jax.nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+  """One pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). Usable on its own."""
+
+  config: LlamaConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, positions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, kv_cache: KVCache | None = None,
+               cache_index: jax.Array | int = 0):
+    """hidden: [batch, seq, hidden] -> same (and the layer's new cache when `kv_cache` is given).
+
+    Without a cache `attention_mask` is `[batch, seq]`; with one it is `[batch, max_len]` over the
+    cache slots (see attention.py). positions: [batch, seq]; None = 0.. over real tokens.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    b, t, _ = hidden.shape
+    if attention_mask is None:
+      n_keys = t if kv_cache is None else kv_cache["k"].shape[2]
+      attention_mask = jnp.ones((b, n_keys), jnp.int32)
+    if positions is None:
+      positions = default_positions(attention_mask if kv_cache is None else None, b, t) + cache_index
+    norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype,  # noqa: E731
+                                param_dtype=self.param_dtype, name=name)
+    hidden = hidden.astype(dtype)
+    attn = LlamaAttention(cfg, self.param_dtype, name="self_attn")(
+        norm("input_layernorm")(hidden), positions, attention_mask, kv_cache, cache_index)
+    attn, new_cache = attn if kv_cache is not None else (attn, None)
+    hidden = hidden + attn
+    hidden = hidden + LlamaMLP(cfg, self.param_dtype, name="mlp")(
+        norm("post_attention_layernorm")(hidden))
+    return hidden if kv_cache is None else (hidden, new_cache)
+
+
+class LlamaForCausalLM(nn.Module):
+  """The causal LM: embed -> decoder layers -> norm -> lm_head (or the tied embedding)."""
+
+  config: LlamaConfig
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                              param_dtype=self.param_dtype)
+    self.layers = [LlamaDecoderLayer(cfg, self.param_dtype) for _ in range(cfg.num_hidden_layers)]
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=self.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
+                            param_dtype=self.param_dtype)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden: [batch, seq, hidden] (pre-norm) -> logits [batch, seq, vocab] float32."""
+    hidden = self.norm(hidden)
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None, kv_cache: list[KVCache] | None = None,
+               cache_index: jax.Array | int = 0, last_only: bool = False):
+    """input_ids: [batch, seq] -> logits [batch, seq, vocab] float32 (and the new caches).
+
+    last_only: logits of the last position only, `[batch, 1, vocab]` (generation's prefill).
+    """
+    b, t = input_ids.shape
+    if positions is None and kv_cache is None:
+      positions = default_positions(attention_mask, b, t)
+    if attention_mask is None:
+      n_keys = t if kv_cache is None else kv_cache[0]["k"].shape[2]
+      attention_mask = jnp.ones((b, n_keys), jnp.int32)
+    hidden = self.embed_tokens(input_ids)
+    new_caches = []
+    for i, layer in enumerate(self.layers):
+      if kv_cache is None:
+        hidden = layer(hidden, positions, attention_mask)
+      else:
+        hidden, layer_cache = layer(hidden, positions, attention_mask, kv_cache[i], cache_index)
+        new_caches.append(layer_cache)
+    logits = self.logits(hidden[:, -1:] if last_only else hidden)
+    return logits if kv_cache is None else (logits, new_caches)
+
+
+# ----- pure functional helpers (jit-friendly; `cfg` is static) -----
+
+def init_params(cfg: LlamaConfig, rng: jax.Array | int = 0, param_dtype: Any = jnp.float32) -> Params:
+  """Random parameters (HF's normal(0.02) init; norms at 1)."""
+  rng = jax.random.key(rng) if isinstance(rng, int) else rng
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return LlamaForCausalLM(cfg, param_dtype).init(rng, ids)["params"]
+
+
+def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array,
+            attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+  """input_ids: [batch, seq] -> logits [batch, seq, vocab] float32."""
+  return LlamaForCausalLM(cfg).apply({"params": params}, input_ids, attention_mask, positions)
+
+
+def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array,
+                       kv_cache: list[KVCache], cache_index: jax.Array | int,
+                       cache_mask: jax.Array, positions: jax.Array, last_only: bool = False):
+  """Writes `input_ids` [batch, seq] at slot `cache_index` -> (logits [b, seq, vocab], new caches).
+
+  cache_mask: [batch, max_len] valid slots (the new ones included); positions: [batch, seq].
+  `cache_index` 0 as a Python int lets the prefill use chunked causal attention.
+  """
+  return LlamaForCausalLM(cfg).apply({"params": params}, input_ids, cache_mask, positions,
+                                     kv_cache, cache_index, last_only)
+
+
+def embed(params: Params, cfg: LlamaConfig, input_ids: jax.Array) -> jax.Array:
+  """input_ids: [batch, seq] -> the first block's input [batch, seq, hidden] (compute dtype)."""
+  module = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype))
+  return module.apply({"params": params["embed_tokens"]}, input_ids)
+
+
+def block_forward(layer_params: Params, cfg: LlamaConfig, hidden: jax.Array,
+                  positions: jax.Array | None = None,
+                  attention_mask: jax.Array | None = None) -> jax.Array:
+  """One decoder layer: hidden [batch, seq, hidden] -> [batch, seq, hidden]."""
+  return LlamaDecoderLayer(cfg).apply({"params": layer_params}, hidden, positions, attention_mask)
+
+
+def final_logits(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:
+  """The last block's output [batch, seq, hidden] -> logits [batch, seq, vocab] float32."""
+  return LlamaForCausalLM(cfg).apply({"params": params}, hidden, method=LlamaForCausalLM.logits)
+
+
+def layer_params(params: Params, i: int) -> Params:
+  """The parameters of decoder layer `i`."""
+  return params[f"layers_{i}"]
+
+
+__all__ = [
+    "LlamaMLP", "LlamaDecoderLayer", "LlamaForCausalLM", "Params", "init_params", "init_kv_cache",
+    "forward", "forward_with_cache", "embed", "block_forward", "final_logits", "layer_params",
+    "default_positions",
+]

@@ -1,0 +1,88 @@
+"""Memory-mapped reading of safetensors files (one tensor at a time), bfloat16 included.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON `{name: {dtype, shape,
+data_offsets: [begin, end]}}` (plus an optional "__metadata__"), then the raw little-endian data.
+Reading a tensor maps only its bytes, so one layer of a model larger than RAM can be read alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class SafetensorsFile:
+  """Lazy reader: `.keys()`, `.shape(name)`, `.get(name) -> np.ndarray` (a read-only mmap view)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    with open(self.path, "rb") as f:
+      raw = f.read(8)
+      if len(raw) != 8:
+        raise ValueError(f"{self.path} is not a safetensors file (too short)")
+      (n,) = struct.unpack("<Q", raw)
+      try:
+        header = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{self.path} is not a safetensors file (bad header: {e})") from None
+    header.pop("__metadata__", None)
+    self._header = header
+    self._data_start = 8 + n
+    self._mmap: np.memmap | None = None
+
+  def keys(self) -> list[str]:
+    return list(self._header)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._header
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._header[name]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    info = self._header[name]
+    if info["dtype"] not in _DTYPES:
+      raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    if self._mmap is None:
+      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+    begin, end = info["data_offsets"]
+    raw = self._mmap[self._data_start + begin:self._data_start + end]
+    return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+  def close(self) -> None:
+    self._mmap = None
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> None:
+  """Writes numpy arrays (bfloat16 included) as one safetensors file, tensors in name order."""
+  names = sorted(tensors)
+  inverse = {np.dtype(v): k for k, v in _DTYPES.items()}
+  header: dict = {"__metadata__": metadata} if metadata else {}
+  offset = 0
+  arrays = []
+  for name in names:
+    a = np.ascontiguousarray(tensors[name])
+    if a.dtype not in inverse:
+      raise ValueError(f"cannot save tensor {name!r} of dtype {a.dtype} as safetensors")
+    header[name] = {"dtype": inverse[a.dtype], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+    arrays.append(a)
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for a in arrays:
+      f.write(a.tobytes())
