@@ -1,0 +1,157 @@
+"""orbax checkpoints of quantized (or float) params, with the configs that make them loadable.
+
+A checkpoint folder holds an orbax ``CheckpointManager`` (step 0) with two items: ``params`` (every
+array of the parameter tree; each ``PackedWeight`` stored as its four HF tensors) and ``meta`` (JSON:
+the model config, the GPTQ config, where the packed weights are and their static metadata, free
+extra fields), plus the tokenizer files under ``tokenizer/`` when one is given. Loading rebuilds the
+``PackedWeight`` nodes from ``meta``, so a reloaded tree is the tree that was saved.
+
+Writes are atomic: orbax finalizes a step only when it is complete, and ``save`` writes into a
+temporary sibling folder that is renamed into place at the end; an existing destination is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gptq_jax.core.weights import PackedWeight
+
+PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
+FORMAT_VERSION = 1
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def split_packed(tree: Any) -> tuple[Any, dict[str, dict]]:
+  """PackedWeight nodes -> plain dicts of their arrays, and {path: static metadata}."""
+  packed: dict[str, dict] = {}
+
+  def visit(path, x):
+    if isinstance(x, PackedWeight):
+      packed[_path_str(path)] = {"bits": x.bits, "group_size": x.group_size, "format": x.format}
+      return {f: getattr(x, f) for f in PACKED_FIELDS}
+    return x
+
+  is_packed = lambda x: isinstance(x, PackedWeight)
+  return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_packed), packed
+
+
+def join_packed(tree: Any, packed: dict[str, dict]) -> Any:
+  """Inverse of ``split_packed``."""
+  for path, static in packed.items():
+    keys = path.split("/")
+    node = tree
+    for k in keys[:-1]:
+      node = node[k]
+    arrays = node[keys[-1]]
+    node[keys[-1]] = PackedWeight(**{f: arrays[f] for f in PACKED_FIELDS}, **static)
+  return tree
+
+
+def _manager(path: str, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(path), options=options,
+                               item_names=("params", "meta"))
+
+
+def write_tree(path: str, step: int, tree: Any, meta: dict) -> None:
+  """Save ``tree`` (PackedWeights allowed) and JSON ``meta`` as step ``step`` under ``path``."""
+  arrays, packed = split_packed(tree)
+  arrays = jax.tree.map(np.asarray, arrays)
+  meta = {**meta, "packed": packed, "gptq_jax_checkpoint": FORMAT_VERSION}
+  mngr = _manager(path)
+  mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(arrays),
+                                          meta=ocp.args.JsonSave(meta)))
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
+  """-> (tree with PackedWeights rebuilt, meta) of step ``step`` (default: the latest)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint folder at {path!r}")
+  mngr = _manager(path, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{path!r} holds no finished checkpoint (an interrupted save?)")
+  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                   meta=ocp.args.JsonRestore()))
+  mngr.close()
+  meta = dict(out["meta"])
+  tree = jax.tree.map(np.asarray, out["params"])
+  return join_packed(tree, meta.get("packed", {})), meta
+
+
+def steps(path: str) -> list[int]:
+  """The finished steps under ``path`` (none when it does not exist)."""
+  if not os.path.isdir(path):
+    return []
+  mngr = _manager(path, read_only=True)
+  out = list(mngr.all_steps())
+  mngr.close()
+  return sorted(out)
+
+
+class Checkpoint(NamedTuple):
+  params: Any
+  model_config: Any  # LlamaConfig
+  quant_config: Any  # GPTQConfig or None (a float checkpoint)
+  meta: dict
+  tokenizer_dir: str | None
+
+
+def save(path: str, params: Any, *, model_config: Any, quant_config: Any = None,
+         tokenizer: Any = None, extra: dict | None = None) -> None:
+  """Write a loadable checkpoint folder at ``path``; refuses to overwrite anything."""
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    raise FileExistsError(f"{path!r} already exists: choose another output folder (nothing was "
+                          "overwritten)")
+  tmp = path + ".saving"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)  # a save that was killed midway: never a finished checkpoint
+  meta = {
+      "model_config": model_config.to_hf_dict(),
+      "compute_dtype": getattr(model_config, "dtype", "float32"),
+      "quant_config": None if quant_config is None else quant_config.to_dict(),
+      **(extra or {}),
+  }
+  write_tree(os.path.join(tmp, "orbax"), 0, params, meta)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+  os.rename(tmp, path)
+
+
+def is_checkpoint(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "orbax"))
+
+
+def load(path: str) -> Checkpoint:
+  """Read a folder written by ``save``."""
+  from gptq_jax.config import GPTQConfig
+  from gptq_jax.models.llama import LlamaConfig
+
+  if not is_checkpoint(path):
+    raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside)")
+  params, meta = read_tree(os.path.join(path, "orbax"))
+  model_config = LlamaConfig.from_hf_dict(meta["model_config"]).replace(
+      dtype=meta.get("compute_dtype", "float32"))
+  qc = meta.get("quant_config")
+  quant_config = None if qc is None else GPTQConfig.from_dict(qc)
+  tok = os.path.join(path, "tokenizer")
+  return Checkpoint(params, model_config, quant_config, meta, tok if os.path.isdir(tok) else None)
+
+
+def to_json(obj: Any) -> str:
+  return json.dumps(obj, indent=2, sort_keys=True, default=str)

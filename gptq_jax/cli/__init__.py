@@ -1,0 +1,1 @@
+"""Command-line front ends (thin: the work is in the library); scripts/ calls these."""

@@ -1,0 +1,179 @@
+"""``scripts/quantize_llama.py``: quantize a Llama checkpoint with GPTQ, resumably, with a report.
+
+Flags are named after the GPTQConfig fields. The run: load the model and tokenizer, build the
+calibration batches, (optionally) measure perplexity, quantize block by block — each finished block
+saved under ``<output>.partial`` so ``--resume`` continues a killed run — write the orbax checkpoint
+(and a Hugging Face GPTQ folder with ``--save-hf``), measure perplexity again, print a sample
+generation, and write the ``--report`` JSON (and a PNG plot of the loss per layer beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+from gptq_jax.config import BACKENDS, FORMATS, GPTQConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="quantize_llama.py", description="GPTQ-quantize a LLaMA-family model (offline).")
+  p.add_argument("--model", default="smollm2-135m",
+                 help="HF folder, .gguf file, or 'smollm2-135m' (the embedded default)")
+  p.add_argument("--output", required=True, help="new folder for the orbax checkpoint")
+  p.add_argument("--resume", action="store_true",
+                 help="continue an interrupted run writing the same --output")
+  p.add_argument("--save-hf", metavar="DIR", help="also export a Hugging Face GPTQ folder")
+  p.add_argument("--report", metavar="FILE.json",
+                 help="write a JSON report (and FILE.png: loss per layer)")
+  g = p.add_argument_group("GPTQ settings (GPTQConfig fields)")
+  g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+  g.add_argument("--group-size", type=int, default=128, help="> 0, or -1 for per-row")
+  g.add_argument("--damp-percent", type=float, default=0.1)
+  g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False)
+  g.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
+                 help="GAR (default on; off with --desc-act)")
+  g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
+  g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
+  g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False)
+  g.add_argument("--format", default="gptq", choices=FORMATS)
+  g.add_argument("--backend", default=None, choices=BACKENDS)
+  g.add_argument("--mse", type=float, default=0.0,
+                 help="clipping search norm (0 = off; 2.4 in the references)")
+  g.add_argument("--block-size", type=int, default=128, help="lazy-update block (columns)")
+  d = p.add_argument_group("calibration and evaluation")
+  d.add_argument("--dataset", default=None,
+                 help="wikitext2 | c4 | c4-new | a .txt file or folder | a .npy [n, seqlen] token "
+                      "array (default: the bundled State of the Union text, 1990-2015)")
+  d.add_argument("--nsamples", type=int, default=128)
+  d.add_argument("--seqlen", type=int, default=2048)
+  d.add_argument("--seed", type=int, default=0)
+  d.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward")
+  d.add_argument("--eval-text", default=None,
+                 help="text for perplexity before/after (default: the bundled 2016-2021 "
+                      "addresses, held out from calibration); 'none' to skip")
+  d.add_argument("--eval-windows", type=int, default=16, help="windows of --seqlen to score")
+  d.add_argument("--sample-prompt", default="The state of the union is",
+                 help="prompt for a sample generation after quantization ('' to skip)")
+  p.add_argument("--no-progress", action="store_true", help="no progress line")
+  return p
+
+
+def _config(args) -> GPTQConfig:
+  kw = dict(group_size=args.group_size, damp_percent=args.damp_percent, desc_act=args.desc_act,
+            sym=args.sym, true_sequential=args.true_sequential, static_groups=args.static_groups,
+            format=args.format, backend=args.backend, mse=args.mse, block_size=args.block_size,
+            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+  if args.act_group_aware is not None:
+    kw["act_group_aware"] = args.act_group_aware
+  elif args.desc_act:
+    kw["act_group_aware"] = False
+  if args.dataset is not None and args.dataset.endswith(".npy"):
+    kw["dataset"] = os.path.abspath(args.dataset)
+  elif args.dataset is not None:
+    kw["dataset"] = args.dataset
+  return GPTQConfig(args.bits, **kw)
+
+
+def _check_paths(args) -> None:
+  out = os.path.abspath(args.output)
+  if not os.path.isdir(os.path.dirname(out)):
+    raise FileNotFoundError(f"--output {args.output!r}: the parent folder does not exist")
+  for flag, path in (("--save-hf", args.save_hf),):
+    if path and os.path.exists(path):
+      raise FileExistsError(f"{flag} {path!r} already exists: choose another folder")
+  if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+    raise FileNotFoundError(f"--report {args.report!r}: the parent folder does not exist")
+  if args.dataset and args.dataset not in ("wikitext2", "c4", "c4-new") and not os.path.exists(
+      args.dataset):
+    raise FileNotFoundError(f"--dataset {args.dataset!r} does not exist (pass wikitext2, c4, "
+                            "c4-new, a .txt file or folder, or a .npy token array)")
+
+
+def _say(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def run(args) -> dict:
+  from gptq_jax import checkpoint, data, eval as evaluation
+  from gptq_jax.models.llama import load_llama, load_tokenizer
+  from gptq_jax.pipeline import dense_block, quantize
+  from gptq_jax.pipeline.calib import normalize
+  from gptq_jax.pipeline.resume import ResumableRun, fingerprint
+  from gptq_jax.cli import report as report_lib
+
+  t_start = time.perf_counter()
+  cfg = _config(args)
+  _check_paths(args)
+  _say(f"loading {args.model} ...")
+  model_config, params = load_llama(args.model)
+  tokenizer = load_tokenizer(args.model)
+  calib_src = cfg.dataset if cfg.dataset is not None else data.SOTU_CALIB
+  calib_batches = data.get_calib_batches(
+      list(calib_src) if isinstance(calib_src, tuple) else calib_src, tokenizer,
+      nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, batch_size=args.batch_size or 1)
+  fp = fingerprint(params, model_config, cfg, normalize(calib_batches)[0])
+  state = ResumableRun(args.output, fp, resume=args.resume)
+
+  eval_tokens = None
+  if (args.eval_text or "").lower() != "none":
+    text = data.sotu_texts("eval") if args.eval_text is None else data.read_text(args.eval_text)
+    eval_tokens = data.tokenize_text(text, tokenizer)
+  ppl = lambda p: evaluation.perplexity(p, model_config, eval_tokens, seqlen=cfg.seqlen,
+                                        max_windows=args.eval_windows)
+  result: dict = {"model": args.model, "config": cfg.to_dict(), "output": args.output}
+  if eval_tokens is not None:
+    _say("perplexity before ...")
+    result["ppl_before"] = ppl(params)
+    _say(f"perplexity before: {result['ppl_before']:.3f}")
+
+  done = state.completed()
+  records = [r for _, _, recs in done for r in recs]
+  for i, block, _ in done:
+    params = {**params, f"layers_{i}": block}
+  if done:
+    _say(f"resuming after block {len(done) - 1} ({len(done)}/{model_config.num_hidden_layers} "
+         "blocks already quantized)")
+  t_q = time.perf_counter()
+  qparams = quantize(params, calib_batches, cfg, model_config=model_config,
+                     batch_size=args.batch_size, progress=not args.no_progress, report=records,
+                     start_block=len(done), on_block_done=state.save_block)
+  result["quantize_seconds"] = time.perf_counter() - t_q
+  result["layers"] = records
+  checkpoint.save(args.output, qparams, model_config=model_config, quant_config=cfg,
+                  tokenizer=tokenizer, extra={"records": records})
+  state.finish()
+  _say(f"saved {args.output}")
+  if args.save_hf:
+    from gptq_jax.interop import export_hf
+
+    export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer)
+    _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
+  dense = {k: dense_block(v) if k.startswith("layers_") else v for k, v in qparams.items()}
+  if eval_tokens is not None:
+    result["ppl_after"] = ppl(dense)
+    _say(f"perplexity after:  {result['ppl_after']:.3f} (before {result['ppl_before']:.3f})")
+  if args.sample_prompt:
+    ids = tokenizer(args.sample_prompt)["input_ids"]
+    out = evaluation.generate(dense, model_config, ids, max_new_tokens=32)
+    result["sample"] = tokenizer.decode(out[len(ids):], skip_special_tokens=True)
+    _say(f"sample: {args.sample_prompt!r} -> {result['sample']!r}")
+  result["seconds"] = time.perf_counter() - t_start
+  result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  if args.report:
+    report_lib.write(args.report, result)
+    _say(f"report: {args.report}")
+  return result
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    run(args)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0

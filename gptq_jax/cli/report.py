@@ -1,0 +1,54 @@
+"""The ``--report`` of a quantization run: a JSON file and, beside it, a PNG of the loss per layer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def _clean(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None  # strict JSON: NaN (an RTN fallback's loss) becomes null
+  if isinstance(x, dict):
+    return {k: _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_clean(v) for v in x]
+  return x
+
+
+def write(path: str, result: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(_clean(result), f, indent=2, sort_keys=True)
+  layers = result.get("layers") or []
+  if layers:
+    plot_losses(os.path.splitext(path)[0] + ".png", layers)
+
+
+def plot_losses(path: str, layers: list[dict]) -> None:
+  """One line per projection type across blocks, log scale."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  series: dict[str, tuple[list[int], list[float]]] = {}
+  for r in layers:
+    if r.get("loss") is None or not math.isfinite(r["loss"]) or r["loss"] <= 0:
+      continue
+    name = r["layer"].split(".", 2)[-1]
+    xs, ys = series.setdefault(name, ([], []))
+    xs.append(r["block"])
+    ys.append(r["loss"])
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+  for name, (xs, ys) in sorted(series.items()):
+    ax.plot(xs, ys, marker=".", label=name)
+  ax.set_yscale("log")
+  ax.set_xlabel("block")
+  ax.set_ylabel("GPTQ loss (sum of (w - q)^2 / Hinv_ii^2 / 2)")
+  ax.set_title("GPTQ loss per layer")
+  ax.legend(fontsize=7, ncol=2)
+  ax.grid(True, which="both", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

@@ -1,0 +1,115 @@
+"""How the block-sequential driver talks to a decoder model: a small adapter.
+
+The driver needs five things from a model: embed the calibration tokens (the first block's input),
+count and address its blocks, run one block, and see the input of each linear layer while a block
+runs. ``DecoderAdapter`` names them; ``LlamaAdapter`` implements them for the built-in Flax Llama
+and is the example to follow for another decoder:
+
+* ``sequential_groups``: the linears of a block, in the order true-sequential GPTQ quantizes them,
+  as typed paths inside the block's parameter tree (``("self_attn", "q_proj")``). Each path's
+  parameters are a dict with ``"kernel": [in, out]``.
+* ``run_block(block_params, hidden, ctx, capture)``: run a block; when ``capture`` is given, call
+  ``capture(path, x)`` with the input ``x: [..., in]`` of every linear as it is applied. Layers that
+  share an input (q/k/v, gate/up) may pass the same array: the driver computes its Hessian once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Protocol
+
+import flax.linen as nn
+import jax
+
+LinearPath = tuple[str, ...]
+Capture = Callable[[LinearPath, jax.Array], None]
+
+LLAMA_GROUPS: tuple[tuple[LinearPath, ...], ...] = (
+    (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")),
+    (("self_attn", "o_proj"),),
+    (("mlp", "gate_proj"), ("mlp", "up_proj")),
+    (("mlp", "down_proj"),),
+)
+
+
+class DecoderAdapter(Protocol):
+  sequential_groups: tuple[tuple[LinearPath, ...], ...]
+
+  def num_blocks(self, params: Any) -> int: ...
+
+  def get_block(self, params: Any, i: int) -> Any: ...
+
+  def set_block(self, params: Any, i: int, block_params: Any) -> Any: ...
+
+  def embed(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array
+            ) -> tuple[jax.Array, Any]:
+    """-> (the first block's input [batch, seq, hidden], a context pytree passed to run_block)."""
+
+  def run_block(self, block_params: Any, hidden: jax.Array, ctx: Any,
+                capture: Capture | None = None) -> jax.Array: ...
+
+
+def get_path(tree: Any, path: LinearPath) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def set_path(tree: Any, path: LinearPath, value: Any) -> Any:
+  """A copy of the nested dict ``tree`` with ``tree[path]`` replaced (shallow copies on the way)."""
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = set_path(tree[path[0]], path[1:], value)
+  return out
+
+
+class LlamaAdapter:
+  """The built-in Flax Llama (``gptq_jax.models.llama``)."""
+
+  sequential_groups = LLAMA_GROUPS
+
+  def __init__(self, config):
+    from gptq_jax.models.llama import layers, model  # the model is optional for the core
+
+    self.config = config
+    self._model = model
+    self._linear = layers.Linear
+
+  @classmethod
+  @functools.lru_cache(maxsize=16)
+  def for_config(cls, config) -> "LlamaAdapter":
+    """One adapter per model config, so compiled block functions are reused across calls."""
+    return cls(config)
+
+  def num_blocks(self, params) -> int:
+    return self.config.num_hidden_layers
+
+  def get_block(self, params, i):
+    return params[f"layers_{i}"]
+
+  def set_block(self, params, i, block_params):
+    return {**params, f"layers_{i}": block_params}
+
+  def embed(self, params, input_ids, attention_mask):
+    b, t = input_ids.shape
+    hidden = self._model.embed(params, self.config, input_ids)
+    positions = self._model.default_positions(attention_mask, b, t)
+    return hidden, {"positions": positions, "attention_mask": attention_mask}
+
+  def run_block(self, block_params, hidden, ctx, capture=None):
+    def call():
+      return self._model.block_forward(block_params, self.config, hidden, ctx["positions"],
+                                       ctx["attention_mask"])
+
+    if capture is None:
+      return call()
+
+    def interceptor(next_fun, args, kwargs, context):
+      if isinstance(context.module, self._linear) and context.method_name == "__call__":
+        capture(tuple(context.module.path), args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      return call()
+

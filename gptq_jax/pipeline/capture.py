@@ -1,0 +1,109 @@
+"""Jitted block runs: Hessians of a block's linears, and the block's outputs.
+
+``HessianCapture`` runs a block on one micro-batch while the adapter reports each linear's input;
+inputs shared by several linears (q/k/v, gate/up: the same traced array) are counted once. The
+running ``HessianState``s are donated. With a mesh, the batch is split over the data axis with
+``jax.shard_map``: each device runs the block on its own samples and a ``psum`` combines the
+``X^T X`` sums, so the Hessians equal the single-device ones up to float summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptq_jax.core import hessian
+from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath
+
+
+class HessianCapture:
+  """Accumulates ``X^T X`` for the linears ``targets`` of a block over micro-batches."""
+
+  def __init__(self, adapter: DecoderAdapter, targets: tuple[LinearPath, ...],
+               mesh: Mesh | None = None, axis_name: str = "data"):
+    self.targets = targets
+    self.alias: dict[LinearPath, LinearPath] = {}  # path -> the path whose Hessian it shares
+    self.states: dict[LinearPath, hessian.HessianState] | None = None
+
+    def local(block_params, hidden, ctx, mask):
+      by_input: dict[int, LinearPath] = {}
+      reps: dict[LinearPath, jax.Array] = {}
+      alias: dict[LinearPath, LinearPath] = {}
+
+      def capture(path, x):
+        if path in targets and path not in alias:
+          rep = by_input.setdefault(id(x), path)
+          alias[path] = rep
+          if rep == path:
+            reps[path] = x
+
+      adapter.run_block(block_params, hidden, ctx, capture)
+      self.alias = alias  # fixed at trace time: the same for every call of the compiled step
+      missing = [p for p in targets if p not in alias]
+      if missing:
+        raise ValueError(f"the block never applied the linear layer(s) {missing}: check the "
+                         "adapter's sequential_groups against the model")
+      out = {}
+      for path, x in reps.items():
+        out[path] = hessian._xtx(x, mask)
+        if mesh is not None:
+          out[path] = jax.lax.psum(out[path], axis_name)
+      return out
+
+    if mesh is not None:
+      local = jax.shard_map(local, mesh=mesh, out_specs=P(),
+                            in_specs=(P(), P(axis_name), P(axis_name), P(axis_name)))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(states, block_params, hidden, ctx, mask):
+      new = local(block_params, hidden, ctx, mask)
+      return {p: hessian.HessianState(xtx=states[p].xtx + xtx, count=states[p].count + n)
+              for p, (xtx, n) in new.items()}
+
+    self._local, self._step = local, step
+    self._replicate = (lambda t: jax.device_put(t, NamedSharding(mesh, P()))) if mesh else (
+        lambda t: t)
+
+  def reset(self) -> None:
+    """Forget the sums (the compiled step stays: every block of a model has the same shapes)."""
+    self.states = None
+
+  def add(self, block_params: Any, hidden: jax.Array, ctx: Any, mask: jax.Array) -> None:
+    block_params = self._replicate(block_params)
+    if self.states is None:
+      shapes = jax.eval_shape(self._local, block_params, hidden, ctx, mask)
+      self.states = self._replicate({p: hessian.init(s[0].shape[0]) for p, s in shapes.items()})
+    self.states = self._step(self.states, block_params, hidden, ctx, mask)
+
+  def hessian(self, path: LinearPath) -> jax.Array:
+    """The finalized H on one local device (the solver runs there; a replicated H would make it
+    compile again for that sharding)."""
+    h = hessian.finalize(self.states[self.alias[path]])
+    return jax.device_put(h, jax.local_devices()[0])
+
+
+def block_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: str = "data"):
+  """A jitted ``(block_params, hidden, ctx) -> hidden``, data-parallel over ``mesh`` if given."""
+  run = lambda block_params, hidden, ctx: adapter.run_block(block_params, hidden, ctx)
+  if mesh is None:
+    return jax.jit(run)
+  run = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
+                              out_specs=P(axis_name)))
+  replicated = NamedSharding(mesh, P())
+  return lambda block_params, hidden, ctx: run(jax.device_put(block_params, replicated), hidden,
+                                               ctx)
+
+
+@functools.lru_cache(maxsize=64)
+def capture_for(adapter: DecoderAdapter, targets: tuple[LinearPath, ...], mesh: Mesh | None,
+                axis_name: str) -> HessianCapture:
+  """A cached ``HessianCapture``: its compiled step is reused across blocks and calls."""
+  return HessianCapture(adapter, targets, mesh, axis_name)
+
+
+@functools.lru_cache(maxsize=16)
+def runner_for(adapter: DecoderAdapter, mesh: Mesh | None, axis_name: str):
+  return block_runner(adapter, mesh, axis_name)

@@ -1,0 +1,173 @@
+"""``quantize(params, calib_batches, cfg)``: GPTQ for a whole decoder, block by block.
+
+As the references' driver (REFERENCE.md §1): embed the calibration tokens (the first block's
+input); for each block, accumulate the Hessians of its linears over all calibration samples and
+quantize them — with ``true_sequential``, subset by subset (``[q, k, v]``, ``[o]``, ``[gate, up]``,
+``[down]``), each subset's Hessians taken with the earlier subsets already quantized — then run the
+block with its quantized weights to make the next block's input. Only one block's activations (its
+inputs and outputs) are alive at a time. With several devices, micro-batches are split over a data
+axis and the Hessian sums are combined with ``psum`` (``capture.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptq_jax.config import GPTQConfig
+from gptq_jax.core.gptq import quantize_weight
+from gptq_jax.core.weights import PackedWeight, QuantizedWeight
+from gptq_jax.pipeline import calib
+from gptq_jax.pipeline.adapter import DecoderAdapter, LlamaAdapter, get_path, set_path
+from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
+from gptq_jax.pipeline.progress import BlockProgress
+
+BlockDone = Callable[[int, Any, list[dict]], None]
+
+
+def _is_quantized(x: Any) -> bool:
+  return isinstance(x, (PackedWeight, QuantizedWeight))
+
+
+def dense_block(block_params: Any) -> Any:
+  """The block with every quantized kernel dequantized (float32): what propagation runs."""
+  return jax.tree.map(lambda x: x.dequantize() if _is_quantized(x) else x, block_params,
+                      is_leaf=_is_quantized)
+
+
+def resolve_adapter(params: Any, model_config: Any = None,
+                    adapter: DecoderAdapter | None = None) -> DecoderAdapter:
+  if adapter is not None:
+    return adapter
+  model_config = model_config or getattr(params, "config", None)
+  if model_config is None:
+    raise ValueError("quantize() cannot tell which model these params belong to: load them with "
+                     "gptq_jax.models.llama.load_llama (its params carry their config), pass "
+                     "model_config=<LlamaConfig>, or pass adapter=<DecoderAdapter> for another "
+                     "decoder")
+  return LlamaAdapter.for_config(model_config)
+
+
+def resolve_mesh(mesh: Mesh | str | None, axis_name: str) -> Mesh | None:
+  if mesh == "auto":
+    n = jax.device_count()
+    return jax.make_mesh((n,), (axis_name,)) if n > 1 else None
+  if mesh is not None and not isinstance(mesh, Mesh):
+    raise ValueError(f"mesh={mesh!r} must be 'auto', None or a jax.sharding.Mesh")
+  if mesh is not None and axis_name not in mesh.shape:
+    raise ValueError(f"the mesh has axes {tuple(mesh.shape)}; no data axis {axis_name!r}")
+  return mesh
+
+
+class _Stream:
+  """The calibration micro-batches and their current hidden states (one block's activations)."""
+
+  def __init__(self, adapter, params, batches, mesh, axis_name):
+    self.mesh, self.axis = mesh, axis_name
+    put = (lambda a: jax.device_put(a, NamedSharding(mesh, P(axis_name)))) if mesh else (
+        jnp.asarray)
+    embed = lambda p, ids, mask: adapter.embed(p, ids, mask)
+    if mesh is not None:
+      embed = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
+                            out_specs=P(axis_name))
+    embed = jax.jit(embed)
+    self.masks, self.hidden, self.ctx = [], [], []
+    for b in batches:
+      ids, mask = put(b.input_ids), put(b.attention_mask)
+      h, ctx = embed(params, ids, mask)
+      self.masks.append(mask)
+      self.hidden.append(h)
+      self.ctx.append(ctx)
+
+  def propagate(self, run, block_params) -> None:
+    self.hidden = [run(block_params, h, c) for h, c in zip(self.hidden, self.ctx)]
+
+
+def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: GPTQConfig,
+                    i: int, progress: BlockProgress, records: list[dict]):
+  for path in group:
+    name = f"layers.{i}." + ".".join(path)
+    t0 = time.perf_counter()
+    kernel = get_path(block, path)["kernel"]
+    qw, info = quantize_weight(kernel, capture.hessian(path), cfg, return_info=True, name=name)
+    packed = qw.pack(cfg.format)
+    block = set_path(block, path + ("kernel",), packed)
+    work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
+    records.append({"block": i, "layer": name, "shape": list(kernel.shape),
+                    "loss": info.loss, "damp": info.damp, "fallback": info.fallback,
+                    "seconds": time.perf_counter() - t0})
+    progress.update(i, ".".join(path), info.loss)
+  return block, work
+
+
+def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: Any = None,
+             adapter: DecoderAdapter | None = None, mesh: Mesh | str | None = "auto",
+             axis_name: str = "data", batch_size: int | None = None, progress: bool = True,
+             report: list[dict] | None = None, start_block: int = 0,
+             on_block_done: BlockDone | None = None) -> Any:
+  """GPTQ-quantize every decoder block's linears; returns params with packed kernels.
+
+  Args:
+    params: the model's parameter pytree (the built-in Llama's, from ``load_llama``).
+    calib_batches: token ids ``[nsamples, seqlen]``, or a list of arrays / ``{"input_ids",
+      "attention_mask"}`` dicts (``gptq_jax.data.get_calib_batches``).
+    cfg: the GPTQ settings.
+    model_config: the ``LlamaConfig`` when ``params`` do not carry it.
+    adapter: a ``DecoderAdapter`` for another decoder architecture.
+    mesh: "auto" (every device on one data axis when there are several), None (one device) or a
+      ``Mesh`` with a ``axis_name`` axis: micro-batches are split over it.
+    batch_size: samples per micro-batch (default: the largest given batch, at least one sample per
+      device), rounded up to a multiple of the data axis size.
+    progress: print a progress line per block (stderr).
+    report: a list to which one record per quantized layer is appended (loss, damping, time).
+    start_block: resume: blocks before it are already quantized in ``params``; the calibration
+      data is propagated through them and quantization continues from there.
+    on_block_done: called as ``on_block_done(i, quantized_block_params, records)`` after each block.
+
+  Returns:
+    ``params`` with each quantized linear's ``"kernel"`` a ``PackedWeight`` in ``cfg.format``.
+  """
+  if not isinstance(cfg, GPTQConfig):
+    raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
+  adapter = resolve_adapter(params, model_config, adapter)
+  mesh = resolve_mesh(mesh, axis_name)
+  ndev = mesh.shape[axis_name] if mesh is not None else 1
+  samples, largest = calib.normalize(calib_batches)
+  calib.check_vocab(samples, getattr(getattr(adapter, "config", None), "vocab_size", None))
+  batches = calib.micro_batches(samples, max(batch_size or largest, ndev), multiple=ndev)
+  nblocks = adapter.num_blocks(params)
+  if not 0 <= start_block <= nblocks:
+    raise ValueError(f"start_block={start_block} must be in [0, {nblocks}]")
+
+  stream = _Stream(adapter, params, batches, mesh, axis_name)
+  run = runner_for(adapter, mesh, axis_name)
+  groups = adapter.sequential_groups if cfg.true_sequential else (
+      tuple(p for g in adapter.sequential_groups for p in g),)
+  captures = [capture_for(adapter, g, mesh, axis_name) for g in groups]
+  bar = BlockProgress(nblocks, enabled=progress)
+  bar.skip(start_block)
+  for i in range(nblocks):
+    block = adapter.get_block(params, i)
+    work = dense_block(block)
+    if i >= start_block:
+      records: list[dict] = []
+      for group, capture in zip(groups, captures):
+        capture.reset()
+        for h, ctx, mask in zip(stream.hidden, stream.ctx, stream.masks):
+          capture.add(work, h, ctx, mask)
+        block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records)
+        capture.reset()
+      params = adapter.set_block(params, i, block)
+      if report is not None:
+        report.extend(records)
+    if i + 1 < nblocks:  # the last block's outputs feed nothing we quantize
+      stream.propagate(run, work)
+    if i >= start_block:
+      bar.update(i, finished=True)
+      if on_block_done is not None:
+        on_block_done(i, block, records)
+  return params

@@ -1,0 +1,107 @@
+"""Resumable runs: each finished block is saved atomically, a killed run continues from the last.
+
+The partial state of a run writing ``<output>`` lives in ``<output>.partial/``: ``fingerprint.json``
+(what the run quantizes: a digest of the model weights and config, the GPTQ config, and the
+calibration tokens) and an orbax ``CheckpointManager`` with one finished step per quantized block.
+orbax finalizes a step only when it is fully written, so a SIGKILL at any point leaves every
+listed step whole. ``--resume`` refuses a partial state whose fingerprint differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from gptq_jax import checkpoint
+
+_SAMPLE = 1 << 16  # elements hashed per large tensor (evenly strided): cheap for 70B models too
+
+
+def _digest_array(h, a) -> None:
+  a = np.asarray(a)
+  h.update(f"{a.shape}{a.dtype}".encode())
+  flat = a.reshape(-1)
+  if flat.size > 4 * _SAMPLE:
+    flat = flat[:: flat.size // _SAMPLE]
+  h.update(np.ascontiguousarray(flat).tobytes())
+
+
+def weights_digest(params: Any) -> str:
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    h.update(jax.tree_util.keystr(path).encode())
+    _digest_array(h, leaf)
+  return h.hexdigest()[:32]
+
+
+def calibration_digest(samples) -> str:
+  """``samples``: ``(ids, mask)`` pairs, as ``pipeline.calib.normalize`` returns them."""
+  h = hashlib.sha256()
+  for ids, mask in samples:
+    _digest_array(h, ids)
+    _digest_array(h, mask)
+  return h.hexdigest()[:32]
+
+
+def fingerprint(params: Any, model_config: Any, quant_config: Any, samples) -> dict:
+  qc = quant_config.to_dict()
+  qc.pop("backend", None)  # how the result is run later does not change it
+  return {
+      "model": {"config": model_config.to_hf_dict(), "weights": weights_digest(params)},
+      "quant_config": qc,
+      "calibration": calibration_digest(samples),
+  }
+
+
+class ResumableRun:
+  """The partial state of one run. ``resume=False`` refuses to touch an existing one."""
+
+  def __init__(self, output: str, fp: dict, resume: bool):
+    self.output = os.path.abspath(output)
+    self.partial = self.output + ".partial"
+    self.blocks_dir = os.path.join(self.partial, "blocks")
+    fp = json.loads(json.dumps(fp, default=str))  # as it will read back
+    if os.path.exists(self.output):
+      raise FileExistsError(f"{self.output!r} already exists: choose another --output (nothing "
+                            "was overwritten)")
+    fp_file = os.path.join(self.partial, "fingerprint.json")
+    if os.path.exists(fp_file):
+      if not resume:
+        raise FileExistsError(
+            f"an interrupted run left {self.partial!r}: pass --resume to continue it, or choose "
+            "another --output (nothing was touched)")
+      with open(fp_file) as f:
+        saved = json.load(f)
+      diff = [k for k in sorted(set(fp) | set(saved)) if fp.get(k) != saved.get(k)]
+      if diff:
+        raise ValueError(f"--resume refused: the interrupted run in {self.partial!r} quantized a "
+                         f"different {' and '.join(diff)} (fingerprint mismatch); use the same "
+                         "model, settings and calibration data, or another --output")
+    else:
+      os.makedirs(self.partial, exist_ok=True)
+      tmp = fp_file + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(fp, f, indent=2, sort_keys=True)
+      os.replace(tmp, fp_file)
+
+  def completed(self) -> list[tuple[int, Any, list[dict]]]:
+    """The saved blocks 0..k-1 (contiguous from 0), as ``(i, block params, records)``."""
+    out = []
+    for i in checkpoint.steps(self.blocks_dir):
+      if i != len(out):
+        break
+      tree, meta = checkpoint.read_tree(self.blocks_dir, i)
+      out.append((i, tree, meta.get("records", [])))
+    return out
+
+  def save_block(self, i: int, block: Any, records: list[dict]) -> None:
+    checkpoint.write_tree(self.blocks_dir, i, block, {"records": records})
+
+  def finish(self) -> None:
+    shutil.rmtree(self.partial, ignore_errors=True)
