@@ -14,6 +14,7 @@ overwritten.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any, NamedTuple
@@ -59,10 +60,17 @@ def join_packed(tree: Any, packed: dict[str, dict]) -> Any:
 
 
 def _manager(path: str, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(path), options=options,
-                               item_names=("params", "meta"))
+  # A read-only manager logs two warnings (read-only folder, save interval 0) that are expected.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR if read_only else level)
+  try:
+    options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(path), options=options,
+                                 item_names=("params", "meta"))
+  finally:
+    absl_logger.setLevel(level)
 
 
 def write_tree(path: str, step: int, tree: Any, meta: dict) -> None:

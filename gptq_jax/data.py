@@ -87,9 +87,30 @@ def _windows(tokens: np.ndarray, nsamples: int, seqlen: int, rng: random.Random)
   return [tokens[i:i + seqlen] for i in starts]
 
 
+def text_calib_batches(text: str, tokenizer: Any, *, nsamples: int = 128, seqlen: int = 2048,
+                       seed: int = 0, batch_size: int = 1) -> list[Batch]:
+  """The wikitext2 recipe on a text string: `nsamples` random `seqlen` windows of its tokens.
+
+  `text_calib_batches(sotu_texts("calib"), tokenizer, ...)` is the offline default calibration.
+  """
+  _check_sizes(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
+  samples = _windows(tokenize_text(text, tokenizer), nsamples, seqlen, random.Random(seed))
+  return _batch(samples, batch_size, _pad_id(tokenizer))
+
+
+def _check_sizes(**sizes: Any) -> None:
+  for name, value in sizes.items():
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name}={value!r} is invalid: expected a positive int")
+
+
+class DatasetUnavailable(RuntimeError):
+  """A named calibration set cannot be loaded here (no hub, no `datasets`)."""
+
+
 def _hub_unreachable(name: str, error: BaseException | None) -> RuntimeError:
   why = f" ({type(error).__name__}: {str(error).splitlines()[0][:200]})" if error else ""
-  return RuntimeError(
+  return DatasetUnavailable(
       f"calibration set {name!r} needs the Hugging Face hub (through `datasets`), which is "
       f"unreachable here{why}. Pass instead: a local .txt file or folder of .txt files, a list of "
       f"strings, or a .npy int array [nsamples, seqlen] of token ids; the bundled State of the "
@@ -108,7 +129,7 @@ def _load_hub_dataset(name: str, *args, **kwargs):
   try:
     import datasets  # noqa: PLC0415 (optional dependency)
   except ImportError:
-    raise RuntimeError(f"calibration set {name!r} needs the `datasets` package "
+    raise DatasetUnavailable(f"calibration set {name!r} needs the `datasets` package "
                        "(pip install datasets), or pass local text / token arrays") from None
   try:
     return datasets.load_dataset(*args, **kwargs)
@@ -175,9 +196,7 @@ def get_calib_batches(dataset: Any, tokenizer: Any = None, *, nsamples: int = 12
   dataset: "wikitext2" | "c4" | "c4-new" | a .txt file or folder | a list of strings | a .npy file
   or numpy int array `[n, seqlen]` (used as is). Deterministic for a given `seed`.
   """
-  for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name}={value!r} is invalid: expected a positive int")
+  _check_sizes(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
   rng = random.Random(seed)
   pad_id = _pad_id(tokenizer)
   if isinstance(dataset, np.ndarray):

@@ -16,6 +16,10 @@ import sys
 import time
 
 from gptq_jax.config import BACKENDS, FORMATS, GPTQConfig
+from gptq_jax.data import DatasetUnavailable
+
+
+CALIB_DEFAULT = "bundled State of the Union addresses 1990-2015 (gptq_jax/assets/sotu)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,19 +82,35 @@ def _config(args) -> GPTQConfig:
   return GPTQConfig(args.bits, **kw)
 
 
-def _check_paths(args) -> None:
+def _check_args(args) -> None:
+  """Everything that can be checked before loading the model: a bad value fails in a second,
+  before anything is written."""
   out = os.path.abspath(args.output)
+  if os.path.exists(out):
+    raise FileExistsError(f"--output {args.output!r} already exists: choose another folder "
+                          "(nothing was overwritten)")
   if not os.path.isdir(os.path.dirname(out)):
     raise FileNotFoundError(f"--output {args.output!r}: the parent folder does not exist")
-  for flag, path in (("--save-hf", args.save_hf),):
-    if path and os.path.exists(path):
-      raise FileExistsError(f"{flag} {path!r} already exists: choose another folder")
-  if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-    raise FileNotFoundError(f"--report {args.report!r}: the parent folder does not exist")
-  if args.dataset and args.dataset not in ("wikitext2", "c4", "c4-new") and not os.path.exists(
-      args.dataset):
-    raise FileNotFoundError(f"--dataset {args.dataset!r} does not exist (pass wikitext2, c4, "
-                            "c4-new, a .txt file or folder, or a .npy token array)")
+  if args.save_hf and os.path.exists(args.save_hf):
+    raise FileExistsError(f"--save-hf {args.save_hf!r} already exists: choose another folder")
+  for flag, path in (("--report", args.report), ("--save-hf", args.save_hf)):
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      raise FileNotFoundError(f"{flag} {path!r}: the parent folder does not exist")
+  if args.report and not args.report.endswith(".json"):
+    raise ValueError(f"--report {args.report!r} must end with .json (the plot goes beside it "
+                     "as .png)")
+  if (args.eval_text or "none").lower() != "none" and not os.path.exists(args.eval_text):
+    raise FileNotFoundError(f"--eval-text {args.eval_text!r} does not exist (pass a .txt file or "
+                            "a folder of .txt files, or 'none' to skip perplexity)")
+  for flag, value, low in (("--seqlen", args.seqlen, 2), ("--eval-windows", args.eval_windows, 1),
+                           ("--batch-size", args.batch_size, 1)):
+    if value is not None and value < low:
+      raise ValueError(f"{flag}={value} is invalid: expected an integer >= {low}")
+  if args.save_hf:
+    try:
+      import gptq_jax.interop  # noqa: F401,PLC0415 (optional: only --save-hf needs it)
+    except ImportError as e:
+      raise ValueError(f"--save-hf is unavailable in this installation ({e})") from None
 
 
 def _say(msg: str) -> None:
@@ -107,16 +127,20 @@ def run(args) -> dict:
 
   t_start = time.perf_counter()
   cfg = _config(args)
-  _check_paths(args)
+  _check_args(args)
   _say(f"loading {args.model} ...")
   model_config, params = load_llama(args.model)
   tokenizer = load_tokenizer(args.model)
-  calib_src = cfg.dataset if cfg.dataset is not None else data.SOTU_CALIB
-  calib_batches = data.get_calib_batches(
-      list(calib_src) if isinstance(calib_src, tuple) else calib_src, tokenizer,
-      nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, batch_size=args.batch_size or 1)
+  sizes = dict(nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
+               batch_size=args.batch_size or 1)
+  if cfg.dataset is None:  # offline default: the bundled addresses 1990-2015
+    calib_batches = data.text_calib_batches(data.sotu_texts("calib"), tokenizer, **sizes)
+  else:
+    calib_batches = data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
   fp = fingerprint(params, model_config, cfg, normalize(calib_batches)[0])
   state = ResumableRun(args.output, fp, resume=args.resume)
+  if args.resume and not state.resuming:
+    _say(f"--resume: no interrupted run of {args.output!r} to continue; starting from block 0")
 
   eval_tokens = None
   if (args.eval_text or "").lower() != "none":
@@ -124,7 +148,8 @@ def run(args) -> dict:
     eval_tokens = data.tokenize_text(text, tokenizer)
   ppl = lambda p: evaluation.perplexity(p, model_config, eval_tokens, seqlen=cfg.seqlen,
                                         max_windows=args.eval_windows)
-  result: dict = {"model": args.model, "config": cfg.to_dict(), "output": args.output}
+  result: dict = {"model": args.model, "config": cfg.to_dict(), "output": args.output,
+                  "calibration": args.dataset or CALIB_DEFAULT}
   if eval_tokens is not None:
     _say("perplexity before ...")
     result["ppl_before"] = ppl(params)
@@ -152,20 +177,23 @@ def run(args) -> dict:
 
     export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer)
     _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
-  dense = {k: dense_block(v) if k.startswith("layers_") else v for k, v in qparams.items()}
+  dense = dense_block(qparams)  # every packed kernel dequantized (float32)
   if eval_tokens is not None:
     result["ppl_after"] = ppl(dense)
-    _say(f"perplexity after:  {result['ppl_after']:.3f} (before {result['ppl_before']:.3f})")
+    b, a = result["ppl_before"], result["ppl_after"]
+    print(f"perplexity on held-out text ({args.eval_windows} windows of {cfg.seqlen} tokens at "
+          f"most): before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
   if args.sample_prompt:
     ids = tokenizer(args.sample_prompt)["input_ids"]
     out = evaluation.generate(dense, model_config, ids, max_new_tokens=32)
     result["sample"] = tokenizer.decode(out[len(ids):], skip_special_tokens=True)
-    _say(f"sample: {args.sample_prompt!r} -> {result['sample']!r}")
+    print(f"sample generation (greedy, 32 tokens): {args.sample_prompt!r} -> "
+          f"{result['sample']!r}", flush=True)
   result["seconds"] = time.perf_counter() - t_start
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if args.report:
-    report_lib.write(args.report, result)
-    _say(f"report: {args.report}")
+    png = report_lib.write(args.report, result)
+    _say(f"report: {args.report}" + (f" and {png}" if png else ""))
   return result
 
 
@@ -173,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     run(args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, DatasetUnavailable) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 
 def _clean(x):
@@ -17,12 +18,23 @@ def _clean(x):
   return x
 
 
-def write(path: str, result: dict) -> None:
+def write(path: str, result: dict) -> str | None:
+  """Write the JSON report at ``path`` and the loss plot beside it; -> the PNG's path, or None
+  when there is nothing to plot or matplotlib is not installed (a message says so)."""
   with open(path, "w") as f:
     json.dump(_clean(result), f, indent=2, sort_keys=True)
   layers = result.get("layers") or []
-  if layers:
-    plot_losses(os.path.splitext(path)[0] + ".png", layers)
+  if not layers:
+    return None
+  png = os.path.splitext(path)[0] + ".png"
+  try:
+    import matplotlib  # noqa: F401,PLC0415 (optional: pip install gptq_jax[plots])
+  except ImportError:
+    print(f"report: matplotlib is not installed, so no loss plot ({png}); "
+          "pip install matplotlib to get one", file=sys.stderr)
+    return None
+  plot_losses(png, layers)
+  return png
 
 
 def plot_losses(path: str, layers: list[dict]) -> None:
@@ -31,6 +43,7 @@ def plot_losses(path: str, layers: list[dict]) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   series: dict[str, tuple[list[int], list[float]]] = {}
   for r in layers:
@@ -44,6 +57,7 @@ def plot_losses(path: str, layers: list[dict]) -> None:
   for name, (xs, ys) in sorted(series.items()):
     ax.plot(xs, ys, marker=".", label=name)
   ax.set_yscale("log")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("block")
   ax.set_ylabel("GPTQ loss (sum of (w - q)^2 / Hinv_ii^2 / 2)")
   ax.set_title("GPTQ loss per layer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -15,15 +16,23 @@ def _fmt(seconds: float) -> str:
 
 
 class BlockProgress:
-  """Prints ``[block 3/30] ######---- 10% 12s elapsed ETA 1m48s | mlp.up_proj loss 0.0123``."""
+  """A line per block, e.g. ``[block 3/30] ###----- 10% 12s elapsed ETA 1m48s | mlp.up_proj
+  loss 0.0123``.
+
+  On a terminal the line is redrawn after each layer (the layer just quantized and its GPTQ loss)
+  and kept when the block finishes; elsewhere (a log file, a pipe) one line per finished block is
+  written, ending with the block's largest layer loss. The ETA counts only blocks quantized in
+  this run (a resumed run's skipped blocks took no time).
+  """
 
   def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None,
-               width: int = 24):
-    self.total, self.enabled, self.width = total, enabled, width
+               width: int = 24, clock=time.perf_counter):
+    self.total, self.enabled, self.width, self.clock = total, enabled, width, clock
     self.stream = stream or sys.stderr
-    self.t0 = time.perf_counter()
+    self.t0 = clock()
     self.done = 0
     self.first = 0
+    self.worst: tuple[str, float] | None = None  # the current block's largest layer loss
     self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
   def skip(self, n: int) -> None:
@@ -32,22 +41,29 @@ class BlockProgress:
 
   def update(self, block: int, layer: str = "", loss: float | None = None,
              finished: bool = False) -> None:
+    if loss is not None and math.isfinite(loss) and (self.worst is None or loss > self.worst[1]):
+      self.worst = (layer, loss)
     if finished:
       self.done = block + 1
-    if not self.enabled:
-      return
-    elapsed = time.perf_counter() - self.t0
+    if self.enabled and (finished or self._tty):
+      self.stream.write(self.line(block, layer, loss, finished))
+      self.stream.flush()
+    if finished:
+      self.worst = None
+
+  def line(self, block: int, layer: str, loss: float | None, finished: bool) -> str:
+    elapsed = self.clock() - self.t0
     frac = self.done / self.total
     worked = self.done - self.first
-    eta = elapsed / worked * (self.total - self.done) if worked else float("nan")
-    bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
-    line = (f"[block {min(block + 1, self.total)}/{self.total}] {bar} {frac:4.0%} "
-            f"{_fmt(elapsed)} elapsed ETA {_fmt(eta) if worked else '?'}")
-    if layer:
-      line += f" | {layer} loss {loss:.4g}" if loss is not None else f" | {layer}"
-    if self._tty:
-      self.stream.write("\r" + line.ljust(110) + ("\n" if finished and self.done == self.total
-                                                  else ""))
-    elif finished:
-      self.stream.write(line + "\n")
-    self.stream.flush()
+    eta = _fmt(elapsed / worked * (self.total - self.done)) if worked else "?"
+    filled = int(frac * self.width)
+    text = (f"[block {min(block + 1, self.total)}/{self.total}] "
+            f"{'#' * filled}{'-' * (self.width - filled)} {frac:4.0%} "
+            f"{_fmt(elapsed)} elapsed ETA {eta}")
+    if finished and self.worst is not None:
+      text += f" | max layer loss {self.worst[1]:.4g} ({self.worst[0]})"
+    elif layer:
+      text += f" | {layer} loss {loss:.4g}" if loss is not None else f" | {layer}"
+    if not self._tty:
+      return text + "\n"
+    return "\r" + text.ljust(110) + ("\n" if finished else "")

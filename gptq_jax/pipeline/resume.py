@@ -60,38 +60,40 @@ def fingerprint(params: Any, model_config: Any, quant_config: Any, samples) -> d
 
 
 class ResumableRun:
-  """The partial state of one run. ``resume=False`` refuses to touch an existing one."""
+  """The partial state of one run. ``resume=False`` refuses to touch an existing one.
+
+  Nothing is written until the first block is saved, so a run that fails before quantizing
+  (a bad flag, a missing eval text) leaves no ``.partial`` folder behind.
+  """
 
   def __init__(self, output: str, fp: dict, resume: bool):
     self.output = os.path.abspath(output)
     self.partial = self.output + ".partial"
     self.blocks_dir = os.path.join(self.partial, "blocks")
-    fp = json.loads(json.dumps(fp, default=str))  # as it will read back
+    self.fp_file = os.path.join(self.partial, "fingerprint.json")
+    self.fp = json.loads(json.dumps(fp, default=str))  # as it will read back
     if os.path.exists(self.output):
       raise FileExistsError(f"{self.output!r} already exists: choose another --output (nothing "
                             "was overwritten)")
-    fp_file = os.path.join(self.partial, "fingerprint.json")
-    if os.path.exists(fp_file):
-      if not resume:
-        raise FileExistsError(
-            f"an interrupted run left {self.partial!r}: pass --resume to continue it, or choose "
-            "another --output (nothing was touched)")
-      with open(fp_file) as f:
-        saved = json.load(f)
-      diff = [k for k in sorted(set(fp) | set(saved)) if fp.get(k) != saved.get(k)]
-      if diff:
-        raise ValueError(f"--resume refused: the interrupted run in {self.partial!r} quantized a "
-                         f"different {' and '.join(diff)} (fingerprint mismatch); use the same "
-                         "model, settings and calibration data, or another --output")
-    else:
-      os.makedirs(self.partial, exist_ok=True)
-      tmp = fp_file + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(fp, f, indent=2, sort_keys=True)
-      os.replace(tmp, fp_file)
+    self.resuming = os.path.exists(self.fp_file)
+    if not self.resuming:
+      return
+    if not resume:
+      raise FileExistsError(
+          f"an interrupted run left {self.partial!r}: pass --resume to continue it, or choose "
+          "another --output (nothing was touched)")
+    with open(self.fp_file) as f:
+      saved = json.load(f)
+    diff = [k for k in sorted(set(self.fp) | set(saved)) if self.fp.get(k) != saved.get(k)]
+    if diff:
+      raise ValueError(f"--resume refused: the interrupted run in {self.partial!r} quantized a "
+                       f"different {' and '.join(diff)} (fingerprint mismatch); use the same "
+                       "model, settings and calibration data, or another --output")
 
   def completed(self) -> list[tuple[int, Any, list[dict]]]:
     """The saved blocks 0..k-1 (contiguous from 0), as ``(i, block params, records)``."""
+    if not self.resuming:
+      return []
     out = []
     for i in checkpoint.steps(self.blocks_dir):
       if i != len(out):
@@ -101,6 +103,12 @@ class ResumableRun:
     return out
 
   def save_block(self, i: int, block: Any, records: list[dict]) -> None:
+    if not os.path.exists(self.fp_file):  # first save: the fingerprint goes first, atomically
+      os.makedirs(self.partial, exist_ok=True)
+      tmp = self.fp_file + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(self.fp, f, indent=2, sort_keys=True)
+      os.replace(tmp, self.fp_file)
     checkpoint.write_tree(self.blocks_dir, i, block, {"records": records})
 
   def finish(self) -> None:
