@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from gptq_jax.config import BACKENDS
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ROPE_TYPES = ("llama3", "linear")
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -85,6 +87,8 @@ class LlamaConfig:
   eos_token_id: int | tuple[int, ...] | None = 2
   pad_token_id: int | None = None
   dtype: str = "float32"
+  # How packed (GPTQ) linears run: one of gptq_jax.config.BACKENDS. Not saved to config.json.
+  backend: str = "auto"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -120,6 +124,8 @@ class LlamaConfig:
       set_("eos_token_id", tuple(int(i) for i in self.eos_token_id))
     if self.dtype not in COMPUTE_DTYPES:
       _fail("dtype", self.dtype, f"one of {COMPUTE_DTYPES}")
+    if self.backend not in BACKENDS:
+      _fail("backend", self.backend, f"one of {BACKENDS}")
 
   @property
   def num_kv_groups(self) -> int:

@@ -1,8 +1,9 @@
 """The Llama building blocks with parameters: Linear (every projection), RMSNorm, Embed.
 
 Every projection of the model goes through `Linear`, and every `Linear` through `linear_apply`:
-the one place that may see a kernel that is not a dense array (a packed GPTQ weight pytree).
-Nothing else reads a kernel's shape.
+the one place that may see a kernel that is not a dense array (a packed GPTQ weight pytree:
+`PackedWeight`, `PreparedWeight` or `QuantizedWeight`, run by `gptq_jax.kernels.apply_linear` on the
+backend of `LlamaConfig.backend`). Nothing else reads a kernel's shape.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptq_jax.kernels.linear import apply_linear, is_quantized
+
 HIGHEST = jax.lax.Precision.HIGHEST
 Initializer = Callable[..., Any]
 
@@ -21,11 +24,15 @@ def _is_dense(kernel: Any) -> bool:
   return isinstance(kernel, (jax.Array, jnp.ndarray)) or hasattr(kernel, "__array__")
 
 
-def linear_apply(x: jax.Array, kernel: Any, bias: jax.Array | None, dtype: Any) -> jax.Array:
+def linear_apply(x: jax.Array, kernel: Any, bias: jax.Array | None, dtype: Any,
+                 backend: str = "auto") -> jax.Array:
   """y = x @ kernel + bias, computed in `dtype`.
 
-  x: [..., in]; kernel: [in, out] (dense); bias: [out] or None -> y: [..., out] in `dtype`.
+  x: [..., in]; kernel: [in, out] dense, or a packed / quantized weight pytree (run with
+  `backend`, one of gptq_jax.config.BACKENDS); bias: [out] or None -> y: [..., out] in `dtype`.
   """
+  if is_quantized(kernel):
+    return apply_linear(x, kernel, bias, dtype=dtype, backend=backend)
   y = jnp.dot(x.astype(dtype), jnp.asarray(kernel).astype(dtype), precision=HIGHEST)
   if bias is not None:
     y = y + bias.astype(dtype)
@@ -41,6 +48,19 @@ class Linear(nn.Module):
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = nn.initializers.normal(0.02)
+  backend: str | None = None  # packed kernels; None: the enclosing module's `config.backend`
+
+  def _backend(self) -> str:
+    """`backend`, else that of the nearest enclosing module with a `config` (the Llama's)."""
+    if self.backend is not None:
+      return self.backend
+    module = self.parent
+    while isinstance(module, nn.Module):
+      cfg = getattr(module, "config", None)
+      if cfg is not None and hasattr(cfg, "backend"):
+        return cfg.backend
+      module = module.parent
+    return "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,7 +75,7 @@ class Linear(nn.Module):
     bias = None
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.out_features,), self.param_dtype)
-    return linear_apply(x, kernel, bias, self.dtype)
+    return linear_apply(x, kernel, bias, self.dtype, backend=self._backend())
 
 
 class RMSNorm(nn.Module):

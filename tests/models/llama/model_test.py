@@ -124,7 +124,7 @@ class _FakePacked:
 def test_linear_passes_non_array_kernels_to_linear_apply(monkeypatch):
   got = []
 
-  def fake_apply(x, kernel, bias, dtype):
+  def fake_apply(x, kernel, bias, dtype, backend="auto"):
     got.append(kernel)
     return x[..., :2] * kernel.scale
 
