@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import jax
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax import GPTQConfig, QuantizedWeight, rtn_quantize
-from gptq_jax.kernels import quantized_matmul as qm
+# The module (its name is shadowed by the function in gptq_jax.kernels' namespace).
+qm = importlib.import_module("gptq_jax.kernels.quantized_matmul")
 
 
 def make_quantized(k: int, n: int, bits: int, group_size: int, *, act_order: bool = False,
