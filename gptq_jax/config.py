@@ -49,7 +49,10 @@ class GPTQConfig:
   true_sequential, format, backend. Ours: static_groups, block_size (the lazy-update block,
   ``blocksize`` in the paper), damp_auto_increment (damping escalation step when the Cholesky
   factorisation fails; 0 disables escalation), nsamples / seqlen / seed (calibration data), mse
-  (clipping search norm exponent; 0 = plain min/max grid, 2.4 in the references).
+  (clipping search norm exponent; 0 = plain min/max grid, 2.4 in the references), refine_steps /
+  refine_lr / refine_rounding / refine_batch (block-wise optax refinement after GPTQ, see
+  ``pipeline/refine.py``: Adam steps per block, 0 = off; the log-scale learning rate; also learn a
+  rounding offset per weight; calibration samples per step).
   """
 
   bits: int
@@ -70,6 +73,10 @@ class GPTQConfig:
   seqlen: int = 2048
   seed: int = 0
   mse: float = 0.0
+  refine_steps: int = 0
+  refine_lr: float = 1e-3
+  refine_rounding: bool = False
+  refine_batch: int = 4
 
   def __post_init__(self) -> None:
     if not _is_int(self.bits) or self.bits not in BITS:
@@ -80,7 +87,8 @@ class GPTQConfig:
       _fail("damp_percent", self.damp_percent, "a number with 0 < damp_percent < 1")
     if not _is_number(self.damp_auto_increment) or not 0 <= self.damp_auto_increment < 1:
       _fail("damp_auto_increment", self.damp_auto_increment, "a number in [0, 1) (0 disables)")
-    for name in ("desc_act", "act_group_aware", "sym", "true_sequential", "static_groups"):
+    for name in ("desc_act", "act_group_aware", "sym", "true_sequential", "static_groups",
+                 "refine_rounding"):
       if not isinstance(getattr(self, name), bool):
         _fail(name, getattr(self, name), "a bool (True or False)")
     if not isinstance(self.format, str) or self.format.lower() not in FORMATS:
@@ -90,13 +98,17 @@ class GPTQConfig:
     if not isinstance(backend, str) or backend.lower() not in BACKENDS:
       _fail("backend", self.backend, f"None or one of {BACKENDS}")
     object.__setattr__(self, "backend", backend.lower())
-    for name in ("block_size", "nsamples", "seqlen"):
+    for name in ("block_size", "nsamples", "seqlen", "refine_batch"):
       if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
         _fail(name, getattr(self, name), "an int > 0")
     if not _is_int(self.seed) or self.seed < 0:
       _fail("seed", self.seed, "an int >= 0")
     if not _is_number(self.mse) or self.mse < 0:
       _fail("mse", self.mse, "0 (off) or a norm exponent > 0 (2.4 in the references)")
+    if not _is_int(self.refine_steps) or self.refine_steps < 0:
+      _fail("refine_steps", self.refine_steps, "an int >= 0 (0 = no refinement)")
+    if not _is_number(self.refine_lr) or not self.refine_lr > 0:
+      _fail("refine_lr", self.refine_lr, "a number > 0")
     if self.static_groups and self.group_size == -1:
       _fail("static_groups", self.static_groups, "False when group_size=-1 (there are no groups)")
     self._check_dataset()
@@ -203,4 +215,5 @@ class GPTQConfig:
     return cls(**kwargs)
 
 
-_OURS = ("static_groups", "block_size", "damp_auto_increment", "nsamples", "seqlen", "seed", "mse")
+_OURS = ("static_groups", "block_size", "damp_auto_increment", "nsamples", "seqlen", "seed", "mse",
+         "refine_steps", "refine_lr", "refine_rounding", "refine_batch")
