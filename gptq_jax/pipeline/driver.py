@@ -25,6 +25,7 @@ from gptq_jax.pipeline import calib
 from gptq_jax.pipeline.adapter import DecoderAdapter, LlamaAdapter, get_path, set_path
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
 from gptq_jax.pipeline.progress import BlockProgress
+from gptq_jax.pipeline.refine import refine_stream
 
 BlockDone = Callable[[int, Any, list[dict]], None]
 
@@ -161,6 +162,9 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
           capture.add(work, h, ctx, mask)
         block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records)
         capture.reset()
+      if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
+        block = refine_stream(adapter, adapter.get_block(params, i), block, stream, cfg, i, records)
+        work = dense_block(block)
       params = adapter.set_block(params, i, block)
       if report is not None:
         report.extend(records)
