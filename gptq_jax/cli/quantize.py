@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--backend", default=None, choices=BACKENDS)
   g.add_argument("--mse", type=float, default=0.0,
                  help="clipping search norm (0 = off; 2.4 in the references)")
+  g.add_argument("--refine-steps", type=int, default=0,
+                 help="optax block-wise refinement: Adam steps per block after GPTQ (0 = off)")
+  g.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate")
+  g.add_argument("--refine-rounding", action=argparse.BooleanOptionalAction, default=False,
+                 help="refinement also learns a rounding offset per weight (AutoRound-style)")
   g.add_argument("--block-size", type=int, default=128, help="lazy-update block (columns)")
   d = p.add_argument_group("calibration and evaluation")
   d.add_argument("--dataset", default=None,
@@ -70,6 +75,8 @@ def _config(args) -> GPTQConfig:
   kw = dict(group_size=args.group_size, damp_percent=args.damp_percent, desc_act=args.desc_act,
             sym=args.sym, true_sequential=args.true_sequential, static_groups=args.static_groups,
             format=args.format, backend=args.backend, mse=args.mse, block_size=args.block_size,
+            refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+            refine_rounding=args.refine_rounding,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
   if args.act_group_aware is not None:
     kw["act_group_aware"] = args.act_group_aware
