@@ -1,0 +1,137 @@
+"""scripts/quantize_llama.py end to end on a tiny Llama folder: the checkpoint equals quantize() run
+in-process, the report, a SIGKILL mid-run then --resume (identical arrays), refused resumes, and
+clear exit-2 errors for bad flags and paths that leave every file as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gptq_jax import PackedWeight, checkpoint
+from gptq_jax.cli.quantize import main
+from tests.cli.conftest import FAST, LAYERS, SCRIPT, ROOT, cli
+
+
+def _tree_snapshot(folder) -> dict[str, bytes]:
+  """Every file under ``folder`` (path -> bytes): what "clobbers nothing" compares."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = f.read()
+  return out
+
+
+def _assert_same_arrays(a, b):
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_hf_dir, cli_env, tmp_path_factory):
+  """One uninterrupted CLI run with perplexity, a sample and --report."""
+  work = tmp_path_factory.mktemp("full")
+  out, report = str(work / "q"), str(work / "report.json")
+  args = ["--model", tiny_hf_dir, "--output", out, *FAST, "--report", report]
+  args[args.index("--eval-text"):args.index("--no-progress") + 1] = [
+      "--eval-windows", "3", "--sample-prompt", "The union is"]
+  proc = cli(args, cli_env)
+  assert proc.returncode == 0, proc.stderr
+  return out, report, proc
+
+
+def test_cli_checkpoint_equals_in_process_quantize(full_run, tiny_hf_dir):
+  from gptq_jax import GPTQConfig, data
+  from gptq_jax.models.llama import load_llama, load_tokenizer
+  from gptq_jax.pipeline import quantize
+
+  out, _, _ = full_run
+  ckpt = checkpoint.load(out)
+  cfg = GPTQConfig(4, group_size=32, desc_act=True, act_group_aware=False, nsamples=4, seqlen=32)
+  assert ckpt.quant_config == cfg
+  model_config, params = load_llama(tiny_hf_dir)
+  tokenizer = load_tokenizer(tiny_hf_dir)
+  assert ckpt.model_config == model_config
+  batches = data.text_calib_batches(data.sotu_texts("calib"), tokenizer, nsamples=4, seqlen=32)
+  want = quantize(params, batches, cfg, model_config=model_config, mesh=None, progress=False)
+  _assert_same_arrays(ckpt.params, want)
+  assert isinstance(ckpt.params["layers_5"]["mlp"]["down_proj"]["kernel"], PackedWeight)
+  assert load_tokenizer(ckpt.tokenizer_dir)("The union")["input_ids"] == tokenizer(
+      "The union")["input_ids"]
+  assert not os.path.exists(out + ".partial")  # a finished run leaves no partial state
+
+
+def test_cli_prints_and_reports(full_run):
+  out, report, proc = full_run
+  with open(report) as f:
+    rep = json.load(f)
+  assert len(rep["layers"]) == 7 * LAYERS
+  assert [r["layer"] for r in rep["layers"][:2]] == ["layers.0.self_attn.q_proj",
+                                                     "layers.0.self_attn.k_proj"]
+  assert all(r["loss"] > 0 and r["damp"] == 0.1 and r["seconds"] >= 0 for r in rep["layers"])
+  assert rep["ppl_before"] > 1 and rep["ppl_after"] > 1 and rep["peak_rss_mb"] > 0
+  assert "State of the Union" in rep["calibration"]
+  assert f"before {rep['ppl_before']:.3f}, after {rep['ppl_after']:.3f}" in proc.stdout
+  assert f"'The union is' -> {rep['sample']!r}" in proc.stdout and rep["sample"]
+  with open(os.path.splitext(report)[0] + ".png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("[block ")]
+  assert len(lines) == LAYERS and all("max layer loss" in l and "ETA" in l for l in lines)
+  assert lines[-1].startswith(f"[block {LAYERS}/{LAYERS}] {'#' * 24} 100%")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(full_run, tiny_hf_dir, cli_env, tmp_path,
+                                                  capsys):
+  out = str(tmp_path / "q")
+  args = ["--model", tiny_hf_dir, "--output", out, *FAST]
+  args.remove("--no-progress")  # the per-block lines tell when to kill
+  proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=cli_env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  seen = []
+  for line in proc.stderr:  # "[block 3/6]" is written after block 2's solve, before its save
+    seen.append(line)
+    if line.startswith("[block 3/"):
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "".join(seen)
+  assert not os.path.exists(out)
+  partial = out + ".partial"
+  saved = checkpoint.steps(os.path.join(partial, "blocks"))
+  assert saved[:2] == [0, 1] and len(saved) < LAYERS, saved
+  before = _tree_snapshot(partial)
+
+  # A resume with other settings or other calibration is refused and touches nothing.
+  for change, what in ((["--bits", "3"], "quant_config"), (["--seed", "1"], "calibration and quant_config"),
+                       (["--nsamples", "5"], "calibration and quant_config")):
+    assert main(args + ["--resume"] + change) == 2
+    assert f"--resume refused: the interrupted run in {partial!r} quantized a different {what} " \
+        in capsys.readouterr().err
+    assert _tree_snapshot(partial) == before
+  err_without_resume = main(args)
+  assert err_without_resume == 2 and "pass --resume" in capsys.readouterr().err
+
+  done = subprocess.run([sys.executable, SCRIPT, *args, "--resume"], env=cli_env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert f"resuming after block {len(saved) - 1}" in done.stderr
+  blocks_run = [l for l in done.stderr.splitlines() if l.startswith("[block ")]
+  assert len(blocks_run) == LAYERS - len(saved)
+  assert not os.path.exists(partial)
+  resumed, uninterrupted = checkpoint.load(out), checkpoint.load(full_run[0])
+  _assert_same_arrays(resumed.params, uninterrupted.params)
+  assert resumed.quant_config == uninterrupted.quant_config
+  drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+  assert drop(resumed.meta["records"]) == drop(uninterrupted.meta["records"])
