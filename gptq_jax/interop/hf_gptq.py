@@ -1,0 +1,292 @@
+"""Hugging Face GPTQ folders <-> gptq_jax params (REFERENCE.md §2).
+
+A folder holds ``config.json`` (the model config plus ``quantization_config``), the same dict in
+``quantize_config.json`` (read by AutoGPTQ / GPTQModel), ``model.safetensors`` (or shards with a
+``model.safetensors.index.json``) and the tokenizer files. Each quantized linear ``<name>`` (e.g.
+``model.layers.0.self_attn.q_proj``) is stored as ``<name>.qweight`` int32 ``[K*b/32, N]``,
+``<name>.qzeros`` int32 ``[G, N*b/32]``, ``<name>.scales`` float16 ``[G, N]`` and ``<name>.g_idx``
+int32 ``[K]``; every other tensor (embeddings, norms, an untied lm_head, biases) is a float tensor
+under its usual Hugging Face name. Reading goes through ``HFCheckpoint`` (memory-mapped, one tensor
+at a time), so a folder larger than RAM can be read block by block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from gptq_jax.config import GPTQConfig
+from gptq_jax.core import packing
+from gptq_jax.core.weights import PackedWeight, QuantizedWeight
+from gptq_jax.models.llama.config import LlamaConfig
+from gptq_jax.models.llama.hf import (HFCheckpoint, Params, layer_tensor_specs,
+                                      nonlayer_tensor_specs, params_from_tensors)
+from gptq_jax.models.llama.safetensors_io import save_safetensors
+
+PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+_SAFETENSORS_META = {"format": "pt"}
+_META_KEYS = ("damp_percent", "static_groups", "true_sequential", "act_group_aware")
+
+
+# ----- config dicts ----------------------------------------------------------------------------
+
+def quantization_config(cfg: GPTQConfig, format: str | None = None) -> dict[str, Any]:
+  """The ``quantization_config`` written beside the weights (REFERENCE.md §2 keys).
+
+  ``backend`` is left out: which kernel serves a checkpoint is the loader's choice, not a property
+  of the weights. ``format`` and ``checkpoint_format`` both name the packing (``gptq``/``gptq_v2``).
+  """
+  d = cfg.to_dict()
+  d.pop("backend", None)
+  fmt = format or cfg.format
+  d["format"] = d["checkpoint_format"] = fmt
+  return d
+
+
+def _float_dtype(dtype: Any) -> np.dtype:
+  import ml_dtypes  # noqa: PLC0415 (a jax dependency)
+
+  name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+  if name not in FLOAT_DTYPES:
+    raise ValueError(f"dtype={dtype!r} is not allowed for the float tensors: use one of "
+                     f"{FLOAT_DTYPES}")
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def write_configs(folder: str, model_config: LlamaConfig, cfg: GPTQConfig, dtype: Any,
+                  tokenizer: Any = None) -> None:
+  """config.json (with quantization_config), quantize_config.json and the tokenizer files."""
+  qc = quantization_config(cfg)
+  config = dict(model_config.to_hf_dict(), torch_dtype=_float_dtype(dtype).name,
+                quantization_config=qc)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  with open(os.path.join(folder, "quantize_config.json"), "w") as f:
+    json.dump(qc, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(folder)
+
+
+# ----- params -> tensors -----------------------------------------------------------------------
+
+def _packed_in(kernel: Any, cfg: GPTQConfig, name: str) -> PackedWeight:
+  """``kernel`` as a PackedWeight in ``cfg.format`` (repacked if it was packed otherwise)."""
+  if isinstance(kernel, PackedWeight):
+    if kernel.format == cfg.format:
+      return kernel
+    kernel = kernel.unpack()
+  if isinstance(kernel, QuantizedWeight):
+    return kernel.pack(cfg.format)
+  raise ValueError(f"{name}: expected a PackedWeight or QuantizedWeight, got {type(kernel).__name__}")
+
+
+def _packed_tensors(w: PackedWeight, name: str, hf_shape: tuple[int, int]) -> dict[str, np.ndarray]:
+  n, k = hf_shape
+  if w.shape != (k, n):
+    raise ValueError(f"{name}: packed weight is [in, out] = {list(w.shape)}, but the model config "
+                     f"implies {[k, n]}")
+  scales = np.asarray(w.scales, np.float32)
+  scales16 = scales.astype(np.float16)
+  if not np.all(np.isfinite(scales16)):
+    raise ValueError(f"{name}: scales up to {np.abs(scales).max():.3g} do not fit float16 (the "
+                     "format's scale dtype; the largest float16 is 65504)")
+  return {f"{name}.qweight": np.asarray(w.qweight, np.int32),
+          f"{name}.qzeros": np.asarray(w.qzeros, np.int32),
+          f"{name}.scales": scales16,
+          f"{name}.g_idx": np.asarray(w.g_idx, np.int32)}
+
+
+def _tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype) -> dict[str, np.ndarray]:
+  """HF-named tensors for ``specs`` from a params (sub)tree; quantized kernels packed."""
+  out: dict[str, np.ndarray] = {}
+  for path, name, shape in specs:
+    value = tree
+    for key in path:
+      value = value[key]
+    if path[-1] == "kernel" and isinstance(value, (PackedWeight, QuantizedWeight)):
+      prefix = name[:-len(".weight")]
+      out.update(_packed_tensors(_packed_in(value, cfg, prefix), prefix, shape))
+      continue
+    value = np.asarray(value)
+    if path[-1] == "kernel":
+      value = value.T  # Flax [in, out] -> HF [out, in]
+    if value.shape != tuple(shape):
+      raise ValueError(f"{'/'.join(path)} has shape {value.shape}, expected {tuple(shape)} (HF)")
+    out[name] = np.ascontiguousarray(value.astype(dtype))
+  return out
+
+
+def block_tensors(model_config: LlamaConfig, i: int, block: Params, cfg: GPTQConfig,
+                  dtype: Any = "float16") -> dict[str, np.ndarray]:
+  """The HF tensors of decoder block ``i`` (its params tree ``block``)."""
+  return _tensors(layer_tensor_specs(model_config, i), block, cfg, _float_dtype(dtype))
+
+
+def nonlayer_tensors(model_config: LlamaConfig, params: Params, dtype: Any = "float16"
+                     ) -> dict[str, np.ndarray]:
+  """embed_tokens, norm and (untied) lm_head as HF tensors (never quantized here)."""
+  return _tensors(nonlayer_tensor_specs(model_config), params, None, _float_dtype(dtype))
+
+
+# ----- writing ---------------------------------------------------------------------------------
+
+class FolderWriter:
+  """Writes an HF GPTQ folder atomically: into ``<path>.partial``, renamed at ``finish()``.
+
+  ``add(tensors)`` writes one safetensors shard at once (so a block can be freed after it);
+  ``finish()`` writes the configs and, for several shards, ``model.safetensors.index.json``. With
+  a single shard the file is ``model.safetensors``. Refuses an existing ``path``.
+  """
+
+  def __init__(self, path: str | os.PathLike, model_config: LlamaConfig, cfg: GPTQConfig, *,
+               dtype: Any = "float16", tokenizer: Any = None):
+    self.path = os.path.abspath(os.fspath(path))
+    if os.path.exists(self.path):
+      raise FileExistsError(f"{self.path!r} already exists: choose another folder for the Hugging "
+                            "Face export (nothing was overwritten)")
+    if not os.path.isdir(os.path.dirname(self.path)):
+      raise FileNotFoundError(f"the parent folder of {self.path!r} does not exist")
+    self.model_config, self.cfg, self.tokenizer = model_config, cfg, tokenizer
+    self.dtype = _float_dtype(dtype)
+    self.tmp = self.path + ".partial"
+    if os.path.exists(self.tmp):
+      shutil.rmtree(self.tmp)  # an export that was killed midway
+    os.makedirs(self.tmp)
+    self._shards: list[tuple[str, list[str], int]] = []  # (file, names, bytes)
+
+  def add(self, tensors: dict[str, np.ndarray]) -> None:
+    file = os.path.join(self.tmp, f"shard-{len(self._shards):05d}.safetensors")
+    save_safetensors(file, tensors, metadata=_SAFETENSORS_META)
+    self._shards.append((file, sorted(tensors), sum(t.nbytes for t in tensors.values())))
+
+  def finish(self) -> str:
+    n = len(self._shards)
+    if n == 1:
+      os.rename(self._shards[0][0], os.path.join(self.tmp, "model.safetensors"))
+    else:
+      weight_map = {}
+      for k, (file, names, _) in enumerate(self._shards):
+        final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        os.rename(file, os.path.join(self.tmp, final))
+        weight_map.update({name: final for name in names})
+      index = {"metadata": {"total_size": sum(s[2] for s in self._shards)},
+               "weight_map": dict(sorted(weight_map.items()))}
+      with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    write_configs(self.tmp, self.model_config, self.cfg, self.dtype, self.tokenizer)
+    os.rename(self.tmp, self.path)
+    return self.path
+
+
+def export_hf(path: str | os.PathLike, qparams: Params, model_config: LlamaConfig,
+              cfg: GPTQConfig, tokenizer: Any = None, *, dtype: Any = "float16") -> str:
+  """Writes a Hugging Face GPTQ folder (transformers / GPTQModel / vLLM load it) from ``quantize``'s
+  result. Packed kernels are written in ``cfg.format`` (repacked if they were packed in the other
+  format); the float tensors are cast to ``dtype``. Refuses to overwrite ``path``.
+  """
+  if not isinstance(cfg, GPTQConfig):
+    raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
+  writer = FolderWriter(path, model_config, cfg, dtype=dtype, tokenizer=tokenizer)
+  try:
+    tensors = nonlayer_tensors(model_config, qparams, dtype)
+    for i in range(model_config.num_hidden_layers):
+      tensors.update(block_tensors(model_config, i, qparams[f"layers_{i}"], cfg, dtype))
+    writer.add(tensors)
+    return writer.finish()
+  except BaseException:
+    shutil.rmtree(writer.tmp, ignore_errors=True)
+    raise
+
+
+# ----- reading ---------------------------------------------------------------------------------
+
+def read_quantization_config(folder: str) -> GPTQConfig:
+  """The GPTQConfig of a GPTQ folder (config.json's quantization_config, else quantize_config.json)."""
+  qc = None
+  with open(os.path.join(folder, "config.json")) as f:
+    qc = json.load(f).get("quantization_config")
+  legacy = os.path.join(folder, "quantize_config.json")
+  if qc is None and os.path.isfile(legacy):
+    with open(legacy) as f:
+      qc = json.load(f)
+  if qc is None:
+    raise ValueError(f"{folder!r} is not a GPTQ folder: config.json has no quantization_config and "
+                     "there is no quantize_config.json (a float folder loads with load_llama)")
+  qc = dict(qc)
+  meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+  for key in _META_KEYS:  # GPTQModel 7 keeps these under "meta"
+    if qc.get(key) is None and meta.get(key) is not None:
+      qc[key] = meta[key]
+  if qc.get("desc_act") and qc.get("act_group_aware") is None:
+    qc["act_group_aware"] = False  # act-order checkpoints never use GAR
+  return GPTQConfig.from_dict(qc)
+
+
+def _read_packed(ckpt: HFCheckpoint, name: str, hf_shape: tuple[int, int], cfg: GPTQConfig
+                 ) -> PackedWeight:
+  get, n, k = ckpt.get, hf_shape[0], hf_shape[1]
+  qweight = np.asarray(get(f"{name}.qweight", None))
+  if qweight.ndim != 2 or qweight.shape[1] != n or (qweight.shape[0] * 32) % k:
+    raise ValueError(f"{name}.qweight has shape {qweight.shape}: expected [in * bits / 32, {n}] "
+                     f"with in = {k}")
+  bits = qweight.shape[0] * 32 // k
+  packing.run_shape(bits)  # names the unsupported bit width
+  group_size = cfg.group_size if cfg.group_size != -1 else k
+  groups = -(-k // group_size)
+  qzeros = get(f"{name}.qzeros", (groups, n * bits // 32))
+  scales = get(f"{name}.scales", (groups, n))
+  if f"{name}.g_idx" in ckpt.tensor_names():
+    g_idx = np.asarray(get(f"{name}.g_idx", (k,)), np.int32)
+  else:  # old checkpoints without g_idx: the trivial grouping
+    g_idx = np.arange(k, dtype=np.int32) // group_size
+  if g_idx.min() < 0 or g_idx.max() >= groups:
+    raise ValueError(f"{name}.g_idx holds groups [{g_idx.min()}, {g_idx.max()}], outside "
+                     f"[0, {groups})")
+  return PackedWeight(qweight=jnp.asarray(qweight, jnp.int32), qzeros=jnp.asarray(qzeros, jnp.int32),
+                      scales=jnp.asarray(scales, jnp.float32), g_idx=jnp.asarray(g_idx),
+                      bits=bits, group_size=cfg.group_size, format=cfg.format)
+
+
+def read_block(ckpt: HFCheckpoint, i: int, cfg: GPTQConfig, dtype: Any = jnp.float32) -> Params:
+  """Decoder block ``i`` of a GPTQ folder: PackedWeight kernels where ``<name>.qweight`` exists,
+  dense arrays (``dtype``) for everything else. Reads only this block's tensors."""
+  names = set(ckpt.tensor_names())
+  dense_specs, packed = [], {}
+  for path, name, shape in layer_tensor_specs(ckpt.config, i):
+    prefix = name[:-len(".weight")]
+    if path[-1] == "kernel" and f"{prefix}.qweight" in names:
+      packed[path] = _read_packed(ckpt, prefix, shape, cfg)
+    else:
+      dense_specs.append((path, name, shape))
+  block = params_from_tensors(dense_specs, ckpt.get, dtype)
+  for (group, proj, leaf), w in packed.items():
+    block.setdefault(group, {}).setdefault(proj, {})[leaf] = w
+  return block
+
+
+def import_hf(path: str | os.PathLike, dtype: Any = jnp.float32
+              ) -> tuple[LlamaConfig, Params, GPTQConfig]:
+  """Reads a Hugging Face GPTQ folder (``gptq`` v1 or ``gptq_v2``, with or without act-order) ->
+  ``(model_config, params, cfg)``; quantized linears are ``PackedWeight`` kernels (scales as
+  float32, exactly the stored float16 values), the rest dense ``dtype`` arrays. The params run
+  with ``gptq_jax.models.llama.forward``."""
+  folder = os.fspath(path)
+  ckpt = HFCheckpoint(folder)
+  try:
+    cfg = read_quantization_config(folder)
+    model_config = ckpt.config
+    if any(n.startswith("lm_head.") and n.endswith(".qweight") for n in ckpt.tensor_names()):
+      raise ValueError(f"{folder!r} has a quantized lm_head, which gptq_jax does not load (only "
+                       "decoder-block linears are quantized here)")
+    params = ckpt.nonlayer_params(dtype)
+    for i in range(model_config.num_hidden_layers):
+      params[f"layers_{i}"] = read_block(ckpt, i, cfg, dtype)
+    return model_config, params, cfg
+  finally:
+    ckpt.close()

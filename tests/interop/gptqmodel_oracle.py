@@ -1,0 +1,72 @@
+"""The GPTQModel side of the interop tests, run with .venv-gptqmodel's python (never imported).
+
+  python gptqmodel_oracle.py logits IDS.npy OUT.npz FOLDER...
+      Loads each GPTQ folder with GPTQModel on CPU with its torch kernel (BACKEND.GPTQ_TORCH:
+      TorchLinear dequantizes the packed int32 weights and multiplies). That kernel only accepts
+      float16 / bfloat16 at load, so the model is loaded in float16 and then cast to float32
+      (the float tensors are exported as float16, so nothing is lost) to compare at float32
+      precision. Writes logits [batch, seq, vocab] per folder ("logits_<k>") and, per folder, the
+      quant-linear class used or the error that stopped it ("status_<k>").
+
+  python gptqmodel_oracle.py quantize SRC IDS.npy OUT BITS GROUP_SIZE DESC_ACT FORMAT
+      Quantizes the float HF folder SRC with GPTQModel on the calibration token rows of IDS.npy
+      and saves the GPTQ folder to OUT; then reloads OUT with the torch kernel and writes each
+      quantized linear's dequantized weight [in, out] (float32) to OUT/dequantized.npz.
+
+The caller sets TORCH_COMPILE_DISABLE=1 (torch.compile only speeds up the same dequantization and
+costs a minute of C++ compilation per run on CPU) and GPTQMODEL_CPU_WORKERS=2 (GPTQModel 7.7 sizes
+its CPU pool as ceil(cores / 2) but its model loader asks for 2 workers: quantizing fails on a
+2-core machine with "requests 2 workers but parent 'cpu' only has 1").
+"""
+
+import sys
+import traceback
+
+import numpy as np
+import torch
+
+
+def logits(ids_path, out_path, folders):
+  from gptqmodel import BACKEND, GPTQModel
+
+  ids = torch.tensor(np.load(ids_path).astype(np.int64))
+  out = {}
+  for k, folder in enumerate(folders):
+    try:
+      model = GPTQModel.load(folder, device="cpu", backend=BACKEND.GPTQ_TORCH, dtype=torch.float16)
+      kinds = sorted({type(m).__name__ for m in model.model.modules() if hasattr(m, "qweight")})
+      model.model.float()
+      with torch.no_grad():
+        out[f"logits_{k}"] = model.model(ids).logits.float().numpy()
+      out[f"status_{k}"] = np.array("ok:" + ",".join(kinds))
+    except Exception:  # noqa: BLE001 (reported to the test, which skips saying why)
+      out[f"status_{k}"] = np.array("error:" + traceback.format_exc(limit=3)[-1500:])
+  np.savez(out_path, **out)
+
+
+def quantize(src, ids_path, out, bits, group_size, desc_act, fmt):
+  from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+  ids = np.load(ids_path)
+  qcfg = QuantizeConfig(bits=int(bits), group_size=int(group_size), desc_act=desc_act == "1",
+                        act_group_aware=False, sym=True, format=fmt)
+  model = GPTQModel.load(src, qcfg, device="cpu")
+  calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
+  model.quantize(calib, batch_size=1)
+  model.save(out)
+  reloaded = GPTQModel.load(out, device="cpu", backend=BACKEND.GPTQ_TORCH, dtype=torch.float16)
+  reloaded.model.float()  # scales to float32: scale * (q - zero) is then exact, as ours
+  with torch.no_grad():
+    weights = {name: m.dequantize_weight().float().numpy()
+               for name, m in reloaded.model.named_modules() if hasattr(m, "qweight")}
+  np.savez(f"{out}/dequantized.npz", **weights)
+
+
+if __name__ == "__main__":
+  cmd, args = sys.argv[1], sys.argv[2:]
+  if cmd == "logits":
+    logits(args[0], args[1], args[2:])
+  elif cmd == "quantize":
+    quantize(*args)
+  else:
+    raise SystemExit(f"unknown command {cmd!r}: use logits or quantize")
