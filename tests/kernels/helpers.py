@@ -71,6 +71,7 @@ class LogCapture(logging.Handler):
     self.messages.append(record.getMessage())
 
   def __enter__(self):
+    self.messages = []
     qm._logged.clear()
     log = logging.getLogger("gptq_jax")
     self._level = log.level
