@@ -92,6 +92,9 @@ def _config(args) -> GPTQConfig:
 def _check_args(args) -> None:
   """Everything that can be checked before loading the model: a bad value fails in a second,
   before anything is written."""
+  from gptq_jax.models.llama import resolve_model_spec  # noqa: PLC0415
+
+  resolve_model_spec(args.model)  # a missing model or a hub id fails here, before any work
   out = os.path.abspath(args.output)
   if os.path.exists(out):
     raise FileExistsError(f"--output {args.output!r} already exists: choose another folder "

@@ -135,3 +135,58 @@ def test_sigkill_then_resume_equals_uninterrupted(full_run, tiny_hf_dir, cli_env
   assert resumed.quant_config == uninterrupted.quant_config
   drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
   assert drop(resumed.meta["records"]) == drop(uninterrupted.meta["records"])
+
+
+BAD = [
+    (["--bits", "5"], r"GPTQConfig.bits=5 is not allowed: bits must be one of \(2, 3, 4, 8\)"),
+    (["--group-size", "0"], "GPTQConfig.group_size=0 is not allowed"),
+    (["--damp-percent", "1.5"], "damp_percent"),
+    (["--seqlen", "1"], "--seqlen=1 is invalid: expected an integer >= 2"),
+    (["--model", "{tmp}/nope"], r"model '.*nope' not found: pass a local Hugging Face folder"),
+    (["--model", "llama-70b"], "model 'llama-70b' not found"),
+    (["--model", "meta-llama/Llama-2-7b-hf"], "looks like a Hugging Face hub id, but the hub is "
+                                              "unreachable"),
+    (["--dataset", "{tmp}/nope.txt"], "GPTQConfig.dataset='.*nope.txt' is not allowed"),
+    (["--dataset", "wikitext2"], "calibration set 'wikitext2' needs the Hugging Face hub.*"
+                                 "Pass instead: a local .txt file"),
+    (["--eval-text", "{tmp}/nope.txt"], "--eval-text '.*nope.txt' does not exist"),
+    (["--output", "{tmp}/no/such/dir/q"], "--output '.*': the parent folder does not exist"),
+    (["--output", "{tmp}/existing"], "--output '.*existing' already exists: choose another"),
+    (["--save-hf", "{tmp}/existing"], "--save-hf '.*existing' already exists"),
+    (["--report", "{tmp}/no/such/r.json"], "--report '.*': the parent folder does not exist"),
+    (["--report", "{tmp}/r.txt"], "must end with .json"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[" ".join(c) for c, _ in BAD])
+def test_bad_arguments_exit_2_and_clobber_nothing(change, message, tiny_hf_dir, tmp_path, capsys):
+  import re
+
+  (tmp_path / "existing").mkdir()
+  (tmp_path / "existing" / "keep.txt").write_text("precious")
+  before = _tree_snapshot(tmp_path)
+  model_files = _tree_snapshot(tiny_hf_dir)
+  args = ["--model", tiny_hf_dir, "--output", str(tmp_path / "q"), *FAST]
+  args += [c.format(tmp=tmp_path) for c in change]
+  assert main(args) == 2
+  err = capsys.readouterr().err
+  assert err.splitlines()[-1].startswith("error: ") and re.search(message, err), err
+  assert "Traceback" not in err
+  assert _tree_snapshot(tmp_path) == before and _tree_snapshot(tiny_hf_dir) == model_files
+
+
+def test_bad_flags(cli_env, tmp_path, capsys):
+  """argparse's own errors: exit 2 with the usage line (the real script, then in-process)."""
+  proc = cli(["--output", str(tmp_path / "q"), "--bogus"], cli_env)
+  assert proc.returncode == 2 and "usage:" in proc.stderr, proc.stderr
+  assert "unrecognized arguments: --bogus" in proc.stderr
+  for argv, message in (([], "the following arguments are required: --output"),
+                        (["--output", str(tmp_path / "q"), "--format", "awq"],
+                         "argument --format: invalid choice: 'awq'"),
+                        (["--output", str(tmp_path / "q"), "--bits", "four"],
+                         "argument --bits: invalid int value: 'four'")):
+    with pytest.raises(SystemExit) as exit_info:
+      main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "usage:" in err, err
+  assert os.listdir(tmp_path) == []
