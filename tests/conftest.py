@@ -1,4 +1,7 @@
-"""Test setup: 8 host devices for the sharding tests (set before jax is imported)."""
+"""Test setup: 8 host devices for the sharding tests (set before jax is imported), and the
+session fixtures of the real SmolLM2-135M."""
+
+from __future__ import annotations
 
 import os
 
@@ -8,4 +11,45 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Session fixtures shared by tests/models and tests/pipeline: the real SmolLM2-135M (loaded once),
+# its tokenizer, a transformers twin.
+import numpy as np
+import pytest
 
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """(cfg, params) of the embedded SmolLM2-135M (dequantized GGUF, float32)."""
+  from gptq_jax.models.llama import load_llama
+
+  return load_llama("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+  from gptq_jax.models.llama import load_tokenizer
+
+  return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(smollm2):
+  """transformers' LlamaForCausalLM (torch fp32) holding the same SmolLM2 weights."""
+  import torch
+  import transformers
+
+  from gptq_jax.models.llama import to_hf_state_dict
+
+  cfg, params = smollm2
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_dict())).eval()
+  state = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(cfg, params).items()}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+  return model
+
+
+@pytest.fixture(scope="session")
+def sotu_eval_tokens(smollm2_tokenizer):
+  from gptq_jax.data import sotu_texts, tokenize_text
+
+  return tokenize_text(sotu_texts("eval"), smollm2_tokenizer)
