@@ -5,9 +5,9 @@
 * ``xla_matmul``: the XLA path, for weights whose groups are contiguous (natural ``g_idx``, or a
   ``PreparedWeight``). It unpacks chunk by chunk with shifts and masks per word row (the layout of
   ``layout.py``), never an interleaving gather, and never a dequantized copy of the whole weight
-  on CPU: there a ``scan`` over K-chunks keeps each chunk's dequantized tile small and hot in cache
-  (whole-weight float temporaries cost more than the dot on a CPU). On TPU / GPU the chunks are
-  dequantized in one fused elementwise op in the compute dtype and fed to a single dot.
+  on CPU: there N tiles x K-chunks are scanned, each step unpacking a cache-sized tile of codes
+  and applying scales and zeros to partial sums per group (``_xla_scan``). On TPU / GPU the
+  chunks are dequantized in one fused elementwise op in the compute dtype and fed to one dot.
 * ``gather_matmul``: any ``g_idx`` (act-order without ``prepare_for_kernel``): scales gathered per
   row, then a dot. Correct, not fast.
 """
@@ -24,7 +24,8 @@ from gptq_jax.kernels import layout
 from gptq_jax.kernels.prepare import PreparedWeight
 
 HIGHEST = lax.Precision.HIGHEST
-XLA_CHUNK = 256  # K-rows dequantized per scan step on CPU (fits in L2 with N ~ 10k in float32)
+XLA_CHUNK = 128  # K-rows per CPU scan step (one group at the usual group_size)
+XLA_TILE = 96 * 1024  # float32 codes per CPU scan step ([bkc, nt], ~384 KB: L2-resident)
 
 
 def reference_matmul(x: jax.Array, w: PackedWeight | QuantizedWeight | PreparedWeight) -> jax.Array:
@@ -68,20 +69,59 @@ def _chunks(w: PreparedWeight, bkc: int):
   return words, layout.arrange_groups(w.scales, gc), layout.arrange_groups(w.zeros, gc), gc, gs
 
 
+def _n_tile(n: int, bkc: int) -> int:
+  """Output columns per CPU scan step: the largest divisor of N keeping a chunk's float codes
+  ``[bkc, nt]`` within ``XLA_TILE`` elements (L2-resident), or all of N if N has no such divisor
+  of useful size."""
+  target = max(128, XLA_TILE // bkc)
+  if n <= target:
+    return n
+  nt = max(d for d in range(1, target + 1) if n % d == 0)
+  return nt if nt * 4 >= target else n
+
+
 def _xla_scan(x: jax.Array, w: PreparedWeight, bkc: int) -> jax.Array:
-  """CPU: ``scan`` over K-chunks, float32 throughout. x [M, K] -> [M, N] float32."""
-  words, s4, z4, gc, gs = _chunks(w, bkc)
-  xs = layout.arrange_x(x.astype(jnp.float32), bkc, w.bits)  # [nch, M, bkc]
+  """CPU: x [M, K] -> [M, N] float32, group-factored and tiled for the cache.
 
-  def step(acc, inp):
-    words_c, x_c, c = inp  # [rc * nwords, N], [M, bkc], []
-    row = layout.group_row(c, bkc, gs, gc)
-    w_c = layout.dequantize_chunk(words_c, s4[row], z4[row], w.bits)  # [bkc, N]
-    return acc + jnp.dot(x_c, w_c, precision=HIGHEST), None
+  ``y[:, n] = sum_g s[g, n] * (x_g @ q_g[:, n] - z[g, n] * sum(x_g))``: the scales and zeros are
+  applied to ``[M, N]`` partial sums, not to the ``[K, N]`` weight, so a step only unpacks its codes
+  to float32 and runs one dot. ``lax.map`` over N tiles, ``scan`` over K-chunks inside, so each
+  step's float tile ``[bkc, nt]`` stays in L2 (whole-weight float temporaries cost more than the
+  dot on a CPU).
+  """
+  k, n = w.shape
+  m = x.shape[0]
+  nvals, nwords = run_shape(w.bits)
+  gs = layout.effective_group_size(w.group_size, k)
+  gc = layout.groups_per_chunk(bkc, gs)
+  rows_g, nch, nt = bkc // gc, k // bkc, _n_tile(n, bkc)  # rows per group in a chunk
+  words_c = bkc // nvals * nwords  # word rows per chunk
+  # x per chunk and group, each group's columns in value-major order: [nch, gc, M, rows_g].
+  xs = x.astype(jnp.float32).reshape(m, nch, gc, rows_g // nvals, nvals)
+  xs = xs.transpose(1, 2, 0, 4, 3).reshape(nch, gc, m, rows_g)
+  x_sums = xs.sum(axis=-1)  # [nch, gc, M]
+  scales, zeros = w.scales.astype(jnp.float32), w.zeros.astype(jnp.float32)
 
-  acc0 = jnp.zeros((x.shape[0], w.out_features), jnp.float32)
-  acc, _ = lax.scan(step, acc0, (words, xs, jnp.arange(words.shape[0])))
-  return acc
+  def tile(j):
+    def step(acc, inp):
+      c, x_c, xsum_c = inp  # [], [gc, M, rows_g], [gc, M]
+      words = lax.dynamic_slice(w.qweight, (c * words_c, j * nt), (words_c, nt))
+      codes = jax.vmap(lambda wg: layout.unpack_chunk(wg, w.bits))(words.reshape(gc, -1, nt))
+      codes = codes.astype(jnp.float32).reshape(gc, rows_g, nt)  # value-major per group
+      g0 = layout.group_row(c, bkc, gs, 1)
+      s_c = lax.dynamic_slice(scales, (g0, j * nt), (gc, nt))
+      z_c = lax.dynamic_slice(zeros, (g0, j * nt), (gc, nt))
+      if gc == 1:  # a plain dot: XLA:CPU runs batched dots far slower
+        p = jnp.dot(x_c[0], codes[0], precision=HIGHEST)[None]  # [1, M, nt]
+      else:
+        p = jnp.einsum("gmk,gkn->gmn", x_c, codes, precision=HIGHEST)  # [gc, M, nt]
+      part = s_c[:, None] * (p - xsum_c[..., None] * z_c[:, None])  # [gc, M, nt]
+      return acc + jnp.sum(part, axis=0), None
+
+    acc, _ = lax.scan(step, jnp.zeros((m, nt), jnp.float32), (jnp.arange(nch), xs, x_sums))
+    return acc
+
+  return lax.map(tile, jnp.arange(n // nt)).transpose(1, 0, 2).reshape(m, n)
 
 
 def _xla_fused(x: jax.Array, w: PreparedWeight, bkc: int) -> jax.Array:

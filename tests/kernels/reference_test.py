@@ -114,8 +114,9 @@ def test_prepare_for_kernel_refuses_uneven_groups():
 
 
 def test_xla_chunk_size():
-  assert xla_chunk_size(4096, 128, 4) == 256
+  assert xla_chunk_size(4096, 128, 4) == 128
   assert xla_chunk_size(576, 128, 4) == 64  # partial last group: chunks must fit in a group
-  assert xla_chunk_size(576, -1, 4) == 192
-  assert xla_chunk_size(11008, 128, 3) == 256
+  assert xla_chunk_size(576, -1, 4) == 96
+  assert xla_chunk_size(11008, 128, 3) == 128
+  assert xla_chunk_size(4096, 128, 4, target=256) == 256
   assert xla_chunk_size(256, 16, 3) is None  # 16-row groups inside 32-value 3-bit runs
