@@ -31,6 +31,8 @@ from gptq_jax.core import quantizer
 from gptq_jax.core.weights import QuantizedWeight
 
 HIGHEST = jax.lax.Precision.HIGHEST
+_SUB = 16  # columns per rank-1-update sub-block inside a block (the rest of the block: a matmul)
+_TRI_LEAF = 512  # triangular inverses up to this size use one triangular solve
 
 
 class GPTQInfo(NamedTuple):
@@ -108,14 +110,31 @@ def _prepare(kernel, H, st: _Static):
   return Wt[perm], H[perm][:, perm], perm, (scale0, zero0), (sscale, szero)
 
 
+def _upper_inverse(R):
+  """``R^-1`` for an upper-triangular ``R`` ``[n, n]``, by recursive 2x2 blocking:
+  ``[[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]`` (matmuls: ~n^3/3 multiply-adds)."""
+  n = R.shape[0]
+  if n <= _TRI_LEAF:
+    return jax.lax.linalg.triangular_solve(R, jnp.eye(n, dtype=R.dtype), left_side=True,
+                                           lower=False)
+  h = (n // 2 + 127) // 128 * 128
+  Ai, Ci = _upper_inverse(R[:h, :h]), _upper_inverse(R[h:, h:])
+  X = -jnp.matmul(jnp.matmul(Ai, R[:h, h:], precision=HIGHEST), Ci, precision=HIGHEST)
+  return jnp.block([[Ai, X], [jnp.zeros((n - h, h), R.dtype), Ci]])
+
+
 @jax.jit
 def _inverse_factor(H, damp):
-  """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U); NaN if not PD."""
+  """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U); NaN if not PD.
+
+  The references factorize, invert and factorize again. With ``Hd = R R^T``, ``R`` upper
+  triangular (the lower Cholesky factor of the index-reversed ``Hd``, reversed), ``Hd^-1 =
+  (R^-1)^T R^-1``, so ``U = R^-1``: one factorization and one triangular inverse (~4x fewer flops).
+  """
   n = H.shape[0]
   Hd = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
-  L = jnp.linalg.cholesky(Hd, symmetrize_input=False)
-  Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(n, dtype=H.dtype))
-  U = jnp.linalg.cholesky(Hinv, symmetrize_input=False).T
+  R = jnp.linalg.cholesky(Hd[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]
+  U = _upper_inverse(R)
   return U, jnp.all(jnp.isfinite(U))
 
 
@@ -141,7 +160,13 @@ def _column_grids(st: _Static, i1, Wt, perm, carry, grids0, sgrids, cols: int):
 
 @functools.partial(jax.jit, static_argnums=5)
 def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
-  """The column loop. Returns codes, scales and zeros per processed column, and the loss."""
+  """The column loop. Returns codes, scales and zeros per processed column, and the loss.
+
+  Inside a block the rank-1 updates touch ``_SUB`` columns at a time and one matmul carries each
+  sub-block's errors to the rest of the block; the lazy update ``W[:, i2:] -= Err1 @ U[i1:i2,
+  i2:]`` runs over the columns after the block only, ``B`` at a time. Columns already quantized may
+  receive updates too (their codes are recorded): harmless, and it keeps every shape static.
+  """
   cols, rows = Wp.shape
   B, gs, maxq = st.block_size, st.group_size, 2**st.bits - 1
   nblocks = -(-cols // B)
@@ -150,6 +175,7 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
   Wt = jnp.pad(Wp, ((0, cp - cols + slack), (0, 0)))
   Up = jnp.pad(U, ((0, cp - cols), (0, cp - cols))) + jnp.diag(
       (jnp.arange(cp) >= cols).astype(jnp.float32))
+  sub = _SUB if B % _SUB == 0 else B
 
   def block(carry, b):
     Wt, grid_carry, loss = carry
@@ -158,22 +184,42 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
     W1 = jax.lax.dynamic_slice(Wt, (i1, 0), (B, rows))
     U1 = jax.lax.dynamic_slice(Up, (i1, i1), (B, B))
 
-    def column(i, state):
+    def subblock(j, state):
       W1, Q1, Err1, loss = state
-      w, s, z = W1[i], s_blk[i], z_blk[i]
-      q = quantizer.quantize_codes(w, s, z, maxq)
-      dq = s * (q - z)
-      d = U1[i, i]
-      loss = loss + jnp.sum(quantizer.true_divide((w - dq) ** 2, d**2)) / 2
-      err1 = quantizer.true_divide(w - dq, d)
-      W1 = W1 - U1[i][:, None] * err1[None, :]  # U1[i, :i] == 0: earlier columns unchanged
-      return W1, Q1.at[i].set(q), Err1.at[i].set(err1), loss
+      k1 = j * sub
+      Ws = jax.lax.dynamic_slice(W1, (k1, 0), (sub, rows))
+      Us = jax.lax.dynamic_slice(U1, (k1, k1), (sub, sub))
+
+      def column(i, state):
+        Ws, Qs, Es, loss = state
+        w, s, z = Ws[i], s_blk[k1 + i], z_blk[k1 + i]
+        q = quantizer.quantize_codes(w, s, z, maxq)
+        dq = s * (q - z)
+        d = Us[i, i]
+        loss = loss + jnp.sum(quantizer.true_divide((w - dq) ** 2, d**2)) / 2
+        err1 = quantizer.true_divide(w - dq, d)
+        Ws = Ws - Us[i][:, None] * err1[None, :]  # Us[i, :i] == 0: earlier columns unchanged
+        return Ws, Qs.at[i].set(q), Es.at[i].set(err1), loss
+
+      zeros = jnp.zeros((sub, rows), jnp.float32)
+      _, Qs, Es, loss = jax.lax.fori_loop(0, sub, column, (Ws, zeros, zeros, loss))
+      Urow = jax.lax.dynamic_slice(U1, (k1, 0), (sub, B))  # zero left of the sub-block
+      W1 = W1 - jnp.matmul(Urow.T, Es, precision=HIGHEST)
+      Q1 = jax.lax.dynamic_update_slice(Q1, Qs, (k1, 0))
+      Err1 = jax.lax.dynamic_update_slice(Err1, Es, (k1, 0))
+      return W1, Q1, Err1, loss
 
     zeros = jnp.zeros((B, rows), jnp.float32)
-    _, Q1, Err1, loss = jax.lax.fori_loop(0, B, column, (W1, zeros, zeros, loss))
-    Ublk = jax.lax.dynamic_slice(Up, (i1, 0), (B, cp))  # [B, cp]
-    update = jnp.matmul(Ublk.T, Err1, precision=HIGHEST)  # [cp, rows]
-    Wt = Wt.at[:cp].add(-update)
+    _, Q1, Err1, loss = jax.lax.fori_loop(0, B // sub, subblock, (W1, zeros, zeros, loss))
+
+    def lazy(c, Wt):  # W[:, i2:] -= Err1 @ U[i1:i2, i2:], one B-column chunk at a time
+      j = (b + 1 + c) * B
+      Uc = jax.lax.dynamic_slice(Up, (i1, j), (B, B))
+      Wc = jax.lax.dynamic_slice(Wt, (j, 0), (B, rows))
+      return jax.lax.dynamic_update_slice(Wt, Wc - jnp.matmul(Uc.T, Err1, precision=HIGHEST),
+                                          (j, 0))
+
+    Wt = jax.lax.fori_loop(0, nblocks - 1 - b, lazy, Wt)
     out = (Q1.astype(jnp.uint8), s_blk, z_blk.astype(jnp.int32))
     return (Wt, (s_blk[-1], z_blk[-1]), loss), out
 
