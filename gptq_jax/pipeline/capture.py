@@ -13,9 +13,10 @@ import functools
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from gptq_jax.core import hessian
+from gptq_jax.pipeline import multihost
 from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath
 
 
@@ -64,8 +65,7 @@ class HessianCapture:
               for p, (xtx, n) in new.items()}
 
     self._local, self._step = local, step
-    self._replicate = (lambda t: jax.device_put(t, NamedSharding(mesh, P()))) if mesh else (
-        lambda t: t)
+    self._replicate = functools.partial(multihost.replicate, mesh) if mesh else (lambda t: t)
 
   def reset(self) -> None:
     """Forget the sums (the compiled step stays: every block of a model has the same shapes)."""
@@ -82,7 +82,9 @@ class HessianCapture:
     """The finalized H on one local device (the solver runs there; a replicated H would make it
     compile again for that sharding)."""
     h = hessian.finalize(self.states[self.alias[path]])
-    return jax.device_put(h, jax.local_devices()[0])
+    # H is replicated: take this process's first copy as a plain single-device array (with
+    # jax.distributed the global array is not addressable as a whole).
+    return jax.device_put(h.addressable_data(0), jax.local_devices()[0])
 
 
 def block_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: str = "data"):
@@ -92,8 +94,7 @@ def block_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: s
     return jax.jit(run)
   run = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
                               out_specs=P(axis_name)))
-  replicated = NamedSharding(mesh, P())
-  return lambda block_params, hidden, ctx: run(jax.device_put(block_params, replicated), hidden,
+  return lambda block_params, hidden, ctx: run(multihost.replicate(mesh, block_params), hidden,
                                                ctx)
 
 

@@ -11,17 +11,17 @@ axis and the Hessian sums are combined with ``psum`` (``capture.py``).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import quantize_weight
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
-from gptq_jax.pipeline import calib
+from gptq_jax.pipeline import calib, multihost
 from gptq_jax.pipeline.adapter import DecoderAdapter, LlamaAdapter, get_path, set_path
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
 from gptq_jax.pipeline.progress import BlockProgress
@@ -69,8 +69,7 @@ class _Stream:
 
   def __init__(self, adapter, params, batches, mesh, axis_name):
     self.mesh, self.axis = mesh, axis_name
-    put = (lambda a: jax.device_put(a, NamedSharding(mesh, P(axis_name)))) if mesh else (
-        jnp.asarray)
+    put = functools.partial(multihost.put_batch, mesh, axis_name)  # this process's rows
     embed = lambda p, ids, mask: adapter.embed(p, ids, mask)
     if mesh is not None:
       embed = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
@@ -139,7 +138,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   ndev = mesh.shape[axis_name] if mesh is not None else 1
   samples, largest = calib.normalize(calib_batches)
   calib.check_vocab(samples, getattr(getattr(adapter, "config", None), "vocab_size", None))
-  batches = calib.micro_batches(samples, max(batch_size or largest, ndev), multiple=ndev)
+  batches = multihost.agree_batches(
+      calib.micro_batches(samples, max(batch_size or largest, ndev), multiple=ndev))
   nblocks = adapter.num_blocks(params)
   if not 0 <= start_block <= nblocks:
     raise ValueError(f"start_block={start_block} must be in [0, {nblocks}]")
