@@ -1,0 +1,49 @@
+"""Two processes under jax.distributed (loopback, CPU gloo collectives) against one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _workers(nproc: int, out: str) -> None:
+  port = str(_free_port())
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(pid), str(nproc),
+                             port, out], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for pid in range(nproc)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=400)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for pid, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {pid}/{nproc} failed:\n{log[-3000:]}"
+
+
+def test_two_processes_match_one(tmp_path):
+  two, one = str(tmp_path / "two.npz"), str(tmp_path / "one.npz")
+  _workers(2, two)
+  _workers(1, one)
+  a, b = np.load(two), np.load(one)
+  assert (int(a["processes"]), int(a["devices"])) == (2, 4)
+  assert (int(b["processes"]), int(b["devices"])) == (1, 2)
+  hs = [k for k in b.files if k.startswith("H:")]
+  assert len(hs) == 14 and sorted(hs) == sorted(k for k in a.files if k.startswith("H:"))
+  for k in hs:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6 * np.abs(b[k]).max(), err_msg=k)
+  for k in [k for k in b.files if k.startswith("Q:")]:
+    assert (a[k] == b[k]).mean() >= 0.999, k

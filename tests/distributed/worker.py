@@ -1,0 +1,53 @@
+"""One process of the multi-host test: ``python worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz``.
+
+Joins a ``jax.distributed`` job on 127.0.0.1:PORT (2 CPU devices each, gloo collectives), feeds its
+share of the calibration samples to ``gptq_jax.quantize`` (uneven with two processes: 10 and 6
+samples, so the processes must agree on a common number of micro-batches), and writes
+the Hessian each linear was quantized with and the resulting codes (only process 0 writes).
+``NUM_PROCESSES=1`` is the single-process reference on the same data.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if nproc > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
+                             initialization_timeout=120)
+
+import gptq_jax as gj  # noqa: E402
+from gptq_jax.pipeline import driver  # noqa: E402
+from tests.distributed.tiny import tiny_setup  # noqa: E402
+
+cfg, params, samples, qcfg = tiny_setup()
+hessians = {}
+solve = driver.quantize_weight
+
+
+def recording_solve(kernel, hessian, cfg_, **kw):
+  """Test-only spy: keeps the Hessian the driver hands to the solver for each layer."""
+  hessians[kw["name"]] = np.asarray(hessian)
+  return solve(kernel, hessian, cfg_, **kw)
+
+
+driver.quantize_weight = recording_solve
+bounds = {1: (0, 16), 2: (0, 10, 16)}[nproc]
+share = samples[bounds[pid]:bounds[pid + 1]]
+qparams = gj.quantize(params, share, qcfg, model_config=cfg, batch_size=2, progress=False)
+codes = {}
+for i in range(cfg.num_hidden_layers):
+  for group, sub in qparams[f"layers_{i}"].items():
+    for proj, leaf in sub.items():
+      if isinstance(leaf, dict) and "kernel" in leaf:
+        codes[f"layers.{i}.{group}.{proj}"] = np.asarray(leaf["kernel"].unpack().codes)
+if pid == 0:
+  np.savez(out, devices=jax.device_count(), processes=jax.process_count(),
+           **{f"H:{k}": v for k, v in hessians.items()}, **{f"Q:{k}": v for k, v in codes.items()})
+print(f"process {pid}/{nproc}: {jax.device_count()} devices, {len(hessians)} layers", flush=True)
