@@ -35,7 +35,16 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]
 
 
 def peak_rss_mb() -> float:
-  """This process's peak resident set size so far, MiB (Linux reports ru_maxrss in KiB)."""
+  """This process's peak resident set size so far, MiB: /proc's VmHWM (the high-water mark of
+  this program's memory; `ru_maxrss` is not used where avoidable: Linux carries it across exec, so
+  a child started by a big parent would report the parent's peak)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024  # kB
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -1,0 +1,190 @@
+"""End-to-end GPTQ of SmolLM2-135M: gptq_jax.quantize vs GPTQModel, same calibration tokens, same run.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--nsamples 64] [--seqlen 512]
+        [--eval-windows 40] [--desc-act off|on|both] [--batch-size 8] [--no-baseline]
+
+Calibration: `--nsamples` random `--seqlen`-token windows of the bundled State of the Union
+addresses 1990-2015 (`gptq_jax.data.text_calib_batches(sotu_texts("calib"), ...)`, seed 0), saved
+once as a token array that both sides use as is. Evaluation: the first `--eval-windows`
+non-overlapping `--seqlen` windows of the held-out addresses 2016-2021 (`sotu_texts("eval")`).
+Config on both sides: 4-bit, group 128, sym, damp_percent 0.1 (damp_auto_increment 0.01),
+true-sequential, no static groups, mse 0 (plain min/max grid), act_group_aware = not desc_act
+(GPTQModel's own defaults differ: damp 0.05, offload to disk on; both are set as here).
+
+Each side runs in its own process so its wall time and peak RSS are its own:
+- gptq_jax (.venv): load the embedded model, `gptq_jax.quantize(params, calib, cfg)` timed alone
+  (compilation included), peak RSS read right after it; then perplexity of the float model, of
+  round-to-nearest (same grid) and of the GPTQ result (packed kernels dequantized to float32);
+- GPTQModel (.venv-gptqmodel, benchmarks/baselines/gptqmodel_pipeline.py): the same weights
+  written as a float32 Hugging Face folder (`save_hf_folder`) with the tokenizer, `quantize()` timed
+  alone, peak RSS, then the saved GPTQ folder reloaded with its torch kernel and evaluated on the
+  same windows in torch (and the float folder, to cross-check the two evaluators).
+Last line: one JSON object with the figures, the perplexity increases and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (BASELINES, GPTQMODEL_PYTHON, emit_json, gptqmodel_available, log,  # noqa: E402
+                     peak_rss_mb, ratio, run_json, table)
+
+MODEL = "smollm2-135m"
+DAMP = 0.1
+GPTQMODEL_ENV = {"TORCH_COMPILE_DISABLE": "1", "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1",
+                 "TRANSFORMERS_OFFLINE": "1", "XLA_FLAGS": ""}
+
+
+def prepare(workdir: str, args) -> None:
+  """calib.npy [nsamples, seqlen], eval.npy [windows * seqlen], and the float HF folder."""
+  from gptq_jax import data
+  from gptq_jax.models.llama import load_llama, load_tokenizer, save_hf_folder
+
+  tok = load_tokenizer(MODEL)
+  batches = data.text_calib_batches(data.sotu_texts("calib"), tok, nsamples=args.nsamples,
+                                    seqlen=args.seqlen, seed=0, batch_size=args.nsamples)
+  ids = np.concatenate([b["input_ids"] for b in batches])
+  assert all(b["attention_mask"].all() for b in batches)  # full windows: no padding
+  np.save(os.path.join(workdir, "calib.npy"), ids)
+  tokens = data.tokenize_text(data.sotu_texts("eval"), tok)
+  n = min(args.eval_windows, tokens.shape[0] // args.seqlen)
+  np.save(os.path.join(workdir, "eval.npy"), tokens[: n * args.seqlen])
+  if not args.no_baseline:
+    cfg, params = load_llama(MODEL)
+    save_hf_folder(os.path.join(workdir, "hf"), cfg, params)
+    tok.save_pretrained(os.path.join(workdir, "hf"))
+
+
+def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int) -> None:
+  """Runs in its own process: prints our figures as one JSON line."""
+  import gptq_jax as gj
+  from gptq_jax.eval import perplexity
+  from gptq_jax.models.llama import load_llama
+  from gptq_jax.pipeline import LLAMA_GROUPS, dense_block, quantize
+  from gptq_jax.pipeline.adapter import get_path, set_path
+
+  calib = np.load(os.path.join(workdir, "calib.npy"))
+  tokens = np.load(os.path.join(workdir, "eval.npy"))
+  t0 = time.perf_counter()
+  cfg, params = load_llama(MODEL)
+  load_s = time.perf_counter() - t0
+  rss_loaded = peak_rss_mb()
+  qcfg = gj.GPTQConfig(4, group_size=128, sym=True, desc_act=desc_act,
+                       act_group_aware=not desc_act, damp_percent=DAMP, damp_auto_increment=0.01,
+                       true_sequential=True, static_groups=False, mse=0.0, format="gptq")
+  t0 = time.perf_counter()
+  qparams = quantize(params, calib, qcfg, model_config=cfg, mesh=None, progress=False,
+                     batch_size=batch_size)
+  quantize_s = time.perf_counter() - t0
+  rss = peak_rss_mb()
+
+  def rtn(params):
+    out = dict(params)
+    for i in range(cfg.num_hidden_layers):
+      block = params[f"layers_{i}"]
+      for path in sum(LLAMA_GROUPS, ()):
+        kernel = get_path(block, path)["kernel"]
+        block = set_path(block, path + ("kernel",), gj.rtn_quantize(kernel, qcfg).dequantize())
+      out[f"layers_{i}"] = block
+    return out
+
+  ppl = lambda p: perplexity(p, cfg, tokens, seqlen=seqlen, batch_size=4)  # noqa: E731
+  t0 = time.perf_counter()
+  result = {"quantize_s": quantize_s, "peak_rss_mb": rss, "rss_before_quantize_mb": rss_loaded,
+            "load_s": load_s, "ppl_gptq": ppl(dense_block(qparams)), "ppl_float": ppl(params),
+            "ppl_rtn": ppl(rtn(params))}
+  log(f"gptq_jax side: quantize {quantize_s:.1f}s, evaluation {time.perf_counter() - t0:.1f}s")
+  emit_json(result)
+
+
+def run_case(workdir: str, desc_act: bool, args) -> dict:
+  tag = "on" if desc_act else "off"
+  log(f"desc_act {tag}: gptq_jax ...")
+  ours = run_json(sys.executable, os.path.abspath(__file__),
+                  ["--side", "ours", "--workdir", workdir, "--desc-act", tag, "--seqlen",
+                   args.seqlen, "--batch-size", args.batch_size])
+  base = None
+  if not args.no_baseline:
+    log(f"desc_act {tag}: GPTQModel ...")
+    base = run_json(GPTQMODEL_PYTHON, os.path.join(BASELINES, "gptqmodel_pipeline.py"),
+                    [os.path.join(workdir, "hf"), os.path.join(workdir, "calib.npy"),
+                     os.path.join(workdir, "eval.npy"), os.path.join(workdir, f"gptqmodel_{tag}"),
+                     "--seqlen", args.seqlen, "--desc-act", int(desc_act), "--damp", DAMP,
+                     "--batch-size", args.batch_size], env=GPTQMODEL_ENV)
+  inc = lambda q, f: q / f - 1  # noqa: E731  (relative perplexity increase)
+  case = {"ours": ours, "ppl_increase": inc(ours["ppl_gptq"], ours["ppl_float"]),
+          "rtn_ppl_increase": inc(ours["ppl_rtn"], ours["ppl_float"])}
+  if base is not None:
+    float_ref = base.get("ppl_float", ours["ppl_float"])
+    case.update(
+        baseline=base, baseline_ppl_increase=inc(base["ppl_gptq"], float_ref),
+        wall_ratio=ratio(ours["quantize_s"], base["quantize_s"]),
+        rss_ratio=ratio(ours["peak_rss_mb"], base["peak_rss_mb"]),
+        evaluators_float_ppl_rel_diff=(base["ppl_float"] / ours["ppl_float"] - 1
+                                       if "ppl_float" in base else None))
+    # Must: our perplexity increase no worse than GPTQModel's + 2 % (points of relative ppl).
+    case["quality_ok"] = case["ppl_increase"] <= case["baseline_ppl_increase"] + 0.02
+  return case
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--nsamples", type=int, default=64)
+  ap.add_argument("--seqlen", type=int, default=512)
+  ap.add_argument("--eval-windows", type=int, default=40)
+  ap.add_argument("--desc-act", default="off", choices=("off", "on", "both"))
+  ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
+  ap.add_argument("--no-baseline", action="store_true")
+  ap.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)
+  ap.add_argument("--workdir", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.side == "ours":
+    return side_ours(args.workdir, args.desc_act == "on", args.seqlen, args.batch_size)
+
+  if not args.no_baseline:
+    ok, why = gptqmodel_available()
+    if not ok:
+      log(f"GPTQModel baseline unavailable ({why}): gptq_jax figures only")
+      args.no_baseline = True
+  cases = {"off": [False], "on": [True], "both": [False, True]}[args.desc_act]
+  results = {}
+  with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as workdir:
+    prepare(workdir, args)
+    n_eval = np.load(os.path.join(workdir, "eval.npy")).shape[0] // args.seqlen
+    for desc_act in cases:
+      results["desc_act_" + ("on" if desc_act else "off")] = run_case(workdir, desc_act, args)
+
+  rows = []
+  for name, c in results.items():
+    o, b = c["ours"], c.get("baseline")
+    rows.append((name, "gptq_jax", o["quantize_s"], o["peak_rss_mb"], o["ppl_float"],
+                 o["ppl_gptq"], f"{c['ppl_increase']:+.2%}", o["ppl_rtn"],
+                 f"{c['rtn_ppl_increase']:+.2%}"))
+    if b is not None:
+      rows.append((name, "GPTQModel", b["quantize_s"], b["peak_rss_mb"], b.get("ppl_float", "-"),
+                   b["ppl_gptq"], f"{c['baseline_ppl_increase']:+.2%}", "-", "-"))
+  print(f"SmolLM2-135M, {args.nsamples} x {args.seqlen} calibration tokens (SOTU 1990-2015), "
+        f"4-bit g128 sym damp {DAMP}; perplexity on {n_eval} x {args.seqlen} held-out tokens "
+        f"(SOTU 2016-2021)")
+  print(table(("case", "library", "quantize s", "peak RSS MiB", "ppl float", "ppl GPTQ",
+               "increase", "ppl RTN", "RTN increase"), rows))
+  for name, c in results.items():
+    if "wall_ratio" in c:
+      print(f"{name}: wall gptq_jax/GPTQModel {c['wall_ratio']:.3f}, peak RSS ratio "
+            f"{c['rss_ratio']:.3f}, quality must (increase <= GPTQModel's + 2%): "
+            f"{'met' if c['quality_ok'] else 'NOT met'}")
+  emit_json({"bench": "pipeline", "model": MODEL, "nsamples": args.nsamples, "seqlen": args.seqlen,
+             "eval_windows": n_eval, "batch_size": args.batch_size, "bits": 4, "group_size": 128,
+             "sym": True, "damp_percent": DAMP, "mse": 0.0, "true_sequential": True,
+             "loadavg": os.getloadavg(), "results": results})
+
+
+if __name__ == "__main__":
+  main()
