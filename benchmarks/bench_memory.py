@@ -1,0 +1,159 @@
+"""Peak host memory of quantizing a model larger than one wants to hold: streaming vs model size.
+
+    .venv/bin/python benchmarks/bench_memory.py [--layers 12] [--hidden 2048] [--intermediate 5632]
+        [--vocab 32000] [--nsamples 4] [--seqlen 64] [--workdir /tmp] [--keep]
+
+1. Writes a synthetic float32 Llama (random weights, the shapes of a ~1B model; default about
+   3 GB) as a sharded Hugging Face safetensors folder, one layer at a time (this process never
+   holds more than one layer).
+2. In a fresh process: ``gptq_jax.interop.quantize_folder`` quantizes it block by block (blocks
+   read from the memory-mapped shards on demand, each quantized block written out at once) into a
+   GPTQ folder, with fast settings (``--nsamples`` x ``--seqlen`` calibration tokens, 4-bit, group
+   128, no true-sequential). Its peak RSS (VmHWM) is read after the imports (the JAX runtime
+   alone) and after quantizing.
+3. Checks that the output folder imports (``import_hf``) with every linear packed.
+
+The baseline is the model's own size: an in-memory ``quantize(params, ...)`` holds at least the
+whole float model (plus its quantized copy). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from _common import emit_json, log, peak_rss_mb, run_json, table
+
+
+def _config(args) -> dict:
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": args.vocab,
+      "hidden_size": args.hidden, "intermediate_size": args.intermediate,
+      "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 128,
+      "num_key_value_heads": args.hidden // 128, "head_dim": 128, "rms_norm_eps": 1e-5,
+      "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+      "torch_dtype": "float32",
+  }
+
+
+def build_model(folder: str, args) -> int:
+  """Writes the synthetic float32 Llama shard by shard; returns the weights' bytes."""
+  from gptq_jax.models.llama.safetensors_io import save_safetensors
+
+  os.makedirs(folder)
+  cfg = _config(args)
+  h, m, v = args.hidden, args.intermediate, args.vocab
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: (0.02 * rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
+  ones = lambda: np.ones(h, np.float32)  # noqa: E731
+
+  def shard(k: int) -> dict[str, np.ndarray]:
+    if k == args.layers:
+      return {"model.embed_tokens.weight": normal(v, h), "model.norm.weight": ones(),
+              "lm_head.weight": normal(v, h)}
+    p = f"model.layers.{k}."
+    return {**{p + f"self_attn.{x}_proj.weight": normal(h, h) for x in "qkvo"},
+            p + "mlp.gate_proj.weight": normal(m, h), p + "mlp.up_proj.weight": normal(m, h),
+            p + "mlp.down_proj.weight": normal(h, m), p + "input_layernorm.weight": ones(),
+            p + "post_attention_layernorm.weight": ones()}
+
+  weight_map, total, n = {}, 0, args.layers + 1
+  for k in range(n):
+    tensors = shard(k)  # one layer in memory at a time
+    name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    save_safetensors(os.path.join(folder, name), tensors, metadata={"format": "pt"})
+    total += sum(t.nbytes for t in tensors.values())
+    weight_map.update({t: name for t in tensors})
+    del tensors
+  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  return total
+
+
+def child(src: str, out: str, ids_path: str) -> None:
+  """The measured process: streaming quantization of ``src`` into ``out``."""
+  import jax
+
+  import gptq_jax as gj
+  from gptq_jax.interop import import_hf, quantize_folder
+
+  jax.numpy.zeros(1).block_until_ready()
+  rss_start = peak_rss_mb()
+  ids = np.load(ids_path)
+  cfg = gj.GPTQConfig(4, group_size=128, true_sequential=False, nsamples=len(ids),
+                      seqlen=ids.shape[1])
+  t0 = time.perf_counter()
+  quantize_folder(src, ids, cfg, out, mesh=None, progress=False)
+  seconds = time.perf_counter() - t0
+  rss_peak = peak_rss_mb()
+  _, qparams, _ = import_hf(out)  # the result loads (after the measurement)
+  packed = sum(isinstance(x, gj.PackedWeight) for x in jax.tree.leaves(
+      qparams, is_leaf=lambda x: isinstance(x, gj.PackedWeight)))
+  out_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+  emit_json({"rss_start_mb": rss_start, "rss_peak_mb": rss_peak, "seconds": seconds,
+             "out_bytes": out_bytes, "packed_linears": packed})
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--hidden", type=int, default=2048)
+  p.add_argument("--intermediate", type=int, default=5632)
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--nsamples", type=int, default=4)
+  p.add_argument("--seqlen", type=int, default=64)
+  p.add_argument("--workdir", default=tempfile.gettempdir())
+  p.add_argument("--keep", action="store_true", help="keep the synthetic model and the output")
+  p.add_argument("--child", nargs=3, metavar=("SRC", "OUT", "IDS"), help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.child:
+    child(*args.child)
+    return
+  if args.hidden % 128:
+    raise SystemExit(f"--hidden {args.hidden} must be a multiple of 128 (head_dim 128)")
+  work = tempfile.mkdtemp(prefix="bench_memory_", dir=args.workdir)
+  src, out, ids_path = (os.path.join(work, n) for n in ("float", "gptq", "ids.npy"))
+  try:
+    log(f"writing a synthetic Llama to {src} ...")
+    t0 = time.perf_counter()
+    model_bytes = build_model(src, args)
+    log(f"  {model_bytes / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s; quantizing ...")
+    rng = np.random.default_rng(1)
+    np.save(ids_path, rng.integers(0, args.vocab, (args.nsamples, args.seqlen)).astype(np.int32))
+    r = run_json(sys.executable, os.path.abspath(__file__), ["--child", src, out, ids_path],
+                 env={"XLA_FLAGS": ""})
+    h, m = args.hidden, args.intermediate
+    block_mb = (4 * h * h + 3 * h * m + 2 * h) * 4 / 2**20
+    embed_mb = args.vocab * h * 4 / 2**20
+    model_mb = model_bytes / 2**20
+    rows = [["float model (safetensors)", model_mb], ["one float block", block_mb],
+            ["embedding (kept during the run)", embed_mb],
+            ["RSS after imports (JAX runtime)", r["rss_start_mb"]],
+            ["peak RSS while quantizing", r["rss_peak_mb"]],
+            ["GPTQ folder written", r["out_bytes"] / 2**20]]
+    print(table(["what", "MiB"], rows))
+    print(f"peak RSS / model size = {r['rss_peak_mb'] / model_mb:.3f}; quantized in "
+          f"{r['seconds']:.0f} s")
+    emit_json({"model_mb": model_mb, "block_mb": block_mb, "embed_mb": embed_mb,
+               "rss_start_mb": r["rss_start_mb"], "rss_peak_mb": r["rss_peak_mb"],
+               "peak_rss_over_model": r["rss_peak_mb"] / model_mb,
+               "peak_rss_over_block": r["rss_peak_mb"] / block_mb,
+               "quantize_seconds": r["seconds"], "packed_linears": r["packed_linears"], "out_mb": r["out_bytes"] / 2**20,
+               "layers": args.layers, "hidden": h, "intermediate": m, "vocab": args.vocab,
+               "nsamples": args.nsamples, "seqlen": args.seqlen})
+  finally:
+    if not args.keep:
+      shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
