@@ -1,6 +1,7 @@
 """Perplexity of a Llama over non-overlapping windows of a text or a token array.
 
-  python scripts/perplexity.py --model <HF dir | .gguf | smollm2-135m> (--text FILE | --tokens FILE.npy)
+  python scripts/perplexity.py --model <checkpoint | HF dir | .gguf | smollm2-135m>
+      (--text FILE | --tokens FILE.npy)
       --seqlen N [--max-windows N] [--batch-size N] [--dtype float32|bfloat16] [--json]
 
 `--text` takes a .txt file or a folder of .txt files (the bundled SOTU eval text:
@@ -19,12 +20,24 @@ import numpy as np
 
 
 def load_model(spec: str):
-  """(cfg, params, tokenizer loader) for a model spec: an HF folder, a .gguf file or a name.
+  """(cfg, params, tokenizer loader) for a model spec: a gptq_jax (orbax) checkpoint folder written
+  by quantize_llama.py, an HF folder, a .gguf file or a name.
 
-  The one place that knows model formats (a quantized checkpoint plugs in here).
+  The one place that knows model formats. A quantized checkpoint's packed kernels are dequantized
+  to float32 (the same weights its packed layers compute with).
   """
+  from gptq_jax import checkpoint
   from gptq_jax.models.llama import load_llama, load_tokenizer
 
+  if checkpoint.is_checkpoint(spec):
+    from gptq_jax.pipeline import dense_block
+
+    ckpt = checkpoint.load(spec)
+    if ckpt.tokenizer_dir is None:
+      tokenizer_loader = lambda: None  # noqa: E731 (tokenize_text says to pass --tokens)
+    else:
+      tokenizer_loader = lambda: load_tokenizer(ckpt.tokenizer_dir)  # noqa: E731
+    return ckpt.model_config, dense_block(ckpt.params), tokenizer_loader
   cfg, params = load_llama(spec)
   return cfg, params, lambda: load_tokenizer(spec)
 
@@ -41,7 +54,8 @@ def load_tokens(args, tokenizer_loader) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", required=True, help="HF folder, .gguf file, or smollm2-135m")
+  parser.add_argument("--model", required=True,
+                      help="quantized checkpoint folder, HF folder, .gguf file, or smollm2-135m")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--text", help="a .txt file or a folder of .txt files")
   source.add_argument("--tokens", help="a .npy int array of token ids (flattened)")

@@ -190,3 +190,21 @@ def test_bad_flags(cli_env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "usage:" in err, err
   assert os.listdir(tmp_path) == []
+
+
+def test_perplexity_script_reads_the_checkpoint(full_run, cli_env, tmp_path):
+  """scripts/perplexity.py on the CLI's output scores the held-out text as the CLI's report did."""
+  from gptq_jax import data
+
+  out, report, _ = full_run
+  (tmp_path / "eval.txt").write_text(data.sotu_texts("eval"), encoding="utf-8")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "perplexity.py"), "--model",
+                         out, "--text", str(tmp_path / "eval.txt"), "--seqlen", "32",
+                         "--max-windows", "3", "--json"], env=cli_env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  with open(report) as f:
+    want = json.load(f)["ppl_after"]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got["windows"] == 3
+  np.testing.assert_allclose(got["ppl"], want, rtol=1e-6)
