@@ -123,6 +123,18 @@ def _check_args(args) -> None:
       raise ValueError(f"--save-hf is unavailable in this installation ({e})") from None
 
 
+SAMPLE_TOKENS = 32
+
+
+def _sample(evaluation, params, model_config, tokenizer, prompt: str) -> str:
+  """A greedy continuation, cut at the first special token (an instruct model's end of turn)."""
+  ids = tokenizer(prompt)["input_ids"]
+  new = evaluation.generate(params, model_config, ids, max_new_tokens=SAMPLE_TOKENS)[len(ids):]
+  special = set(getattr(tokenizer, "all_special_ids", []) or [])
+  cut = next((k for k, t in enumerate(new.tolist()) if t in special), len(new))
+  return tokenizer.decode(new[:cut], skip_special_tokens=True)
+
+
 def _say(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
@@ -165,6 +177,9 @@ def run(args) -> dict:
     result["ppl_before"] = ppl(params)
     _say(f"perplexity before: {result['ppl_before']:.3f}")
 
+  if args.sample_prompt:  # the float model's continuation, to print beside the quantized one
+    result["sample_before"] = _sample(evaluation, params, model_config, tokenizer,
+                                      args.sample_prompt)
   done = state.completed()
   records = [r for _, _, recs in done for r in recs]
   for i, block, _ in done:
@@ -194,11 +209,10 @@ def run(args) -> dict:
     print(f"perplexity on held-out text ({args.eval_windows} windows of {cfg.seqlen} tokens at "
           f"most): before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
   if args.sample_prompt:
-    ids = tokenizer(args.sample_prompt)["input_ids"]
-    out = evaluation.generate(dense, model_config, ids, max_new_tokens=32)
-    result["sample"] = tokenizer.decode(out[len(ids):], skip_special_tokens=True)
-    print(f"sample generation (greedy, 32 tokens): {args.sample_prompt!r} -> "
-          f"{result['sample']!r}", flush=True)
+    result["sample"] = _sample(evaluation, dense, model_config, tokenizer, args.sample_prompt)
+    print(f"sample generation (greedy, {SAMPLE_TOKENS} tokens at most) of {args.sample_prompt!r}:"
+          f"\n  float:     {result['sample_before']!r}\n  quantized: {result['sample']!r}",
+          flush=True)
   result["seconds"] = time.perf_counter() - t_start
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if args.report:

@@ -84,7 +84,8 @@ def test_cli_prints_and_reports(full_run):
   assert rep["ppl_before"] > 1 and rep["ppl_after"] > 1 and rep["peak_rss_mb"] > 0
   assert "State of the Union" in rep["calibration"]
   assert f"before {rep['ppl_before']:.3f}, after {rep['ppl_after']:.3f}" in proc.stdout
-  assert f"'The union is' -> {rep['sample']!r}" in proc.stdout and rep["sample"]
+  assert f"  float:     {rep['sample_before']!r}\n  quantized: {rep['sample']!r}" in proc.stdout
+  assert isinstance(rep["sample"], str) and isinstance(rep["sample_before"], str)
   with open(os.path.splitext(report)[0] + ".png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   lines = [l for l in proc.stderr.splitlines() if l.startswith("[block ")]
