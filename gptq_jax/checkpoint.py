@@ -126,6 +126,7 @@ def save(path: str, params: Any, *, model_config: Any, quant_config: Any = None,
   if os.path.exists(path):
     raise FileExistsError(f"{path!r} already exists: choose another output folder (nothing was "
                           "overwritten)")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".saving"
   if os.path.exists(tmp):
     shutil.rmtree(tmp)  # a save that was killed midway: never a finished checkpoint

@@ -32,6 +32,7 @@ ckpt = checkpoint.load(folder)
 ids = np.load(ids_file)
 dense = dense_block(ckpt.params)
 np.save(out_file, np.asarray(forward(dense, ckpt.model_config, ids)))
+np.save(out_file + ".packed.npy", np.asarray(forward(ckpt.params, ckpt.model_config, ids)))
 tokens = generate(dense, ckpt.model_config, ids[0, :5], max_new_tokens=8)
 print(json.dumps({"tokens": tokens.tolist(), "quant_config": ckpt.quant_config.to_dict(),
                   "extra": ckpt.meta["note"]}))
@@ -65,6 +66,9 @@ def test_reload_in_a_fresh_process_gives_identical_logits(quantized, tmp_path):
   dense = dense_block(qparams)
   want_logits = np.asarray(forward(dense, cfg, ids))
   np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), want_logits)
+  # The packed kernels run as they are (kernels.apply_linear), reloaded or not: the same logits.
+  np.testing.assert_array_equal(np.load(str(tmp_path / "logits.npy") + ".packed.npy"),
+                                np.asarray(forward(qparams, cfg, ids)))
   assert got["tokens"] == generate(dense, cfg, ids[0, :5], max_new_tokens=8).tolist()
   assert got["quant_config"] == qcfg.to_dict() and got["extra"] == "hi"
   # The packed arrays themselves, read back here: same dtypes, shapes and bits.

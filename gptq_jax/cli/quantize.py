@@ -89,23 +89,33 @@ def _config(args) -> GPTQConfig:
   return GPTQConfig(args.bits, **kw)
 
 
+def _check_creatable(flag: str, path: str) -> None:
+  """Missing parent folders are created when the run writes; the nearest existing one must be a
+  writable folder."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(f"{flag} {path!r}: {parent!r} is a file, not a folder")
+  if not os.access(parent, os.W_OK):
+    raise PermissionError(f"{flag} {path!r}: the folder {parent!r} is not writable")
+
+
 def _check_args(args) -> None:
   """Everything that can be checked before loading the model: a bad value fails in a second,
   before anything is written."""
   from gptq_jax.models.llama import resolve_model_spec  # noqa: PLC0415
 
   resolve_model_spec(args.model)  # a missing model or a hub id fails here, before any work
-  out = os.path.abspath(args.output)
-  if os.path.exists(out):
+  if os.path.exists(args.output):
     raise FileExistsError(f"--output {args.output!r} already exists: choose another folder "
                           "(nothing was overwritten)")
-  if not os.path.isdir(os.path.dirname(out)):
-    raise FileNotFoundError(f"--output {args.output!r}: the parent folder does not exist")
   if args.save_hf and os.path.exists(args.save_hf):
     raise FileExistsError(f"--save-hf {args.save_hf!r} already exists: choose another folder")
-  for flag, path in (("--report", args.report), ("--save-hf", args.save_hf)):
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-      raise FileNotFoundError(f"{flag} {path!r}: the parent folder does not exist")
+  for flag, path in (("--output", args.output), ("--report", args.report),
+                     ("--save-hf", args.save_hf)):
+    if path:
+      _check_creatable(flag, path)
   if args.report and not args.report.endswith(".json"):
     raise ValueError(f"--report {args.report!r} must end with .json (the plot goes beside it "
                      "as .png)")
@@ -216,6 +226,7 @@ def run(args) -> dict:
   result["seconds"] = time.perf_counter() - t_start
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if args.report:
+    os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     png = report_lib.write(args.report, result)
     _say(f"report: {args.report}" + (f" and {png}" if png else ""))
   return result
@@ -225,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     run(args)
-  except (ValueError, FileNotFoundError, FileExistsError, DatasetUnavailable) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+          DatasetUnavailable) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

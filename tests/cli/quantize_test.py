@@ -43,8 +43,9 @@ def _assert_same_arrays(a, b):
 def full_run(tiny_hf_dir, cli_env, tmp_path_factory):
   """One uninterrupted CLI run with perplexity, a sample and --report."""
   work = tmp_path_factory.mktemp("full")
-  out, report = str(work / "q"), str(work / "report.json")
-  args = ["--model", tiny_hf_dir, "--output", out, *FAST, "--report", report]
+  out, report = str(work / "new" / "q"), str(work / "reports" / "report.json")  # parents made
+  args = ["--model", tiny_hf_dir, "--output", out, *FAST, "--report", report,
+          "--save-hf", str(work / "hf")]
   args[args.index("--eval-text"):args.index("--no-progress") + 1] = [
       "--eval-windows", "3", "--sample-prompt", "The union is"]
   proc = cli(args, cli_env)
@@ -86,6 +87,9 @@ def test_cli_prints_and_reports(full_run):
   assert f"before {rep['ppl_before']:.3f}, after {rep['ppl_after']:.3f}" in proc.stdout
   assert f"  float:     {rep['sample_before']!r}\n  quantized: {rep['sample']!r}" in proc.stdout
   assert isinstance(rep["sample"], str) and isinstance(rep["sample_before"], str)
+  with open(os.path.join(os.path.dirname(os.path.dirname(out)), "hf", "config.json")) as f:
+    qc = json.load(f)["quantization_config"]  # --save-hf (its contents: tests/interop)
+  assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["quant_method"]) == (4, 32, True, "gptq")
   with open(os.path.splitext(report)[0] + ".png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   lines = [l for l in proc.stderr.splitlines() if l.startswith("[block ")]
@@ -151,10 +155,11 @@ BAD = [
     (["--dataset", "wikitext2"], "calibration set 'wikitext2' needs the Hugging Face hub.*"
                                  "Pass instead: a local .txt file"),
     (["--eval-text", "{tmp}/nope.txt"], "--eval-text '.*nope.txt' does not exist"),
-    (["--output", "{tmp}/no/such/dir/q"], "--output '.*': the parent folder does not exist"),
+    (["--output", "{tmp}/existing/keep.txt/q"], "--output '.*': '.*keep.txt' is a file, not a "
+                                                "folder"),
     (["--output", "{tmp}/existing"], "--output '.*existing' already exists: choose another"),
     (["--save-hf", "{tmp}/existing"], "--save-hf '.*existing' already exists"),
-    (["--report", "{tmp}/no/such/r.json"], "--report '.*': the parent folder does not exist"),
+    (["--report", "{tmp}/existing/keep.txt/r.json"], "--report '.*': '.*keep.txt' is a file"),
     (["--report", "{tmp}/r.txt"], "must end with .json"),
 ]
 
