@@ -98,7 +98,9 @@ def child(src: str, out: str, ids_path: str) -> None:
   cfg = gj.GPTQConfig(4, group_size=128, true_sequential=False, nsamples=len(ids),
                       seqlen=ids.shape[1])
   t0 = time.perf_counter()
-  quantize_folder(src, ids, cfg, out, mesh=None, progress=False)
+  peaks = []  # peak RSS after each block: flat after the first when memory does not grow
+  quantize_folder(src, ids, cfg, out, mesh=None, progress=False,
+                  on_block_done=lambda i, block, records: peaks.append(peak_rss_mb()))
   seconds = time.perf_counter() - t0
   rss_peak = peak_rss_mb()
   _, qparams, _ = import_hf(out)  # the result loads (after the measurement)
@@ -106,7 +108,7 @@ def child(src: str, out: str, ids_path: str) -> None:
       qparams, is_leaf=lambda x: isinstance(x, gj.PackedWeight)))
   out_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
   emit_json({"rss_start_mb": rss_start, "rss_peak_mb": rss_peak, "seconds": seconds,
-             "out_bytes": out_bytes, "packed_linears": packed})
+             "out_bytes": out_bytes, "packed_linears": packed, "peak_after_block_mb": peaks})
 
 
 def main() -> None:
@@ -151,12 +153,15 @@ def main() -> None:
             ["GPTQ folder written", r["out_bytes"] / 2**20]]
     print(table(["what", "MiB"], rows))
     print(f"peak RSS / model size = {r['rss_peak_mb'] / model_mb:.3f}; quantized in "
-          f"{r['seconds']:.0f} s")
+          f"{r['seconds']:.0f} s; peak RSS after each block (MiB): "
+          + " ".join(f"{v:.0f}" for v in r["peak_after_block_mb"]))
     emit_json({"model_mb": model_mb, "block_mb": block_mb, "embed_mb": embed_mb,
                "rss_start_mb": r["rss_start_mb"], "rss_peak_mb": r["rss_peak_mb"],
                "peak_rss_over_model": r["rss_peak_mb"] / model_mb,
                "peak_rss_over_block": r["rss_peak_mb"] / block_mb,
-               "quantize_seconds": r["seconds"], "packed_linears": r["packed_linears"], "out_mb": r["out_bytes"] / 2**20,
+               "quantize_seconds": r["seconds"], "packed_linears": r["packed_linears"],
+               "peak_after_first_block_mb": r["peak_after_block_mb"][0],
+               "peak_after_block_mb": r["peak_after_block_mb"], "out_mb": r["out_bytes"] / 2**20,
                "layers": args.layers, "hidden": h, "intermediate": m, "vocab": args.vocab,
                "nsamples": args.nsamples, "seqlen": args.seqlen,
                "malloc_env": {} if args.default_malloc else MALLOC_ENV})
