@@ -1,7 +1,7 @@
 """Per-layer GPTQ solve time: gptq_jax.quantize_weight vs GPTQModel's GPTQ (torch CPU), same run.
 
     .venv/bin/python benchmarks/bench_solver.py [--shapes small|large|all|576x576,...]
-        [--repeats 3] [--baseline auto|gptqmodel|numpy|none]
+        [--repeats 3] [--baseline-repeats N] [--baseline auto|gptqmodel|numpy|none]
 
 For each (in, out): a fixed synthetic layer (Student-t weights; a full-rank, correlated Hessian
 with a heavy-tailed diagonal), 4-bit, group 128, sym, damp 0.1, act_group_aware on (both
@@ -144,9 +144,13 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--shapes", default="all", help="small, large, all, or e.g. 576x576,4096x4096")
   ap.add_argument("--repeats", type=int, default=3, help="timed calls after the first (median)")
+  ap.add_argument("--baseline-repeats", type=int, default=None,
+                  help="timed baseline calls after its first (default: --repeats); GPTQModel takes "
+                       "minutes per 4096-class layer on a loaded 2-core machine")
   ap.add_argument("--baseline", default="auto", choices=("auto", "gptqmodel", "numpy", "none"))
   args = ap.parse_args()
   shapes = parse_shapes(args.shapes)
+  base_repeats = args.baseline_repeats or args.repeats
 
   baseline = args.baseline
   if baseline in ("auto", "gptqmodel"):
@@ -163,10 +167,10 @@ def main() -> None:
   base_name, base = "none", {}
   with tempfile.TemporaryDirectory(prefix="bench_solver_") as workdir:
     if baseline == "gptqmodel":  # first, so its subprocess does not compete with our process
-      base_name, base = run_gptqmodel(shapes, problems, args.repeats, workdir)
+      base_name, base = run_gptqmodel(shapes, problems, base_repeats, workdir)
     ours = run_ours(shapes, problems, args.repeats)
   if baseline == "numpy":
-    base_name, base = run_numpy_reference(shapes, problems, args.repeats)
+    base_name, base = run_numpy_reference(shapes, problems, base_repeats)
 
   rows, results = [], {}
   for k, n in shapes:
@@ -191,6 +195,7 @@ def main() -> None:
   large = [r for r in large if r is not None]
   emit_json({"bench": "solver", "baseline": base_name, "bits": 4, "group_size": 128, "sym": True,
              "damp_percent": DAMP, "act_group_aware": True, "repeats": args.repeats,
+             "baseline_repeats": base_repeats if base else 0,
              "loadavg": os.getloadavg(), "results": results,
              "max_ratio_4096_class": max(large) if large else None})
 
