@@ -18,7 +18,7 @@ def _linear_inputs(block, cfg, h, positions, mask):
   seen = {}
 
   def grab(next_fun, args, kwargs, context):
-    if isinstance(context.module, Linear):
+    if isinstance(context.module, Linear) and context.method_name == "__call__":
       seen[tuple(context.module.path)] = np.asarray(args[0])
     return next_fun(*args, **kwargs)
 
