@@ -5,10 +5,13 @@ Skipped, saying why, when that venv is absent or GPTQModel cannot load a folder.
 
 import os
 
+import jax
 import numpy as np
 
+from gptq_jax.core.weights import PackedWeight
 from gptq_jax.interop import export_hf, import_hf
-from gptq_jax.models.llama import forward
+from gptq_jax.models.llama import forward, save_hf_folder
+from gptq_jax.models.llama.testing import tiny_hf_model, torch_logits
 from tests.interop.helpers import oracle_logits, run_oracle, tiny_tokenizer
 
 CASES = [(bits, desc_act, fmt) for bits in (4, 3) for desc_act in (False, True)
@@ -20,7 +23,7 @@ def test_gptqmodel_runs_our_export_with_our_logits(tiny_llama, quantized, tmp_pa
   kernel, and its logits equal gptq_jax's (packed kernels) on the same tokens."""
   cfg, _, ids = tiny_llama
   tok = tiny_tokenizer(cfg.vocab_size)
-  folders, ours = [], []
+  folders, ours, v1 = [], [], {}
   for bits, desc_act, fmt in CASES:
     qcfg, qparams = quantized(bits, desc_act)
     folder = str(tmp_path / f"w{bits}_act{int(desc_act)}_{fmt}")
@@ -28,7 +31,16 @@ def test_gptqmodel_runs_our_export_with_our_logits(tiny_llama, quantized, tmp_pa
     model_config, params, read_cfg = import_hf(folder)
     assert (read_cfg.bits, read_cfg.desc_act, read_cfg.format) == (bits, desc_act, fmt)
     folders.append(folder)
-    ours.append(np.asarray(forward(params, model_config, ids[:2])))
+    if fmt == "gptq":
+      v1[bits, desc_act] = params
+      ours.append(np.asarray(forward(params, model_config, ids[:2])))
+    else:  # the v2 folder holds the same model: same dequantized weights, so the same logits
+      dense = lambda p: [np.asarray(w.dequantize()) for w in jax.tree.leaves(  # noqa: E731
+          p, is_leaf=lambda x: isinstance(x, PackedWeight)) if isinstance(w, PackedWeight)]
+      assert len(dense(params)) == 7 * cfg.num_hidden_layers
+      for a, b in zip(dense(params), dense(v1[bits, desc_act]), strict=True):
+        np.testing.assert_array_equal(a, b)
+      ours.append(ours[-1])
   theirs = oracle_logits(folders, ids[:2], str(tmp_path))
   for (bits, desc_act, fmt), a, b in zip(CASES, ours, theirs):
     scale = np.abs(b).max()
@@ -41,9 +53,6 @@ def test_gptqmodel_runs_our_export_with_our_logits(tiny_llama, quantized, tmp_pa
 def test_gptqmodel_folder_imports_with_identical_weights(tiny_llama, tmp_path):
   """A folder GPTQModel quantized and saved (4-bit, act-order, v1) imports into gptq_jax with
   dequantized weights identical to GPTQModel's own dequantization, and runs."""
-  from gptq_jax.models.llama import save_hf_folder
-  from gptq_jax.models.llama.testing import tiny_pair
-
   cfg, params, ids = tiny_llama
   src, out = str(tmp_path / "float"), str(tmp_path / "gptqmodel")
   save_hf_folder(src, cfg, params)
@@ -61,8 +70,6 @@ def test_gptqmodel_folder_imports_with_identical_weights(tiny_llama, tmp_path):
     if name.endswith("q_proj"):  # act-order: GPTQModel's g_idx is not the trivial one
       assert not np.array_equal(np.asarray(w.g_idx), np.arange(w.in_features) // 32)
   logits = np.asarray(forward(qparams, model_config, ids[:2]))
-  hf = tiny_pair(0)[0]
-  from gptq_jax.models.llama.testing import torch_logits
-  float_logits = torch_logits(hf, ids[:2])
+  float_logits = torch_logits(tiny_hf_model(0), ids[:2])  # the same weights before quantization
   # Quantized, but still the same model: close to the float logits, far from noise.
   assert np.abs(logits - float_logits).mean() < 0.25 * np.abs(float_logits).mean()
