@@ -22,7 +22,8 @@ class BlockProgress:
   On a terminal the line is redrawn after each layer (the layer just quantized and its GPTQ loss)
   and kept when the block finishes; elsewhere (a log file, a pipe) one line per finished block is
   written, ending with the block's largest layer loss. The ETA counts only blocks quantized in
-  this run (a resumed run's skipped blocks took no time).
+  this run (a resumed run's skipped blocks took no time) and, from the second one on, leaves out
+  the first (it includes compilation).
   """
 
   def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None,
@@ -32,6 +33,7 @@ class BlockProgress:
     self.t0 = clock()
     self.done = 0
     self.first = 0
+    self.t_first: float | None = None  # when the first block of this run finished
     self.worst: tuple[str, float] | None = None  # the current block's largest layer loss
     self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
@@ -45,6 +47,8 @@ class BlockProgress:
       self.worst = (layer, loss)
     if finished:
       self.done = block + 1
+      if self.t_first is None:
+        self.t_first = self.clock()
     if self.enabled and (finished or self._tty):
       self.stream.write(self.line(block, layer, loss, finished))
       self.stream.flush()
@@ -55,7 +59,11 @@ class BlockProgress:
     elapsed = self.clock() - self.t0
     frac = self.done / self.total
     worked = self.done - self.first
-    eta = _fmt(elapsed / worked * (self.total - self.done)) if worked else "?"
+    if worked >= 2:  # the pace after the first block, whose time includes compilation
+      pace = (self.clock() - self.t_first) / (worked - 1)
+    else:
+      pace = elapsed / worked if worked else None
+    eta = "?" if pace is None else _fmt(pace * (self.total - self.done))
     filled = int(frac * self.width)
     text = (f"[block {min(block + 1, self.total)}/{self.total}] "
             f"{'#' * filled}{'-' * (self.width - filled)} {frac:4.0%} "

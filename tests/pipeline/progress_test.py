@@ -30,9 +30,12 @@ def test_log_lines_one_per_block_with_eta_and_max_loss():
   clock.t = 20.0
   bar.update(1, "mlp.up_proj", 0.25)
   bar.update(1, finished=True)
+  clock.t = 23.0  # after the first block (compilation), the pace is that of the later blocks
+  bar.update(2, finished=True)
   assert out.getvalue().splitlines() == [
       "[block 1/4] ##------  25% 10s elapsed ETA 30s | max layer loss 2 (mlp.down_proj)",
       "[block 2/4] ####----  50% 20s elapsed ETA 20s | max layer loss 0.25 (mlp.up_proj)",
+      "[block 3/4] ######--  75% 23s elapsed ETA 6s",
   ]
 
 
