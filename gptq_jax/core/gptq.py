@@ -19,6 +19,7 @@ boundaries: every group that starts inside a block is therefore fitted at the bl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import NamedTuple
@@ -270,6 +271,17 @@ def _validate(kernel, hessian) -> None:
                        "finite Hessian (check the calibration activations for overflow)")
 
 
+def _lapack_single_threaded():
+  """On CPU, XLA runs Cholesky and triangular solves through OpenBLAS's LAPACK, whose worker
+  threads spin against XLA's own pool: a 576x576 factorization then takes anywhere from 7 ms to
+  0.5 s (measured on 2 cores). One BLAS thread makes it steady (and no slower at 4096)."""
+  if jax.default_backend() != "cpu":
+    return contextlib.nullcontext()
+  import threadpoolctl  # a dependency; imported here so accelerator hosts never load it
+
+  return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def factorize(Hp, cfg: GPTQConfig, name: str = "layer"):
   """U for the first damping in ``damp_percent + j * damp_auto_increment < 1`` that works.
 
@@ -277,8 +289,10 @@ def factorize(Hp, cfg: GPTQConfig, name: str = "layer"):
   """
   damp = cfg.damp_percent
   while True:
-    U, ok = _inverse_factor(Hp, jnp.float32(damp))
-    if bool(ok):
+    with _lapack_single_threaded():
+      U, ok = _inverse_factor(Hp, jnp.float32(damp))
+      ok = bool(ok)  # waits for the factorization inside the thread limit
+    if ok:
       if damp != cfg.damp_percent:
         warnings.warn(f"GPTQ {name}: the Hessian was not positive definite at damp_percent="
                       f"{cfg.damp_percent}; succeeded with damp_percent={damp:.5f}", UserWarning,

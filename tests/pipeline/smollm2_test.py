@@ -10,7 +10,8 @@ from gptq_jax.eval import perplexity
 from gptq_jax.pipeline import LLAMA_GROUPS, dense_block, quantize
 from gptq_jax.pipeline.adapter import get_path, set_path
 
-SEQLEN = 256
+CALIB_SEQLEN = 128  # 8 windows: 1024 calibration tokens (kept small: the suite's time budget)
+EVAL_SEQLEN = 256
 
 
 def _rtn(params, cfg, qcfg):
@@ -30,13 +31,13 @@ def test_gptq_act_order_beats_rtn_on_held_out_text(smollm2, smollm2_tokenizer, s
   cfg, params = smollm2
   qcfg = gj.GPTQConfig(4, group_size=128, desc_act=True, act_group_aware=False)
   calib = data.text_calib_batches(data.sotu_texts("calib"), smollm2_tokenizer, nsamples=8,
-                                  seqlen=SEQLEN, batch_size=8)
+                                  seqlen=CALIB_SEQLEN, batch_size=8)
   report = []
   qparams = quantize(params, calib, qcfg, model_config=cfg, mesh=None, progress=False,
                      report=report)
   assert len(report) == 7 * cfg.num_hidden_layers and not any(r["fallback"] for r in report)
-  ppl = lambda p: perplexity(p, cfg, sotu_eval_tokens, seqlen=SEQLEN, max_windows=8,
-                             batch_size=4)
+  ppl = lambda p: perplexity(p, cfg, sotu_eval_tokens, seqlen=EVAL_SEQLEN, max_windows=6,
+                             batch_size=6)
   base, gptq, rtn = ppl(params), ppl(dense_block(qparams)), ppl(_rtn(params, cfg, qcfg))
   print(f"SOTU 2016-2021 perplexity: float {base:.3f}, GPTQ {gptq:.3f}, RTN {rtn:.3f}")
   assert base < gptq < rtn, (base, gptq, rtn)
