@@ -158,6 +158,8 @@ def load(path: str) -> Checkpoint:
       dtype=meta.get("compute_dtype", "float32"))
   qc = meta.get("quant_config")
   quant_config = None if qc is None else GPTQConfig.from_dict(qc)
+  if quant_config is not None:  # the packed kernels run on the backend the run was configured for
+    model_config = model_config.replace(backend=quant_config.backend)
   tok = os.path.join(path, "tokenizer")
   return Checkpoint(params, model_config, quant_config, meta, tok if os.path.isdir(tok) else None)
 

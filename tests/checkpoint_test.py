@@ -92,3 +92,12 @@ def test_save_never_overwrites(quantized, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["taken"]
   with pytest.raises(FileNotFoundError, match="not a gptq_jax checkpoint folder"):
     checkpoint.load(str(tmp_path / "taken"))
+
+
+def test_reload_runs_packed_kernels_on_the_configured_backend(quantized, tmp_path):
+  cfg, qcfg, qparams, ids = quantized
+  folder = str(tmp_path / "ckpt_xla")
+  checkpoint.save(folder, qparams, model_config=cfg, quant_config=qcfg.replace(backend="xla"))
+  ckpt = checkpoint.load(folder)
+  assert ckpt.model_config.backend == "xla" and cfg.backend == "auto"
+  assert ckpt.model_config.replace(backend="auto") == cfg
