@@ -39,8 +39,13 @@ def gptqmodel_with_mse(mse: float, argv: list[str]) -> None:
   """Runs in the GPTQModel venv: the shared baseline script with its config's ``mse`` set."""
   import gptqmodel.quantization.config as gconf
 
-  original = gconf.GPTQConfig
-  gconf.GPTQConfig = lambda *a, **kw: original(*a, **{**kw, "mse": mse})  # noqa: E731
+  post_init = gconf.GPTQConfig.__post_init__
+
+  def with_mse(self):  # every GPTQConfig built in this process (reloads too: harmless) clips
+    self.mse = mse
+    post_init(self)
+
+  gconf.GPTQConfig.__post_init__ = with_mse
   script = os.path.join(BASELINES, "gptqmodel_pipeline.py")
   sys.argv = [script, *argv]
   runpy.run_path(script, run_name="__main__")
@@ -109,10 +114,9 @@ def main() -> None:
   ap.add_argument("--refine-lr", type=float, default=5e-3)
   ap.add_argument("--refine-batch", type=int, default=2)
   ap.add_argument("--no-baseline", action="store_true")
-  ap.add_argument("--side", choices=("gptqmodel",), help=argparse.SUPPRESS)
-  args, rest = ap.parse_known_args()
-  if args.side == "gptqmodel":
-    return gptqmodel_with_mse(MSE, rest)
+  if sys.argv[1:3] == ["--side", "gptqmodel"]:  # the child in the GPTQModel venv
+    return gptqmodel_with_mse(MSE, sys.argv[3:])
+  args = ap.parse_args()
 
   from bench_pipeline import prepare  # the shared calibration / evaluation / HF-folder recipe
 
