@@ -67,8 +67,7 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int) -> Non
   import gptq_jax as gj
   from gptq_jax.eval import perplexity
   from gptq_jax.models.llama import load_llama
-  from gptq_jax.pipeline import LLAMA_GROUPS, dense_block, quantize
-  from gptq_jax.pipeline.adapter import get_path, set_path
+  from gptq_jax.pipeline import dense_block, quantize, rtn_model
 
   calib = np.load(os.path.join(workdir, "calib.npy"))
   tokens = np.load(os.path.join(workdir, "eval.npy"))
@@ -85,21 +84,11 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int) -> Non
   quantize_s = time.perf_counter() - t0
   rss = peak_rss_mb()
 
-  def rtn(params):
-    out = dict(params)
-    for i in range(cfg.num_hidden_layers):
-      block = params[f"layers_{i}"]
-      for path in sum(LLAMA_GROUPS, ()):
-        kernel = get_path(block, path)["kernel"]
-        block = set_path(block, path + ("kernel",), gj.rtn_quantize(kernel, qcfg).dequantize())
-      out[f"layers_{i}"] = block
-    return out
-
   ppl = lambda p: perplexity(p, cfg, tokens, seqlen=seqlen, batch_size=4)  # noqa: E731
   t0 = time.perf_counter()
   result = {"quantize_s": quantize_s, "peak_rss_mb": rss, "rss_before_quantize_mb": rss_loaded,
             "load_s": load_s, "ppl_gptq": ppl(dense_block(qparams)), "ppl_float": ppl(params),
-            "ppl_rtn": ppl(rtn(params))}
+            "ppl_rtn": ppl(dense_block(rtn_model(params, qcfg, model_config=cfg)))}
   log(f"gptq_jax side: quantize {quantize_s:.1f}s, evaluation {time.perf_counter() - t0:.1f}s")
   emit_json(result)
 

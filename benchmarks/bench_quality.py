@@ -56,8 +56,7 @@ def ours(workdir: str, args) -> dict:
   import gptq_jax as gj
   from gptq_jax.eval import perplexity
   from gptq_jax.models.llama import load_llama
-  from gptq_jax.pipeline import LLAMA_GROUPS, dense_block, quantize
-  from gptq_jax.pipeline.adapter import get_path, set_path
+  from gptq_jax.pipeline import dense_block, quantize, rtn_model
 
   calib = np.load(os.path.join(workdir, "calib.npy"))
   tokens = np.load(os.path.join(workdir, "eval.npy"))
@@ -77,13 +76,7 @@ def ours(workdir: str, args) -> dict:
   log(f"float: ppl {out['float']['ppl']:.4f}")
 
   t0 = time.perf_counter()
-  rtn = dict(params)
-  for i in range(cfg.num_hidden_layers):
-    block = params[f"layers_{i}"]
-    for path in sum(LLAMA_GROUPS, ()):
-      packed = gj.rtn_quantize(get_path(block, path)["kernel"], base).pack(base.format)
-      block = set_path(block, path + ("kernel",), packed)
-    rtn[f"layers_{i}"] = block
+  rtn = rtn_model(params, base, model_config=cfg)
   rtn_s = time.perf_counter() - t0
   out["rtn"] = {"ppl": ppl(dense_block(rtn)), "seconds": rtn_s}
   log(f"rtn: ppl {out['rtn']['ppl']:.4f} ({rtn_s:.1f}s)")

@@ -2,5 +2,6 @@
 
 from gptq_jax.pipeline.adapter import LLAMA_GROUPS, DecoderAdapter, LlamaAdapter
 from gptq_jax.pipeline.driver import dense_block, quantize
+from gptq_jax.pipeline.rtn import rtn_model
 
-__all__ = ["LLAMA_GROUPS", "DecoderAdapter", "LlamaAdapter", "dense_block", "quantize"]
+__all__ = ["LLAMA_GROUPS", "DecoderAdapter", "LlamaAdapter", "dense_block", "quantize", "rtn_model"]

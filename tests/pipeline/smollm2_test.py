@@ -7,23 +7,10 @@ import pytest
 import gptq_jax as gj
 from gptq_jax import data
 from gptq_jax.eval import perplexity
-from gptq_jax.pipeline import LLAMA_GROUPS, dense_block, quantize
-from gptq_jax.pipeline.adapter import get_path, set_path
+from gptq_jax.pipeline import dense_block, quantize, rtn_model
 
 CALIB_SEQLEN = 128  # 8 windows: 1024 calibration tokens (kept small: the suite's time budget)
 EVAL_SEQLEN = 256
-
-
-def _rtn(params, cfg, qcfg):
-  """Every block linear replaced by its round-to-nearest dequantization (same grid, same groups)."""
-  out = dict(params)
-  for i in range(cfg.num_hidden_layers):
-    block = params[f"layers_{i}"]
-    for path in sum(LLAMA_GROUPS, ()):
-      kernel = get_path(block, path)["kernel"]
-      block = set_path(block, path + ("kernel",), gj.rtn_quantize(kernel, qcfg).dequantize())
-    out[f"layers_{i}"] = block
-  return out
 
 
 @pytest.mark.slow
@@ -38,7 +25,8 @@ def test_gptq_act_order_beats_rtn_on_held_out_text(smollm2, smollm2_tokenizer, s
   assert len(report) == 7 * cfg.num_hidden_layers and not any(r["fallback"] for r in report)
   ppl = lambda p: perplexity(p, cfg, sotu_eval_tokens, seqlen=EVAL_SEQLEN, max_windows=6,
                              batch_size=6)
-  base, gptq, rtn = ppl(params), ppl(dense_block(qparams)), ppl(_rtn(params, cfg, qcfg))
+  rtn_params = rtn_model(params, qcfg, model_config=cfg)
+  base, gptq, rtn = ppl(params), ppl(dense_block(qparams)), ppl(dense_block(rtn_params))
   print(f"SOTU 2016-2021 perplexity: float {base:.3f}, GPTQ {gptq:.3f}, RTN {rtn:.3f}")
   assert base < gptq < rtn, (base, gptq, rtn)
   packed = jax.tree.leaves(qparams["layers_0"], is_leaf=lambda x: isinstance(x, gj.PackedWeight))

@@ -1,0 +1,30 @@
+"""Round-to-nearest for a whole decoder: the baseline GPTQ is measured against.
+
+Every linear that ``quantize`` would quantize gets the same grid (bits, groups, sym, clipping
+search) fitted on its own weights, with no calibration data; the result has the same form as
+``quantize``'s (``PackedWeight`` kernels in ``cfg.format``), so it evaluates, saves and exports the
+same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gptq_jax.config import GPTQConfig
+from gptq_jax.core.gptq import rtn_quantize
+from gptq_jax.pipeline.adapter import DecoderAdapter, get_path, set_path
+
+
+def rtn_model(params: Any, cfg: GPTQConfig, *, model_config: Any = None,
+              adapter: DecoderAdapter | None = None) -> Any:
+  """``params`` with every block linear's ``"kernel"`` RTN-quantized to a ``PackedWeight``."""
+  from gptq_jax.pipeline.driver import resolve_adapter  # the driver imports this module's peers
+
+  adapter = resolve_adapter(params, model_config, adapter)
+  for i in range(adapter.num_blocks(params)):
+    block = adapter.get_block(params, i)
+    for path in (p for group in adapter.sequential_groups for p in group):
+      kernel = get_path(block, path)["kernel"]
+      block = set_path(block, path + ("kernel",), rtn_quantize(kernel, cfg).pack(cfg.format))
+    params = adapter.set_block(params, i, block)
+  return params
