@@ -141,17 +141,17 @@ class _FirstBlocks(LlamaAdapter):
     return self.k
 
 
-def test_smollm2_refinement_lowers_heldout_perplexity():
+def test_smollm2_refinement_lowers_heldout_perplexity(smollm2, smollm2_tokenizer,
+                                                     sotu_eval_tokens):
   """4-bit g128 GPTQ (act-order) of SmolLM2-135M's first blocks, with and without refinement:
   perplexity on held-out SOTU windows (2016-2021; calibration uses 1990-2015 only)."""
   from gptq_jax import data, eval as evaluation
-  from gptq_jax.models.llama import load_llama, load_tokenizer
 
-  cfg, params = load_llama("smollm2-135m")
-  tok = load_tokenizer("smollm2-135m")
+  cfg, params = smollm2  # the session's model, shared with the other SmolLM2 tests
+  tok = smollm2_tokenizer
   calib = data.text_calib_batches(data.sotu_texts("calib"), tok, nsamples=8, seqlen=128, seed=0,
                                   batch_size=8)
-  heldout = data.tokenize_text(data.sotu_texts("eval"), tok)
+  heldout = sotu_eval_tokens
   adapter = _FirstBlocks(cfg, 4)
   qcfg = gj.GPTQConfig(4, group_size=128, desc_act=True, act_group_aware=False)
   ppl = {}
