@@ -57,6 +57,18 @@ def arrange_groups(a: jax.Array, gc: int) -> jax.Array:
   return a.reshape(g // gc, gc, 1, n)
 
 
+def arrange_operands(x: jax.Array, scales: jax.Array, zeros: jax.Array, *, bm: int, bkc: int,
+                     gc: int, bits: int):
+  """What both kernels take: ``x [M, K]`` padded to a multiple of ``bm`` rows and arranged by
+  ``arrange_x`` (``[K / bkc, M_pad, bkc]``), scales and zeros (as scale dtype) by ``arrange_groups``
+  (``[G / gc, gc, 1, N]``). Returns ``(xs, s4, z4, m_pad)``."""
+  m = x.shape[0]
+  m_pad = -(-m // bm) * bm
+  x = jnp.pad(x, ((0, m_pad - m), (0, 0))) if m_pad != m else x
+  return (arrange_x(x, bkc, bits), arrange_groups(scales, gc),
+          arrange_groups(zeros.astype(scales.dtype), gc), m_pad)
+
+
 def expand_rows(a: jax.Array, rc: int) -> jax.Array:
   """``[gc, 1, N]`` per-group rows -> ``[rc, N]`` per-run rows (each group covers rc/gc runs)."""
   gc, _, n = a.shape

@@ -57,11 +57,7 @@ def matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array
   gs = layout.effective_group_size(group_size, k)
   gc = layout.groups_per_chunk(bkc, gs)
   nkc, rc = k // bkc, bkc // nvals
-  m_pad = -(-m // bm) * bm
-  x = jnp.pad(x, ((0, m_pad - m), (0, 0))) if m_pad != m else x
-  xs = layout.arrange_x(x, bkc, bits)  # [K / bkc, M_pad, bkc]
-  s4 = layout.arrange_groups(scales, gc)  # [G / gc, gc, 1, N]
-  z4 = layout.arrange_groups(zeros.astype(scales.dtype), gc)
+  xs, s4, z4, m_pad = layout.arrange_operands(x, scales, zeros, bm=bm, bkc=bkc, gc=gc, bits=bits)
   g_rows = s4.shape[0]
   kernel = functools.partial(_kernel, bits=bits, nkc=nkc, rc=rc, bkc=bkc, gs=gs, gc=gc)
   out = pl.pallas_call(
