@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
 BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
+MSE_WEIGHTS = ("none", "hessian")
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new")
 
 
@@ -49,7 +50,10 @@ class GPTQConfig:
   true_sequential, format, backend. Ours: static_groups, block_size (the lazy-update block,
   ``blocksize`` in the paper), damp_auto_increment (damping escalation step when the Cholesky
   factorisation fails; 0 disables escalation), nsamples / seqlen / seed (calibration data), mse
-  (clipping search norm exponent; 0 = plain min/max grid, 2.4 in the references), refine_steps /
+  (clipping search norm exponent; 0 = plain min/max grid, 2.4 in the references), mse_weight (the
+  search's error in the GPTQ solver: "none" = the references' ``sum |q - x|^mse``, "hessian" = each
+  column's error divided by the inverse-Hessian factor's diagonal ``U_jj``, the error GPTQ's column
+  loop charges it; RTN has no Hessian and ignores it), refine_steps /
   refine_lr / refine_rounding / refine_batch (block-wise optax refinement after GPTQ, see
   ``pipeline/refine.py``: Adam steps per block, 0 = off; the log-scale learning rate; also learn a
   rounding offset per weight; calibration samples per step).
@@ -73,6 +77,7 @@ class GPTQConfig:
   seqlen: int = 2048
   seed: int = 0
   mse: float = 0.0
+  mse_weight: str = "none"
   refine_steps: int = 0
   refine_lr: float = 1e-3
   refine_rounding: bool = False
@@ -105,6 +110,8 @@ class GPTQConfig:
       _fail("seed", self.seed, "an int >= 0")
     if not _is_number(self.mse) or self.mse < 0:
       _fail("mse", self.mse, "0 (off) or a norm exponent > 0 (2.4 in the references)")
+    if self.mse_weight not in MSE_WEIGHTS:
+      _fail("mse_weight", self.mse_weight, f"one of {MSE_WEIGHTS}")
     if not _is_int(self.refine_steps) or self.refine_steps < 0:
       _fail("refine_steps", self.refine_steps, "an int >= 0 (0 = no refinement)")
     if not _is_number(self.refine_lr) or not self.refine_lr > 0:
@@ -216,4 +223,4 @@ class GPTQConfig:
 
 
 _OURS = ("static_groups", "block_size", "damp_auto_increment", "nsamples", "seqlen", "seed", "mse",
-         "refine_steps", "refine_lr", "refine_rounding", "refine_batch")
+         "mse_weight", "refine_steps", "refine_lr", "refine_rounding", "refine_batch")

@@ -42,6 +42,7 @@ def test_defaults_are_optimums():
     (dict(bits=4, seqlen=2.5), "seqlen", "int > 0"),
     (dict(bits=4, seed=-1), "seed", ">= 0"),
     (dict(bits=4, mse=-1.0), "mse", "norm exponent"),
+    (dict(bits=4, mse_weight="diag"), "mse_weight", "hessian"),
     (dict(bits=4, refine_steps=-5), "refine_steps", "int >= 0"),
     (dict(bits=4, refine_steps=1.5), "refine_steps", "int >= 0"),
     (dict(bits=4, refine_lr=0.0), "refine_lr", "> 0"),
@@ -89,7 +90,8 @@ def test_v1_asym_warns_and_limits_zero():
 def test_hf_dict_round_trip():
   c = GPTQConfig(3, group_size=64, damp_percent=0.05, desc_act=True, act_group_aware=False,
                  sym=True, true_sequential=False, format="gptq_v2", static_groups=True,
-                 dataset=["x y"], seqlen=512, nsamples=16, mse=2.4, block_size=64,
+                 dataset=["x y"], seqlen=512, nsamples=16, mse=2.4, mse_weight="hessian",
+                 block_size=64,
                  refine_steps=50, refine_lr=5e-3, refine_rounding=True, refine_batch=2)
   d = c.to_dict()
   assert d["gptq_jax"]["refine_steps"] == 50 and d["gptq_jax"]["refine_rounding"] is True

@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 
-from gptq_jax.config import BACKENDS, FORMATS, GPTQConfig
+from gptq_jax.config import BACKENDS, FORMATS, MSE_WEIGHTS, GPTQConfig
 from gptq_jax.data import DatasetUnavailable
 
 
@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--backend", default=None, choices=BACKENDS)
   g.add_argument("--mse", type=float, default=0.0,
                  help="clipping search norm (0 = off; 2.4 in the references)")
+  g.add_argument("--mse-weight", default="none", choices=MSE_WEIGHTS,
+                 help="clipping search error in GPTQ: none (the references') or hessian (each "
+                      "column's error over its inverse-Hessian factor diagonal)")
   g.add_argument("--refine-steps", type=int, default=0,
                  help="optax block-wise refinement: Adam steps per block after GPTQ (0 = off)")
   g.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate")
@@ -74,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args) -> GPTQConfig:
   kw = dict(group_size=args.group_size, damp_percent=args.damp_percent, desc_act=args.desc_act,
             sym=args.sym, true_sequential=args.true_sequential, static_groups=args.static_groups,
-            format=args.format, backend=args.backend, mse=args.mse, block_size=args.block_size,
+            format=args.format, backend=args.backend, mse=args.mse, mse_weight=args.mse_weight,
+            block_size=args.block_size,
             refine_steps=args.refine_steps, refine_lr=args.refine_lr,
             refine_rounding=args.refine_rounding,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)

@@ -53,16 +53,25 @@ class _Static(NamedTuple):
   block_size: int
   min_zero: int
   mse: float
+  mse_weight: str  # "none" or "hessian"
 
-  def fit(self, x):
+  def fit(self, x, weight=None):
     return quantizer.fit_grid(x, bits=self.bits, sym=self.sym, min_zero=self.min_zero,
-                              mse=self.mse)
+                              mse=self.mse, weight=weight)
+
+  def clip_weight(self, u_diag):
+    """Per-column weights of the clipping search: ``U_jj ** -mse`` with ``mse_weight="hessian"``
+    (the search then minimises ``sum |(q - x) / U_jj| ** mse``, the error GPTQ's column loop
+    charges each column), else None (the references' plain ``sum |q - x| ** mse``)."""
+    if not self.mse or self.mse_weight != "hessian":
+      return None
+    return u_diag ** -self.mse
 
 
 def _static_of(cfg: GPTQConfig) -> _Static:
   order = "desc" if cfg.desc_act else ("gar" if cfg.act_group_aware else "natural")
   return _Static(cfg.bits, cfg.group_size, cfg.sym, cfg.static_groups, order, cfg.block_size,
-                 cfg.min_zero, float(cfg.mse))
+                 cfg.min_zero, float(cfg.mse), cfg.mse_weight)
 
 
 def gar_permutation(diag, group_size: int):
@@ -82,25 +91,13 @@ def gar_permutation(diag, group_size: int):
 
 @functools.partial(jax.jit, static_argnums=2)
 def _prepare(kernel, H, st: _Static):
-  """Dead columns, static groups and the column order. Returns the permuted Wt and H."""
+  """Dead columns and the column order. Returns the permuted Wt and H, and the permutation."""
   Wt = kernel.astype(jnp.float32)  # [cols, rows]
   H = H.astype(jnp.float32)
-  cols, rows = Wt.shape
-  if st.group_size == -1:
-    # One grid per row, fitted (as in the reference) before the dead-column fix.
-    scale0, zero0 = st.fit(Wt.T)  # [rows]
-  else:
-    scale0 = zero0 = jnp.zeros((rows,), jnp.float32)  # unused: groups fit their own
+  cols = Wt.shape[0]
   dead = jnp.diag(H) == 0
   H = H + jnp.diag(dead.astype(jnp.float32))
   Wt = jnp.where(dead[:, None], 0.0, Wt)
-  if st.static_groups:
-    gs = st.group_size
-    groups = -(-cols // gs)
-    Wg = jnp.pad(Wt, ((0, groups * gs - cols), (0, 0))).reshape(groups, gs, rows)
-    sscale, szero = st.fit(jnp.swapaxes(Wg, 1, 2))  # [groups, rows]
-  else:
-    sscale, szero = scale0[None], zero0[None]
   diag = jnp.diag(H)
   if st.order == "desc":
     perm = jnp.argsort(-diag, stable=True)
@@ -108,7 +105,29 @@ def _prepare(kernel, H, st: _Static):
     perm = gar_permutation(diag, st.group_size)
   else:
     perm = jnp.arange(cols)
-  return Wt[perm], H[perm][:, perm], perm, (scale0, zero0), (sscale, szero)
+  return Wt[perm], H[perm][:, perm], perm
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _fixed_grids(kernel, H, st: _Static, col_weight=None):
+  """The grids fitted before the column loop: one per row with ``group_size=-1`` (on W before the
+  dead-column fix, as in the reference) and one per static group; unused zeros otherwise.
+  ``col_weight [cols]`` (natural order) weighs the clipping search's per-column errors."""
+  Wt = kernel.astype(jnp.float32)  # [cols, rows]
+  cols, rows = Wt.shape
+  if st.group_size == -1:
+    scale0, zero0 = st.fit(Wt.T, col_weight)  # [rows]
+  else:
+    scale0 = zero0 = jnp.zeros((rows,), jnp.float32)  # unused: groups fit their own
+  if not st.static_groups:
+    return (scale0, zero0), (scale0[None], zero0[None])
+  gs = st.group_size
+  groups = -(-cols // gs)
+  Wt = jnp.where((jnp.diag(H) == 0)[:, None], 0.0, Wt)
+  Wg = jnp.pad(Wt, ((0, groups * gs - cols), (0, 0))).reshape(groups, gs, rows)
+  if col_weight is not None:
+    col_weight = jnp.pad(col_weight, (0, groups * gs - cols)).reshape(groups, 1, gs)
+  return (scale0, zero0), st.fit(jnp.swapaxes(Wg, 1, 2), col_weight)  # [groups, rows]
 
 
 def _upper_inverse(R):
@@ -139,7 +158,7 @@ def _inverse_factor(H, damp):
   return U, jnp.all(jnp.isfinite(U))
 
 
-def _column_grids(st: _Static, i1, Wt, perm, carry, grids0, sgrids, cols: int):
+def _column_grids(st: _Static, i1, Wt, u_diag, perm, carry, grids0, sgrids, cols: int):
   """(scale, zero) for each of the block's columns: ``[B, rows]`` each."""
   B, gs = st.block_size, st.group_size
   rows = Wt.shape[1]
@@ -152,7 +171,11 @@ def _column_grids(st: _Static, i1, Wt, perm, carry, grids0, sgrids, cols: int):
   nstarts = -(-B // gs)
   first = (i1 + gs - 1) // gs * gs
   starts = first + gs * jnp.arange(nstarts)
-  fit = lambda s: st.fit(jax.lax.dynamic_slice(Wt, (s, 0), (gs, rows)).T)
+
+  def fit(s):
+    w = st.clip_weight(jax.lax.dynamic_slice(u_diag, (s,), (gs,)))
+    return st.fit(jax.lax.dynamic_slice(Wt, (s, 0), (gs, rows)).T, w)
+
   fits = jax.vmap(fit)(starts)  # ([nstarts, rows], [nstarts, rows])
   g0 = idx // gs * gs
   pick = jnp.where(g0 >= i1, (g0 - first) // gs + 1, 0)  # 0 = the group carried in
@@ -177,11 +200,12 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
   Up = jnp.pad(U, ((0, cp - cols), (0, cp - cols))) + jnp.diag(
       (jnp.arange(cp) >= cols).astype(jnp.float32))
   sub = _SUB if B % _SUB == 0 else B
+  u_diag = jnp.pad(jnp.diag(Up), (0, slack), constant_values=1.0)  # [cp + slack]
 
   def block(carry, b):
     Wt, grid_carry, loss = carry
     i1 = b * B
-    s_blk, z_blk = _column_grids(st, i1, Wt, perm, grid_carry, grids0, sgrids, cols)
+    s_blk, z_blk = _column_grids(st, i1, Wt, u_diag, perm, grid_carry, grids0, sgrids, cols)
     W1 = jax.lax.dynamic_slice(Wt, (i1, 0), (B, rows))
     U1 = jax.lax.dynamic_slice(Up, (i1, i1), (B, B))
 
@@ -312,7 +336,7 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
     kernel: ``[in, out]`` (Flax layout).
     hessian: ``[in, in]``, ``X^T X`` of the layer's inputs at any positive scale.
     cfg: the settings (bits, group_size, sym, desc_act, act_group_aware, static_groups,
-      damp_percent, damp_auto_increment, block_size, mse).
+      damp_percent, damp_auto_increment, block_size, mse, mse_weight).
     return_info: also return a ``GPTQInfo`` (loss, damping used, fallback flag).
     name: used in warnings.
 
@@ -325,7 +349,7 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
   kernel, hessian = jnp.asarray(kernel), jnp.asarray(hessian)
   _validate(kernel, hessian)
   st = _static_of(cfg)
-  Wp, Hp, perm, grids0, sgrids = _prepare(kernel, hessian, st)
+  Wp, Hp, perm = _prepare(kernel, hessian, st)
   U, damp = factorize(Hp, cfg, name)
   if U is None:
     warnings.warn(f"GPTQ {name}: the Hessian is not positive definite for any damp_percent < 1 "
@@ -334,6 +358,10 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
     qw = rtn_quantize(kernel, cfg)
     info = GPTQInfo(loss=float("nan"), damp=damp, fallback=True)
   else:
+    col_weight = None
+    if st.group_size == -1 or st.static_groups:  # fitted before the loop: weights in natural order
+      col_weight = st.clip_weight(jnp.diag(U)[jnp.argsort(perm)])
+    grids0, sgrids = _fixed_grids(kernel, hessian, st, col_weight)
     q, s, z, loss = _gptq_blocks(Wp, U, perm, grids0, sgrids, st)
     codes, scales, zeros, g_idx = _assemble(q, s, z, perm, sgrids, st)
     qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=cfg.bits,

@@ -70,11 +70,12 @@ def _minmax_range(x, sym: bool):
 
 
 def fit_grid(x, *, bits: int, sym: bool, min_zero: int = 0, mse: float = 0.0,
-             grid: int = GRID, maxshrink: float = MAXSHRINK):
+             grid: int = GRID, maxshrink: float = MAXSHRINK, weight=None):
   """Fit one grid per row of ``x: [..., n]`` over its last axis -> ``(scale, zero)``, each ``[...]``.
 
   ``mse > 0`` runs the clipping search with norm exponent ``mse``, vectorised over candidates (in
-  batches, so memory stays a few copies of ``x``).
+  batches, so memory stays a few copies of ``x``). ``weight`` (non-negative, broadcastable to
+  ``x``) multiplies each element's ``|q - x| ** mse`` in the search; None weighs all alike.
   """
   maxq = 2**bits - 1
   x = x.astype(jnp.float32)
@@ -90,6 +91,8 @@ def fit_grid(x, *, bits: int, sym: bool, min_zero: int = 0, mse: float = 0.0,
     if sym:
       z = zero  # the reference keeps the symmetric zero
     err = jnp.abs(fake_quantize(x, s[..., None], z[..., None], maxq) - x) ** mse
+    if weight is not None:
+      err = err * weight
     return err.sum(axis=-1)
 
   errs = jax.lax.map(candidate_err, shrink, batch_size=8)  # [ncand, ...]

@@ -190,12 +190,27 @@ def test_bad_flags(cli_env, tmp_path, capsys):
                         (["--output", str(tmp_path / "q"), "--format", "awq"],
                          "argument --format: invalid choice: 'awq'"),
                         (["--output", str(tmp_path / "q"), "--bits", "four"],
-                         "argument --bits: invalid int value: 'four'")):
+                         "argument --bits: invalid int value: 'four'"),
+                        (["--output", str(tmp_path / "q"), "--mse-weight", "diag"],
+                         "argument --mse-weight: invalid choice: 'diag'")):
     with pytest.raises(SystemExit) as exit_info:
       main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "usage:" in err, err
   assert os.listdir(tmp_path) == []
+
+
+def test_quality_flags_reach_the_config(tmp_path):
+  from gptq_jax.cli.quantize import _config, _parser
+
+  args = _parser().parse_args(["--output", str(tmp_path / "q"), "--mse", "2.4", "--mse-weight",
+                               "hessian", "--refine-steps", "7", "--refine-lr", "0.01",
+                               "--refine-rounding", "--desc-act"])
+  cfg = _config(args)
+  assert (cfg.mse, cfg.mse_weight, cfg.refine_steps, cfg.refine_lr, cfg.refine_rounding) == (
+      2.4, "hessian", 7, 0.01, True)
+  assert (cfg.desc_act, cfg.act_group_aware) == (True, False)
+  assert _config(_parser().parse_args(["--output", str(tmp_path / "q")])).mse_weight == "none"
 
 
 def test_perplexity_script_reads_the_checkpoint(full_run, cli_env, tmp_path):

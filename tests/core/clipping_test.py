@@ -24,14 +24,14 @@ def _np_grid(xmin, xmax, maxq, sym):
   return scale, zero
 
 
-def _np_err(x, scale, zero, maxq, norm):
-  """``sum |dequant(q) - x| ** norm`` per row, float64."""
+def _np_err(x, scale, zero, maxq, norm, weight=1.0):
+  """``sum weight * |dequant(q) - x| ** norm`` per row, float64."""
   q = np.clip(np.round(x / scale[:, None]) + zero[:, None], 0, maxq)
   d = scale[:, None].astype(np.float64) * (q - zero[:, None]) - x
-  return np.sum(np.abs(d) ** norm, axis=1)
+  return np.sum(weight * np.abs(d) ** norm, axis=1)
 
 
-def _np_search(x, bits, sym, norm, grid=100, maxshrink=0.8):
+def _np_search(x, bits, sym, norm, grid=100, maxshrink=0.8, weight=1.0):
   """The reference ``find_params(mse)``, one candidate at a time, in float32 NumPy."""
   maxq = 2**bits - 1
   xmin = np.minimum(x.min(1), 0)
@@ -46,7 +46,7 @@ def _np_search(x, bits, sym, norm, grid=100, maxshrink=0.8):
     s1, z1 = _np_grid(p * xmin, p * xmax, maxq, sym)
     if sym:
       z1 = zero
-    err = _np_err(x, s1, z1, maxq, norm)
+    err = _np_err(x, s1, z1, maxq, norm, weight)
     better = err < best
     best, scale, zero = np.where(better, err, best), np.where(better, s1, scale), np.where(
         better, z1, zero)
@@ -76,6 +76,20 @@ def test_search_matches_the_reference_loop(bits, sym):
   maxq = 2**bits - 1
   np.testing.assert_allclose(_np_err(x, s, z, maxq, 2.4), _np_err(x, want_s, want_z, maxq, 2.4),
                              rtol=1e-3)
+
+
+def test_weighted_search_minimises_the_weighted_error():
+  """``weight`` (one per column) picks, per row, the candidate with the least weighted error: the
+  reference loop's choice with weights, and different from the unweighted choice."""
+  x = _groups(7, rows=64)
+  w = np.exp(np.random.default_rng(1).normal(0, 1.5, x.shape[1]))  # heavy-tailed column weights
+  want_s, want_z = _np_search(x, 4, True, 2.4, weight=w)
+  s, z = (np.asarray(a) for a in quantizer.fit_grid(x, bits=4, sym=True, mse=2.4, weight=w))
+  assert np.mean(np.isclose(s, want_s, rtol=1e-6) & (z == want_z)) >= 0.95
+  s0, z0 = (np.asarray(a) for a in quantizer.fit_grid(x, bits=4, sym=True, mse=2.4))
+  weighted = lambda s, z: _np_err(x, s, z, 15, 2.4, w)  # noqa: E731
+  assert np.all(weighted(s, z) <= weighted(s0, z0) * (1 + 1e-5))
+  assert np.mean(~np.isclose(s, s0, rtol=1e-6)) > 0.3  # the weights change most rows' choice
 
 
 def test_search_is_vectorised_over_candidates():

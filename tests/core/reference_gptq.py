@@ -18,7 +18,7 @@ class Quantizer:
     self.sym = sym
     self.min_zero = min_zero
 
-  def find_params(self, x):  # x: [rows, n]
+  def find_params(self, x, mse=0.0, weight=None):  # x: [rows, n], weight: [n] or None
     x = x.astype(F32)
     tmp = np.zeros(x.shape[0], F32)
     xmin = np.minimum(x.min(1), tmp)
@@ -35,7 +35,37 @@ class Quantizer:
       self.zero = np.full_like(self.scale, (self.maxq + 1) / 2)
     else:
       self.zero = np.clip(np.round(-xmin / self.scale), self.min_zero, self.maxq).astype(F32)
+    if mse:
+      self._search(x, xmin, xmax, mse, np.ones(x.shape[1]) if weight is None else weight)
     return self
+
+  def _search(self, x, xmin, xmax, norm, weight, grid=100, maxshrink=0.8):
+    """The clipping search: shrink the range by p = 1 - i / grid, keep each row's first best
+    ``sum_j weight_j |q_j - x_j| ** norm``."""
+    best = np.full(x.shape[0], np.inf)
+    zero0 = self.zero
+    for i in range(int(maxshrink * grid)):
+      p = F32(1 - i / grid)
+      cand = Quantizer(int(np.log2(self.maxq + 1)), self.sym, self.min_zero)
+      cand.find_params_from_range(p * xmin, p * xmax)
+      if self.sym:
+        cand.zero = zero0
+      q = cand.scale[:, None] * (cand.codes_2d(x) - cand.zero[:, None])
+      err = np.sum(np.abs(q - x).astype(np.float64) ** norm * weight, axis=1)
+      better = err < best
+      best = np.where(better, err, best)
+      self.scale = np.where(better, cand.scale, self.scale).astype(F32)
+      self.zero = np.where(better, cand.zero, self.zero).astype(F32)
+
+  def find_params_from_range(self, xmin, xmax):
+    self.scale = ((xmax - xmin) / self.maxq).astype(F32)
+    if self.sym:
+      self.zero = np.full_like(self.scale, (self.maxq + 1) / 2)
+    else:
+      self.zero = np.clip(np.round(-xmin / self.scale), self.min_zero, self.maxq).astype(F32)
+
+  def codes_2d(self, x):  # x: [rows, n]
+    return np.clip(np.round(x / self.scale[:, None]) + self.zero[:, None], 0, self.maxq)
 
   def codes(self, w):  # w: [rows]
     return np.clip(np.round(w / self.scale) + self.zero, 0, self.maxq).astype(F32)
@@ -58,21 +88,22 @@ def gar_perm(diag, gs):
 
 
 def fasterquant(kernel, H, *, bits, group_size=128, sym=True, percdamp=0.1, blocksize=128,
-                actorder=False, static_groups=False, gar=False, min_zero=0):
-  """Returns (codes [out, in], scale [groups, out], zero [groups, out], g_idx [in], loss)."""
+                actorder=False, static_groups=False, gar=False, min_zero=0, mse=0.0,
+                mse_weight="none"):
+  """Returns (codes [out, in], scale [groups, out], zero [groups, out], g_idx [in], loss).
+
+  ``mse``: the clipping search's norm (0 = off). ``mse_weight="hessian"`` weighs each column's
+  search error by ``U_jj ** -mse`` (U: the upper factor of the damped, permuted H^-1), so the
+  grids fitted before the loop (group_size -1, static groups) are fitted once U is known.
+  """
   W = np.array(kernel, F32).T.copy()  # [rows=out, cols=in]
   H = np.array(H, F32).copy()
   rows, cols = W.shape
-  quant = Quantizer(bits, sym, min_zero)
-  if group_size == -1:
-    quant.find_params(W)
+  W_raw = W.copy()
   dead = np.diag(H) == 0
   H[dead, dead] = 1
   W[:, dead] = 0
   gs = group_size
-  if static_groups:
-    groups = [Quantizer(bits, sym, min_zero).find_params(W[:, i:i + gs])
-              for i in range(0, cols, gs)]
   perm = np.arange(cols)
   if actorder:
     perm = np.argsort(-np.diag(H), kind="stable")
@@ -85,6 +116,15 @@ def fasterquant(kernel, H, *, bits, group_size=128, sym=True, percdamp=0.1, bloc
   Linv = np.linalg.inv(L).astype(F32)
   Hinv = (Linv.T @ Linv).astype(F32)
   U = np.linalg.cholesky(Hinv).T.astype(F32)  # upper: Hinv = U^T U
+  weight = np.diag(U).astype(np.float64) ** -mse if mse_weight == "hessian" else np.ones(cols)
+  nat_weight = weight[np.argsort(perm)]  # the same weights, indexed by natural column
+  quant = Quantizer(bits, sym, min_zero)
+  if group_size == -1:
+    quant.find_params(W_raw, mse, nat_weight)
+  if static_groups:
+    Wn = W[:, np.argsort(perm)]  # natural order, after the dead-column fix
+    groups = [Quantizer(bits, sym, min_zero).find_params(Wn[:, i:i + gs], mse, nat_weight[i:i + gs])
+              for i in range(0, cols, gs)]
 
   Q = np.zeros_like(W)
   used = [None] * cols  # the quantizer (scale, zero) used for each processed column
@@ -101,7 +141,8 @@ def fasterquant(kernel, H, *, bits, group_size=128, sym=True, percdamp=0.1, bloc
         if static_groups:
           quant = groups[perm[i1 + i] // gs]
         elif (i1 + i) % gs == 0:
-          quant = Quantizer(bits, sym, min_zero).find_params(W[:, i1 + i:i1 + i + gs])
+          quant = Quantizer(bits, sym, min_zero).find_params(
+              W[:, i1 + i:i1 + i + gs], mse, weight[i1 + i:i1 + i + gs])
       Q[:, i1 + i] = quant.codes(w)
       used[i1 + i] = (quant.scale, quant.zero)
       q = quant.quantize(w)
