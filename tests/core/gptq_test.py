@@ -106,8 +106,8 @@ def test_mse_clipping_search_matches_reference_grid():
   assert output_error(X, KERNEL, qw.dequantize()) < output_error(X, KERNEL, plain.dequantize())
 
 
-# GAR, act-order asym, static groups with act-order, one group per row (asym), 2-bit static GAR.
-MSE_CONFIGS = [CONFIGS[i] for i in (0, 1, 2, 3, 9)]
+# Dynamic groups (act-order, asym), static groups (act-order), one group per row (asym).
+MSE_CONFIGS = [CONFIGS[i] for i in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("c", MSE_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -123,8 +123,7 @@ def test_clipping_search_matches_reference_both_weightings(c):
   assert np.mean(codes["none"] != codes["hessian"]) > 0.05  # two really different searches
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("i", [0, 1, 2, 3, 5, 12])
+@pytest.mark.parametrize("seed,i", [(0, 0), (1, 1), (0, 2), (1, 3), (0, 5), (1, 12)])
 def test_hessian_weighted_search_lowers_layer_output_error(i, seed):
   """Weighing the search by what the column loop charges beats the plain search on the layer's
   output error ``||X (K - Q)||^2`` (GAR, act-order, static, per-row, 3-bit and 8-bit cases)."""
