@@ -295,14 +295,26 @@ def _validate(kernel, hessian) -> None:
                        "finite Hessian (check the calibration activations for overflow)")
 
 
+_lapack_loaded = False
+
+
 def _lapack_single_threaded():
   """On CPU, XLA runs Cholesky and triangular solves through OpenBLAS's LAPACK, whose worker
   threads spin against XLA's own pool: a 576x576 factorization then takes anywhere from 7 ms to
-  0.5 s (measured on 2 cores). One BLAS thread makes it steady (and no slower at 4096)."""
+  0.5 s (measured on 2 cores). One BLAS thread makes it steady (and no slower at 4096).
+
+  jaxlib loads that OpenBLAS at the process's first decomposition, and threadpoolctl only limits
+  libraries already loaded: a tiny Cholesky first, or the first layer of a process would run with
+  every thread and round differently from the rest (same inputs, different codes).
+  """
+  global _lapack_loaded
   if jax.default_backend() != "cpu":
     return contextlib.nullcontext()
   import threadpoolctl  # a dependency; imported here so accelerator hosts never load it
 
+  if not _lapack_loaded:
+    jax.block_until_ready(jnp.linalg.cholesky(jnp.eye(2, dtype=jnp.float32)))
+    _lapack_loaded = True
   return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
