@@ -13,13 +13,12 @@ from typing import Any
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import rtn_quantize
 from gptq_jax.pipeline.adapter import DecoderAdapter, get_path, set_path
+from gptq_jax.pipeline.driver import resolve_adapter
 
 
 def rtn_model(params: Any, cfg: GPTQConfig, *, model_config: Any = None,
               adapter: DecoderAdapter | None = None) -> Any:
   """``params`` with every block linear's ``"kernel"`` RTN-quantized to a ``PackedWeight``."""
-  from gptq_jax.pipeline.driver import resolve_adapter  # the driver imports this module's peers
-
   adapter = resolve_adapter(params, model_config, adapter)
   for i in range(adapter.num_blocks(params)):
     block = adapter.get_block(params, i)

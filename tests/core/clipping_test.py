@@ -1,4 +1,5 @@
-"""The clipping search (``mse``) of the grid fit, against a NumPy port of the reference's loop."""
+"""The clipping search (``mse``) of the grid fit, against the NumPy port of the reference's loop
+(``tests/core/reference_gptq.py``)."""
 
 import jax
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 import gptq_jax as gj
 from gptq_jax.core import quantizer
+from tests.core import reference_gptq as ref
 from tests.core.helpers import layer_problem, output_error
 
 
@@ -18,12 +20,6 @@ def _groups(seed=0, rows=96, gs=128):
   return x
 
 
-def _np_grid(xmin, xmax, maxq, sym):
-  scale = (xmax - xmin) / np.float32(maxq)
-  zero = np.full_like(scale, (maxq + 1) / 2) if sym else np.round(-xmin / scale)
-  return scale, zero
-
-
 def _np_err(x, scale, zero, maxq, norm, weight=1.0):
   """``sum weight * |dequant(q) - x| ** norm`` per row, float64."""
   q = np.clip(np.round(x / scale[:, None]) + zero[:, None], 0, maxq)
@@ -31,26 +27,10 @@ def _np_err(x, scale, zero, maxq, norm, weight=1.0):
   return np.sum(weight * np.abs(d) ** norm, axis=1)
 
 
-def _np_search(x, bits, sym, norm, grid=100, maxshrink=0.8, weight=1.0):
-  """The reference ``find_params(mse)``, one candidate at a time, in float32 NumPy."""
-  maxq = 2**bits - 1
-  xmin = np.minimum(x.min(1), 0)
-  xmax = np.maximum(x.max(1), 0)
-  if sym:
-    xmax = np.maximum(np.abs(xmin), xmax)
-    xmin = np.where(xmin < 0, -xmax, xmin)
-  scale, zero = _np_grid(xmin, xmax, maxq, sym)
-  best = np.full(x.shape[0], np.inf)
-  for i in range(int(maxshrink * grid)):
-    p = np.float32(1 - i / grid)
-    s1, z1 = _np_grid(p * xmin, p * xmax, maxq, sym)
-    if sym:
-      z1 = zero
-    err = _np_err(x, s1, z1, maxq, norm, weight)
-    better = err < best
-    best, scale, zero = np.where(better, err, best), np.where(better, s1, scale), np.where(
-        better, z1, zero)
-  return scale, zero
+def _np_search(x, bits, sym, norm, weight=None):
+  """The reference ``find_params(mse)``: the NumPy port's search, one candidate at a time."""
+  q = ref.Quantizer(bits, sym).find_params(x, norm, weight)
+  return q.scale, q.zero
 
 
 @pytest.mark.parametrize("bits,sym,norm", [(4, True, 2.4), (3, False, 2.4), (2, True, 2.0),

@@ -30,42 +30,36 @@ class Quantizer:
     both = (xmin == 0) & (xmax == 0)
     xmin[both] = -1
     xmax[both] = +1
+    self._fit_range(xmin, xmax)
+    if mse:
+      self._search(x, xmin, xmax, mse, np.ones(x.shape[1]) if weight is None else weight)
+    return self
+
+  def _fit_range(self, xmin, xmax):
     self.scale = ((xmax - xmin) / self.maxq).astype(F32)
     if self.sym:
       self.zero = np.full_like(self.scale, (self.maxq + 1) / 2)
     else:
       self.zero = np.clip(np.round(-xmin / self.scale), self.min_zero, self.maxq).astype(F32)
-    if mse:
-      self._search(x, xmin, xmax, mse, np.ones(x.shape[1]) if weight is None else weight)
-    return self
 
   def _search(self, x, xmin, xmax, norm, weight, grid=100, maxshrink=0.8):
     """The clipping search: shrink the range by p = 1 - i / grid, keep each row's first best
     ``sum_j weight_j |q_j - x_j| ** norm``."""
     best = np.full(x.shape[0], np.inf)
-    zero0 = self.zero
+    cand = Quantizer(1, self.sym, self.min_zero)
+    cand.maxq = self.maxq
     for i in range(int(maxshrink * grid)):
       p = F32(1 - i / grid)
-      cand = Quantizer(int(np.log2(self.maxq + 1)), self.sym, self.min_zero)
-      cand.find_params_from_range(p * xmin, p * xmax)
+      cand._fit_range(p * xmin, p * xmax)
       if self.sym:
-        cand.zero = zero0
-      q = cand.scale[:, None] * (cand.codes_2d(x) - cand.zero[:, None])
-      err = np.sum(np.abs(q - x).astype(np.float64) ** norm * weight, axis=1)
+        cand.zero = self.zero  # the symmetric zero is the same for every candidate
+      q = np.clip(np.round(x / cand.scale[:, None]) + cand.zero[:, None], 0, self.maxq)
+      err = np.sum(np.abs(cand.scale[:, None] * (q - cand.zero[:, None]) - x).astype(np.float64)
+                   ** norm * weight, axis=1)
       better = err < best
       best = np.where(better, err, best)
       self.scale = np.where(better, cand.scale, self.scale).astype(F32)
       self.zero = np.where(better, cand.zero, self.zero).astype(F32)
-
-  def find_params_from_range(self, xmin, xmax):
-    self.scale = ((xmax - xmin) / self.maxq).astype(F32)
-    if self.sym:
-      self.zero = np.full_like(self.scale, (self.maxq + 1) / 2)
-    else:
-      self.zero = np.clip(np.round(-xmin / self.scale), self.min_zero, self.maxq).astype(F32)
-
-  def codes_2d(self, x):  # x: [rows, n]
-    return np.clip(np.round(x / self.scale[:, None]) + self.zero[:, None], 0, self.maxq)
 
   def codes(self, w):  # w: [rows]
     return np.clip(np.round(w / self.scale) + self.zero, 0, self.maxq).astype(F32)
