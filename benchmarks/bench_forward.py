@@ -48,7 +48,7 @@ def bench_jax(cfg, params, ids: np.ndarray, steps: int, repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from gptq_jax.models.llama import forward, forward_with_cache, init_kv_cache
+  from gptq_jax.models import forward, forward_with_cache, init_kv_cache
 
   p = ids.shape[0]
   total = p + steps + 1
@@ -133,7 +133,7 @@ def torch_twin(cfg, params):
   import torch
   import transformers
 
-  from gptq_jax.models.llama import to_hf_state_dict
+  from gptq_jax.models import to_hf_state_dict
 
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_dict())).eval()
   state = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(cfg, params).items()}
@@ -154,7 +154,7 @@ def main() -> None:
                        "takes, per metric, the fastest of them")
   args = ap.parse_args()
 
-  from gptq_jax.models.llama import load_llama, load_tokenizer
+  from gptq_jax.models import load_llama, load_tokenizer
 
   cfg, params = load_llama(args.model)
   ids = prompt_tokens(load_tokenizer(args.model), args.prompt_len)

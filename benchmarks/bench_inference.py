@@ -111,7 +111,7 @@ def time_model(bits: int, group_size: int, repeats: int, cache_len: int) -> tupl
   import jax.numpy as jnp  # noqa: PLC0415
 
   from gptq_jax.kernels import prepare_params  # noqa: PLC0415
-  from gptq_jax.models.llama import forward_with_cache, init_kv_cache, load_llama  # noqa: PLC0415
+  from gptq_jax.models import forward_with_cache, init_kv_cache, load_llama  # noqa: PLC0415
 
   cfg, params = load_llama("smollm2-135m")
   packed = quantize_linears(params, cfg.num_hidden_layers, bits, group_size)

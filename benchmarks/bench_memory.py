@@ -51,7 +51,7 @@ def _config(args) -> dict:
 
 def build_model(folder: str, args) -> int:
   """Writes the synthetic float32 Llama shard by shard; returns the weights' bytes."""
-  from gptq_jax.models.llama.safetensors_io import save_safetensors
+  from gptq_jax.models.safetensors_io import save_safetensors
 
   os.makedirs(folder)
   cfg = _config(args)

@@ -45,7 +45,7 @@ GPTQMODEL_ENV = {"TORCH_COMPILE_DISABLE": "1", "GPTQMODEL_CPU_WORKERS": "2", "HF
 def prepare(workdir: str, args) -> None:
   """calib.npy [nsamples, seqlen], eval.npy [windows * seqlen], and the float HF folder."""
   from gptq_jax import data
-  from gptq_jax.models.llama import load_llama, load_tokenizer, save_hf_folder
+  from gptq_jax.models import load_llama, load_tokenizer, save_hf_folder
 
   tok = load_tokenizer(MODEL)
   batches = data.text_calib_batches(data.sotu_texts("calib"), tok, nsamples=args.nsamples,
@@ -66,7 +66,7 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int) -> Non
   """Runs in its own process: prints our figures as one JSON line."""
   import gptq_jax as gj
   from gptq_jax.eval import perplexity
-  from gptq_jax.models.llama import load_llama
+  from gptq_jax.models import load_llama
   from gptq_jax.pipeline import dense_block, quantize, rtn_model
 
   calib = np.load(os.path.join(workdir, "calib.npy"))

@@ -60,7 +60,7 @@ def ours(workdir: str, args) -> dict:
   """Every gptq_jax case: {name: {"ppl", "seconds"}} plus the refinement records."""
   import gptq_jax as gj
   from gptq_jax.eval import perplexity
-  from gptq_jax.models.llama import load_llama
+  from gptq_jax.models import load_llama
   from gptq_jax.pipeline import dense_block, quantize, rtn_model
 
   calib = np.load(os.path.join(workdir, "calib.npy"))

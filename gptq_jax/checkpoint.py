@@ -149,7 +149,7 @@ def is_checkpoint(path: str) -> bool:
 def load(path: str) -> Checkpoint:
   """Read a folder written by ``save``."""
   from gptq_jax.config import GPTQConfig
-  from gptq_jax.models.llama import LlamaConfig
+  from gptq_jax.models import LlamaConfig
 
   if not is_checkpoint(path):
     raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside)")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.llama import LlamaConfig, forward, forward_with_cache, init_kv_cache
+from gptq_jax.models import LlamaConfig, forward, forward_with_cache, init_kv_cache
 
 Params = dict[str, Any]
 

@@ -27,7 +27,7 @@ def load_model(spec: str):
   to float32 (the same weights its packed layers compute with).
   """
   from gptq_jax import checkpoint
-  from gptq_jax.models.llama import load_llama, load_tokenizer
+  from gptq_jax.models import load_llama, load_tokenizer
 
   if checkpoint.is_checkpoint(spec):
     from gptq_jax.pipeline import dense_block

@@ -15,7 +15,7 @@ import pytest
 import gptq_jax as gj
 from gptq_jax import checkpoint
 from gptq_jax.eval import generate
-from gptq_jax.models.llama import LlamaConfig, forward, init_params
+from gptq_jax.models import LlamaConfig, forward, init_params
 from gptq_jax.pipeline import dense_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ import json, sys
 import numpy as np
 from gptq_jax import checkpoint
 from gptq_jax.eval import generate
-from gptq_jax.models.llama import forward
+from gptq_jax.models import forward
 from gptq_jax.pipeline import dense_block
 folder, ids_file, out_file = sys.argv[1:]
 ckpt = checkpoint.load(folder)

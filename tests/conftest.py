@@ -20,14 +20,14 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2():
   """(cfg, params) of the embedded SmolLM2-135M (dequantized GGUF, float32)."""
-  from gptq_jax.models.llama import load_llama
+  from gptq_jax.models import load_llama
 
   return load_llama("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-  from gptq_jax.models.llama import load_tokenizer
+  from gptq_jax.models import load_tokenizer
 
   return load_tokenizer("smollm2-135m")
 
@@ -38,7 +38,7 @@ def smollm2_torch(smollm2):
   import torch
   import transformers
 
-  from gptq_jax.models.llama import to_hf_state_dict
+  from gptq_jax.models import to_hf_state_dict
 
   cfg, params = smollm2
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_dict())).eval()

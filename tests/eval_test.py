@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gptq_jax.eval import generate, perplexity, window_nll
-from gptq_jax.models.llama import save_hf_folder
-from gptq_jax.models.llama.testing import tiny_pair
+from gptq_jax.models import save_hf_folder
+from gptq_jax.models.testing import tiny_pair
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "perplexity.py")
 

@@ -108,7 +108,7 @@ def _check_creatable(flag: str, path: str) -> None:
 def _check_args(args) -> None:
   """Everything that can be checked before loading the model: a bad value fails in a second,
   before anything is written."""
-  from gptq_jax.models.llama import resolve_model_spec  # noqa: PLC0415
+  from gptq_jax.models import resolve_model_spec  # noqa: PLC0415
 
   resolve_model_spec(args.model)  # a missing model or a hub id fails here, before any work
   if os.path.exists(args.output):
@@ -155,7 +155,7 @@ def _say(msg: str) -> None:
 
 def run(args) -> dict:
   from gptq_jax import checkpoint, data, eval as evaluation
-  from gptq_jax.models.llama import load_llama, load_tokenizer
+  from gptq_jax.models import load_llama, load_tokenizer
   from gptq_jax.pipeline import dense_block, quantize
   from gptq_jax.pipeline.calib import normalize
   from gptq_jax.pipeline.resume import ResumableRun, fingerprint

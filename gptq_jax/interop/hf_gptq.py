@@ -23,10 +23,10 @@ import numpy as np
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import packing
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
-from gptq_jax.models.llama.config import LlamaConfig
-from gptq_jax.models.llama.hf import (HFCheckpoint, Params, layer_tensor_specs,
+from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.hf import (HFCheckpoint, Params, layer_tensor_specs,
                                       nonlayer_tensor_specs, params_from_tensors)
-from gptq_jax.models.llama.safetensors_io import save_safetensors
+from gptq_jax.models.safetensors_io import save_safetensors
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
@@ -275,7 +275,7 @@ def import_hf(path: str | os.PathLike, dtype: Any = jnp.float32
   """Reads a Hugging Face GPTQ folder (``gptq`` v1 or ``gptq_v2``, with or without act-order) ->
   ``(model_config, params, cfg)``; quantized linears are ``PackedWeight`` kernels (scales as
   float32, exactly the stored float16 values), the rest dense ``dtype`` arrays. The params run
-  with ``gptq_jax.models.llama.forward``."""
+  with ``gptq_jax.models.forward``."""
   folder = os.fspath(path)
   ckpt = HFCheckpoint(folder)
   try:

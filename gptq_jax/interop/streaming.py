@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.interop.hf_gptq import FolderWriter, block_tensors, nonlayer_tensors
-from gptq_jax.models.llama.hf import HFCheckpoint, Params, nonlayer_tensor_specs, params_from_tensors
+from gptq_jax.models.hf import HFCheckpoint, Params, nonlayer_tensor_specs, params_from_tensors
 from gptq_jax.pipeline.adapter import LlamaAdapter
 from gptq_jax.pipeline.driver import quantize
 

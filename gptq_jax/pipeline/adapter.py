@@ -65,12 +65,12 @@ def set_path(tree: Any, path: LinearPath, value: Any) -> Any:
 
 
 class LlamaAdapter:
-  """The built-in Flax Llama (``gptq_jax.models.llama``)."""
+  """The built-in Flax Llama (``gptq_jax.models``)."""
 
   sequential_groups = LLAMA_GROUPS
 
   def __init__(self, config):
-    from gptq_jax.models.llama import layers, model  # the model is optional for the core
+    from gptq_jax.models import layers, model  # the model is optional for the core
 
     self.config = config
     self._model = model

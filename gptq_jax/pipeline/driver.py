@@ -47,7 +47,7 @@ def resolve_adapter(params: Any, model_config: Any = None,
   model_config = model_config or getattr(params, "config", None)
   if model_config is None:
     raise ValueError("quantize() cannot tell which model these params belong to: load them with "
-                     "gptq_jax.models.llama.load_llama (its params carry their config), pass "
+                     "gptq_jax.models.load_llama (its params carry their config), pass "
                      "model_config=<LlamaConfig>, or pass adapter=<DecoderAdapter> for another "
                      "decoder")
   return LlamaAdapter.for_config(model_config)

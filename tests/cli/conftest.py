@@ -38,7 +38,7 @@ def tiny_tokenizer(vocab_size: int = 320):
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> str:
   """An HF folder: a 6-block Llama whose every linear is 64 x 64 (one compiled solver)."""
-  from gptq_jax.models.llama import LlamaConfig, init_params, save_hf_folder
+  from gptq_jax.models import LlamaConfig, init_params, save_hf_folder
 
   tokenizer = tiny_tokenizer()
   cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,

@@ -55,7 +55,7 @@ def full_run(tiny_hf_dir, cli_env, tmp_path_factory):
 
 def test_cli_checkpoint_equals_in_process_quantize(full_run, tiny_hf_dir):
   from gptq_jax import GPTQConfig, data
-  from gptq_jax.models.llama import load_llama, load_tokenizer
+  from gptq_jax.models import load_llama, load_tokenizer
   from gptq_jax.pipeline import quantize
 
   out, _, _ = full_run

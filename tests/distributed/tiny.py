@@ -3,7 +3,7 @@
 import numpy as np
 
 import gptq_jax as gj
-from gptq_jax.models.llama import LlamaConfig, init_params
+from gptq_jax.models import LlamaConfig, init_params
 
 
 def tiny_setup():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gptq_jax as gj
-from gptq_jax.models.llama.testing import tiny_pair
+from gptq_jax.models.testing import tiny_pair
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import numpy as np
 
 from gptq_jax.core.weights import PackedWeight
 from gptq_jax.interop import export_hf, import_hf
-from gptq_jax.models.llama import forward, save_hf_folder
-from gptq_jax.models.llama.testing import tiny_hf_model, torch_logits
+from gptq_jax.models import forward, save_hf_folder
+from gptq_jax.models.testing import tiny_hf_model, torch_logits
 from tests.interop.helpers import oracle_logits, run_oracle, tiny_tokenizer
 
 # Pairwise: each bit width with both formats and both orders, and each format with both orders.

@@ -8,8 +8,8 @@ import pytest
 
 from gptq_jax.core.weights import PackedWeight
 from gptq_jax.interop import FolderWriter, block_tensors, export_hf, import_hf, nonlayer_tensors
-from gptq_jax.models.llama import forward, save_hf_folder
-from gptq_jax.models.llama.safetensors_io import SafetensorsFile, save_safetensors
+from gptq_jax.models import forward, save_hf_folder
+from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
 from gptq_jax.pipeline import dense_block
 from tests.interop.helpers import tiny_tokenizer
 

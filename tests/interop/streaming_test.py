@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from gptq_jax.interop import StreamingLlamaAdapter, import_hf, quantize_folder
-from gptq_jax.models.llama import HFCheckpoint, save_hf_folder
+from gptq_jax.models import HFCheckpoint, save_hf_folder
 
 
 def test_streaming_equals_in_memory(tiny_llama, quantized, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gptq_jax.models.llama import LlamaConfig, init_params
+from gptq_jax.models import LlamaConfig, init_params
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import gptq_jax as gj
-from gptq_jax.models.llama import block_forward, default_positions, embed
-from gptq_jax.models.llama.layers import Linear
+from gptq_jax.models import block_forward, default_positions, embed
+from gptq_jax.models.layers import Linear
 from gptq_jax.pipeline import LLAMA_GROUPS, dense_block, quantize
 
 HIGH = jax.lax.Precision.HIGHEST
@@ -112,7 +112,7 @@ def test_one_and_eight_devices_agree(tiny):
   same = [np.mean(_codes(one, i, p) == _codes(eight, i, p))
           for i in range(2) for p in sum(LLAMA_GROUPS, ())]
   assert min(same) >= 0.999, same
-  from gptq_jax.models.llama import forward
+  from gptq_jax.models import forward
   ids = np.asarray(batches[0]["input_ids"])
   logits = lambda q: np.asarray(forward(_dense(q), cfg, ids))
   np.testing.assert_allclose(logits(one), logits(eight), rtol=1e-3, atol=1e-4)

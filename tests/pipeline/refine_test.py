@@ -7,7 +7,7 @@ import pytest
 
 import gptq_jax as gj
 from gptq_jax import checkpoint
-from gptq_jax.models.llama import block_forward, default_positions, embed
+from gptq_jax.models import block_forward, default_positions, embed
 from gptq_jax.pipeline import LLAMA_GROUPS, LlamaAdapter, dense_block, quantize
 from gptq_jax.pipeline.refine import refine_block
 

@@ -1,22 +1,4 @@
-"""The Flax Llama: config, modules, pure block-at-a-time helpers, and loading / saving."""
+"""Compatibility alias: the decoder now lives in `gptq_jax.models` (one decoder for every family)."""
 
-from gptq_jax.models.llama.attention import KVCache, init_kv_cache
-from gptq_jax.models.llama.config import LlamaConfig, RopeScaling
-from gptq_jax.models.llama.gguf import GGUFCheckpoint, load_gguf, smollm2_gguf_path
-from gptq_jax.models.llama.hf import (HFCheckpoint, from_hf_state_dict, load_hf_config, load_hf_folder,
-                                      load_layer_params, load_nonlayer_params, save_hf_folder,
-                                      to_hf_state_dict)
-from gptq_jax.models.llama.layers import Embed, Linear, RMSNorm, linear_apply
-from gptq_jax.models.llama.loading import load_llama, load_tokenizer, resolve_model_spec
-from gptq_jax.models.llama.model import (LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, Params,
-                                         block_forward, default_positions, embed, final_logits,
-                                         forward, forward_with_cache, init_params, layer_params)
-
-__all__ = [
-    "KVCache", "init_kv_cache", "LlamaConfig", "RopeScaling", "GGUFCheckpoint", "load_gguf",
-    "smollm2_gguf_path", "HFCheckpoint", "from_hf_state_dict", "load_hf_config", "load_hf_folder", "load_layer_params",
-    "load_nonlayer_params", "save_hf_folder", "to_hf_state_dict", "Embed", "Linear", "RMSNorm",
-    "linear_apply", "load_llama", "load_tokenizer", "resolve_model_spec", "LlamaDecoderLayer",
-    "LlamaForCausalLM", "LlamaMLP", "Params", "block_forward", "default_positions", "embed",
-    "final_logits", "forward", "forward_with_cache", "init_params", "layer_params",
-]
+from gptq_jax.models import *  # noqa: F401,F403
+from gptq_jax.models import __all__  # noqa: F401

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptq_jax.models.llama.attention import KVCache, LlamaAttention, init_kv_cache
-from gptq_jax.models.llama.config import LlamaConfig
-from gptq_jax.models.llama.layers import Embed, Linear, RMSNorm
+from gptq_jax.models.attention import KVCache, LlamaAttention, init_kv_cache
+from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.layers import Embed, Linear, RMSNorm
 
 Params = dict[str, Any]
 

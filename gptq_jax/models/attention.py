@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptq_jax.models.llama.config import LlamaConfig
-from gptq_jax.models.llama.layers import HIGHEST, Linear
-from gptq_jax.models.llama.rope import apply_rope, rope_cos_sin
+from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.layers import HIGHEST, Linear
+from gptq_jax.models.rope import apply_rope, rope_cos_sin
 
 KVCache = dict[str, jax.Array]  # {"k": [batch, kv_heads, max_len, head_dim], "v": same}
 _MASKED = -1e30  # finite, so a fully padded query row stays finite (uniform), never NaN

@@ -15,8 +15,8 @@ from typing import Any, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.llama.config import LlamaConfig
-from gptq_jax.models.llama.safetensors_io import SafetensorsFile, save_safetensors
+from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
 
 Params = dict[str, Any]
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")

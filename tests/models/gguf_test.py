@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from gptq_jax.models.llama import gguf as gguf_mod
-from gptq_jax.models.llama import load_gguf, load_llama, smollm2_gguf_path
-from gptq_jax.models.llama.testing import tiny_hf_model
+from gptq_jax.models import gguf as gguf_mod
+from gptq_jax.models import load_gguf, load_llama, smollm2_gguf_path
+from gptq_jax.models.testing import tiny_hf_model
 
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptq_jax.models.llama import (Linear, LlamaDecoderLayer, block_forward, embed, final_logits,
+from gptq_jax.models import (Linear, LlamaDecoderLayer, block_forward, embed, final_logits,
                                    forward, forward_with_cache, init_kv_cache, init_params, layers)
-from gptq_jax.models.llama.testing import tiny_pair, torch_logits
+from gptq_jax.models.testing import tiny_pair, torch_logits
 
 SEQ = 300  # > 128: the chunked causal attention runs with 3 chunks
 

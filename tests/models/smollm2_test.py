@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from gptq_jax.eval import generate, perplexity
-from gptq_jax.models.llama import forward
-from gptq_jax.models.llama.testing import torch_logits
+from gptq_jax.models import forward
+from gptq_jax.models.testing import torch_logits
 
 pytestmark = pytest.mark.slow
 SEQLEN = 256

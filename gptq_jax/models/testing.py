@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from gptq_jax.models.llama.config import LlamaConfig
-from gptq_jax.models.llama.hf import Params, from_hf_state_dict
+from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.hf import Params, from_hf_state_dict
 
 TINY_HF_CONFIG = dict(
     vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 
-from gptq_jax.models.llama import (HFCheckpoint, load_layer_params, load_llama,
+from gptq_jax.models import (HFCheckpoint, load_layer_params, load_llama,
                                    load_nonlayer_params, load_tokenizer, save_hf_folder)
-from gptq_jax.models.llama.safetensors_io import SafetensorsFile, save_safetensors
-from gptq_jax.models.llama.testing import tiny_hf_model
+from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
+from gptq_jax.models.testing import tiny_hf_model
 
 
 def _hf_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-from gptq_jax.models.llama.config import LlamaConfig
-from gptq_jax.models.llama.gguf import SMOLLM2_NAME, load_gguf, load_gguf_tokenizer, smollm2_gguf_path
-from gptq_jax.models.llama.hf import Params, load_hf_folder
+from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.gguf import SMOLLM2_NAME, load_gguf, load_gguf_tokenizer, smollm2_gguf_path
+from gptq_jax.models.hf import Params, load_hf_folder
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WHAT_TO_PASS = (f"pass a local Hugging Face folder (config.json + model.safetensors), a .gguf "

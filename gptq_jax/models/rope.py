@@ -11,7 +11,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.llama.config import LlamaConfig
+from gptq_jax.models.config import LlamaConfig
 
 
 def inv_frequencies(cfg: LlamaConfig) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 from gptq_jax import PackedWeight
 from gptq_jax.kernels import PreparedWeight, prepare_params
-from gptq_jax.models.llama import LlamaConfig, forward, forward_with_cache, init_kv_cache, init_params
+from gptq_jax.models import LlamaConfig, forward, forward_with_cache, init_kv_cache, init_params
 from tests.kernels.helpers import LogCapture, make_quantized
 
 CFG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
