@@ -113,7 +113,7 @@ def steps(path: str) -> list[int]:
 
 class Checkpoint(NamedTuple):
   params: Any
-  model_config: Any  # LlamaConfig
+  model_config: Any  # ModelConfig
   quant_config: Any  # GPTQConfig or None (a float checkpoint)
   meta: dict
   tokenizer_dir: str | None
@@ -149,12 +149,12 @@ def is_checkpoint(path: str) -> bool:
 def load(path: str) -> Checkpoint:
   """Read a folder written by ``save``."""
   from gptq_jax.config import GPTQConfig
-  from gptq_jax.models import LlamaConfig
+  from gptq_jax.models import ModelConfig
 
   if not is_checkpoint(path):
     raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside)")
   params, meta = read_tree(os.path.join(path, "orbax"))
-  model_config = LlamaConfig.from_hf_dict(meta["model_config"]).replace(
+  model_config = ModelConfig.from_hf_dict(meta["model_config"]).replace(
       dtype=meta.get("compute_dtype", "float32"))
   qc = meta.get("quant_config")
   quant_config = None if qc is None else GPTQConfig.from_dict(qc)

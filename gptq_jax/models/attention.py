@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.layers import HIGHEST, Linear
 from gptq_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -67,10 +67,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
   return jnp.concatenate(outs, axis=1)
 
 
-class LlamaAttention(nn.Module):
+class Attention(nn.Module):
   """Self-attention: q/k/v/o projections (separate `Linear`s), RoPE, GQA."""
 
-  config: LlamaConfig
+  config: ModelConfig
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -108,7 +108,7 @@ class LlamaAttention(nn.Module):
     return out if kv_cache is None else (out, new_cache)
 
 
-def init_kv_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> list[KVCache]:
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> list[KVCache]:
   """Zeroed per-layer caches `{"k", "v"}: [batch, kv_heads, max_len, head_dim]` (compute dtype)."""
   dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
   shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)

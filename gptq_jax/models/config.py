@@ -1,4 +1,4 @@
-"""LlamaConfig: the architecture of a LLaMA-family decoder, with the Hugging Face config.json mapping.
+"""ModelConfig: the architecture of a LLaMA-family decoder, with the Hugging Face config.json mapping.
 
 Frozen and hashable, so it can be a static argument of `jax.jit`. Validated at construction: every
 error names the field, the value and what is allowed.
@@ -18,7 +18,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"LlamaConfig.{field}={value!r} is invalid: expected {allowed}")
+  raise ValueError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,7 +65,7 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LlamaConfig:
+class ModelConfig:
   """A LLaMA decoder. `dtype` is the compute dtype (not saved to config.json); params stay as loaded."""
 
   vocab_size: int
@@ -138,11 +138,11 @@ class LlamaConfig:
       return ()
     return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
-  def replace(self, **changes: Any) -> LlamaConfig:
+  def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def from_hf_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
+  def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
     """Reads a Hugging Face config.json dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
     model_type = d.get("model_type")
     archs = d.get("architectures") or []
@@ -200,3 +200,6 @@ class LlamaConfig:
         "eos_token_id": eos,
         "pad_token_id": self.pad_token_id,
     }
+
+
+LlamaConfig = ModelConfig  # the pre-families name

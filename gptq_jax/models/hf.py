@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
 
 Params = dict[str, Any]
@@ -24,7 +24,7 @@ MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _proj_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+def _proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
   """HF `[out, in]` shape of each projection."""
   q, kv, h, m = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
                  cfg.hidden_size, cfg.intermediate_size)
@@ -32,7 +32,7 @@ def _proj_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
           "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
 
 
-def layer_tensor_specs(cfg: LlamaConfig, i: int) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
+def layer_tensor_specs(cfg: ModelConfig, i: int) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
   """(param path in `layers_{i}`, HF tensor name, HF shape) for every tensor of layer i."""
   shapes = _proj_shapes(cfg)
   for group, projs, has_bias in (("self_attn", ATTN_PROJS, cfg.attention_bias),
@@ -46,7 +46,7 @@ def layer_tensor_specs(cfg: LlamaConfig, i: int) -> Iterator[tuple[tuple[str, ..
     yield (norm, "weight"), f"model.layers.{i}.{norm}.weight", (cfg.hidden_size,)
 
 
-def nonlayer_tensor_specs(cfg: LlamaConfig) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
+def nonlayer_tensor_specs(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
   """(param path, HF tensor name, HF shape) for the embedding, final norm and untied lm_head."""
   yield ("embed_tokens", "embedding"), "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
   yield ("norm", "weight"), "model.norm.weight", (cfg.hidden_size,)
@@ -71,7 +71,7 @@ def params_from_tensors(specs, get, dtype: Any = jnp.float32) -> Params:
   return out
 
 
-def model_params_from_tensors(cfg: LlamaConfig, get, dtype: Any = jnp.float32) -> Params:
+def model_params_from_tensors(cfg: ModelConfig, get, dtype: Any = jnp.float32) -> Params:
   """The whole params tree from `get(hf_name, hf_shape) -> np.ndarray` (HF layout)."""
   params = params_from_tensors(nonlayer_tensor_specs(cfg), get, dtype)
   for i in range(cfg.num_hidden_layers):
@@ -79,7 +79,7 @@ def model_params_from_tensors(cfg: LlamaConfig, get, dtype: Any = jnp.float32) -
   return params
 
 
-def from_hf_state_dict(cfg: LlamaConfig, state_dict: Mapping[str, Any],
+def from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any],
                        dtype: Any = jnp.float32) -> Params:
   """Params from an in-memory HF state dict (numpy arrays or torch tensors, HF names/layout)."""
 
@@ -137,7 +137,7 @@ class HFCheckpoint:
     if not os.path.isfile(config_path):
       raise FileNotFoundError(f"{folder!r} has no config.json: not a Hugging Face model folder")
     with open(config_path) as f:
-      self.config = LlamaConfig.from_hf_dict(json.load(f))
+      self.config = ModelConfig.from_hf_dict(json.load(f))
     self.folder = folder
     self._files: dict[str, Any] = {}
     self._where = self._index_weights()  # tensor name -> file path
@@ -208,7 +208,7 @@ class HFCheckpoint:
     self._files.clear()
 
 
-def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
+def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
   """(config, params) of an HF Llama folder; params cast to `dtype`."""
   ckpt = HFCheckpoint(folder)
   try:
@@ -217,11 +217,11 @@ def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple
     ckpt.close()
 
 
-def load_hf_config(folder: str | os.PathLike) -> LlamaConfig:
+def load_hf_config(folder: str | os.PathLike) -> ModelConfig:
   return HFCheckpoint(folder).config
 
 
-def load_layer_params(folder: str | os.PathLike, cfg: LlamaConfig | None, i: int,
+def load_layer_params(folder: str | os.PathLike, cfg: ModelConfig | None, i: int,
                       dtype: Any = jnp.float32) -> Params:
   """Decoder layer `i` alone (memory-mapped reads). `cfg` None: read from the folder."""
   ckpt = HFCheckpoint(folder)
@@ -233,7 +233,7 @@ def load_layer_params(folder: str | os.PathLike, cfg: LlamaConfig | None, i: int
     ckpt.close()
 
 
-def load_nonlayer_params(folder: str | os.PathLike, cfg: LlamaConfig | None = None,
+def load_nonlayer_params(folder: str | os.PathLike, cfg: ModelConfig | None = None,
                          dtype: Any = jnp.float32) -> Params:
   """embed_tokens, norm and (untied) lm_head alone."""
   ckpt = HFCheckpoint(folder)
@@ -245,7 +245,7 @@ def load_nonlayer_params(folder: str | os.PathLike, cfg: LlamaConfig | None = No
     ckpt.close()
 
 
-def to_hf_state_dict(cfg: LlamaConfig, params: Params, dtype: Any = None) -> dict[str, np.ndarray]:
+def to_hf_state_dict(cfg: ModelConfig, params: Params, dtype: Any = None) -> dict[str, np.ndarray]:
   """HF-named numpy tensors (HF layout) from dense params; `dtype` None keeps each tensor's dtype."""
   specs = list(nonlayer_tensor_specs(cfg))
   for i in range(cfg.num_hidden_layers):
@@ -268,7 +268,7 @@ def to_hf_state_dict(cfg: LlamaConfig, params: Params, dtype: Any = None) -> dic
   return out
 
 
-def save_hf_folder(folder: str | os.PathLike, cfg: LlamaConfig, params: Params,
+def save_hf_folder(folder: str | os.PathLike, cfg: ModelConfig, params: Params,
                    dtype: Any = np.float32) -> None:
   """Writes `config.json` + `model.safetensors` that transformers loads as LlamaForCausalLM."""
   os.makedirs(folder, exist_ok=True)

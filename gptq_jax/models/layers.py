@@ -3,7 +3,7 @@
 Every projection of the model goes through `Linear`, and every `Linear` through `linear_apply`:
 the one place that may see a kernel that is not a dense array (a packed GPTQ weight pytree:
 `PackedWeight`, `PreparedWeight` or `QuantizedWeight`, run by `gptq_jax.kernels.apply_linear` on the
-backend of `LlamaConfig.backend`). Nothing else reads a kernel's shape.
+backend of `ModelConfig.backend`). Nothing else reads a kernel's shape.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.gguf import SMOLLM2_NAME, load_gguf, load_gguf_tokenizer, smollm2_gguf_path
 from gptq_jax.models.hf import Params, load_hf_folder
 
@@ -36,7 +36,7 @@ def resolve_model_spec(spec: str | os.PathLike) -> tuple[Literal["hf", "gguf"], 
   raise ValueError(f"model {spec!r} is a file but not a .gguf: {_WHAT_TO_PASS}")
 
 
-def load_llama(spec: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
+def load_model(spec: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
   """(config, float params) from an HF folder, a .gguf file or "smollm2-135m"; params in `dtype`."""
   kind, path = resolve_model_spec(spec)
   if kind == "hf":
@@ -56,3 +56,6 @@ def load_tokenizer(spec: str | os.PathLike):
   except (OSError, ValueError) as e:
     raise ValueError(f"no tokenizer could be loaded from {path!r} ({e}); save one there with "
                      "tokenizer.save_pretrained(folder)") from None
+
+
+load_llama = load_model  # the pre-families name

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptq_jax.models.attention import KVCache, LlamaAttention, init_kv_cache
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.attention import KVCache, Attention, init_kv_cache
+from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.layers import Embed, Linear, RMSNorm
 
 Params = dict[str, Any]
@@ -28,10 +28,10 @@ def default_positions(attention_mask: jax.Array | None, batch: int, seq: int) ->
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-class LlamaMLP(nn.Module):
+class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-  config: LlamaConfig
+  config: ModelConfig
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -46,10 +46,10 @@ class LlamaMLP(nn.Module):
     return proj("down_proj", cfg.intermediate_size, cfg.hidden_size)(jax.nn.silu(gate) * up)
 
 
-class LlamaDecoderLayer(nn.Module):
+class DecoderLayer(nn.Module):
   """One pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). Usable on its own."""
 
-  config: LlamaConfig
+  config: ModelConfig
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -72,19 +72,19 @@ class LlamaDecoderLayer(nn.Module):
     norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype,  # noqa: E731
                                 param_dtype=self.param_dtype, name=name)
     hidden = hidden.astype(dtype)
-    attn = LlamaAttention(cfg, self.param_dtype, name="self_attn")(
+    attn = Attention(cfg, self.param_dtype, name="self_attn")(
         norm("input_layernorm")(hidden), positions, attention_mask, kv_cache, cache_index)
     attn, new_cache = attn if kv_cache is not None else (attn, None)
     hidden = hidden + attn
-    hidden = hidden + LlamaMLP(cfg, self.param_dtype, name="mlp")(
+    hidden = hidden + MLP(cfg, self.param_dtype, name="mlp")(
         norm("post_attention_layernorm")(hidden))
     return hidden if kv_cache is None else (hidden, new_cache)
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLM(nn.Module):
   """The causal LM: embed -> decoder layers -> norm -> lm_head (or the tied embedding)."""
 
-  config: LlamaConfig
+  config: ModelConfig
   param_dtype: Any = jnp.float32
 
   def setup(self):
@@ -92,7 +92,7 @@ class LlamaForCausalLM(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                               param_dtype=self.param_dtype)
-    self.layers = [LlamaDecoderLayer(cfg, self.param_dtype) for _ in range(cfg.num_hidden_layers)]
+    self.layers = [DecoderLayer(cfg, self.param_dtype) for _ in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=self.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
@@ -132,20 +132,20 @@ class LlamaForCausalLM(nn.Module):
 
 # ----- pure functional helpers (jit-friendly; `cfg` is static) -----
 
-def init_params(cfg: LlamaConfig, rng: jax.Array | int = 0, param_dtype: Any = jnp.float32) -> Params:
+def init_params(cfg: ModelConfig, rng: jax.Array | int = 0, param_dtype: Any = jnp.float32) -> Params:
   """Random parameters (HF's normal(0.02) init; norms at 1)."""
   rng = jax.random.key(rng) if isinstance(rng, int) else rng
   ids = jnp.zeros((1, 1), jnp.int32)
-  return LlamaForCausalLM(cfg, param_dtype).init(rng, ids)["params"]
+  return CausalLM(cfg, param_dtype).init(rng, ids)["params"]
 
 
-def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array,
+def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
   """input_ids: [batch, seq] -> logits [batch, seq, vocab] float32."""
-  return LlamaForCausalLM(cfg).apply({"params": params}, input_ids, attention_mask, positions)
+  return CausalLM(cfg).apply({"params": params}, input_ids, attention_mask, positions)
 
 
-def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array,
+def forward_with_cache(params: Params, cfg: ModelConfig, input_ids: jax.Array,
                        kv_cache: list[KVCache], cache_index: jax.Array | int,
                        cache_mask: jax.Array, positions: jax.Array, last_only: bool = False):
   """Writes `input_ids` [batch, seq] at slot `cache_index` -> (logits [b, seq, vocab], new caches).
@@ -153,26 +153,26 @@ def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array,
   cache_mask: [batch, max_len] valid slots (the new ones included); positions: [batch, seq].
   `cache_index` 0 as a Python int lets the prefill use chunked causal attention.
   """
-  return LlamaForCausalLM(cfg).apply({"params": params}, input_ids, cache_mask, positions,
+  return CausalLM(cfg).apply({"params": params}, input_ids, cache_mask, positions,
                                      kv_cache, cache_index, last_only)
 
 
-def embed(params: Params, cfg: LlamaConfig, input_ids: jax.Array) -> jax.Array:
+def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
   """input_ids: [batch, seq] -> the first block's input [batch, seq, hidden] (compute dtype)."""
   module = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype))
   return module.apply({"params": params["embed_tokens"]}, input_ids)
 
 
-def block_forward(layer_params: Params, cfg: LlamaConfig, hidden: jax.Array,
+def block_forward(layer_params: Params, cfg: ModelConfig, hidden: jax.Array,
                   positions: jax.Array | None = None,
                   attention_mask: jax.Array | None = None) -> jax.Array:
   """One decoder layer: hidden [batch, seq, hidden] -> [batch, seq, hidden]."""
-  return LlamaDecoderLayer(cfg).apply({"params": layer_params}, hidden, positions, attention_mask)
+  return DecoderLayer(cfg).apply({"params": layer_params}, hidden, positions, attention_mask)
 
 
-def final_logits(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:
+def final_logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
   """The last block's output [batch, seq, hidden] -> logits [batch, seq, vocab] float32."""
-  return LlamaForCausalLM(cfg).apply({"params": params}, hidden, method=LlamaForCausalLM.logits)
+  return CausalLM(cfg).apply({"params": params}, hidden, method=CausalLM.logits)
 
 
 def layer_params(params: Params, i: int) -> Params:
@@ -181,7 +181,10 @@ def layer_params(params: Params, i: int) -> Params:
 
 
 __all__ = [
-    "LlamaMLP", "LlamaDecoderLayer", "LlamaForCausalLM", "Params", "init_params", "init_kv_cache",
+    "MLP", "DecoderLayer", "CausalLM", "Params", "init_params", "init_kv_cache",
     "forward", "forward_with_cache", "embed", "block_forward", "final_logits", "layer_params",
     "default_positions",
 ]
+
+# The pre-families names.
+LlamaMLP, LlamaDecoderLayer, LlamaForCausalLM = MLP, DecoderLayer, CausalLM

@@ -11,10 +11,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
 
 
-def inv_frequencies(cfg: LlamaConfig) -> np.ndarray:
+def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
   """Inverse frequencies `[head_dim // 2]` float32, scaled as `cfg.rope_scaling` says."""
   dim = cfg.head_dim
   exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
@@ -37,7 +37,7 @@ def inv_frequencies(cfg: LlamaConfig) -> np.ndarray:
   return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_cos_sin(cfg: LlamaConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def rope_cos_sin(cfg: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """positions: [batch, seq] int -> (cos, sin), each [batch, seq, head_dim] float32."""
   inv_freq = jnp.asarray(inv_frequencies(cfg))  # [head_dim // 2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim // 2]

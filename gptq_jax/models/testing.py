@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.hf import Params, from_hf_state_dict
 
 TINY_HF_CONFIG = dict(
@@ -43,10 +43,10 @@ def tiny_hf_model(seed: int = 0, **overrides: Any):
   return model
 
 
-def tiny_pair(seed: int = 0, **overrides: Any) -> tuple[Any, LlamaConfig, Params]:
+def tiny_pair(seed: int = 0, **overrides: Any) -> tuple[Any, ModelConfig, Params]:
   """(transformers model, our config, our params) holding the same random tiny Llama."""
   hf = tiny_hf_model(seed, **overrides)
-  cfg = LlamaConfig.from_hf_dict(hf.config.to_dict())
+  cfg = ModelConfig.from_hf_dict(hf.config.to_dict())
   return hf, cfg, from_hf_state_dict(cfg, hf.state_dict())
 
 

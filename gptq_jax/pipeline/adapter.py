@@ -2,7 +2,7 @@
 
 The driver needs five things from a model: embed the calibration tokens (the first block's input),
 count and address its blocks, run one block, and see the input of each linear layer while a block
-runs. ``DecoderAdapter`` names them; ``LlamaAdapter`` implements them for the built-in Flax Llama
+runs. ``DecoderAdapter`` names them; ``ModelAdapter`` implements them for the built-in Flax decoder
 and is the example to follow for another decoder:
 
 * ``sequential_groups``: the linears of a block, in the order true-sequential GPTQ quantizes them,
@@ -64,8 +64,8 @@ def set_path(tree: Any, path: LinearPath, value: Any) -> Any:
   return out
 
 
-class LlamaAdapter:
-  """The built-in Flax Llama (``gptq_jax.models``)."""
+class ModelAdapter:
+  """The built-in Flax decoder (``gptq_jax.models``), any supported family."""
 
   sequential_groups = LLAMA_GROUPS
 
@@ -78,7 +78,7 @@ class LlamaAdapter:
 
   @classmethod
   @functools.lru_cache(maxsize=16)
-  def for_config(cls, config) -> "LlamaAdapter":
+  def for_config(cls, config) -> "ModelAdapter":
     """One adapter per model config, so compiled block functions are reused across calls."""
     return cls(config)
 
@@ -113,3 +113,5 @@ class LlamaAdapter:
     with nn.intercept_methods(interceptor):
       return call()
 
+
+LlamaAdapter = ModelAdapter  # the pre-families name

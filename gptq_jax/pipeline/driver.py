@@ -22,7 +22,7 @@ from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import quantize_weight
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.pipeline import calib, multihost
-from gptq_jax.pipeline.adapter import DecoderAdapter, LlamaAdapter, get_path, set_path
+from gptq_jax.pipeline.adapter import DecoderAdapter, ModelAdapter, get_path, set_path
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
@@ -47,10 +47,10 @@ def resolve_adapter(params: Any, model_config: Any = None,
   model_config = model_config or getattr(params, "config", None)
   if model_config is None:
     raise ValueError("quantize() cannot tell which model these params belong to: load them with "
-                     "gptq_jax.models.load_llama (its params carry their config), pass "
-                     "model_config=<LlamaConfig>, or pass adapter=<DecoderAdapter> for another "
+                     "gptq_jax.models.load_model (its params carry their config), pass "
+                     "model_config=<ModelConfig>, or pass adapter=<DecoderAdapter> for another "
                      "decoder")
-  return LlamaAdapter.for_config(model_config)
+  return ModelAdapter.for_config(model_config)
 
 
 def resolve_mesh(mesh: Mesh | str | None, axis_name: str) -> Mesh | None:
@@ -112,11 +112,11 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   """GPTQ-quantize every decoder block's linears; returns params with packed kernels.
 
   Args:
-    params: the model's parameter pytree (the built-in Llama's, from ``load_llama``).
+    params: the model's parameter pytree (the built-in decoder's, from ``load_model``).
     calib_batches: token ids ``[nsamples, seqlen]``, or a list of arrays / ``{"input_ids",
       "attention_mask"}`` dicts (``gptq_jax.data.get_calib_batches``).
     cfg: the GPTQ settings.
-    model_config: the ``LlamaConfig`` when ``params`` do not carry it.
+    model_config: the ``ModelConfig`` when ``params`` do not carry it.
     adapter: a ``DecoderAdapter`` for another decoder architecture.
     mesh: "auto" (every device on one data axis when there are several), None (one device) or a
       ``Mesh`` with a ``axis_name`` axis: micro-batches are split over it.
