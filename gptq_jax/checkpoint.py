@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptq_jax.core.weights import PackedWeight
+from gptq_jax.models.params import ModelParams, plain
 
 PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 FORMAT_VERSION = 1
@@ -75,7 +76,7 @@ def _manager(path: str, read_only: bool = False) -> ocp.CheckpointManager:
 
 def write_tree(path: str, step: int, tree: Any, meta: dict) -> None:
   """Save ``tree`` (PackedWeights allowed) and JSON ``meta`` as step ``step`` under ``path``."""
-  arrays, packed = split_packed(tree)
+  arrays, packed = split_packed(plain(tree))  # ModelParams -> dict: orbax sees plain dicts
   arrays = jax.tree.map(np.asarray, arrays)
   meta = {**meta, "packed": packed, "gptq_jax_checkpoint": FORMAT_VERSION}
   mngr = _manager(path)
@@ -161,6 +162,7 @@ def load(path: str) -> Checkpoint:
   if quant_config is not None:  # the packed kernels run on the backend the run was configured for
     model_config = model_config.replace(backend=quant_config.backend)
   tok = os.path.join(path, "tokenizer")
+  params = ModelParams(params, model_config)  # they carry their config, as loaded params do
   return Checkpoint(params, model_config, quant_config, meta, tok if os.path.isdir(tok) else None)
 
 

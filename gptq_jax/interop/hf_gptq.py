@@ -26,6 +26,7 @@ from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.hf import (HFCheckpoint, Params, layer_tensor_specs,
                                       nonlayer_tensor_specs, params_from_tensors)
+from gptq_jax.models.params import ModelParams
 from gptq_jax.models.safetensors_io import save_safetensors
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -287,6 +288,6 @@ def import_hf(path: str | os.PathLike, dtype: Any = jnp.float32
     params = ckpt.nonlayer_params(dtype)
     for i in range(model_config.num_hidden_layers):
       params[f"layers_{i}"] = read_block(ckpt, i, cfg, dtype)
-    return model_config, params, cfg
+    return model_config, ModelParams(params, model_config), cfg
   finally:
     ckpt.close()

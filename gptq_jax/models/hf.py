@@ -16,42 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax.models.config import ModelConfig
+from gptq_jax.models.families import (ATTN_PROJS, MLP_PROJS, layer_tensor_specs,  # noqa: F401
+                                      nonlayer_tensor_specs)
+from gptq_jax.models.params import ModelParams, as_model_params
 from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
 
 Params = dict[str, Any]
-ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def _proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-  """HF `[out, in]` shape of each projection."""
-  q, kv, h, m = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
-                 cfg.hidden_size, cfg.intermediate_size)
-  return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-          "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
-
-
-def layer_tensor_specs(cfg: ModelConfig, i: int) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
-  """(param path in `layers_{i}`, HF tensor name, HF shape) for every tensor of layer i."""
-  shapes = _proj_shapes(cfg)
-  for group, projs, has_bias in (("self_attn", ATTN_PROJS, cfg.attention_bias),
-                                 ("mlp", MLP_PROJS, cfg.mlp_bias)):
-    for proj in projs:
-      name = f"model.layers.{i}.{group}.{proj}"
-      yield (group, proj, "kernel"), f"{name}.weight", shapes[proj]
-      if has_bias:
-        yield (group, proj, "bias"), f"{name}.bias", shapes[proj][:1]
-  for norm in ("input_layernorm", "post_attention_layernorm"):
-    yield (norm, "weight"), f"model.layers.{i}.{norm}.weight", (cfg.hidden_size,)
-
-
-def nonlayer_tensor_specs(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
-  """(param path, HF tensor name, HF shape) for the embedding, final norm and untied lm_head."""
-  yield ("embed_tokens", "embedding"), "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
-  yield ("norm", "weight"), "model.norm.weight", (cfg.hidden_size,)
-  if not cfg.tie_word_embeddings:
-    yield ("lm_head", "kernel"), "lm_head.weight", (cfg.vocab_size, cfg.hidden_size)
 
 
 def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
@@ -71,16 +42,17 @@ def params_from_tensors(specs, get, dtype: Any = jnp.float32) -> Params:
   return out
 
 
-def model_params_from_tensors(cfg: ModelConfig, get, dtype: Any = jnp.float32) -> Params:
-  """The whole params tree from `get(hf_name, hf_shape) -> np.ndarray` (HF layout)."""
+def model_params_from_tensors(cfg: ModelConfig, get, dtype: Any = jnp.float32) -> ModelParams:
+  """The whole params tree (carrying `cfg`) from `get(hf_name, hf_shape) -> np.ndarray` (HF
+  layout, HF names: every loader maps its tensors to HF names and comes through here)."""
   params = params_from_tensors(nonlayer_tensor_specs(cfg), get, dtype)
   for i in range(cfg.num_hidden_layers):
     params[f"layers_{i}"] = params_from_tensors(layer_tensor_specs(cfg, i), get, dtype)
-  return params
+  return ModelParams(params, cfg)
 
 
 def from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any],
-                       dtype: Any = jnp.float32) -> Params:
+                       dtype: Any = jnp.float32) -> ModelParams:
   """Params from an in-memory HF state dict (numpy arrays or torch tensors, HF names/layout)."""
 
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -127,7 +99,7 @@ class _TorchBinFile:
 
 
 class HFCheckpoint:
-  """An HF Llama folder opened lazily: `.config`, `.layer_params(i)`, `.nonlayer_params()`."""
+  """An HF model folder (any supported family) opened lazily: `.config`, `.layer_params(i)`, `.nonlayer_params()`."""
 
   def __init__(self, folder: str | os.PathLike):
     folder = os.fspath(folder)
@@ -187,7 +159,7 @@ class HFCheckpoint:
     """embed_tokens, norm and (untied) lm_head."""
     return params_from_tensors(nonlayer_tensor_specs(self.config), self.get, dtype)
 
-  def params(self, dtype: Any = jnp.float32) -> Params:
+  def params(self, dtype: Any = jnp.float32) -> ModelParams:
     params = model_params_from_tensors(self.config, self.get, dtype)
     self._warn_unexpected()
     return params
@@ -208,8 +180,10 @@ class HFCheckpoint:
     self._files.clear()
 
 
-def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
-  """(config, params) of an HF Llama folder; params cast to `dtype`."""
+def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32
+                   ) -> tuple[ModelConfig, ModelParams]:
+  """(config, params) of an HF folder of any supported family; params cast to `dtype` and
+  carrying the config (`params.config`)."""
   ckpt = HFCheckpoint(folder)
   try:
     return ckpt.config, ckpt.params(dtype)
@@ -270,7 +244,8 @@ def to_hf_state_dict(cfg: ModelConfig, params: Params, dtype: Any = None) -> dic
 
 def save_hf_folder(folder: str | os.PathLike, cfg: ModelConfig, params: Params,
                    dtype: Any = np.float32) -> None:
-  """Writes `config.json` + `model.safetensors` that transformers loads as LlamaForCausalLM."""
+  """Writes `config.json` + `model.safetensors` that transformers loads as the family's CausalLM
+  (`cfg.to_hf_dict()["architectures"]`)."""
   os.makedirs(folder, exist_ok=True)
   tensors = to_hf_state_dict(cfg, params, dtype)
   torch_dtype = np.dtype(next(iter(tensors.values())).dtype).name
