@@ -68,7 +68,7 @@ def family_of(d: Mapping[str, Any]) -> Family:
     if model_type == "gemma3":
       hint = (" (this is the multimodal Gemma 3 config; gptq_jax reads the text model, "
               "model_type 'gemma3_text' / Gemma3ForCausalLM)")
-    raise ValueError(f"unsupported model_type {model_type!r} (architectures={archs}){hint}: "
+    raise ValueError(f"unsupported architecture: model_type {model_type!r} (architectures={archs}){hint}; "
                      f"gptq_jax supports {_supported()}")
   family = FAMILIES[model_type]
   if archs and family.architecture not in archs:

@@ -242,14 +242,40 @@ def to_hf_state_dict(cfg: ModelConfig, params: Params, dtype: Any = None) -> dic
   return out
 
 
-def save_hf_folder(folder: str | os.PathLike, cfg: ModelConfig, params: Params,
-                   dtype: Any = np.float32) -> None:
+def save_hf_folder(folder: str | os.PathLike, cfg: ModelConfig | None, params: Params,
+                   dtype: Any = np.float32, *, max_shard_bytes: int | None = None) -> None:
   """Writes `config.json` + `model.safetensors` that transformers loads as the family's CausalLM
-  (`cfg.to_hf_dict()["architectures"]`)."""
+  (`cfg.to_hf_dict()["architectures"]`). `cfg` None: `params.config`. With `max_shard_bytes`,
+  tensors go to `model-0000k-of-0000n.safetensors` shards of at most that size (a tensor larger
+  than it gets a shard of its own) plus `model.safetensors.index.json`; `dtype` None keeps each
+  tensor's dtype (bfloat16 included)."""
+  cfg = cfg if cfg is not None else getattr(params, "config", None)
+  if cfg is None:
+    raise ValueError("save_hf_folder needs cfg=<ModelConfig> or params that carry their config")
   os.makedirs(folder, exist_ok=True)
   tensors = to_hf_state_dict(cfg, params, dtype)
-  torch_dtype = np.dtype(next(iter(tensors.values())).dtype).name
+  torch_dtype = np.dtype(tensors["model.embed_tokens.weight"].dtype).name
   config = dict(cfg.to_hf_dict(), torch_dtype=torch_dtype)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
-  save_safetensors(os.path.join(folder, "model.safetensors"), tensors, metadata={"format": "pt"})
+  if max_shard_bytes is None:
+    save_safetensors(os.path.join(folder, "model.safetensors"), tensors, metadata={"format": "pt"})
+    return
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name in sorted(tensors):
+    nbytes = tensors[name].nbytes
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += nbytes
+  weight_map = {}
+  for k, shard in enumerate(shards):
+    file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_safetensors(os.path.join(folder, file), shard, metadata={"format": "pt"})
+    weight_map.update({name: file for name in shard})
+  index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+           "weight_map": weight_map}
+  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f, indent=2)
