@@ -20,7 +20,8 @@ import gptq_jax
 from gptq_jax import checkpoint
 from gptq_jax.eval import generate
 from gptq_jax.pipeline import dense_block, rtn_model
-from gptq_jax.models import (ModelConfig, ModelParams, forward, load_model, save_hf_folder)
+from gptq_jax.models import ModelConfig, ModelParams, forward, load_model, save_hf_folder
+from gptq_jax.models.params import plain
 from gptq_jax.models.testing import FAMILY_NAMES, tiny_pair, torch_logits
 
 torch = pytest.importorskip("torch")
@@ -104,16 +105,9 @@ def test_cached_generation_equals_transformers(pair):
   np.testing.assert_array_equal(cached, ref)
 
 
-def test_rtn_packed_forward_matches_transformers_on_dequantized(pair):
-  """quantize (RTN, 4-bit g16) -> our packed forward == transformers on the dequantized weights;
-  q/k norms, biases and the norms stay float."""
-  family, hf, cfg, params = pair
-  qparams = rtn_model(params, gptq_jax.GPTQConfig(bits=4, group_size=16))
-  assert isinstance(qparams, ModelParams) and qparams.config == cfg
-  block = qparams["layers_0"]
-  assert isinstance(block["self_attn"]["q_proj"]["kernel"], gptq_jax.PackedWeight)
-  if cfg.qk_norm:
-    assert isinstance(block["self_attn"]["q_norm"]["weight"], jax.Array)
+def _assert_packed_matches_dequantized(hf, cfg, qparams, ids):
+  """Our packed forward == transformers on the dequantized weights (the norms, q/k norms and
+  biases untouched), and the quantization did change the logits."""
   sd = {k: v.clone() for k, v in hf.state_dict().items()}
   for i in range(cfg.num_hidden_layers):
     d = dense_block(qparams[f"layers_{i}"])
@@ -122,11 +116,22 @@ def test_rtn_packed_forward_matches_transformers_on_dequantized(pair):
           np.asarray(d[mod][proj]["kernel"]).T.copy())
   deq = type(hf)(hf.config).eval()
   deq.load_state_dict(sd)
-  ids = _ids(2, SEQ, seed=2)
   ref = torch_logits(deq, ids)
-  ours = np.asarray(forward(qparams, cfg, ids))
-  _close(ours, ref, rel=1e-5)
-  assert np.abs(ref - torch_logits(hf, ids)).max() > 1e-3  # the quantization changed something
+  _close(np.asarray(forward(qparams, None, ids)), ref, rel=1e-5)
+  assert np.abs(ref - torch_logits(hf, ids)).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_rtn_packed_forward_matches_transformers_on_dequantized(family):
+  """RTN (4-bit g16) -> packed forward (Qwen2: biases; Qwen3: q/k norms, head_dim 32 != 64/4)."""
+  hf, cfg, params = tiny_pair(family, seed=3)
+  qparams = rtn_model(params, gptq_jax.GPTQConfig(bits=4, group_size=16))
+  assert isinstance(qparams, ModelParams) and qparams.config == cfg
+  attn = qparams["layers_0"]["self_attn"]
+  assert isinstance(attn["q_proj"]["kernel"], gptq_jax.PackedWeight)
+  assert isinstance(attn["q_norm" if cfg.qk_norm else "q_proj"]["weight" if cfg.qk_norm else "bias"],
+                    jax.Array)
+  _assert_packed_matches_dequantized(hf, cfg, qparams, _ids(2, SEQ, seed=2))
 
 
 @pytest.mark.parametrize("family,dtype,shard", [
@@ -161,24 +166,52 @@ def test_hf_folder_round_trip(family, dtype, shard, tmp_path):
 
 
 def test_quantize_needs_no_model_config_for_loaded_params(tmp_path):
-  """gptq_jax.quantize(params, calib, cfg) as written, for params from an HF folder (Gemma 3:
-  sliding and full blocks) and from the checkpoint loader; the result carries the config."""
-  hf, _, _ = tiny_pair("gemma3_text", seed=5, num_hidden_layers=2,
+  """gptq_jax.quantize(params, calib, cfg) as written, for params from an HF folder (Gemma 3, a
+  sliding and a full block) and from the orbax checkpoint loader; the result carries the config,
+  its packed forward equals transformers on the dequantized weights, and its HF GPTQ export has
+  Gemma 3's architecture, tensor names and float norms and imports back identically."""
+  # Every linear 64 x 64: one compiled GPTQ solver serves the model.
+  hf, _, _ = tiny_pair("gemma3_text", seed=5, num_hidden_layers=2, head_dim=16,
+                      num_key_value_heads=4, intermediate_size=64,
                       layer_types=["sliding_attention", "full_attention"])
   hf.save_pretrained(tmp_path / "g")
   cfg, params = load_model(str(tmp_path / "g"))
-  calib = _ids(4, 24, seed=7)
   qcfg = gptq_jax.GPTQConfig(bits=4, group_size=16)
-  qparams = gptq_jax.quantize(params, calib, qcfg, progress=False)
+  qparams = gptq_jax.quantize(params, _ids(4, 24, seed=7), qcfg, progress=False)
   assert isinstance(qparams, ModelParams) and qparams.config == cfg
   ids = _ids(1, SEQ)
-  ref = np.asarray(forward(params, None, ids))
+  _assert_packed_matches_dequantized(hf, cfg, qparams, ids)
   q = np.asarray(forward(qparams, None, ids))
-  assert np.isfinite(q).all() and 0 < np.abs(q - ref).max() < 0.5 * np.abs(ref).max()
+
   checkpoint.save(str(tmp_path / "ckpt"), qparams, model_config=cfg, quant_config=qcfg)
   loaded = checkpoint.load(str(tmp_path / "ckpt"))
   assert isinstance(loaded.params, ModelParams) and loaded.params.config.model_type == "gemma3_text"
   np.testing.assert_allclose(np.asarray(forward(loaded.params, None, ids)), q, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="model_config="):  # the same weights as a bare dict
+    gptq_jax.quantize(dict(params), _ids(4, 24), qcfg, progress=False)
+
+  from gptq_jax.interop import export_hf, import_hf
+  folder = export_hf(tmp_path / "gptq", qparams, cfg, qcfg, dtype="float32")
+  config = json.load(open(os.path.join(folder, "config.json")))
+  assert config["architectures"] == ["Gemma3ForCausalLM"] and config["model_type"] == "gemma3_text"
+  from gptq_jax.models.safetensors_io import SafetensorsFile
+  names = set(SafetensorsFile(os.path.join(folder, "model.safetensors")).keys())
+  assert {"model.layers.1.self_attn.q_norm.weight", "model.layers.0.pre_feedforward_layernorm.weight",
+          "model.layers.0.self_attn.o_proj.qweight"} <= names
+  assert not any(n.endswith("norm.qweight") for n in names)
+  cfg2, params2, _ = import_hf(folder)
+  assert cfg2 == cfg and isinstance(params2, ModelParams)
+  def same(a, b):  # codes and floats exact; scales as the format stores them (float16)
+    if isinstance(b, gptq_jax.PackedWeight):
+      for f in ("qweight", "qzeros", "g_idx"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
+      np.testing.assert_array_equal(np.asarray(a.scales),
+                                    np.asarray(b.scales).astype(np.float16).astype(np.float32))
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  is_packed = lambda x: isinstance(x, gptq_jax.PackedWeight)  # noqa: E731
+  jax.tree.map(same, plain(params2), plain(qparams), is_leaf=is_packed)
 
 
 def test_bare_dict_gets_a_clear_error():
@@ -228,3 +261,20 @@ def test_yarn_rope_matches_transformers():
   _close(np.asarray(forward(params, cfg, ids)), ref)
   wrong = np.asarray(forward(params, cfg.replace(rope_scaling=None), ids))
   assert np.abs(wrong - ref).max() > 1e-3 * np.abs(ref).max()
+
+
+def test_one_block_function_per_layer_type():
+  """The pipeline runs block i through the adapter of its layer type: Gemma 3's sliding blocks
+  0 and 2 share one (so one compiled block function), the full block 1 has its own."""
+  from gptq_jax.pipeline.adapter import ModelAdapter, block_adapter
+  from gptq_jax.pipeline.capture import runner_for
+
+  _, cfg, params = tiny_pair("gemma3_text")
+  adapter = ModelAdapter.for_config(cfg)
+  blocks = [block_adapter(adapter, i) for i in range(3)]
+  assert blocks[0] is blocks[2] and blocks[0] is not blocks[1]
+  assert [b.layer_type for b in blocks] == list(cfg.layer_types)
+  assert runner_for(blocks[0], None, "data") is runner_for(blocks[2], None, "data")
+  with pytest.raises(ValueError, match="block_adapter"):  # a mixed model needs the block's type
+    adapter.run_block(params["layers_0"], jnp.zeros((1, 4, 64)), {
+        "positions": jnp.zeros((1, 4), jnp.int32), "attention_mask": jnp.ones((1, 4), jnp.int32)})
