@@ -136,6 +136,10 @@ def config_from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
     if d.get("use_bidirectional_attention"):
       raise ValueError("Gemma 3 with use_bidirectional_attention=True (an encoder setting) is not "
                        "supported: gptq_jax runs causal decoders")
+    if d.get("attn_logit_softcapping") is not None:
+      raise ValueError(f"Gemma 3 config sets attn_logit_softcapping={d['attn_logit_softcapping']}, "
+                       "which transformers' Gemma 3 does not apply: gptq_jax does not support it "
+                       "(set it to null)")
     pattern = d.get("sliding_window_pattern", 6)
     types = d.get("layer_types") or [
         SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
@@ -149,7 +153,6 @@ def config_from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
         sliding_window=d.get("sliding_window", 4096), layer_types=tuple(types),
         rope_local_theta=float(local_theta),
         rope_local_scaling=RopeScaling.from_hf_dict(local, max_pos),
-        attn_logit_softcapping=d.get("attn_logit_softcapping"),
         final_logit_softcapping=d.get("final_logit_softcapping"))
   return cls(**kwargs)
 
@@ -173,11 +176,12 @@ def _check_expressible(cfg: ModelConfig) -> None:
     problems.append("Mistral has no attention biases")
   if cfg.mlp_bias and mt != "llama":
     problems.append("mlp_bias (only Llama has it)")
+  if cfg.attn_logit_softcapping is not None:
+    problems.append("attn_logit_softcapping (no supported family's transformers model applies it)")
   if not gemma:
     if cfg.hidden_act != "silu":
       problems.append(f"hidden_act={cfg.hidden_act!r}")
-    for k in ("query_pre_attn_scalar", "rope_local_theta", "attn_logit_softcapping",
-              "final_logit_softcapping"):
+    for k in ("query_pre_attn_scalar", "rope_local_theta", "final_logit_softcapping"):
       if getattr(cfg, k) is not None:
         problems.append(f"{k}={getattr(cfg, k)}")
   sliding = [i for i, t in enumerate(cfg.layer_types) if t == SLIDING]
@@ -243,8 +247,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types),
                rope_local_base_freq=cfg.rope_local_theta,
                rope_parameters={FULL: full, SLIDING: local},
-               attn_logit_softcapping=cfg.attn_logit_softcapping,
-               final_logit_softcapping=cfg.final_logit_softcapping)
+               attn_logit_softcapping=None, final_logit_softcapping=cfg.final_logit_softcapping)
   return out
 
 
