@@ -37,6 +37,9 @@ def pair(request):
   return (request.param,) + tiny_pair(request.param, seed=3)
 
 
+_forward = jax.jit(forward, static_argnums=1)  # one compile beats op-by-op dispatch here
+
+
 def _ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:
   return np.random.RandomState(seed).randint(3, 256, size=(batch, seq)).astype(np.int32)
 
@@ -74,7 +77,7 @@ def test_logits_match_transformers_with_padding(pair):
   mask = np.ones_like(ids)
   mask[1, :6] = 0
   ref = torch_logits(hf, ids, mask)
-  ours = np.asarray(jax.jit(forward, static_argnums=1)(params, cfg, ids, mask))
+  ours = np.asarray(_forward(params, cfg, ids, mask))
   _close(ours[0], ref[0])
   _close(ours[1, 6:], ref[1, 6:])
   assert (ours[0].argmax(-1) == ref[0].argmax(-1)).all()
@@ -86,7 +89,7 @@ def test_differences_matter():
   ids = _ids(1, SEQ)
   ref = torch_logits(hf, ids)
   for change in (dict(sliding_window=None), dict(rope_local_theta=None)):
-    wrong = np.asarray(forward(params, cfg.replace(**change), ids))
+    wrong = np.asarray(_forward(params, cfg.replace(**change), ids))
     assert np.abs(wrong - ref).max() > 1e-3 * np.abs(ref).max(), change
 
 
@@ -119,7 +122,7 @@ def _assert_packed_matches_dequantized(hf, cfg, qparams, ids):
   deq = type(hf)(hf.config).eval()
   deq.load_state_dict(sd)
   ref = torch_logits(deq, ids)
-  _close(np.asarray(forward(qparams, None, ids)), ref, rel=1e-5)
+  _close(np.asarray(_forward(qparams, None, ids)), ref, rel=1e-5)
   assert np.abs(ref - torch_logits(hf, ids)).max() > 1e-3
 
 
@@ -164,7 +167,7 @@ def test_hf_folder_round_trip(family, dtype, shard, tmp_path):
     assert torch.equal(value, state[name]), name
   assert ModelConfig.from_hf_dict(back.config.to_dict()) == cfg
   ids = _ids(1, SEQ)
-  _close(np.asarray(forward(params, cfg, ids)), torch_logits(back.float(), ids), rel=1e-5)
+  _close(np.asarray(_forward(params, cfg, ids)), torch_logits(back.float(), ids), rel=1e-5)
 
 
 def test_quantize_needs_no_model_config_for_loaded_params(tmp_path):
@@ -183,12 +186,12 @@ def test_quantize_needs_no_model_config_for_loaded_params(tmp_path):
   assert isinstance(qparams, ModelParams) and qparams.config == cfg
   ids = _ids(1, SEQ)
   _assert_packed_matches_dequantized(hf, cfg, qparams, ids)
-  q = np.asarray(forward(qparams, None, ids))
+  q = np.asarray(_forward(qparams, None, ids))
 
   checkpoint.save(str(tmp_path / "ckpt"), qparams, model_config=cfg, quant_config=qcfg)
   loaded = checkpoint.load(str(tmp_path / "ckpt"))
   assert isinstance(loaded.params, ModelParams) and loaded.params.config.model_type == "gemma3_text"
-  np.testing.assert_allclose(np.asarray(forward(loaded.params, None, ids)), q, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(_forward(loaded.params, None, ids)), q, rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="model_config="):  # the same weights as a bare dict
     gptq_jax.quantize(dict(params), _ids(4, 24), qcfg, progress=False)
 
@@ -260,8 +263,8 @@ def test_yarn_rope_matches_transformers():
   assert cfg.rope_scaling.rope_type == "yarn" and cfg.rope_scaling.beta_fast == 16.0
   ids = _ids(1, SEQ)
   ref = torch_logits(hf, ids)
-  _close(np.asarray(forward(params, cfg, ids)), ref)
-  wrong = np.asarray(forward(params, cfg.replace(rope_scaling=None), ids))
+  _close(np.asarray(_forward(params, cfg, ids)), ref)
+  wrong = np.asarray(_forward(params, cfg.replace(rope_scaling=None), ids))
   assert np.abs(wrong - ref).max() > 1e-3 * np.abs(ref).max()
 
 
@@ -290,6 +293,6 @@ def test_gemma_soft_caps():
   ids = _ids(1, SEQ)
   ref = torch_logits(hf, ids)
   assert 10.0 < np.abs(ref).max() <= 30.0
-  _close(np.asarray(forward(params, cfg, ids)), ref)
+  _close(np.asarray(_forward(params, cfg, ids)), ref)
   with pytest.raises(ValueError, match="attn_logit_softcapping"):
     ModelConfig.from_hf_dict(dict(cfg.to_hf_dict(), attn_logit_softcapping=50.0))
