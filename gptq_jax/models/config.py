@@ -76,6 +76,8 @@ class RopeScaling:
       return None
     if rope_type not in ROPE_TYPES:
       raise ValueError(f"unsupported rope scaling type {rope_type!r}: gptq_jax supports {ROPE_TYPES}")
+    if rope_type == "linear":  # only the factor matters
+      return cls(rope_type="linear", factor=float(d["factor"]))
     keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
             "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
     kwargs = {k: d[k] for k in keys if d.get(k) is not None}

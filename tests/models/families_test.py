@@ -296,3 +296,42 @@ def test_gemma_soft_caps():
   _close(np.asarray(_forward(params, cfg, ids)), ref)
   with pytest.raises(ValueError, match="attn_logit_softcapping"):
     ModelConfig.from_hf_dict(dict(cfg.to_hf_dict(), attn_logit_softcapping=50.0))
+
+
+@pytest.mark.parametrize("d", [
+    dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=256,
+         hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
+         num_key_value_heads=1, head_dim=32, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+         rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=512,
+         sliding_window_pattern=6, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh",
+         final_logit_softcapping=None, attn_logit_softcapping=None),
+    dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=256, hidden_size=64,
+         intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+         rope_theta=1_000_000.0, use_sliding_window=False, sliding_window=131072,
+         max_window_layers=2, tie_word_embeddings=True),
+    dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
+         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+         use_sliding_window=True, sliding_window=8, max_window_layers=3,
+         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    dict(model_type="mistral", vocab_size=256, hidden_size=64, intermediate_size=128,
+         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+], ids=["gemma3-transformers4", "qwen2.5", "qwen3-sliding-yarn", "mistral-v0.3"])
+def test_older_config_forms_read_as_transformers_reads_them(d):
+  """config.json as older transformers (and the hub) write them: ours == ours of transformers 5's
+  reading, and the fields land where they should."""
+  d = dict(d, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  ours = ModelConfig.from_hf_dict(d)
+  theirs = ModelConfig.from_hf_dict(transformers.AutoConfig.for_model(**d).to_dict())
+  assert ours == theirs
+  if d["model_type"] == "gemma3_text":
+    assert ours.layer_types == ("sliding_attention",) * 5 + ("full_attention", "sliding_attention")
+    assert ours.rope_local_theta == 10_000.0 and ours.rope_scaling.factor == 8.0
+    assert ours.rope_local_scaling is None and ours.head_dim == 32
+  elif d["model_type"] == "qwen2":
+    assert ours.sliding_window is None and set(ours.layer_types) == {"full_attention"}
+    assert ours.qkv_bias and not ours.o_bias
+  elif d["model_type"] == "qwen3":
+    assert ours.layer_types == ("full_attention",) * 3 + ("sliding_attention",)
+    assert ours.head_dim == 128 and ours.rope_scaling.rope_type == "yarn"
+  else:
+    assert ours.sliding_window is None and set(ours.layer_types) == {"full_attention"}
