@@ -168,7 +168,11 @@ class GPTQConfig:
   # --- Hugging Face quantization_config ---------------------------------------------------------
   def to_dict(self) -> dict[str, Any]:
     """The Hugging Face ``quantization_config`` dict (plus our own fields under ``gptq_jax``)."""
-    dataset = list(self.dataset) if isinstance(self.dataset, tuple) else self.dataset
+    # Only what transformers / GPTQModel / vLLM accept: a named set, a list of strings, or None (a
+    # local path is neither portable nor valid there; exports describe it under meta.calibration).
+    dataset = self.dataset if self.dataset in NAMED_DATASETS else None
+    if isinstance(self.dataset, tuple):
+      dataset = list(self.dataset)
     ours = {f: getattr(self, f) for f in _OURS if f != "static_groups"}
     return {
         "quant_method": "gptq",

@@ -22,6 +22,7 @@ import numpy as np
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import packing
+from gptq_jax.interop import calibration
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.models.config import LlamaConfig
 from gptq_jax.models.hf import (HFCheckpoint, Params, layer_tensor_specs,
@@ -41,11 +42,16 @@ def quantization_config(cfg: GPTQConfig, format: str | None = None) -> dict[str,
 
   ``backend`` is left out: which kernel serves a checkpoint is the loader's choice, not a property
   of the weights. ``format`` and ``checkpoint_format`` both name the packing (``gptq``/``gptq_v2``).
+  ``dataset`` is a named set, a list of strings or null (what transformers' GPTQConfig accepts);
+  ``meta.calibration`` says what the calibration data was, without local paths.
   """
   d = cfg.to_dict()
   d.pop("backend", None)
   fmt = format or cfg.format
   d["format"] = d["checkpoint_format"] = fmt
+  d["dataset"] = calibration.hf_dataset(cfg.dataset)
+  d["meta"] = {**d.get("meta", {}),
+               "calibration": calibration.describe(cfg.dataset, cfg.nsamples, cfg.seqlen)}
   return d
 
 
