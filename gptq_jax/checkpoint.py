@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptq_jax.core.weights import PackedWeight
+from gptq_jax.integrity import DamagedFileError, verify_checksums, write_checksums
 
 PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 FORMAT_VERSION = 1
@@ -83,6 +84,7 @@ def write_tree(path: str, step: int, tree: Any, meta: dict) -> None:
                                           meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
   mngr.close()
+  write_checksums(os.path.join(os.path.abspath(path), str(step)))
 
 
 def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
@@ -90,12 +92,22 @@ def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint folder at {path!r}")
   mngr = _manager(path, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{path!r} holds no finished checkpoint (an interrupted save?)")
-  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                   meta=ocp.args.JsonRestore()))
-  mngr.close()
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{path!r} holds no finished checkpoint (an interrupted save?)")
+    verify_checksums(os.path.join(os.path.abspath(path), str(step)))  # names a damaged file
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                       meta=ocp.args.JsonRestore()))
+    except (ValueError, OSError, RuntimeError, KeyError) as e:  # tensorstore / orbax read errors
+      if isinstance(e, DamagedFileError):
+        raise
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise DamagedFileError(os.path.join(os.path.abspath(path), str(step)),
+                             f"damaged orbax checkpoint ({first})") from None
+  finally:
+    mngr.close()
   meta = dict(out["meta"])
   tree = jax.tree.map(np.asarray, out["params"])
   return join_packed(tree, meta.get("packed", {})), meta

@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  from gptq_jax.integrity import exit_with_error
+
   try:
     main()
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    exit_with_error(str(e))  # one line, nothing after it (see gptq_jax/integrity.py)
