@@ -159,6 +159,20 @@ def is_checkpoint(path: str) -> bool:
 
 
 def load(path: str) -> Checkpoint:
+  """Read a model in any format ``gptq_jax.load_model`` takes: a folder written by ``save``, an HF
+  GPTQ folder, an HF float folder, a .gguf file or an embedded name (see ``gptq_jax.loading``).
+  For the formats other than ours, ``meta`` holds ``{"source": <what was found>}`` and
+  ``tokenizer_dir`` the folder or file the tokenizer loads from."""
+  if is_checkpoint(path):
+    return read(path)
+  from gptq_jax.loading import open_model  # noqa: PLC0415
+
+  loaded = open_model(path)
+  return Checkpoint(loaded.params, loaded.config, loaded.quant_config,
+                    {"source": loaded.description}, loaded.tokenizer_source)
+
+
+def read(path: str) -> Checkpoint:
   """Read a folder written by ``save``."""
   from gptq_jax.config import GPTQConfig
   from gptq_jax.models import LlamaConfig
