@@ -142,6 +142,9 @@ def save(path: str, params: Any, *, model_config: Any, quant_config: Any = None,
   tmp = path + ".saving"
   if os.path.exists(tmp):
     shutil.rmtree(tmp)  # a save that was killed midway: never a finished checkpoint
+  from gptq_jax.pipeline.dynamic import untied  # noqa: PLC0415
+
+  model_config = untied(model_config, params)  # lm_head=True: the projection is its own tensor
   meta = {
       "model_config": model_config.to_hf_dict(),
       "compute_dtype": getattr(model_config, "dtype", "float32"),

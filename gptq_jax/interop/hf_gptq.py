@@ -28,6 +28,7 @@ from gptq_jax.models.config import LlamaConfig
 from gptq_jax.models.hf import (HFCheckpoint, Params, layer_tensor_specs,
                                       nonlayer_tensor_specs, params_from_tensors)
 from gptq_jax.models.safetensors_io import save_safetensors
+from gptq_jax.pipeline.dynamic import LM_HEAD, resolve, untied
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
@@ -81,8 +82,10 @@ def write_configs(folder: str, model_config: LlamaConfig, cfg: GPTQConfig, dtype
 
 # ----- params -> tensors -----------------------------------------------------------------------
 
-def _packed_in(kernel: Any, cfg: GPTQConfig, name: str) -> PackedWeight:
+def _packed_in(kernel: Any, cfg: GPTQConfig | None, name: str) -> PackedWeight:
   """``kernel`` as a PackedWeight in ``cfg.format`` (repacked if it was packed otherwise)."""
+  if cfg is None:
+    raise ValueError(f"{name} is quantized: pass the GPTQConfig to write it")
   if isinstance(kernel, PackedWeight):
     if kernel.format == cfg.format:
       return kernel
@@ -134,10 +137,12 @@ def block_tensors(model_config: LlamaConfig, i: int, block: Params, cfg: GPTQCon
   return _tensors(layer_tensor_specs(model_config, i), block, cfg, _float_dtype(dtype))
 
 
-def nonlayer_tensors(model_config: LlamaConfig, params: Params, dtype: Any = "float16"
-                     ) -> dict[str, np.ndarray]:
-  """embed_tokens, norm and (untied) lm_head as HF tensors (never quantized here)."""
-  return _tensors(nonlayer_tensor_specs(model_config), params, None, _float_dtype(dtype))
+def nonlayer_tensors(model_config: LlamaConfig, params: Params, dtype: Any = "float16",
+                     cfg: GPTQConfig | None = None) -> dict[str, np.ndarray]:
+  """embed_tokens, norm and (untied) lm_head as HF tensors; a quantized lm_head (``lm_head=True``)
+  is written packed, as GPTQModel does (``lm_head.qweight`` ...), which needs ``cfg``."""
+  model_config = untied(model_config, params)
+  return _tensors(nonlayer_tensor_specs(model_config), params, cfg, _float_dtype(dtype))
 
 
 # ----- writing ---------------------------------------------------------------------------------
@@ -198,9 +203,10 @@ def export_hf(path: str | os.PathLike, qparams: Params, model_config: LlamaConfi
   """
   if not isinstance(cfg, GPTQConfig):
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
+  model_config = untied(model_config, qparams)  # a quantized lm_head is its own tensor
   writer = FolderWriter(path, model_config, cfg, dtype=dtype, tokenizer=tokenizer)
   try:
-    tensors = nonlayer_tensors(model_config, qparams, dtype)
+    tensors = nonlayer_tensors(model_config, qparams, dtype, cfg)
     for i in range(model_config.num_hidden_layers):
       tensors.update(block_tensors(model_config, i, qparams[f"layers_{i}"], cfg, dtype))
     writer.add(tensors)
@@ -243,6 +249,10 @@ def _read_packed(ckpt: HFCheckpoint, name: str, hf_shape: tuple[int, int], cfg: 
                      f"with in = {k}")
   bits = qweight.shape[0] * 32 // k
   packing.run_shape(bits)  # names the unsupported bit width
+  cfg = resolve(cfg, name) or cfg  # dynamic: this module's group size
+  if bits != cfg.bits:
+    raise ValueError(f"{name}.qweight holds {bits}-bit codes, but quantization_config gives this "
+                     f"module {cfg.bits} bits (check its dynamic rules)")
   group_size = cfg.group_size if cfg.group_size != -1 else k
   groups = -(-k // group_size)
   qzeros = get(f"{name}.qzeros", (groups, n * bits // 32))
@@ -287,10 +297,14 @@ def import_hf(path: str | os.PathLike, dtype: Any = jnp.float32
   try:
     cfg = read_quantization_config(folder)
     model_config = ckpt.config
-    if any(n.startswith("lm_head.") and n.endswith(".qweight") for n in ckpt.tensor_names()):
-      raise ValueError(f"{folder!r} has a quantized lm_head, which gptq_jax does not load (only "
-                       "decoder-block linears are quantized here)")
-    params = ckpt.nonlayer_params(dtype)
+    if f"{LM_HEAD}.qweight" in ckpt.tensor_names():  # lm_head=True: its own, packed projection
+      model_config = model_config.replace(tie_word_embeddings=False)
+      specs = [s for s in nonlayer_tensor_specs(model_config) if s[0][0] != LM_HEAD]
+      params = params_from_tensors(specs, ckpt.get, dtype)
+      params[LM_HEAD] = {"kernel": _read_packed(
+          ckpt, LM_HEAD, (model_config.vocab_size, model_config.hidden_size), cfg)}
+    else:
+      params = ckpt.nonlayer_params(dtype)
     for i in range(model_config.num_hidden_layers):
       params[f"layers_{i}"] = read_block(ckpt, i, cfg, dtype)
     return model_config, params, cfg
