@@ -105,9 +105,9 @@ def open_model(spec: str | os.PathLike, dtype: Any = jnp.float32) -> LoadedModel
     loaded = LoadedModel(config, params, qcfg, kind,
                          f"HF GPTQ folder ({describe_quant(qcfg)})", path)
   else:
-    from gptq_jax.models import load_llama  # noqa: PLC0415
+    from gptq_jax.models import load_model as load_float  # noqa: PLC0415
 
-    config, params = load_llama(path, dtype)
+    config, params = load_float(path, dtype=dtype)
     family = getattr(config, "model_type", "llama")
     if kind == GGUF:
       name = os.fspath(spec)

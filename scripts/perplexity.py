@@ -1,4 +1,4 @@
-"""Perplexity of a Llama over non-overlapping windows of a text or a token array.
+"""Perplexity of a model (any supported family) over non-overlapping windows of a text or a token array.
 
   python scripts/perplexity.py --model <orbax checkpoint | HF GPTQ folder | HF float folder | .gguf
                                        | smollm2-135m>

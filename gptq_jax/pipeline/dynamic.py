@@ -59,8 +59,9 @@ def lm_head_hessian(model_config: Any, params: Any, hidden: list, masks: list) -
   """``2/n X^T X`` of the final norm's outputs over the unmasked calibration tokens."""
   from gptq_jax.models import model as model_lib  # noqa: PLC0415
 
-  norm = jax.jit(lambda p, h: model_lib.LlamaForCausalLM(model_config).apply(
+  norm = jax.jit(lambda p, h: model_lib.CausalLM(model_config).apply(
       {"params": p}, h, method=lambda m, x: m.norm(x)))
+  params = {"norm": params["norm"]}  # all the final norm reads
   H, n = 0.0, 0
   for h, mask in zip(hidden, masks):
     xtx, count = _xtx(norm(params, h), mask)
@@ -86,4 +87,7 @@ def quantize_lm_head(model_config: Any, params: Any, hidden: list, masks: list, 
   if records is not None:
     records.append({"block": model_config.num_hidden_layers, "layer": LM_HEAD, "shape": list(kernel.shape),
                     "loss": info.loss, "damp": info.damp, "fallback": info.fallback})
-  return {**params, LM_HEAD: {"kernel": qw.pack(head_cfg.format)}}
+  out = {**params, LM_HEAD: {"kernel": qw.pack(head_cfg.format)}}
+  if hasattr(params, "with_config"):  # ModelParams: the config it carries is untied too
+    return type(params)(out, untied(model_config, out))
+  return out
