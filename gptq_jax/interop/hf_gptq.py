@@ -1,4 +1,4 @@
-"""Hugging Face GPTQ folders <-> gptq_jax params (REFERENCE.md §2).
+"""Hugging Face GPTQ folders <-> gptq_jax params (docs/format.md).
 
 A folder holds ``config.json`` (the model config plus ``quantization_config``), the same dict in
 ``quantize_config.json`` (read by AutoGPTQ / GPTQModel), ``model.safetensors`` (or shards with a
@@ -40,7 +40,7 @@ _META_KEYS = ("damp_percent", "static_groups", "true_sequential", "act_group_awa
 # ----- config dicts ----------------------------------------------------------------------------
 
 def quantization_config(cfg: GPTQConfig, format: str | None = None) -> dict[str, Any]:
-  """The ``quantization_config`` written beside the weights (REFERENCE.md §2 keys).
+  """The ``quantization_config`` written beside the weights (docs/format.md keys).
 
   ``backend`` is left out: which kernel serves a checkpoint is the loader's choice, not a property
   of the weights. ``format`` and ``checkpoint_format`` both name the packing (``gptq``/``gptq_v2``).

@@ -1,6 +1,6 @@
 """``quantize(params, calib_batches, cfg)``: GPTQ for a whole decoder, block by block.
 
-As the references' driver (REFERENCE.md §1): embed the calibration tokens (the first block's
+As the references' driver (docs/algorithm.md): embed the calibration tokens (the first block's
 input); for each block, accumulate the Hessians of its linears over all calibration samples and
 quantize them — with ``true_sequential``, subset by subset (``[q, k, v]``, ``[o]``, ``[gate, up]``,
 ``[down]``), each subset's Hessians taken with the earlier subsets already quantized — then run the
