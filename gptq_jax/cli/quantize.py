@@ -216,6 +216,7 @@ def run(args) -> dict:
                      batch_size=args.batch_size, progress=not args.no_progress, report=records,
                      start_block=len(done), on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
+  model_config = getattr(qparams, "config", model_config)  # --lm-head unties a tied embedding
   result["layers"] = records
   checkpoint.save(args.output, qparams, model_config=model_config, quant_config=cfg,
                   tokenizer=tokenizer, extra={"records": records})

@@ -45,3 +45,16 @@ def test_dynamic_round_trips_and_validates():
     GPTQConfig(4, dynamic="{not json")
   with pytest.raises(ValueError, match="lm_head"):
     GPTQConfig(4, lm_head="yes")
+
+
+def test_cli_flags_reach_the_config(tmp_path):
+  from gptq_jax.cli.quantize import _config, _parser
+
+  rules = {r"-:model\.layers\.0\.self_attn\.o_proj": {}, r".*down_proj": {"bits": 8}}
+  file = tmp_path / "dynamic.json"
+  file.write_text(json.dumps(rules))
+  for given in (json.dumps(rules), str(file)):
+    cfg = _config(_parser().parse_args(["--output", "x", "--bits", "3", "--dynamic", given,
+                                        "--lm-head"]))
+    assert cfg.dynamic_dict() == rules and cfg.lm_head and cfg.bits == 3
+  assert not _config(_parser().parse_args(["--output", "x"])).lm_head
