@@ -232,8 +232,9 @@ class GPTQConfig:
     dataset = d.get("dataset")
     if isinstance(dataset, list) or (isinstance(dataset, str) and dataset in NAMED_DATASETS):
       kwargs["dataset"] = dataset
-    if d.get("dynamic"):
-      kwargs["dynamic"] = d["dynamic"]
+    if d.get("dynamic"):  # other tools' extra override keys (e.g. pack_dtype) do not apply here
+      kwargs["dynamic"] = {p: {k: v for k, v in (o or {}).items() if k in DYNAMIC_FIELDS}
+                           for p, o in dict(d["dynamic"]).items()}
     if d.get("lm_head") is not None:
       kwargs["lm_head"] = bool(d["lm_head"])
     ours = d.get("gptq_jax") or {}

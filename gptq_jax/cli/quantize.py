@@ -225,7 +225,11 @@ def run(args) -> dict:
   if args.save_hf:
     from gptq_jax.interop import export_hf
 
-    export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer)
+    from gptq_jax.interop.calibration import describe_default
+
+    export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer,
+              calibration_source=None if cfg.dataset else describe_default(cfg.nsamples,
+                                                                             cfg.seqlen))
     _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
   dense = dense_block(qparams)  # every packed kernel dequantized (float32)
   if eval_tokens is not None:

@@ -30,16 +30,23 @@ def _sha(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
+def describe_default(nsamples: int, seqlen: int) -> dict[str, Any]:
+  """The command-line default: the bundled State of the Union addresses 1990-2015."""
+  from gptq_jax import data  # noqa: PLC0415
+
+  return {"nsamples": nsamples, "seqlen": seqlen, "sha256": _sha(data.sotu_texts("calib").encode()),
+          "source": f"bundled State of the Union addresses 1990-2015 ({nsamples} samples of "
+                    f"{seqlen} tokens)"}
+
+
 def describe(dataset: Any, nsamples: int, seqlen: int) -> dict[str, Any]:
   """``{"source": <kind and size, no path>, "sha256": <content hash>, "nsamples", "seqlen"}``."""
   from gptq_jax import data  # noqa: PLC0415 (tokenizer-free readers only)
 
   out: dict[str, Any] = {"nsamples": nsamples, "seqlen": seqlen}
   windows = f"{nsamples} samples of {seqlen} tokens"
-  if dataset is None:
-    text = data.sotu_texts("calib")
-    out.update(source=f"bundled State of the Union addresses 1990-2015 ({windows})",
-               sha256=_sha(text.encode()))
+  if dataset is None:  # token batches handed to quantize(): nothing says where they came from
+    out.update(source=f"token batches given to gptq_jax.quantize ({windows} configured)")
   elif isinstance(dataset, str) and dataset in NAMED_DATASETS:
     out.update(source=f"named dataset {dataset} ({windows})")
   elif isinstance(dataset, (list, tuple)):

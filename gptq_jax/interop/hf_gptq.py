@@ -39,7 +39,8 @@ _META_KEYS = ("damp_percent", "static_groups", "true_sequential", "act_group_awa
 
 # ----- config dicts ----------------------------------------------------------------------------
 
-def quantization_config(cfg: GPTQConfig, format: str | None = None) -> dict[str, Any]:
+def quantization_config(cfg: GPTQConfig, format: str | None = None,
+                        calibration_source: dict | None = None) -> dict[str, Any]:
   """The ``quantization_config`` written beside the weights (docs/format.md keys).
 
   ``backend`` is left out: which kernel serves a checkpoint is the loader's choice, not a property
@@ -52,8 +53,8 @@ def quantization_config(cfg: GPTQConfig, format: str | None = None) -> dict[str,
   fmt = format or cfg.format
   d["format"] = d["checkpoint_format"] = fmt
   d["dataset"] = calibration.hf_dataset(cfg.dataset)
-  d["meta"] = {**d.get("meta", {}),
-               "calibration": calibration.describe(cfg.dataset, cfg.nsamples, cfg.seqlen)}
+  d["meta"] = {**d.get("meta", {}), "calibration": calibration_source
+               or calibration.describe(cfg.dataset, cfg.nsamples, cfg.seqlen)}
   return d
 
 
@@ -68,9 +69,9 @@ def _float_dtype(dtype: Any) -> np.dtype:
 
 
 def write_configs(folder: str, model_config: ModelConfig, cfg: GPTQConfig, dtype: Any,
-                  tokenizer: Any = None) -> None:
+                  tokenizer: Any = None, *, calibration_source: dict | None = None) -> None:
   """config.json (with quantization_config), quantize_config.json and the tokenizer files."""
-  qc = quantization_config(cfg)
+  qc = quantization_config(cfg, calibration_source=calibration_source)
   config = dict(model_config.to_hf_dict(), torch_dtype=_float_dtype(dtype).name,
                 quantization_config=qc)
   with open(os.path.join(folder, "config.json"), "w") as f:
@@ -157,7 +158,8 @@ class FolderWriter:
   """
 
   def __init__(self, path: str | os.PathLike, model_config: ModelConfig, cfg: GPTQConfig, *,
-               dtype: Any = "float16", tokenizer: Any = None):
+               dtype: Any = "float16", tokenizer: Any = None,
+               calibration_source: dict | None = None):
     self.path = os.path.abspath(os.fspath(path))
     if os.path.exists(self.path):
       raise FileExistsError(f"{self.path!r} already exists: choose another folder for the Hugging "
@@ -165,6 +167,7 @@ class FolderWriter:
     if not os.path.isdir(os.path.dirname(self.path)):
       raise FileNotFoundError(f"the parent folder of {self.path!r} does not exist")
     self.model_config, self.cfg, self.tokenizer = model_config, cfg, tokenizer
+    self.calibration_source = calibration_source
     self.dtype = _float_dtype(dtype)
     self.tmp = self.path + ".partial"
     if os.path.exists(self.tmp):
@@ -191,13 +194,15 @@ class FolderWriter:
                "weight_map": dict(sorted(weight_map.items()))}
       with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
-    write_configs(self.tmp, self.model_config, self.cfg, self.dtype, self.tokenizer)
+    write_configs(self.tmp, self.model_config, self.cfg, self.dtype, self.tokenizer,
+                  calibration_source=self.calibration_source)
     os.rename(self.tmp, self.path)
     return self.path
 
 
 def export_hf(path: str | os.PathLike, qparams: Params, model_config: ModelConfig,
-              cfg: GPTQConfig, tokenizer: Any = None, *, dtype: Any = "float16") -> str:
+              cfg: GPTQConfig, tokenizer: Any = None, *, dtype: Any = "float16",
+              calibration_source: dict | None = None) -> str:
   """Writes a Hugging Face GPTQ folder (transformers / GPTQModel / vLLM load it) from ``quantize``'s
   result. Packed kernels are written in ``cfg.format`` (repacked if they were packed in the other
   format); the float tensors are cast to ``dtype``. Refuses to overwrite ``path``.
@@ -205,7 +210,8 @@ def export_hf(path: str | os.PathLike, qparams: Params, model_config: ModelConfi
   if not isinstance(cfg, GPTQConfig):
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
   model_config = untied(model_config, qparams)  # a quantized lm_head is its own tensor
-  writer = FolderWriter(path, model_config, cfg, dtype=dtype, tokenizer=tokenizer)
+  writer = FolderWriter(path, model_config, cfg, dtype=dtype, tokenizer=tokenizer,
+                        calibration_source=calibration_source)
   try:
     tensors = nonlayer_tensors(model_config, qparams, dtype, cfg)
     for i in range(model_config.num_hidden_layers):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gptq_jax.interop import export_hf, import_hf
+from gptq_jax.interop.calibration import describe_default
 from gptq_jax.models import forward
 from tests.interop import helpers
 from tests.interop.helpers import tiny_tokenizer, transformers_logits
@@ -28,7 +29,9 @@ def test_exports_with_any_calibration_source_load_in_plain_transformers(tiny_lla
   folders, ours = [], []
   for name, dataset in sources.items():
     folder = str(tmp_path / f"export_{name}")
-    export_hf(folder, qparams, cfg, qcfg.replace(dataset=dataset), tokenizer=tok)
+    default = describe_default(qcfg.nsamples, qcfg.seqlen) if dataset is None else None
+    export_hf(folder, qparams, cfg, qcfg.replace(dataset=dataset), tokenizer=tok,
+              calibration_source=default)  # what quantize_llama.py passes for its default
     with open(os.path.join(folder, "config.json")) as f:
       raw = f.read()
     assert str(tmp_path) not in raw, f"{name}: a local path leaked into config.json"
