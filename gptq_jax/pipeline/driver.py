@@ -94,6 +94,9 @@ def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: 
     name = f"layers.{i}." + ".".join(path)
     t0 = time.perf_counter()
     kernel = get_path(block, path)["kernel"]
+    if _is_quantized(kernel):
+      raise ValueError(f"{name} is already quantized: quantize a float model (an HF float folder, "
+                       "a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
     mcfg = dynamic.resolve(cfg, dynamic.module_name(i, path))  # per-module precision, or None
     if mcfg is None:  # a "-:" rule: the module stays float
       records.append({"block": i, "layer": name, "shape": list(kernel.shape), "skipped": True})
