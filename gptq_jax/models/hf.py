@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.families import (ATTN_PROJS, MLP_PROJS, layer_tensor_specs,  # noqa: F401
                                       nonlayer_tensor_specs)
-from gptq_jax.models.params import ModelParams, as_model_params
+from gptq_jax.models.params import ModelParams
 from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
 
 Params = dict[str, Any]
