@@ -44,7 +44,7 @@ def _tokenizer_loader(spec: str) -> Callable[[], Any]:
   def load():
     kind, path = resolve_model_spec(spec)
     if kind != "gguf":
-      return load_tokenizer(spec)
+      return _folder_tokenizer(path)()
     import hashlib  # noqa: PLC0415
 
     from gptq_jax.cli.compile_cache import default_dir  # noqa: PLC0415
@@ -54,7 +54,7 @@ def _tokenizer_loader(spec: str) -> Callable[[], Any]:
     folder = os.path.join(os.path.dirname(default_dir()), "tokenizers", key.hexdigest()[:16])
     if os.path.isdir(folder):
       try:
-        return load_tokenizer(folder)
+        return _folder_tokenizer(folder)()
       except ValueError:
         pass
     tok = load_tokenizer(spec)
@@ -64,6 +64,46 @@ def _tokenizer_loader(spec: str) -> Callable[[], Any]:
     except OSError:
       pass
     return tok
+  return load
+
+
+class FastTokenizer:
+  """The part of a transformers tokenizer the CLI needs, read straight from ``tokenizer.json`` with
+  the ``tokenizers`` library (importing transformers alone takes seconds): ``__call__(text)`` ->
+  ``{"input_ids": [...]}`` (special tokens as the file's post-processor adds them),
+  ``decode(ids, skip_special_tokens=True)`` and ``eos_token_id``."""
+
+  def __init__(self, folder: str):
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    self._tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    self.eos_token_id = None
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+      with open(cfg_path) as f:
+        eos = json.load(f).get("eos_token")
+      eos = eos.get("content") if isinstance(eos, dict) else eos
+      self.eos_token_id = self._tok.token_to_id(eos) if isinstance(eos, str) else None
+
+  def __call__(self, text: str) -> dict:
+    return {"input_ids": self._tok.encode(text).ids}
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _folder_tokenizer(folder: str) -> Callable[[], Any]:
+  """A tokenizer loader for a folder: the fast path when it has a tokenizer.json, else
+  transformers."""
+  from gptq_jax.models import load_tokenizer  # noqa: PLC0415
+
+  def load():
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+      try:
+        return FastTokenizer(folder)
+      except Exception:  # noqa: BLE001 (a file tokenizers cannot read: transformers may)
+        pass
+    return load_tokenizer(folder)
   return load
 
 
@@ -79,12 +119,12 @@ def load_for_generation(spec: str, dtype: str = "float32") -> tuple[Any, Any, Ca
     if ckpt.tokenizer_dir is None:
       tok = lambda: None  # noqa: E731
     else:
-      tok = lambda: load_tokenizer(ckpt.tokenizer_dir)  # noqa: E731
+      tok = _folder_tokenizer(ckpt.tokenizer_dir)
   elif _is_hf_gptq(spec):
     from gptq_jax.interop import import_hf  # noqa: PLC0415
 
     cfg, params, _ = import_hf(spec)
-    tok = lambda: load_tokenizer(spec)  # noqa: E731
+    tok = _folder_tokenizer(spec)
   else:
     try:
       from gptq_jax.models import load_model as _load  # noqa: PLC0415

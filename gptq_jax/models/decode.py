@@ -61,6 +61,10 @@ def _full_perm(w: Any) -> Any:
 
 
 def _stack(layers: list[Any]) -> Any:
+  """Per-layer trees -> one tree of arrays with a leading layer axis. On CPU the arrays are stacked
+  with NumPy (one copy, no per-leaf compiled program); elsewhere on the device."""
+  if jax.default_backend() == "cpu":
+    return jax.tree.map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *layers)
   return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *layers)
 
 
