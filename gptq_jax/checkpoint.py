@@ -13,6 +13,7 @@ overwritten.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -130,6 +131,19 @@ class Checkpoint(NamedTuple):
   quant_config: Any  # GPTQConfig or None (a float checkpoint)
   meta: dict
   tokenizer_dir: str | None
+
+  @property
+  def tokenizer(self) -> Any:
+    """The checkpoint's transformers tokenizer (loaded on first use, then reused), or None when
+    the checkpoint was saved without one."""
+    return None if self.tokenizer_dir is None else _load_tokenizer(self.tokenizer_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(folder: str) -> Any:
+  from gptq_jax.models import load_tokenizer  # noqa: PLC0415
+
+  return load_tokenizer(folder)
 
 
 def save(path: str, params: Any, *, model_config: Any, quant_config: Any = None,

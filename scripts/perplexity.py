@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype")
   parser.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+  from gptq_jax.cli import compile_cache
+
+  compile_cache.add_flag(parser)
   args = parser.parse_args(argv)
+  compile_cache.from_args(args)
 
   from gptq_jax.eval import window_nll
 

@@ -252,7 +252,12 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  from gptq_jax.cli import compile_cache  # noqa: PLC0415
+
+  parser = _parser()
+  compile_cache.add_flag(parser)
+  args = parser.parse_args(argv)
+  compile_cache.from_args(args)
   try:
     run(args)
   except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,

@@ -95,6 +95,9 @@ def _as_contiguous(w: PackedWeight) -> PreparedWeight:
 
 def _xla(x: jax.Array, w: PreparedWeight) -> jax.Array:
   if reference.xla_chunk_size(w.in_features, w.group_size, w.bits) is None:
+    _log_once(logging.WARNING, f"gptq_jax: {w.shape[0]}x{w.shape[1]} {w.bits}-bit group_size="
+              f"{w.group_size} weight: no chunking of its rows by whole runs of packed values; "
+              "the XLA path dequantizes the whole weight per call (slow)")
     return reference.gather_matmul(x, w).astype(x.dtype)
   return reference.xla_matmul(x, w).astype(x.dtype)
 

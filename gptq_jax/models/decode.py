@@ -1,0 +1,355 @@
+"""Fast generation: one compiled prefill and one compiled decode step for the whole model.
+
+The decoder layers' parameters are stacked once (``DecodeModel``) and run with ``lax.scan``, so the
+compiled program holds one copy of the block whatever the depth. Layers of different kinds
+(``cfg.layer_types``: full and sliding-window attention, each with its own RoPE base) are selected
+inside the scan body by ``lax.switch`` on a per-layer kind index: one branch per kind, compiled
+once. The KV cache is one stacked array pair ``[layers, batch, kv_heads, max_len, head_dim]``
+carried through the scan and donated to each step, so it is updated in place.
+
+Dense and packed (``PackedWeight`` / ``PreparedWeight``) projections both work: packed weights are
+made kernel-ready (``prepare_params``) once, when the ``DecodeModel`` is built.
+
+Generation (``generate``): a batch of prompts of different lengths is left-padded (and masked) to
+a common, bucketed length; positions count real tokens only, so a padded row computes what the
+prompt alone computes. Sampling: greedy (temperature 0), temperature, top-k, top-p, keyed by a
+seed. Rows stop at EOS independently (their later tokens become the pad id); the loop ends when
+every row is done. Tokens can be streamed to a callback as they come.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gptq_jax.kernels.linear import is_quantized
+from gptq_jax.kernels.prepare import PreparedWeight, prepare_params
+from gptq_jax.models import model as _model
+
+logger = logging.getLogger("gptq_jax")
+
+PROMPT_BUCKET = 16  # prompt lengths are left-padded up to a multiple of this (fewer compiles)
+CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this
+
+
+def _layer_class():
+  return getattr(_model, "DecoderLayer", None) or _model.LlamaDecoderLayer
+
+
+def _layer_types(cfg) -> tuple[str | None, ...]:
+  types = getattr(cfg, "layer_types", None)
+  return tuple(types) if types else (None,) * cfg.num_hidden_layers
+
+
+def _layer_module(cfg, layer_type: str | None):
+  cls = _layer_class()
+  return cls(cfg) if layer_type is None else cls(cfg, layer_type=layer_type)
+
+
+def _full_perm(w: Any) -> Any:
+  """A PreparedWeight with an explicit permutation (identity when it had none)."""
+  if isinstance(w, PreparedWeight) and w.perm is None:
+    return w.replace(perm=jnp.arange(w.in_features, dtype=jnp.int32))
+  return w
+
+
+def _stack(layers: list[Any]) -> Any:
+  """Per-layer trees -> one tree of arrays with a leading layer axis. On CPU the arrays are stacked
+  with NumPy (one copy, no per-leaf compiled program); elsewhere on the device."""
+  if jax.default_backend() == "cpu":
+    return jax.tree.map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *layers)
+  return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *layers)
+
+
+class DecodeModel:
+  """A model prepared for generation: non-layer params, stacked layer params, kind indices.
+
+  ``params``: any params the decoder accepts (dense arrays, ``PackedWeight``, ``PreparedWeight``,
+  ``QuantizedWeight`` kernels); ``cfg``: its config (``params.config`` when None).
+  """
+
+  def __init__(self, params: Any, cfg: Any = None):
+    cfg = cfg if cfg is not None else getattr(params, "config", None)
+    if cfg is None:
+      raise ValueError("no model config: pass cfg, or params that carry one (params.config)")
+    self.cfg = cfg
+    n = cfg.num_hidden_layers
+    params = prepare_params(params)
+    layers = [params[f"layers_{i}"] for i in range(n)]
+    self.rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    types = _layer_types(cfg)
+    self.kinds = tuple(dict.fromkeys(types))  # distinct layer types, in order of appearance
+    self.kind_index = jnp.asarray([self.kinds.index(t) for t in types], jnp.int32)
+    try:
+      self.layers = _stack(layers)
+    except ValueError:
+      # Packed layers whose act-order permutation is present in some layers only: make it
+      # explicit everywhere (same numbers), then stack.
+      try:
+        self.layers = _stack([jax.tree.map(_full_perm, lp, is_leaf=is_quantized)
+                              for lp in layers])
+      except ValueError as e:  # e.g. per-layer bit widths (GPTQModel's `dynamic`)
+        raise ValueError(f"the decoder layers' parameters differ in structure ({e}); the "
+                         "scanned decode needs every layer alike") from None
+    self.packed = any(is_quantized(a) for a in jax.tree.leaves(self.layers, is_leaf=is_quantized))
+
+  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    """Zeroed stacked cache ``{"k", "v"}: [layers, batch, kv_heads, max_len, head_dim]``."""
+    cfg = self.cfg
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    dtype = jnp.dtype(cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ----- the scanned forward -----
+
+def _run_layers(cfg, kinds: tuple, layers, kind_index, hidden, positions, cache_mask, cache,
+                cache_index):
+  """Every layer over ``hidden`` [b, t, h] with the stacked cache -> (hidden, new cache)."""
+  modules = [_layer_module(cfg, t) for t in kinds]
+
+  def body(carry, inp):
+    h, ck, cv, i = carry
+    lp, kind = inp
+    layer_cache = {"k": lax.dynamic_index_in_dim(ck, i, 0, keepdims=False),
+                   "v": lax.dynamic_index_in_dim(cv, i, 0, keepdims=False)}
+
+    def branch(module):
+      def run(lp, h, layer_cache):
+        return module.apply({"params": lp}, h, positions, cache_mask, layer_cache, cache_index)
+      return run
+
+    branches = [branch(m) for m in modules]
+    if len(branches) == 1:
+      h, new = branches[0](lp, h, layer_cache)
+    else:
+      h, new = lax.switch(kind, branches, lp, h, layer_cache)
+    ck = lax.dynamic_update_index_in_dim(ck, new["k"].astype(ck.dtype), i, 0)
+    cv = lax.dynamic_update_index_in_dim(cv, new["v"].astype(cv.dtype), i, 0)
+    return (h, ck, cv, i + 1), None
+
+  init = (hidden, cache["k"], cache["v"], jnp.int32(0))
+  (hidden, ck, cv, _), _ = lax.scan(body, init, (layers, kind_index))
+  return hidden, {"k": ck, "v": cv}
+
+
+def _embed(rest, cfg, ids):
+  return _model.embed(rest, cfg, ids)
+
+
+def _logits(rest, cfg, hidden):
+  return _model.final_logits(rest, cfg, hidden)
+
+
+def scanned_forward(dm_rest, dm_layers, kind_index, cfg, kinds, ids, cache, cache_index,
+                    cache_mask, positions, last_only: bool = False):
+  """Like ``forward_with_cache`` with stacked layers: ids [b, t] -> (logits f32, new cache)."""
+  hidden = _embed(dm_rest, cfg, ids)
+  hidden, cache = _run_layers(cfg, kinds, dm_layers, kind_index, hidden, positions, cache_mask,
+                              cache, cache_index)
+  if last_only:
+    hidden = hidden[:, -1:]
+  return _logits(dm_rest, cfg, hidden), cache
+
+
+# ----- sampling -----
+
+def select_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+                  top_p: float | None) -> jax.Array:
+  """logits: [b, vocab] float32 -> next tokens [b] int32 (argmax when temperature == 0)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    kth = lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (the most likely token always)
+    n_keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, jnp.maximum(n_keep - 1, 0), axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _finish(token, done, eos, pad):
+  """Rows already done emit ``pad``; a row is done once it has emitted an EOS id."""
+  token = jnp.where(done, pad, token)
+  if eos.shape[0]:
+    done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
+  return token, done
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 9, 10, 11), donate_argnums=(5,))
+def prefill(rest, layers, kind_index, cfg, kinds, cache, prompt, cache_mask, key, temperature,
+            top_k, top_p, eos, pad):
+  """prompt [b, p] (left-padded) at slots 0..p-1 -> (token [b], done [b], cache, logits [b, V])."""
+  p = prompt.shape[1]
+  positions = jnp.maximum(jnp.cumsum(cache_mask[:, :p], axis=-1) - 1, 0)
+  logits, cache = scanned_forward(rest, layers, kind_index, cfg, kinds, prompt, cache, 0,
+                                  cache_mask, positions, last_only=True)
+  logits = logits[:, -1]
+  token = select_tokens(logits, key, temperature, top_k, top_p)
+  token, done = _finish(token, jnp.zeros(token.shape, bool), eos, pad)
+  return token, done, cache, logits
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 12, 13, 14), donate_argnums=(5,))
+def decode_step(rest, layers, kind_index, cfg, kinds, cache, token, done, cache_mask, slot,
+                position, key, temperature, top_k, top_p, eos, pad):
+  """token [b] written at ``slot`` (traced: one compile for every step) -> (next, done, cache)."""
+  logits, cache = scanned_forward(rest, layers, kind_index, cfg, kinds, token[:, None], cache,
+                                  slot, cache_mask, position[:, None])
+  token = select_tokens(logits[:, -1], key, temperature, top_k, top_p)
+  token, done = _finish(token, done, eos, pad)
+  return token, done, cache
+
+
+def compiled_count() -> int:
+  """How many programs the prefill and the decode step have compiled so far (this process)."""
+  return prefill._cache_size() + decode_step._cache_size()
+
+
+# ----- generation -----
+
+_LAST: list = []  # one-entry cache: (params, cfg, DecodeModel)
+
+
+def decode_model(params: Any, cfg: Any = None) -> DecodeModel:
+  """``DecodeModel(params, cfg)``, reused while the same params object is passed again."""
+  if isinstance(params, DecodeModel):
+    return params
+  if _LAST and _LAST[0][0] is params and _LAST[0][1] == cfg:
+    return _LAST[0][2]
+  dm = DecodeModel(params, cfg)
+  _LAST[:] = [(params, cfg, dm)]
+  return dm
+
+
+def _round_up(a: int, b: int) -> int:
+  return -(-a // b) * b
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None, pad: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (ids [b, length], mask [b, length]) right-aligned (left-padded)."""
+  length = max(len(p) for p in prompts) if length is None else length
+  ids = np.full((len(prompts), length), pad, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for r, p in enumerate(prompts):
+    if len(p):
+      ids[r, length - len(p):], mask[r, length - len(p):] = np.asarray(p, np.int32), 1
+  return ids, mask
+
+
+class GenerateResult(dict):
+  """``tokens`` [b, max_new] (pad after EOS), ``lengths`` [b] new tokens up to and including EOS,
+  ``ttft`` seconds to the first token, ``decode_time`` seconds of the rest, ``steps``."""
+
+  __getattr__ = dict.__getitem__
+
+
+def generate(params: Any, cfg: Any, prompt_ids: Any, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, attention_mask: Any = None, eos_token_id: Any = "config",
+             pad_token_id: int | None = None, stop_at_eos: bool = True,
+             on_token: Callable[[np.ndarray, int], None] | None = None) -> GenerateResult:
+  """Generate up to ``max_new_tokens`` per prompt with the compiled prefill and decode step.
+
+  prompt_ids: one prompt ``[p]`` (list or array), a list of prompts of any lengths, or a
+  left-padded ``[b, p]`` array with ``attention_mask``. eos_token_id: "config" (the model's), None,
+  an int or a list. on_token(tokens [b], step): called on the host after every step (streaming).
+  Returns a ``GenerateResult`` (see there); ``tokens`` are the new tokens only.
+  """
+  dm = decode_model(params, cfg)
+  cfg = dm.cfg
+  if isinstance(prompt_ids, np.ndarray) or (hasattr(prompt_ids, "shape") and
+                                            hasattr(prompt_ids, "dtype")):
+    arr = np.asarray(prompt_ids, np.int32)
+    arr = arr[None] if arr.ndim == 1 else arr
+    mask = (np.ones_like(arr) if attention_mask is None
+            else np.asarray(attention_mask, np.int32).reshape(arr.shape))
+    prompts = [row[m != 0] for row, m in zip(arr, mask)]
+  elif len(prompt_ids) and np.ndim(prompt_ids[0]) == 0:
+    prompts = [np.asarray(prompt_ids, np.int32)]
+  else:
+    prompts = [np.asarray(p, np.int32) for p in prompt_ids]
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  if max_new_tokens <= 0:
+    raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected >= 1")
+  for p in prompts:
+    if p.min() < 0 or p.max() >= cfg.vocab_size:
+      raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+  if eos_token_id == "config":
+    eos_ids = tuple(getattr(cfg, "eos_token_ids", ()))
+  elif eos_token_id is None:
+    eos_ids = ()
+  else:
+    eos_ids = tuple(np.atleast_1d(np.asarray(eos_token_id, np.int64)).tolist())
+  if not stop_at_eos:
+    eos_ids = ()
+  pad = pad_token_id if pad_token_id is not None else (
+      eos_ids[0] if eos_ids else (getattr(cfg, "pad_token_id", None) or 0))
+
+  b = len(prompts)
+  p_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+  max_len = _round_up(p_len + max_new_tokens, CACHE_BUCKET)
+  ids, mask = left_pad(prompts, p_len)
+  cache_mask = np.concatenate([mask, np.ones((b, max_len - p_len), np.int32)], axis=1)
+  temperature = float(temperature)
+  top_k = int(top_k) if top_k else None
+  top_p = float(top_p) if top_p is not None and top_p < 1.0 else None
+  sampling = (temperature, top_k, top_p)
+  key = jax.random.key(seed)
+  eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+  pad_j = jnp.int32(pad)
+  statics = (dm.rest, dm.layers, dm.kind_index, cfg, dm.kinds)
+
+  t0 = time.perf_counter()
+  cache = dm.init_cache(b, max_len)
+  cache_mask_j = jnp.asarray(cache_mask)
+  token, done, cache, _ = prefill(*statics, cache, jnp.asarray(ids), cache_mask_j,
+                                  jax.random.fold_in(key, 0), *sampling, eos, pad_j)
+  out = [np.asarray(token)]
+  ttft = time.perf_counter() - t0
+  if on_token is not None:
+    on_token(out[-1], 0)
+  position = jnp.asarray(mask.sum(axis=1), jnp.int32)  # the next position of each row
+  t1 = time.perf_counter()
+  steps = 1
+  done_host = np.asarray(done)
+  for step in range(1, max_new_tokens):
+    if done_host.all():
+      break
+    token, done, cache = decode_step(*statics, cache, token, done, cache_mask_j,
+                                     jnp.int32(p_len + step - 1), position,
+                                     jax.random.fold_in(key, step), *sampling, eos, pad_j)
+    position = position + 1
+    out.append(np.asarray(token))
+    done_host = np.asarray(done)
+    steps += 1
+    if on_token is not None:
+      on_token(out[-1], step)
+  decode_time = time.perf_counter() - t1
+  tokens = np.full((b, max_new_tokens), pad, np.int32)
+  tokens[:, :len(out)] = np.stack(out, axis=1)
+  lengths = np.full(b, len(out), np.int64)
+  if eos_ids:
+    is_eos = np.isin(tokens, np.asarray(eos_ids))
+    first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, max_new_tokens)
+    lengths = np.minimum(first, len(out))
+  return GenerateResult(tokens=tokens, lengths=lengths, ttft=ttft, decode_time=decode_time,
+                        steps=steps, prompts=prompts)
+
+
+__all__ = ["DecodeModel", "GenerateResult", "compiled_count", "decode_model", "decode_step",
+           "generate", "left_pad", "prefill", "scanned_forward", "select_tokens"]

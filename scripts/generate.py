@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Generate text from a model (orbax checkpoint, HF GPTQ / float folder, .gguf or a name).
+
+See `--help` and gptq_jax/generate.py."""
+
+import sys
+
+from gptq_jax.generate import main
+
+if __name__ == "__main__":
+  sys.exit(main())

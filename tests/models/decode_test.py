@@ -1,0 +1,124 @@
+"""The compiled generation loop (models/decode.py) against step-by-step decoding without a cache
+(eval.generate(use_cache=False): the whole sequence re-run through the plain forward every step),
+for every family, dense and packed; batches of different lengths; compilation counts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptq_jax import GPTQConfig, rtn_quantize
+from gptq_jax.core.weights import PackedWeight
+from gptq_jax.eval import generate as reference_generate
+from gptq_jax.models import decode
+from gptq_jax.models.testing import FAMILY_NAMES, tiny_pair
+
+PROMPT = np.array([1, 17, 42, 99, 5, 230, 64, 7, 150, 33, 12, 200], np.int32)
+NEW = 10  # 12 + 10 tokens cross the tiny sliding windows (16)
+
+
+def packed_params(params, group_size: int = 32):
+  """Every decoder projection RTN-quantized (4-bit, asymmetric) and packed; float16 scales."""
+  qcfg = GPTQConfig(4, group_size=group_size, sym=False, format="gptq_v2")
+
+  def q(path, a):
+    if getattr(path[-1], "key", None) == "kernel" and any(
+        getattr(k, "key", "").startswith("layers_") for k in path):
+      w = rtn_quantize(jnp.asarray(a), qcfg).pack("gptq_v2")
+      return w.replace(scales=w.scales.astype(jnp.float16))
+    return a
+
+  return jax.tree_util.tree_map_with_path(q, params)
+
+
+def varied(params):
+  """The tiny random models with tied embeddings mostly predict their input token again (the
+  embedding dominates the residual stream); smaller embeddings give varied continuations."""
+  return params.replace(embed_tokens={"embedding": params["embed_tokens"]["embedding"] * 0.2})
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family(request):
+  _, cfg, params = tiny_pair(request.param, seed=3)
+  return request.param, cfg, varied(params)
+
+
+def test_compiled_loop_equals_uncached_decoding(family):
+  """Dense weights sampled (the same key per step on both paths, so the same draws), packed
+  weights greedy."""
+  name, cfg, params = family
+  for kind, p, kw in (("dense", params, dict(temperature=1.0, top_k=40, seed=5)),
+                      ("packed", packed_params(params), {})):
+    want = reference_generate(p, cfg, PROMPT, max_new_tokens=NEW, use_cache=False, **kw)
+    want = want[len(PROMPT):]
+    got = decode.generate(p, cfg, PROMPT, max_new_tokens=NEW, stop_at_eos=False, **kw)
+    np.testing.assert_array_equal(got.tokens[0], want, err_msg=f"{name} {kind}")
+    varied_enough = 3 if kind == "dense" else 1  # greedy on tiny random models repeats more
+    assert len(set(want.tolist())) > varied_enough, f"{name} {kind}: a degenerate sequence"
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gemma3_text"])
+def test_batch_of_different_lengths_equals_each_alone(family_name):
+  _, cfg, params = tiny_pair(family_name, seed=4)
+  params = varied(params)
+  prompts = [PROMPT, PROMPT[:3], PROMPT[5:12]]
+  batch = decode.generate(params, cfg, prompts, max_new_tokens=NEW, stop_at_eos=False)
+  for r, p in enumerate(prompts):
+    alone = decode.generate(params, cfg, p, max_new_tokens=NEW, stop_at_eos=False)
+    np.testing.assert_array_equal(batch.tokens[r], alone.tokens[0], err_msg=f"row {r}")
+
+
+def test_stop_at_eos_per_row_and_sampling_filters():
+  _, cfg, params = tiny_pair("llama", seed=3)
+  free = decode.generate(params, cfg, [PROMPT, PROMPT[:4]], max_new_tokens=NEW,
+                         stop_at_eos=False).tokens
+  eos = int(free[0, 2])  # row 0 emits this at step 2; make it the EOS
+  res = decode.generate(params, cfg, [PROMPT, PROMPT[:4]], max_new_tokens=NEW, eos_token_id=eos,
+                        pad_token_id=0)
+  assert res.lengths[0] == 3 and (res.tokens[0, :3] == free[0, :3]).all()
+  assert (res.tokens[0, 3:] == 0).all()
+  n1 = res.lengths[1]
+  np.testing.assert_array_equal(res.tokens[1, :n1], free[1, :n1])
+  # top_k=1 is greedy whatever the temperature; a tiny top_p keeps only the most likely token
+  for kw in (dict(top_k=1), dict(top_p=1e-6)):
+    got = decode.generate(params, cfg, PROMPT, max_new_tokens=NEW, temperature=2.0, seed=9,
+                          stop_at_eos=False, **kw)
+    np.testing.assert_array_equal(got.tokens[0], free[0], err_msg=str(kw))
+
+
+def _dots(cfg, params) -> int:
+  """Dot ops in the decode step's lowered program (an unrolled layer loop would multiply them)."""
+  dm = decode.DecodeModel(params, cfg)
+  b, max_len = 1, 64
+  args = (dm.rest, dm.layers, dm.kind_index, cfg, dm.kinds, dm.init_cache(b, max_len),
+          jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.ones((b, max_len), jnp.int32),
+          jnp.int32(3), jnp.zeros((b,), jnp.int32), jax.random.key(0), 0.0, None, None,
+          jnp.zeros((1,), jnp.int32), jnp.int32(0))
+  return decode.decode_step.lower(*args).as_text().count("dot_general")
+
+
+def test_compilations_do_not_grow_with_layers_or_tokens():
+  """A decode run (model already prepared) compiles the same programs for 2 layers and 4 tokens
+  as for 4 layers and 12 tokens: one prefill, one decode step, nothing per layer or token."""
+  runs = {}
+  for layers, new in ((3, 8), (2, 4), (4, 12)):  # the first run warms the small eager helpers
+    types = (["sliding_attention", "full_attention"] * 2)[:layers]
+    _, cfg, params = tiny_pair("gemma3_text", seed=1, num_hidden_layers=layers, layer_types=types,
+                               max_position_embeddings=256 + layers)  # a config never compiled
+    dm = decode.DecodeModel(params, cfg)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+    try:
+      before = decode.compiled_count()
+      decode.generate(dm, None, PROMPT, max_new_tokens=new, stop_at_eos=False)
+      runs[(layers, new)] = (decode.compiled_count() - before, len(compiles), _dots(cfg, params))
+    finally:
+      jax.monitoring.clear_event_listeners()
+  small, large = runs[(2, 4)], runs[(4, 12)]
+  assert small[0] == large[0] == 2, runs  # one prefill, one decode step
+  assert small[1] == large[1], runs  # no other program compiled per layer or token
+  assert small[2] == large[2] > 0, runs  # the layer body appears once in the program
