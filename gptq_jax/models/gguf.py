@@ -3,7 +3,8 @@
 `read_gguf(path)` returns `(hf_config_dict, {hf_tensor_name: float32 array in HF layout})` for the
 GGUF architectures llama, qwen2, qwen3 and gemma3, with every llama.cpp convention undone, so the
 Hugging Face tensor mapping is the only one from names to params. Tensors are dequantized with the
-`gguf` package (every type it dequantizes; fp32, already `[out, in]`).
+`gguf` package (every type it dequantizes; fp32, already `[out, in]`); the file's header is parsed
+here (`gguf.GGUFReader` takes half a minute over a 262k-entry vocabulary).
 
 What llama.cpp's converter (convert_hf_to_gguf.py) changes, and how it is undone here:
 - names: `token_embd`, `blk.{i}.attn_q`, `ffn_norm`, ... -> the HF names (per architecture, since
@@ -61,6 +62,99 @@ _GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _GEMMA3_27B_LAYERS = 62
 
 
+class _Tensor:
+  __slots__ = ("name", "shape", "tensor_type", "data")
+
+  def __init__(self, name: str, shape: tuple[int, ...], tensor_type: Any, data: np.ndarray):
+    self.name, self.shape, self.tensor_type, self.data = name, shape, tensor_type, data
+
+
+class _GGUFFile:
+  """A GGUF file's metadata and tensors (memory-mapped raw bytes), read directly.
+
+  `gguf.GGUFReader` builds an object per element of every metadata array, which costs half a
+  minute for a 262k-token vocabulary; here string arrays are skipped over (their length is kept)
+  and only the tensor bytes are mapped. Little-endian files, GGUF versions 2 and 3.
+  """
+
+  _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
+              10: "<u8", 11: "<i8", 12: "<f8"}
+  _STRING, _ARRAY, _BOOL = 8, 9, 7
+
+  def __init__(self, path: str, gguf_module: Any):
+    self._buf = np.memmap(path, dtype=np.uint8, mode="r")
+    self._pos = 0
+    if bytes(self._take(4)) != b"GGUF":
+      raise ValueError("bad magic (not a GGUF file)")
+    version = int(self._scalar(4))
+    if version not in (2, 3):
+      raise ValueError(f"GGUF version {version} (expected 2 or 3; big-endian files are not read)")
+    n_tensors, n_kv = int(self._scalar(10)), int(self._scalar(10))
+    self.fields: dict[str, Any] = {}
+    for _ in range(n_kv):
+      key = self._string()
+      self.fields[key] = self._value(int(self._scalar(4)))
+    infos = []
+    for _ in range(n_tensors):
+      name = self._string()
+      dims = tuple(int(self._scalar(10)) for _ in range(int(self._scalar(4))))
+      infos.append((name, dims, gguf_module.GGMLQuantizationType(int(self._scalar(4))),
+                    int(self._scalar(10))))
+    align = int(self.fields.get("general.alignment", 32))
+    start = -(-self._pos // align) * align
+    self.tensors = []
+    for name, dims, qtype, offset in infos:
+      block, nbytes = gguf_module.GGML_QUANT_SIZES[qtype]
+      rows = int(np.prod(dims[1:], dtype=np.int64))
+      row_bytes = dims[0] // block * nbytes
+      begin = start + offset
+      if begin + rows * row_bytes > self._buf.shape[0]:
+        raise ValueError(f"tensor {name!r} runs past the end of the file (truncated?)")
+      data = self._buf[begin:begin + rows * row_bytes].reshape(rows, row_bytes)
+      self.tensors.append(_Tensor(name, dims, qtype, data))
+
+  def _take(self, n: int) -> np.ndarray:
+    if self._pos + n > self._buf.shape[0]:
+      raise ValueError("unexpected end of file in the header")
+    out = self._buf[self._pos:self._pos + n]
+    self._pos += n
+    return out
+
+  def _scalar(self, kind: int) -> Any:
+    dtype = np.dtype(self._SCALARS[kind])
+    return self._take(dtype.itemsize).view(dtype)[0]
+
+  def _string(self) -> str:
+    return bytes(self._take(int(self._scalar(10)))).decode("utf-8", errors="replace")
+
+  def _value(self, kind: int) -> Any:
+    if kind == self._STRING:
+      return self._string()
+    if kind == self._ARRAY:
+      item, n = int(self._scalar(4)), int(self._scalar(10))
+      if item == self._STRING:  # e.g. the vocabulary: skipped over, its length kept
+        for _ in range(n):
+          self._pos += 8 + int(self._buf[self._pos:self._pos + 8].view("<u8")[0])
+        return _SkippedStrings(n)
+      if item == self._ARRAY:
+        return [self._value(self._ARRAY) for _ in range(n)]
+      dtype = np.dtype(self._SCALARS[item])
+      values = self._take(n * dtype.itemsize).view(dtype)
+      return [bool(v) for v in values] if item == self._BOOL else values.tolist()
+    value = self._scalar(kind)
+    return bool(value) if kind == self._BOOL else value.item()
+
+
+class _SkippedStrings:
+  """A metadata array of strings that was not decoded (only its length is known)."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def __len__(self) -> int:
+    return self.n
+
+
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Undoes llama.cpp's q/k row permutation. w: [n_heads * head_dim, ...] (a weight or a bias)."""
   half = w.shape[0] // n_heads // 2
@@ -78,7 +172,7 @@ def _hf_name(arch: str, gguf_name: str) -> str | None:
 
 
 class GGUFCheckpoint:
-  """A GGUF file opened with `gguf.GGUFReader` (memory-mapped): `.hf_config` (an HF config.json
+  """A GGUF file (memory-mapped): `.hf_config` (an HF config.json
   dict), `.tensor_names()` (HF names), `.get(hf_name)` (dequantized on demand), `.config`,
   `.params(dtype)`."""
 
@@ -92,8 +186,8 @@ class GGUFCheckpoint:
       raise FileNotFoundError(f"GGUF file {self.path!r} does not exist")
     self._gguf = gguf
     try:
-      self._reader = gguf.GGUFReader(self.path)
-    except Exception as e:  # noqa: BLE001 (the reader raises ValueError, struct.error, ...)
+      self._reader = _GGUFFile(self.path, gguf)
+    except Exception as e:  # noqa: BLE001 (ValueError, KeyError for an unknown type, ...)
       raise ValueError(f"{self.path!r} is not a readable GGUF file ({e})") from None
     self.arch = self._meta("general.architecture")
     if self.arch not in SUPPORTED_GGUF_ARCHITECTURES:
@@ -115,10 +209,9 @@ class GGUFCheckpoint:
   # ----- metadata -----
 
   def _meta(self, key: str, default: Any = None) -> Any:
-    field = self._reader.fields.get(key)
-    if field is None:
+    value = self._reader.fields.get(key)
+    if value is None:
       return default
-    value = field.contents()
     if isinstance(value, float):  # stored as float32: its shortest decimal (1e-05, not 9.99e-06)
       value = float(str(np.float32(value)))
     return value
@@ -214,8 +307,8 @@ class GGUFCheckpoint:
     if name not in self._tensors:
       raise ValueError(f"GGUF file {self.path!r} is missing the tensor for {name!r}")
     t = self._tensors[name]
-    w = np.asarray(self._gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-    w = w.reshape(self._shape(name))
+    w = np.asarray(self._gguf.quants.dequantize(np.asarray(t.data), t.tensor_type),
+                   dtype=np.float32).reshape(self._shape(name))
     if self.arch == "llama":
       if ".self_attn.q_proj." in name:
         w = unpermute_rows(w, self.hf_config["num_attention_heads"])
