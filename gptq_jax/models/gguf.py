@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.embedded import SMOLLM2_NAME, smollm2_gguf_path  # noqa: F401 (re-export)
 from gptq_jax.models.hf import Params, model_params_from_tensors
 
@@ -204,7 +204,7 @@ class GGUFCheckpoint:
     if "model.embed_tokens.weight" not in self._tensors:
       raise ValueError(f"GGUF file {self.path!r} has no token_embd.weight tensor")
     self.hf_config = self._read_hf_config()
-    self._config: LlamaConfig | None = None
+    self._config: ModelConfig | None = None
 
   # ----- metadata -----
 
@@ -324,9 +324,9 @@ class GGUFCheckpoint:
   # ----- our model -----
 
   @property
-  def config(self) -> LlamaConfig:
+  def config(self) -> ModelConfig:
     if self._config is None:
-      self._config = LlamaConfig.from_hf_dict(self.hf_config)
+      self._config = ModelConfig.from_hf_dict(self.hf_config)
     return self._config
 
   def params(self, dtype: Any = jnp.float32) -> Params:
@@ -340,7 +340,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
   return dict(ckpt.hf_config), {name: ckpt.get(name) for name in ckpt.tensor_names()}
 
 
-def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
+def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
   """(config, params) of a GGUF file, dequantized to float and cast to `dtype`."""
   ckpt = GGUFCheckpoint(path)
   return ckpt.config, ckpt.params(dtype)
