@@ -15,7 +15,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from gptq_jax.models import embedded
 from gptq_jax.models import gguf as gguf_mod
-from gptq_jax.models import load_gguf, load_llama, smollm2_gguf_path
+from gptq_jax.models import forward, load_gguf, load_llama, smollm2_gguf_path
 from gptq_jax.models.gguf import read_gguf
 from gptq_jax.models.testing import tiny_hf_model
 
@@ -232,8 +232,15 @@ def test_tiny_gguf_round_trip_and_transformers_agree(tmp_path, arch, qtype):
   source.load_state_dict({k: torch.from_numpy(_quant_round_trip(v, qtype)) for k, v in sd.items()},
                          strict=False)
   with torch.no_grad():
-    np.testing.assert_allclose(mine(ids).logits.numpy(), source(ids).logits.numpy(), rtol=1e-5,
-                               atol=1e-5)
+    expected = source(ids).logits.numpy()
+  with torch.no_grad():
+    np.testing.assert_allclose(mine(ids).logits.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+  # 5. our decoder on the file (read_gguf -> ModelConfig.from_hf_dict + the HF tensor mapping)
+  cfg, params = load_gguf(path)
+  assert cfg.model_type == src.model_type and params.config == cfg
+  logits = np.asarray(forward(params, cfg, ids.numpy().astype(np.int32)))
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_tiny_llama_gguf_loads_as_params(tmp_path):
@@ -267,6 +274,12 @@ def test_not_a_gguf(tmp_path):
   (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
   with pytest.raises(ValueError, match="not a readable GGUF"):
     load_llama(tmp_path / "x.gguf")
+  _write_llama_cpp_gguf(tmp_path / "t.gguf", _tiny_model("llama"), "llama", Q.Q8_0)
+  whole = (tmp_path / "t.gguf").read_bytes()
+  for cut in (200, len(whole) - 100):  # inside the header; inside the last tensor
+    (tmp_path / "cut.gguf").write_bytes(whole[:cut])
+    with pytest.raises(ValueError, match="not a readable GGUF.*(end of file|past the end)"):
+      read_gguf(tmp_path / "cut.gguf")
 
 
 def test_missing_package_messages(monkeypatch):
