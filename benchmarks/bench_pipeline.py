@@ -100,7 +100,8 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int, model:
   quantize_s = time.perf_counter() - t0
   rss = peak_rss_mb()
 
-  ppl = lambda p: perplexity(p, cfg, tokens, seqlen=seqlen, batch_size=4,  # noqa: E731
+  eval_batch = 4 if cfg.vocab_size <= 65536 else 1  # Gemma's 262k-way logits: 0.5 GB per window
+  ppl = lambda p: perplexity(p, cfg, tokens, seqlen=seqlen, batch_size=eval_batch,  # noqa: E731
                              bos_token_id=bos)
   t0 = time.perf_counter()
   result = {"quantize_s": quantize_s, "peak_rss_mb": rss, "rss_before_quantize_mb": rss_loaded,

@@ -307,8 +307,13 @@ class GGUFCheckpoint:
     if name not in self._tensors:
       raise ValueError(f"GGUF file {self.path!r} is missing the tensor for {name!r}")
     t = self._tensors[name]
-    w = np.asarray(self._gguf.quants.dequantize(np.asarray(t.data), t.tensor_type),
-                   dtype=np.float32).reshape(self._shape(name))
+    shape = self._shape(name)
+    rows = t.data.shape[0]
+    w = np.empty((rows, int(np.prod(shape, dtype=np.int64)) // max(rows, 1)), np.float32)
+    step = max(1, (1 << 24) // max(w.shape[1], 1))  # ~64 MB at a time: small temporaries
+    for r in range(0, rows, step):
+      w[r:r + step] = self._gguf.quants.dequantize(np.asarray(t.data[r:r + step]), t.tensor_type)
+    w = w.reshape(shape)
     if self.arch == "llama":
       if ".self_attn.q_proj." in name:
         w = unpermute_rows(w, self.hf_config["num_attention_heads"])
