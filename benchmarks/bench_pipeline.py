@@ -1,12 +1,14 @@
-"""End-to-end GPTQ of SmolLM2-135M: gptq_jax.quantize vs GPTQModel, same calibration tokens, same run.
+"""End-to-end GPTQ of an embedded model: gptq_jax.quantize vs GPTQModel, same calibration tokens, same run.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--nsamples 64] [--seqlen 512]
-        [--eval-windows 40] [--desc-act off|on|both] [--batch-size 8] [--no-baseline]
+    .venv/bin/python benchmarks/bench_pipeline.py [--model smollm2-135m|gemma3-270m] [--nsamples 64]
+        [--seqlen 512] [--eval-windows 40] [--desc-act off|on|both] [--batch-size 8] [--no-baseline]
 
 Calibration: `--nsamples` random `--seqlen`-token windows of the bundled State of the Union
 addresses 1990-2015 (`gptq_jax.data.text_calib_batches(sotu_texts("calib"), ...)`, seed 0), saved
 once as a token array that both sides use as is. Evaluation: the first `--eval-windows`
 non-overlapping `--seqlen` windows of the held-out addresses 2016-2021 (`sotu_texts("eval")`).
+When the tokenizer asks for `<bos>` (Gemma), every calibration and evaluation window starts with it
+(`<bos>` + `seqlen - 1` text tokens), on both sides.
 Config on both sides: 4-bit, group 128, sym, damp_percent 0.1 (damp_auto_increment 0.01),
 true-sequential, no static groups, mse 0 (plain min/max grid), act_group_aware = not desc_act
 (GPTQModel's own defaults differ: damp 0.05, offload to disk on; both are set as here).
@@ -25,6 +27,7 @@ Last line: one JSON object with the figures, the perplexity increases and the ra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -36,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (BASELINES, GPTQMODEL_PYTHON, emit_json, gptqmodel_available, log,  # noqa: E402
                      peak_rss_mb, ratio, run_json, table)
 
-MODEL = "smollm2-135m"
+MODELS = ("smollm2-135m", "gemma3-270m")
 DAMP = 0.1
 GPTQMODEL_ENV = {"TORCH_COMPILE_DISABLE": "1", "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1",
                  "TRANSFORMERS_OFFLINE": "1", "XLA_FLAGS": ""}
@@ -47,22 +50,32 @@ def prepare(workdir: str, args) -> None:
   from gptq_jax import data
   from gptq_jax.models import load_llama, load_tokenizer, save_hf_folder
 
-  tok = load_tokenizer(MODEL)
+  tok = load_tokenizer(args.model)
   batches = data.text_calib_batches(data.sotu_texts("calib"), tok, nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=0, batch_size=args.nsamples)
   ids = np.concatenate([b["input_ids"] for b in batches])
   assert all(b["attention_mask"].all() for b in batches)  # full windows: no padding
   np.save(os.path.join(workdir, "calib.npy"), ids)
   tokens = data.tokenize_text(data.sotu_texts("eval"), tok)
-  n = min(args.eval_windows, tokens.shape[0] // args.seqlen)
-  np.save(os.path.join(workdir, "eval.npy"), tokens[: n * args.seqlen])
+  bos = data.bos_token_id(tok)  # evaluation windows [n, seqlen], <bos> first if the tokenizer wants
+  if bos is not None:
+    tokens = tokens[1:] if tokens[0] == bos else tokens
+    n = min(args.eval_windows, tokens.shape[0] // (args.seqlen - 1))
+    windows = tokens[: n * (args.seqlen - 1)].reshape(n, args.seqlen - 1)
+    windows = np.concatenate([np.full((n, 1), bos, windows.dtype), windows], axis=1)
+  else:
+    n = min(args.eval_windows, tokens.shape[0] // args.seqlen)
+    windows = tokens[: n * args.seqlen].reshape(n, args.seqlen)
+  np.save(os.path.join(workdir, "eval.npy"), windows)
+  with open(os.path.join(workdir, "eval_bos.json"), "w") as f:
+    json.dump(bos, f)
   if not args.no_baseline:
-    cfg, params = load_llama(MODEL)
+    cfg, params = load_llama(args.model)
     save_hf_folder(os.path.join(workdir, "hf"), cfg, params)
     tok.save_pretrained(os.path.join(workdir, "hf"))
 
 
-def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int) -> None:
+def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int, model: str) -> None:
   """Runs in its own process: prints our figures as one JSON line."""
   import gptq_jax as gj
   from gptq_jax.eval import perplexity
@@ -70,9 +83,12 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int) -> Non
   from gptq_jax.pipeline import dense_block, quantize, rtn_model
 
   calib = np.load(os.path.join(workdir, "calib.npy"))
-  tokens = np.load(os.path.join(workdir, "eval.npy"))
+  windows = np.load(os.path.join(workdir, "eval.npy"))  # [n, seqlen]
+  with open(os.path.join(workdir, "eval_bos.json")) as f:
+    bos = json.load(f)
+  tokens = (windows[:, 1:] if bos is not None else windows).reshape(-1)
   t0 = time.perf_counter()
-  cfg, params = load_llama(MODEL)
+  cfg, params = load_llama(model)
   load_s = time.perf_counter() - t0
   rss_loaded = peak_rss_mb()
   qcfg = gj.GPTQConfig(4, group_size=128, sym=True, desc_act=desc_act,
@@ -84,7 +100,9 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int) -> Non
   quantize_s = time.perf_counter() - t0
   rss = peak_rss_mb()
 
-  ppl = lambda p: perplexity(p, cfg, tokens, seqlen=seqlen, batch_size=4)  # noqa: E731
+  eval_batch = 4 if cfg.vocab_size <= 65536 else 1  # Gemma's 262k-way logits: 0.5 GB per window
+  ppl = lambda p: perplexity(p, cfg, tokens, seqlen=seqlen, batch_size=eval_batch,  # noqa: E731
+                             bos_token_id=bos)
   t0 = time.perf_counter()
   result = {"quantize_s": quantize_s, "peak_rss_mb": rss, "rss_before_quantize_mb": rss_loaded,
             "load_s": load_s, "ppl_gptq": ppl(dense_block(qparams)), "ppl_float": ppl(params),
@@ -98,7 +116,7 @@ def run_case(workdir: str, desc_act: bool, args) -> dict:
   log(f"desc_act {tag}: gptq_jax ...")
   ours = run_json(sys.executable, os.path.abspath(__file__),
                   ["--side", "ours", "--workdir", workdir, "--desc-act", tag, "--seqlen",
-                   args.seqlen, "--batch-size", args.batch_size])
+                   args.seqlen, "--batch-size", args.batch_size, "--model", args.model])
   base = None
   if not args.no_baseline:
     log(f"desc_act {tag}: GPTQModel ...")
@@ -125,6 +143,7 @@ def run_case(workdir: str, desc_act: bool, args) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default=MODELS[0], help=f"an embedded model {MODELS} or a model spec")
   ap.add_argument("--nsamples", type=int, default=64)
   ap.add_argument("--seqlen", type=int, default=512)
   ap.add_argument("--eval-windows", type=int, default=40)
@@ -135,7 +154,7 @@ def main() -> None:
   ap.add_argument("--workdir", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.side == "ours":
-    return side_ours(args.workdir, args.desc_act == "on", args.seqlen, args.batch_size)
+    return side_ours(args.workdir, args.desc_act == "on", args.seqlen, args.batch_size, args.model)
 
   if not args.no_baseline:
     ok, why = gptqmodel_available()
@@ -146,7 +165,7 @@ def main() -> None:
   results = {}
   with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as workdir:
     prepare(workdir, args)
-    n_eval = np.load(os.path.join(workdir, "eval.npy")).shape[0] // args.seqlen
+    n_eval = np.load(os.path.join(workdir, "eval.npy")).shape[0]
     for desc_act in cases:
       results["desc_act_" + ("on" if desc_act else "off")] = run_case(workdir, desc_act, args)
 
@@ -159,7 +178,7 @@ def main() -> None:
     if b is not None:
       rows.append((name, "GPTQModel", b["quantize_s"], b["peak_rss_mb"], b.get("ppl_float", "-"),
                    b["ppl_gptq"], f"{c['baseline_ppl_increase']:+.2%}", "-", "-"))
-  print(f"SmolLM2-135M, {args.nsamples} x {args.seqlen} calibration tokens (SOTU 1990-2015), "
+  print(f"{args.model}, {args.nsamples} x {args.seqlen} calibration tokens (SOTU 1990-2015), "
         f"4-bit g128 sym damp {DAMP}; perplexity on {n_eval} x {args.seqlen} held-out tokens "
         f"(SOTU 2016-2021)")
   print(table(("case", "library", "quantize s", "peak RSS MiB", "ppl float", "ppl GPTQ",
@@ -169,7 +188,7 @@ def main() -> None:
       print(f"{name}: wall gptq_jax/GPTQModel {c['wall_ratio']:.3f}, peak RSS ratio "
             f"{c['rss_ratio']:.3f}, quality must (increase <= GPTQModel's + 2%): "
             f"{'met' if c['quality_ok'] else 'NOT met'}")
-  emit_json({"bench": "pipeline", "model": MODEL, "nsamples": args.nsamples, "seqlen": args.seqlen,
+  emit_json({"bench": "pipeline", "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
              "eval_windows": n_eval, "batch_size": args.batch_size, "bits": 4, "group_size": 128,
              "sym": True, "damp_percent": DAMP, "mse": 0.0, "true_sequential": True,
              "loadavg": os.getloadavg(), "results": results})

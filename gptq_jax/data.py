@@ -10,6 +10,12 @@
   batched, left-padded to the batch's longest with `attention_mask` 0 (Optimum's collate);
 - a text file or folder of .txt files: the wikitext2 recipe on their text;
 - a `.npy` file or numpy int array `[n, seqlen]` of token ids: used as is.
+
+`<bos>`: when the tokenizer asks for a beginning-of-sequence token (`bos_token_id(tokenizer)`: its
+`add_bos_token`, or its encodings start with it: Gemma's do, SmolLM2's do not), every random window
+is `<bos>` followed by `seqlen - 1` text tokens, because such models are only meaningful after it.
+Pass `bos_token_id=None` to get Optimum's plain windows. Evaluation windows do the same
+(`gptq_jax.eval.perplexity(..., bos_token_id=...)`).
 """
 
 from __future__ import annotations
@@ -77,24 +83,60 @@ def tokenize_text(text: str, tokenizer: Any) -> np.ndarray:
   return np.asarray(ids, dtype=np.int32)
 
 
-def _windows(tokens: np.ndarray, nsamples: int, seqlen: int, rng: random.Random) -> list[np.ndarray]:
-  """Optimum's random windows: start = randint(0, n - seqlen - 1), `seqlen` tokens."""
+def bos_token_id(tokenizer: Any) -> int | None:
+  """The id every window should start with, when the tokenizer asks for one (its `add_bos_token`,
+  or its encoding of a short text starts with `bos_token_id`); else None."""
+  bos = getattr(tokenizer, "bos_token_id", None)
+  if not isinstance(bos, int) or isinstance(bos, bool):
+    return None
+  if getattr(tokenizer, "add_bos_token", None) is True:
+    return bos
+  try:
+    ids = list(tokenizer("a")["input_ids"])
+  except Exception:  # noqa: BLE001 (a stand-in tokenizer): no evidence it wants one
+    return None
+  return bos if ids[:1] == [bos] else None
+
+
+def _resolve_bos(bos: Any, tokenizer: Any) -> int | None:
+  if isinstance(bos, str):
+    if bos != "auto":
+      raise ValueError(f"bos_token_id={bos!r} is invalid: expected 'auto', None or a token id")
+    return bos_token_id(tokenizer) if tokenizer is not None else None
+  if bos is not None and (not isinstance(bos, (int, np.integer)) or bos < 0):
+    raise ValueError(f"bos_token_id={bos!r} is invalid: expected 'auto', None or a token id >= 0")
+  return None if bos is None else int(bos)
+
+
+def _windows(tokens: np.ndarray, nsamples: int, seqlen: int, rng: random.Random,
+             bos: int | None = None) -> list[np.ndarray]:
+  """Optimum's random windows: start = randint(0, n - seqlen - 1), `seqlen` tokens; with `bos`,
+  `bos` + `seqlen - 1` tokens (a `bos` that starts the text is dropped first)."""
+  if bos is not None:
+    if tokens.shape[0] and tokens[0] == bos:
+      tokens = tokens[1:]
+    seqlen -= 1
   n = tokens.shape[0]
   if n < seqlen + 1:
     raise ValueError(f"the text has {n} tokens; random windows of seqlen={seqlen} need at least "
                      f"{seqlen + 1}: pass more text or a smaller seqlen")
   starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
-  return [tokens[i:i + seqlen] for i in starts]
+  if bos is None:
+    return [tokens[i:i + seqlen] for i in starts]
+  return [np.concatenate([np.asarray([bos], np.int32), tokens[i:i + seqlen]]) for i in starts]
 
 
 def text_calib_batches(text: str, tokenizer: Any, *, nsamples: int = 128, seqlen: int = 2048,
-                       seed: int = 0, batch_size: int = 1) -> list[Batch]:
-  """The wikitext2 recipe on a text string: `nsamples` random `seqlen` windows of its tokens.
+                       seed: int = 0, batch_size: int = 1,
+                       bos_token_id: int | str | None = "auto") -> list[Batch]:
+  """The wikitext2 recipe on a text string: `nsamples` random `seqlen` windows of its tokens
+  (each starting with `<bos>` when the tokenizer asks for it; see the module docstring).
 
   `text_calib_batches(sotu_texts("calib"), tokenizer, ...)` is the offline default calibration.
   """
   _check_sizes(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
-  samples = _windows(tokenize_text(text, tokenizer), nsamples, seqlen, random.Random(seed))
+  bos = _resolve_bos(bos_token_id, tokenizer)
+  samples = _windows(tokenize_text(text, tokenizer), nsamples, seqlen, random.Random(seed), bos)
   return _batch(samples, batch_size, _pad_id(tokenizer))
 
 
@@ -138,11 +180,11 @@ def _load_hub_dataset(name: str, *args, **kwargs):
 
 
 def _named_samples(name: str, tokenizer: Any, nsamples: int, seqlen: int,
-                   rng: random.Random) -> list[np.ndarray]:
+                   rng: random.Random, bos: int | None = None) -> list[np.ndarray]:
   if name == "wikitext2":
     data = _load_hub_dataset(name, "wikitext", "wikitext-2-raw-v1", split="train")
     text = "".join(" \n" if s == "" else s for s in data["text"][:1000])
-    return _windows(tokenize_text(text, tokenizer), nsamples, seqlen, rng)
+    return _windows(tokenize_text(text, tokenizer), nsamples, seqlen, rng, bos)
   # c4 and c4-new: identical recipes in Optimum.
   data = _load_hub_dataset(name, "allenai/c4", split="train",
                            data_files={"train": "en/c4-train.00000-of-01024.json.gz"})
@@ -152,8 +194,7 @@ def _named_samples(name: str, tokenizer: Any, nsamples: int, seqlen: int,
       doc = tokenize_text(data[rng.randint(0, len(data) - 1)]["text"], tokenizer)
       if doc.shape[0] > seqlen:
         break
-    start = rng.randint(0, doc.shape[0] - seqlen - 1)
-    samples.append(doc[start:start + seqlen])
+    samples += _windows(doc, 1, seqlen, rng, bos)
   return samples
 
 
@@ -190,14 +231,18 @@ def _token_array(array: np.ndarray, where: str) -> np.ndarray:
 
 
 def get_calib_batches(dataset: Any, tokenizer: Any = None, *, nsamples: int = 128,
-                      seqlen: int = 2048, seed: int = 0, batch_size: int = 1) -> list[Batch]:
+                      seqlen: int = 2048, seed: int = 0, batch_size: int = 1,
+                      bos_token_id: int | str | None = "auto") -> list[Batch]:
   """Calibration batches `[{"input_ids": int32 [b, seqlen], "attention_mask": int32 [b, seqlen]}]`.
 
   dataset: "wikitext2" | "c4" | "c4-new" | a .txt file or folder | a list of strings | a .npy file
-  or numpy int array `[n, seqlen]` (used as is). Deterministic for a given `seed`.
+  or numpy int array `[n, seqlen]` (used as is). Deterministic for a given `seed`. Random windows
+  start with `<bos>` when the tokenizer asks for it ("auto"; None: never; or an id); strings are
+  tokenized whole, with the tokenizer's own special tokens.
   """
   _check_sizes(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
   rng = random.Random(seed)
+  bos = _resolve_bos(bos_token_id, tokenizer)
   pad_id = _pad_id(tokenizer)
   if isinstance(dataset, np.ndarray):
     samples = list(_token_array(dataset, "dataset array"))
@@ -210,13 +255,13 @@ def get_calib_batches(dataset: Any, tokenizer: Any = None, *, nsamples: int = 12
   elif isinstance(dataset, (str, os.PathLike)):
     spec = os.fspath(dataset)
     if spec in NAMED_DATASETS:
-      samples = _named_samples(spec, tokenizer, nsamples, seqlen, rng)
+      samples = _named_samples(spec, tokenizer, nsamples, seqlen, rng, bos)
     elif spec.endswith(".npy"):
       if not os.path.isfile(spec):
         raise FileNotFoundError(f"token array {spec!r} does not exist")
       samples = list(_token_array(np.load(spec, allow_pickle=False), spec))
     elif os.path.exists(spec):
-      samples = _windows(tokenize_text(read_text(spec), tokenizer), nsamples, seqlen, rng)
+      samples = _windows(tokenize_text(read_text(spec), tokenizer), nsamples, seqlen, rng, bos)
     else:
       raise ValueError(f"dataset {spec!r} is neither one of {NAMED_DATASETS} nor an existing "
                        ".txt file, folder or .npy file")

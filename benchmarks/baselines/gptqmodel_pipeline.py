@@ -3,8 +3,9 @@
     gptqmodel_pipeline.py SRC CALIB.npy EVAL.npy OUT --seqlen 512 --desc-act 0 --damp 0.1
         [--batch-size 1] [--float-ppl 1]
 
-SRC: a float32 Llama folder with its tokenizer; CALIB.npy: int token rows `[nsamples, seqlen]`
-(used as they are); EVAL.npy: a 1-D int token array cut into non-overlapping `seqlen` windows.
+SRC: a float32 HF folder (any family GPTQModel knows) with its tokenizer; CALIB.npy: int token rows
+`[nsamples, seqlen]` (used as they are); EVAL.npy: int token windows `[n, seqlen]` scored as they are
+(or a 1-D array cut into non-overlapping `seqlen` windows).
 Loads SRC in float32 on CPU, quantizes with `GPTQModel.quantize` (4-bit, group 128, sym,
 true-sequential, damp / damp_auto_increment as given, mse 0, act_group_aware = not desc_act, no
 static groups, no offloading to disk) and times that call alone; records the peak RSS; saves the
@@ -28,7 +29,9 @@ from _common import emit_json, log, peak_rss_mb
 
 def perplexity(model, tokens: np.ndarray, seqlen: int) -> float:
   """exp(mean NLL) of positions 1..seqlen-1 of each non-overlapping window (as gptq_jax.eval)."""
-  windows = tokens[: tokens.shape[0] // seqlen * seqlen].reshape(-1, seqlen).astype(np.int64)
+  if tokens.ndim == 1:
+    tokens = tokens[: tokens.shape[0] // seqlen * seqlen].reshape(-1, seqlen)
+  windows = tokens.astype(np.int64)
   nll, count = 0.0, 0
   with torch.inference_mode():
     for row in windows:
@@ -95,7 +98,7 @@ def main() -> None:
     import transformers
 
     del reloaded
-    float_model = transformers.LlamaForCausalLM.from_pretrained(args.src, dtype=torch.float32)
+    float_model = transformers.AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32)
     result["ppl_float"] = perplexity(float_model.eval(), eval_ids, args.seqlen)
     log(f"GPTQModel side: float perplexity {result['ppl_float']:.4f}")
   emit_json(result)

@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="quantize_llama.py", description="GPTQ-quantize a decoder LLM: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 (offline).")
   p.add_argument("--model", default="smollm2-135m",
-                 help="HF folder, .gguf file, or 'smollm2-135m' (the embedded default)")
+                 help="HF folder, .gguf file, or an embedded model: 'smollm2-135m' (the default), "
+                      "'gemma3-270m'")
   p.add_argument("--output", required=True, help="new folder for the orbax checkpoint")
   p.add_argument("--resume", action="store_true",
                  help="continue an interrupted run writing the same --output")
@@ -183,6 +184,10 @@ def run(args) -> dict:
     calib_batches = data.text_calib_batches(data.sotu_texts("calib"), tokenizer, **sizes)
   else:
     calib_batches = data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
+  bos = data.bos_token_id(tokenizer)  # Gemma: <bos> starts every calibration and evaluation window
+  if bos is not None:
+    _say(f"the tokenizer asks for <bos> (id {bos}): every calibration window cut from text and "
+         "every evaluation window starts with it")
   fp = fingerprint(params, model_config, cfg, normalize(calib_batches)[0])
   state = ResumableRun(args.output, fp, resume=args.resume)
   if args.resume and not state.resuming:
@@ -193,9 +198,9 @@ def run(args) -> dict:
     text = data.sotu_texts("eval") if args.eval_text is None else data.read_text(args.eval_text)
     eval_tokens = data.tokenize_text(text, tokenizer)
   ppl = lambda p: evaluation.perplexity(p, model_config, eval_tokens, seqlen=cfg.seqlen,
-                                        max_windows=args.eval_windows)
+                                        max_windows=args.eval_windows, bos_token_id=bos)
   result: dict = {"model": args.model, "config": cfg.to_dict(), "output": args.output,
-                  "calibration": args.dataset or CALIB_DEFAULT}
+                  "calibration": args.dataset or CALIB_DEFAULT, "bos_token_id": bos}
   if eval_tokens is not None:
     _say("perplexity before ...")
     result["ppl_before"] = ppl(params)
@@ -236,7 +241,8 @@ def run(args) -> dict:
     result["ppl_after"] = ppl(dense)
     b, a = result["ppl_before"], result["ppl_after"]
     print(f"perplexity on held-out text ({args.eval_windows} windows of {cfg.seqlen} tokens at "
-          f"most): before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
+          f"most{', each starting with <bos>' if bos is not None else ''}): before {b:.3f}, "
+          f"after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
   if args.sample_prompt:
     result["sample"] = _sample(evaluation, dense, model_config, tokenizer, args.sample_prompt)
     print(f"sample generation (greedy, {SAMPLE_TOKENS} tokens at most) of {args.sample_prompt!r}:"

@@ -5,7 +5,7 @@ from gptq_jax.models.attention import KVCache, init_kv_cache
 from gptq_jax.models.config import LlamaConfig, ModelConfig, RopeScaling
 from gptq_jax.models.families import FAMILIES, SEQUENTIAL_GROUPS
 from gptq_jax.models.params import ModelParams, as_model_params
-from gptq_jax.models.gguf import GGUFCheckpoint, load_gguf, smollm2_gguf_path
+from gptq_jax.models.gguf import GGUFCheckpoint, load_gguf, read_gguf, smollm2_gguf_path
 from gptq_jax.models.hf import (HFCheckpoint, from_hf_state_dict, load_hf_config, load_hf_folder,
                                       load_layer_params, load_nonlayer_params, save_hf_folder,
                                       to_hf_state_dict)
@@ -18,7 +18,7 @@ from gptq_jax.models.model import (MLP, CausalLM, DecoderLayer, LlamaDecoderLaye
 
 __all__ = [
     "KVCache", "init_kv_cache", "FAMILIES", "SEQUENTIAL_GROUPS", "ModelParams", "as_model_params",
-    "ModelConfig", "LlamaConfig", "RopeScaling", "GGUFCheckpoint", "load_gguf",
+    "ModelConfig", "LlamaConfig", "RopeScaling", "GGUFCheckpoint", "load_gguf", "read_gguf",
     "smollm2_gguf_path", "HFCheckpoint", "from_hf_state_dict", "load_hf_config", "load_hf_folder", "load_layer_params",
     "load_nonlayer_params", "save_hf_folder", "to_hf_state_dict", "Embed", "Linear", "RMSNorm",
     "linear_apply", "load_model", "load_llama", "load_tokenizer", "resolve_model_spec", "DecoderLayer", "CausalLM", "MLP", "LlamaDecoderLayer",

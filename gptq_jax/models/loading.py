@@ -1,5 +1,6 @@
-"""`load_model` / `load_tokenizer`: one entry point (any supported family) for a Hugging Face folder, a .gguf file or the
-embedded "smollm2-135m". Offline by design: hub model ids are refused with a clear message.
+"""`load_model` / `load_tokenizer`: one entry point (any supported family) for a Hugging Face folder,
+a .gguf file or an embedded model ("smollm2-135m", "gemma3-270m": models/embedded.py). Offline by
+design: hub model ids are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -11,21 +12,22 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 from gptq_jax.models.config import ModelConfig
-from gptq_jax.models.gguf import SMOLLM2_NAME, load_gguf, load_gguf_tokenizer, smollm2_gguf_path
+from gptq_jax.models.embedded import EMBEDDED_MODELS, embedded_model
+from gptq_jax.models.gguf import load_gguf, load_gguf_tokenizer
 from gptq_jax.models.hf import load_hf_folder
 from gptq_jax.models.params import ModelParams, as_model_params
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WHAT_TO_PASS = (f"pass a local Hugging Face folder (config.json + model.safetensors), a .gguf "
-                 f"file, or {SMOLLM2_NAME!r} (the embedded SmolLM2-135M)")
+_WHAT_TO_PASS = ("pass a local Hugging Face folder (config.json + model.safetensors), a .gguf "
+                 f"file, or an embedded model: {', '.join(map(repr, EMBEDDED_MODELS))}")
 
 
 def resolve_model_spec(spec: str | os.PathLike) -> tuple[Literal["hf", "gguf"], str]:
   """("hf", folder) or ("gguf", file) for a model spec; clear errors for anything else."""
   spec = os.fspath(spec)
   if not os.path.exists(spec):
-    if spec.strip().lower() == SMOLLM2_NAME:
-      return "gguf", smollm2_gguf_path()
+    if embedded_model(spec) is not None:
+      return "gguf", embedded_model(spec).gguf_path()
     if _HUB_ID.match(spec):
       raise ValueError(f"{spec!r} looks like a Hugging Face hub id, but the hub is unreachable "
                        f"offline (and gptq_jax never downloads): {_WHAT_TO_PASS}")
@@ -57,6 +59,8 @@ def load_model(spec: str | os.PathLike, dtype: Any = jnp.float32
 
 def load_tokenizer(spec: str | os.PathLike):
   """The transformers tokenizer of a model spec (from the folder, or built from the GGUF)."""
+  if not os.path.exists(os.fspath(spec)) and embedded_model(os.fspath(spec)) is not None:
+    return embedded_model(os.fspath(spec)).tokenizer()  # saved once, fast afterwards
   kind, path = resolve_model_spec(spec)
   if kind == "gguf":
     return load_gguf_tokenizer(path)
