@@ -4,11 +4,14 @@ from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import GPTQInfo, quantize_weight, rtn_quantize
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.kernels.quantized_matmul import quantized_matmul
+from gptq_jax.loading import load_model, open_model
 from gptq_jax.pipeline.driver import quantize
 
 __all__ = [
     "GPTQConfig",
     "GPTQInfo",
+    "load_model",
+    "open_model",
     "PackedWeight",
     "QuantizedWeight",
     "quantize",

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptq_jax.core.weights import PackedWeight
+from gptq_jax.integrity import DamagedFileError, verify_checksums, write_checksums
 from gptq_jax.models.params import ModelParams, plain
 
 PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
@@ -84,6 +85,7 @@ def write_tree(path: str, step: int, tree: Any, meta: dict) -> None:
                                           meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
   mngr.close()
+  write_checksums(os.path.join(os.path.abspath(path), str(step)))
 
 
 def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
@@ -91,12 +93,22 @@ def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint folder at {path!r}")
   mngr = _manager(path, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{path!r} holds no finished checkpoint (an interrupted save?)")
-  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                   meta=ocp.args.JsonRestore()))
-  mngr.close()
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{path!r} holds no finished checkpoint (an interrupted save?)")
+    verify_checksums(os.path.join(os.path.abspath(path), str(step)))  # names a damaged file
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                       meta=ocp.args.JsonRestore()))
+    except (ValueError, OSError, RuntimeError, KeyError) as e:  # tensorstore / orbax read errors
+      if isinstance(e, DamagedFileError):
+        raise
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise DamagedFileError(os.path.join(os.path.abspath(path), str(step)),
+                             f"damaged orbax checkpoint ({first})") from None
+  finally:
+    mngr.close()
   meta = dict(out["meta"])
   tree = jax.tree.map(np.asarray, out["params"])
   return join_packed(tree, meta.get("packed", {})), meta
@@ -131,6 +143,9 @@ def save(path: str, params: Any, *, model_config: Any, quant_config: Any = None,
   tmp = path + ".saving"
   if os.path.exists(tmp):
     shutil.rmtree(tmp)  # a save that was killed midway: never a finished checkpoint
+  from gptq_jax.pipeline.dynamic import untied  # noqa: PLC0415
+
+  model_config = untied(model_config, params)  # lm_head=True: the projection is its own tensor
   meta = {
       "model_config": model_config.to_hf_dict(),
       "compute_dtype": getattr(model_config, "dtype", "float32"),
@@ -148,6 +163,20 @@ def is_checkpoint(path: str) -> bool:
 
 
 def load(path: str) -> Checkpoint:
+  """Read a model in any format ``gptq_jax.load_model`` takes: a folder written by ``save``, an HF
+  GPTQ folder, an HF float folder, a .gguf file or an embedded name (see ``gptq_jax.loading``).
+  For the formats other than ours, ``meta`` holds ``{"source": <what was found>}`` and
+  ``tokenizer_dir`` the folder or file the tokenizer loads from."""
+  if is_checkpoint(path):
+    return read(path)
+  from gptq_jax.loading import open_model  # noqa: PLC0415
+
+  loaded = open_model(path)
+  return Checkpoint(loaded.params, loaded.config, loaded.quant_config,
+                    {"source": loaded.description}, loaded.tokenizer_source)
+
+
+def read(path: str) -> Checkpoint:
   """Read a folder written by ``save``."""
   from gptq_jax.config import GPTQConfig
   from gptq_jax.models import ModelConfig

@@ -82,6 +82,10 @@ class GPTQConfig:
   refine_lr: float = 1e-3
   refine_rounding: bool = False
   refine_batch: int = 4
+  # Per-module precision, GPTQModel's ``dynamic`` (see _normalize_dynamic and pipeline/dynamic.py):
+  # held as ((pattern, ((key, value), ...)), ...) so the config stays hashable; given as a dict.
+  dynamic: Any = None
+  lm_head: bool = False
 
   def __post_init__(self) -> None:
     if not _is_int(self.bits) or self.bits not in BITS:
@@ -119,6 +123,9 @@ class GPTQConfig:
     if self.static_groups and self.group_size == -1:
       _fail("static_groups", self.static_groups, "False when group_size=-1 (there are no groups)")
     self._check_dataset()
+    if not isinstance(self.lm_head, bool):
+      _fail("lm_head", self.lm_head, "a bool (True quantizes the output projection too)")
+    object.__setattr__(self, "dynamic", _normalize_dynamic(self))
     if self.desc_act and self.act_group_aware:
       warnings.warn(
           "GPTQConfig: act_group_aware has been disabled because desc_act=True (act-order "
@@ -162,13 +169,23 @@ class GPTQConfig:
     """Smallest zero point the solver may choose (1 for v1 asymmetric, see module doc)."""
     return 1 if (self.format == "gptq" and not self.sym) else 0
 
+  def dynamic_dict(self) -> dict[str, dict[str, Any]] | None:
+    """``dynamic`` as GPTQModel writes it: ``{pattern: {field: value}}`` in match order."""
+    if not self.dynamic:
+      return None
+    return {pattern: dict(overrides) for pattern, overrides in self.dynamic}
+
   def replace(self, **changes: Any) -> "GPTQConfig":
     return dataclasses.replace(self, **changes)
 
   # --- Hugging Face quantization_config ---------------------------------------------------------
   def to_dict(self) -> dict[str, Any]:
     """The Hugging Face ``quantization_config`` dict (plus our own fields under ``gptq_jax``)."""
-    dataset = list(self.dataset) if isinstance(self.dataset, tuple) else self.dataset
+    # Only what transformers / GPTQModel / vLLM accept: a named set, a list of strings, or None (a
+    # local path is neither portable nor valid there; exports describe it under meta.calibration).
+    dataset = self.dataset if self.dataset in NAMED_DATASETS else None
+    if isinstance(self.dataset, tuple):
+      dataset = list(self.dataset)
     ours = {f: getattr(self, f) for f in _OURS if f != "static_groups"}
     return {
         "quant_method": "gptq",
@@ -186,6 +203,8 @@ class GPTQConfig:
         "dataset": dataset,
         "meta": {"quantizer": ["gptq_jax"]},
         "gptq_jax": ours,
+        "lm_head": self.lm_head,
+        **({"dynamic": self.dynamic_dict()} if self.dynamic else {}),
     }
 
   @classmethod
@@ -213,6 +232,11 @@ class GPTQConfig:
     dataset = d.get("dataset")
     if isinstance(dataset, list) or (isinstance(dataset, str) and dataset in NAMED_DATASETS):
       kwargs["dataset"] = dataset
+    if d.get("dynamic"):  # other tools' extra override keys (e.g. pack_dtype) do not apply here
+      kwargs["dynamic"] = {p: {k: v for k, v in (o or {}).items() if k in DYNAMIC_FIELDS}
+                           for p, o in dict(d["dynamic"]).items()}
+    if d.get("lm_head") is not None:
+      kwargs["lm_head"] = bool(d["lm_head"])
     ours = d.get("gptq_jax") or {}
     for key in _OURS:
       if key in ours:
@@ -224,3 +248,62 @@ class GPTQConfig:
 
 _OURS = ("static_groups", "block_size", "damp_auto_increment", "nsamples", "seqlen", "seed", "mse",
          "mse_weight", "refine_steps", "refine_lr", "refine_rounding", "refine_batch")
+
+
+DYNAMIC_FIELDS = ("bits", "group_size", "sym", "desc_act", "mse")
+
+
+def _normalize_dynamic(cfg: "GPTQConfig") -> Any:
+  """GPTQModel's ``dynamic``: ``{pattern: {field: value}}``, patterns tried in order, the first
+  whose regex matches the start of a module name (``model.layers.3.mlp.down_proj``, ``lm_head``)
+  decides. ``-:<regex>`` leaves the module in float; ``+:<regex>`` or a bare regex overrides
+  ``DYNAMIC_FIELDS``. Accepts a dict, a JSON string, or the normalized tuple form."""
+  import json  # noqa: PLC0415
+  import re  # noqa: PLC0415
+
+  dyn = cfg.dynamic
+  if dyn is None:
+    return None
+  if isinstance(dyn, str):
+    try:
+      dyn = json.loads(dyn)
+    except json.JSONDecodeError as e:
+      _fail("dynamic", cfg.dynamic, f"a JSON object {{pattern: {{field: value}}}} ({e})")
+  items = list(dyn.items()) if isinstance(dyn, Mapping) else dyn
+  if not isinstance(items, (list, tuple)) or not items:
+    _fail("dynamic", cfg.dynamic, "None or a non-empty {pattern: {field: value}} mapping")
+  out = []
+  for entry in items:
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
+      _fail("dynamic", cfg.dynamic, "a {pattern: {field: value}} mapping with string patterns")
+    pattern, overrides = entry
+    overrides = dict(overrides) if isinstance(overrides, (Mapping, list, tuple)) else overrides
+    if not isinstance(overrides, dict):
+      _fail(f"dynamic[{pattern!r}]", overrides, "a {field: value} mapping ({} for '-:' rules)")
+    raw = pattern[2:] if pattern.startswith(("+:", "-:")) else pattern
+    try:
+      re.compile(raw)
+    except re.error as e:
+      _fail("dynamic", pattern, f"a valid regular expression ({e})")
+    bad = sorted(set(overrides) - set(DYNAMIC_FIELDS))
+    if bad:
+      _fail(f"dynamic[{pattern!r}]", bad[0], f"one of {DYNAMIC_FIELDS}")
+    if pattern.startswith("-:"):
+      overrides = {}
+    elif overrides:  # every override must make a valid config on its own
+      try:
+        module_config(cfg.replace(dynamic=None), overrides)
+      except ValueError as e:
+        raise ValueError(f"GPTQConfig.dynamic[{pattern!r}]: {e}") from None
+    out.append((pattern, tuple(sorted(overrides.items()))))
+  return tuple(out)
+
+
+def module_config(cfg: "GPTQConfig", overrides: Mapping[str, Any]) -> "GPTQConfig":
+  """``cfg`` with one ``dynamic`` rule's overrides applied (act-order turns GAR off, silently)."""
+  changes = dict(overrides)
+  if changes.get("desc_act"):
+    changes["act_group_aware"] = False
+  if changes.get("group_size") == -1:
+    changes.setdefault("static_groups", False)
+  return cfg.replace(dynamic=None, **changes)

@@ -1,6 +1,7 @@
 """Perplexity of a model (any supported family) over non-overlapping windows of a text or a token array.
 
-  python scripts/perplexity.py --model <checkpoint | HF dir | .gguf | smollm2-135m>
+  python scripts/perplexity.py --model <orbax checkpoint | HF GPTQ folder | HF float folder | .gguf
+                                       | smollm2-135m>
       (--text FILE | --tokens FILE.npy)
       --seqlen N [--max-windows N] [--batch-size N] [--dtype float32|bfloat16] [--json]
 
@@ -20,26 +21,16 @@ import numpy as np
 
 
 def load_model(spec: str):
-  """(cfg, params, tokenizer loader) for a model spec: a gptq_jax (orbax) checkpoint folder written
-  by quantize_llama.py, an HF folder, a .gguf file or a name.
+  """(cfg, params, tokenizer loader) for a model spec in any format ``gptq_jax.load_model`` reads
+  (orbax checkpoint, HF GPTQ folder, HF float folder, .gguf file, embedded name); says on stderr
+  what it found. Packed kernels are dequantized to float32 (the weights they compute with)."""
+  from gptq_jax.loading import open_model
+  from gptq_jax.pipeline import dense_block
 
-  The one place that knows model formats. A quantized checkpoint's packed kernels are dequantized
-  to float32 (the same weights its packed layers compute with).
-  """
-  from gptq_jax import checkpoint
-  from gptq_jax.models import load_model, load_tokenizer
-
-  if checkpoint.is_checkpoint(spec):
-    from gptq_jax.pipeline import dense_block
-
-    ckpt = checkpoint.load(spec)
-    if ckpt.tokenizer_dir is None:
-      tokenizer_loader = lambda: None  # noqa: E731 (tokenize_text says to pass --tokens)
-    else:
-      tokenizer_loader = lambda: load_tokenizer(ckpt.tokenizer_dir)  # noqa: E731
-    return ckpt.model_config, dense_block(ckpt.params), tokenizer_loader
-  cfg, params = load_model(spec)
-  return cfg, params, lambda: load_tokenizer(spec)
+  loaded = open_model(spec)
+  print(f"{spec}: {loaded.description}", file=sys.stderr, flush=True)
+  params = dense_block(loaded.params) if loaded.quant_config is not None else loaded.params
+  return loaded.config, params, loaded.tokenizer
 
 
 def load_tokens(args, tokenizer_loader) -> np.ndarray:
@@ -55,7 +46,8 @@ def load_tokens(args, tokenizer_loader) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", required=True,
-                      help="quantized checkpoint folder, HF folder, .gguf file, or smollm2-135m")
+                      help="orbax checkpoint, HF GPTQ folder, HF float folder, .gguf file, or an "
+                      "embedded name (smollm2-135m)")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--text", help="a .txt file or a folder of .txt files")
   source.add_argument("--tokens", help="a .npy int array of token ids (flattened)")
@@ -88,8 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  from gptq_jax.integrity import exit_with_error
+
   try:
     main()
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    exit_with_error(str(e))  # one line, nothing after it (see gptq_jax/integrity.py)

@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--refine-rounding", action=argparse.BooleanOptionalAction, default=False,
                  help="refinement also learns a rounding offset per weight (AutoRound-style)")
   g.add_argument("--block-size", type=int, default=128, help="lazy-update block (columns)")
+  g.add_argument("--dynamic", default=None, metavar="JSON|FILE",
+                 help="per-module precision as GPTQModel's dynamic: a JSON object (or a .json "
+                      "file) {regex: {bits, group_size, sym, desc_act, mse}}; '-:regex' keeps "
+                      "matching modules float (names like model.layers.3.mlp.down_proj)")
+  g.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=False,
+                 help="also GPTQ-quantize the output projection (a tied embedding is untied)")
   d = p.add_argument_group("calibration and evaluation")
   d.add_argument("--dataset", default=None,
                  help="wikitext2 | c4 | c4-new | a .txt file or folder | a .npy [n, seqlen] token "
@@ -86,6 +92,10 @@ def _config(args) -> GPTQConfig:
     kw["act_group_aware"] = args.act_group_aware
   elif args.desc_act:
     kw["act_group_aware"] = False
+  if args.dynamic is not None:  # a JSON string, or a file holding one
+    kw["dynamic"] = (open(args.dynamic).read() if os.path.isfile(args.dynamic)  # noqa: SIM115
+                     else args.dynamic)
+  kw["lm_head"] = args.lm_head
   if args.dataset is not None and args.dataset.endswith(".npy"):
     kw["dataset"] = os.path.abspath(args.dataset)
   elif args.dataset is not None:
@@ -206,6 +216,7 @@ def run(args) -> dict:
                      batch_size=args.batch_size, progress=not args.no_progress, report=records,
                      start_block=len(done), on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
+  model_config = getattr(qparams, "config", model_config)  # --lm-head unties a tied embedding
   result["layers"] = records
   checkpoint.save(args.output, qparams, model_config=model_config, quant_config=cfg,
                   tokenizer=tokenizer, extra={"records": records})
@@ -214,7 +225,11 @@ def run(args) -> dict:
   if args.save_hf:
     from gptq_jax.interop import export_hf
 
-    export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer)
+    from gptq_jax.interop.calibration import describe_default
+
+    export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer,
+              calibration_source=None if cfg.dataset else describe_default(cfg.nsamples,
+                                                                             cfg.seqlen))
     _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
   dense = dense_block(qparams)  # every packed kernel dequantized (float32)
   if eval_tokens is not None:

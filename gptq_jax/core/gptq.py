@@ -1,6 +1,6 @@
 """GPTQ for one linear layer (Frantar et al., 2022, https://arxiv.org/abs/2210.17323).
 
-``quantize_weight(kernel, hessian, cfg)`` is the reference ``fasterquant`` (REFERENCE.md §1): dead
+``quantize_weight(kernel, hessian, cfg)`` is the reference ``fasterquant`` (docs/algorithm.md): dead
 columns, static groups, act-order or group-aware reordering (GAR), relative damping with automatic
 escalation, the upper Cholesky factor of ``H^-1``, and the lazy block update. Notation follows the
 paper with the references' ``W = kernel.T`` (rows = outputs, columns = inputs); we store W

@@ -1,4 +1,4 @@
-"""int32 packing of GPTQ codes, bit-exact with the Hugging Face GPTQ layout (REFERENCE.md §2).
+"""int32 packing of GPTQ codes, bit-exact with the Hugging Face GPTQ layout (docs/format.md).
 
 Every run of ``32 / gcd(bits, 32)`` values is one little-endian bit stream of ``bits / gcd`` 32-bit
 words: value ``j`` sits at bit ``bits * j`` of the stream. For 2, 4 and 8 bits a run is one word

@@ -62,7 +62,7 @@ class QuantizedWeight:
     return _dequantize(self.codes, self.scales, self.zeros, self.g_idx, jnp.dtype(dtype))
 
   def pack(self, format: str = "gptq") -> "PackedWeight":
-    """The Hugging Face GPTQ layout (REFERENCE.md §2) for ``format`` in {gptq, gptq_v2}.
+    """The Hugging Face GPTQ layout (docs/format.md) for ``format`` in {gptq, gptq_v2}.
 
     Scales keep their dtype (float32 here, so packing is lossless); the Hugging Face export writes
     them as float16 as the format prescribes.

@@ -1,4 +1,4 @@
-"""Hugging Face GPTQ folders <-> gptq_jax params (REFERENCE.md §2).
+"""Hugging Face GPTQ folders <-> gptq_jax params (docs/format.md).
 
 A folder holds ``config.json`` (the model config plus ``quantization_config``), the same dict in
 ``quantize_config.json`` (read by AutoGPTQ / GPTQModel), ``model.safetensors`` (or shards with a
@@ -22,12 +22,14 @@ import numpy as np
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import packing
+from gptq_jax.interop import calibration
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.hf import (HFCheckpoint, Params, layer_tensor_specs,
                                       nonlayer_tensor_specs, params_from_tensors)
 from gptq_jax.models.params import ModelParams
 from gptq_jax.models.safetensors_io import save_safetensors
+from gptq_jax.pipeline.dynamic import LM_HEAD, resolve, untied
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
@@ -37,16 +39,22 @@ _META_KEYS = ("damp_percent", "static_groups", "true_sequential", "act_group_awa
 
 # ----- config dicts ----------------------------------------------------------------------------
 
-def quantization_config(cfg: GPTQConfig, format: str | None = None) -> dict[str, Any]:
-  """The ``quantization_config`` written beside the weights (REFERENCE.md §2 keys).
+def quantization_config(cfg: GPTQConfig, format: str | None = None,
+                        calibration_source: dict | None = None) -> dict[str, Any]:
+  """The ``quantization_config`` written beside the weights (docs/format.md keys).
 
   ``backend`` is left out: which kernel serves a checkpoint is the loader's choice, not a property
   of the weights. ``format`` and ``checkpoint_format`` both name the packing (``gptq``/``gptq_v2``).
+  ``dataset`` is a named set, a list of strings or null (what transformers' GPTQConfig accepts);
+  ``meta.calibration`` says what the calibration data was, without local paths.
   """
   d = cfg.to_dict()
   d.pop("backend", None)
   fmt = format or cfg.format
   d["format"] = d["checkpoint_format"] = fmt
+  d["dataset"] = calibration.hf_dataset(cfg.dataset)
+  d["meta"] = {**d.get("meta", {}), "calibration": calibration_source
+               or calibration.describe(cfg.dataset, cfg.nsamples, cfg.seqlen)}
   return d
 
 
@@ -61,9 +69,9 @@ def _float_dtype(dtype: Any) -> np.dtype:
 
 
 def write_configs(folder: str, model_config: ModelConfig, cfg: GPTQConfig, dtype: Any,
-                  tokenizer: Any = None) -> None:
+                  tokenizer: Any = None, *, calibration_source: dict | None = None) -> None:
   """config.json (with quantization_config), quantize_config.json and the tokenizer files."""
-  qc = quantization_config(cfg)
+  qc = quantization_config(cfg, calibration_source=calibration_source)
   config = dict(model_config.to_hf_dict(), torch_dtype=_float_dtype(dtype).name,
                 quantization_config=qc)
   with open(os.path.join(folder, "config.json"), "w") as f:
@@ -76,8 +84,10 @@ def write_configs(folder: str, model_config: ModelConfig, cfg: GPTQConfig, dtype
 
 # ----- params -> tensors -----------------------------------------------------------------------
 
-def _packed_in(kernel: Any, cfg: GPTQConfig, name: str) -> PackedWeight:
+def _packed_in(kernel: Any, cfg: GPTQConfig | None, name: str) -> PackedWeight:
   """``kernel`` as a PackedWeight in ``cfg.format`` (repacked if it was packed otherwise)."""
+  if cfg is None:
+    raise ValueError(f"{name} is quantized: pass the GPTQConfig to write it")
   if isinstance(kernel, PackedWeight):
     if kernel.format == cfg.format:
       return kernel
@@ -129,10 +139,12 @@ def block_tensors(model_config: ModelConfig, i: int, block: Params, cfg: GPTQCon
   return _tensors(layer_tensor_specs(model_config, i), block, cfg, _float_dtype(dtype))
 
 
-def nonlayer_tensors(model_config: ModelConfig, params: Params, dtype: Any = "float16"
-                     ) -> dict[str, np.ndarray]:
-  """embed_tokens, norm and (untied) lm_head as HF tensors (never quantized here)."""
-  return _tensors(nonlayer_tensor_specs(model_config), params, None, _float_dtype(dtype))
+def nonlayer_tensors(model_config: ModelConfig, params: Params, dtype: Any = "float16",
+                     cfg: GPTQConfig | None = None) -> dict[str, np.ndarray]:
+  """embed_tokens, norm and (untied) lm_head as HF tensors; a quantized lm_head (``lm_head=True``)
+  is written packed, as GPTQModel does (``lm_head.qweight`` ...), which needs ``cfg``."""
+  model_config = untied(model_config, params)
+  return _tensors(nonlayer_tensor_specs(model_config), params, cfg, _float_dtype(dtype))
 
 
 # ----- writing ---------------------------------------------------------------------------------
@@ -146,7 +158,8 @@ class FolderWriter:
   """
 
   def __init__(self, path: str | os.PathLike, model_config: ModelConfig, cfg: GPTQConfig, *,
-               dtype: Any = "float16", tokenizer: Any = None):
+               dtype: Any = "float16", tokenizer: Any = None,
+               calibration_source: dict | None = None):
     self.path = os.path.abspath(os.fspath(path))
     if os.path.exists(self.path):
       raise FileExistsError(f"{self.path!r} already exists: choose another folder for the Hugging "
@@ -154,6 +167,7 @@ class FolderWriter:
     if not os.path.isdir(os.path.dirname(self.path)):
       raise FileNotFoundError(f"the parent folder of {self.path!r} does not exist")
     self.model_config, self.cfg, self.tokenizer = model_config, cfg, tokenizer
+    self.calibration_source = calibration_source
     self.dtype = _float_dtype(dtype)
     self.tmp = self.path + ".partial"
     if os.path.exists(self.tmp):
@@ -180,22 +194,26 @@ class FolderWriter:
                "weight_map": dict(sorted(weight_map.items()))}
       with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
-    write_configs(self.tmp, self.model_config, self.cfg, self.dtype, self.tokenizer)
+    write_configs(self.tmp, self.model_config, self.cfg, self.dtype, self.tokenizer,
+                  calibration_source=self.calibration_source)
     os.rename(self.tmp, self.path)
     return self.path
 
 
 def export_hf(path: str | os.PathLike, qparams: Params, model_config: ModelConfig,
-              cfg: GPTQConfig, tokenizer: Any = None, *, dtype: Any = "float16") -> str:
+              cfg: GPTQConfig, tokenizer: Any = None, *, dtype: Any = "float16",
+              calibration_source: dict | None = None) -> str:
   """Writes a Hugging Face GPTQ folder (transformers / GPTQModel / vLLM load it) from ``quantize``'s
   result. Packed kernels are written in ``cfg.format`` (repacked if they were packed in the other
   format); the float tensors are cast to ``dtype``. Refuses to overwrite ``path``.
   """
   if not isinstance(cfg, GPTQConfig):
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
-  writer = FolderWriter(path, model_config, cfg, dtype=dtype, tokenizer=tokenizer)
+  model_config = untied(model_config, qparams)  # a quantized lm_head is its own tensor
+  writer = FolderWriter(path, model_config, cfg, dtype=dtype, tokenizer=tokenizer,
+                        calibration_source=calibration_source)
   try:
-    tensors = nonlayer_tensors(model_config, qparams, dtype)
+    tensors = nonlayer_tensors(model_config, qparams, dtype, cfg)
     for i in range(model_config.num_hidden_layers):
       tensors.update(block_tensors(model_config, i, qparams[f"layers_{i}"], cfg, dtype))
     writer.add(tensors)
@@ -238,6 +256,10 @@ def _read_packed(ckpt: HFCheckpoint, name: str, hf_shape: tuple[int, int], cfg: 
                      f"with in = {k}")
   bits = qweight.shape[0] * 32 // k
   packing.run_shape(bits)  # names the unsupported bit width
+  cfg = resolve(cfg, name) or cfg  # dynamic: this module's group size
+  if bits != cfg.bits:
+    raise ValueError(f"{name}.qweight holds {bits}-bit codes, but quantization_config gives this "
+                     f"module {cfg.bits} bits (check its dynamic rules)")
   group_size = cfg.group_size if cfg.group_size != -1 else k
   groups = -(-k // group_size)
   qzeros = get(f"{name}.qzeros", (groups, n * bits // 32))
@@ -282,10 +304,14 @@ def import_hf(path: str | os.PathLike, dtype: Any = jnp.float32
   try:
     cfg = read_quantization_config(folder)
     model_config = ckpt.config
-    if any(n.startswith("lm_head.") and n.endswith(".qweight") for n in ckpt.tensor_names()):
-      raise ValueError(f"{folder!r} has a quantized lm_head, which gptq_jax does not load (only "
-                       "decoder-block linears are quantized here)")
-    params = ckpt.nonlayer_params(dtype)
+    if f"{LM_HEAD}.qweight" in ckpt.tensor_names():  # lm_head=True: its own, packed projection
+      model_config = model_config.replace(tie_word_embeddings=False)
+      specs = [s for s in nonlayer_tensor_specs(model_config) if s[0][0] != LM_HEAD]
+      params = params_from_tensors(specs, ckpt.get, dtype)
+      params[LM_HEAD] = {"kernel": _read_packed(
+          ckpt, LM_HEAD, (model_config.vocab_size, model_config.hidden_size), cfg)}
+    else:
+      params = ckpt.nonlayer_params(dtype)
     for i in range(model_config.num_hidden_layers):
       params[f"layers_{i}"] = read_block(ckpt, i, cfg, dtype)
     return model_config, ModelParams(params, model_config), cfg

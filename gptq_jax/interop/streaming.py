@@ -73,6 +73,9 @@ def quantize_folder(src: str | os.PathLike, calib_batches: Any, cfg: GPTQConfig,
   Returns:
     ``out`` (None on processes other than 0).
   """
+  if cfg.lm_head:
+    raise ValueError("GPTQConfig.lm_head=True is not supported by quantize_folder (block by block "
+                     "from disk): quantize in memory with gptq_jax.quantize, or leave lm_head off")
   ckpt = HFCheckpoint(src)
   model_config = ckpt.config
   writer = None

@@ -4,7 +4,7 @@ GPTQ packs ``nvals`` consecutive input rows into a run of ``nwords`` int32 words
 one word; 2-bit: 16 in one; 8-bit: 4 in one; 3-bit: 32 in three). A *chunk* is ``bkc`` consecutive
 input rows (``rc = bkc / nvals`` runs). Unpacking a chunk's words with shifts and masks gives the
 chunk's rows in *value-major* order: row ``(v, r)`` is input ``chunk_start + r * nvals + v``
-(DESIGN.md, kernel notes). Rather than interleaving those rows back (a sublane shuffle no kernel
+(docs/format.md, running packed weights). Rather than interleaving those rows back (a sublane shuffle no kernel
 wants), the activations are permuted the same way once, outside: ``arrange_x`` lays ``x`` out as
 ``[chunks, M, bkc]`` with each chunk's columns in value-major order, so a chunk is one plain dot.
 

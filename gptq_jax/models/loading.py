@@ -41,7 +41,12 @@ def load_model(spec: str | os.PathLike, dtype: Any = jnp.float32
                ) -> tuple[ModelConfig, ModelParams]:
   """(config, float params) from an HF folder, a .gguf file or an embedded name; params in
   `dtype`, a `ModelParams` carrying the config (so `gptq_jax.quantize(params, calib, cfg)` needs
-  nothing else)."""
+  nothing else). An orbax checkpoint or an HF GPTQ folder is read by `gptq_jax.load_model`
+  (packed kernels as PackedWeight)."""
+  from gptq_jax import loading  # noqa: PLC0415 (the quantized formats live above models/)
+
+  if loading.detect(spec)[0] in (loading.ORBAX, loading.HF_GPTQ):
+    return loading.load_model(spec, dtype)
   kind, path = resolve_model_spec(spec)
   if kind == "hf":
     cfg, params = load_hf_folder(path, dtype)

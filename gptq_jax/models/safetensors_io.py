@@ -25,19 +25,25 @@ class SafetensorsFile:
   """Lazy reader: `.keys()`, `.shape(name)`, `.get(name) -> np.ndarray` (a read-only mmap view)."""
 
   def __init__(self, path: str | os.PathLike):
+    from gptq_jax.integrity import DamagedFileError  # noqa: PLC0415
+
     self.path = os.fspath(path)
     with open(self.path, "rb") as f:
       raw = f.read(8)
       if len(raw) != 8:
-        raise ValueError(f"{self.path} is not a safetensors file (too short)")
+        raise DamagedFileError(self.path, "not a safetensors file (shorter than its 8-byte header length)")
       (n,) = struct.unpack("<Q", raw)
+      if n > os.path.getsize(self.path) - 8:
+        raise DamagedFileError(self.path, f"truncated or damaged safetensors file: its header "
+                               f"length {n} exceeds the file's {os.path.getsize(self.path)} bytes")
       try:
         header = json.loads(f.read(n))
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{self.path} is not a safetensors file (bad header: {e})") from None
+        raise DamagedFileError(self.path, f"not a safetensors file, or a damaged one (bad header: {e})") from None
     header.pop("__metadata__", None)
     self._header = header
     self._data_start = 8 + n
+    _check_size(self.path, header, self._data_start)
     self._mmap: np.memmap | None = None
 
   def keys(self) -> list[str]:
@@ -61,6 +67,19 @@ class SafetensorsFile:
 
   def close(self) -> None:
     self._mmap = None
+
+
+def _check_size(path: str, header: dict, data_start: int) -> None:
+  """A truncated file names itself here, not later as a reshape error deep in a loader."""
+  from gptq_jax.integrity import DamagedFileError  # noqa: PLC0415
+
+  try:
+    need = data_start + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+  except (KeyError, TypeError, ValueError, IndexError):
+    raise DamagedFileError(path, "damaged safetensors header (a tensor without data_offsets)") from None
+  size = os.path.getsize(path)
+  if size < need:
+    raise DamagedFileError(path, f"truncated safetensors file: {size} bytes, its header needs {need}")
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],

@@ -1,6 +1,6 @@
 """``quantize(params, calib_batches, cfg)``: GPTQ for a whole decoder, block by block.
 
-As the references' driver (REFERENCE.md §1): embed the calibration tokens (the first block's
+As the references' driver (docs/algorithm.md): embed the calibration tokens (the first block's
 input); for each block, accumulate the Hessians of its linears over all calibration samples and
 quantize them — with ``true_sequential``, subset by subset (``[q, k, v]``, ``[o]``, ``[gate, up]``,
 ``[down]``), each subset's Hessians taken with the earlier subsets already quantized — then run the
@@ -21,7 +21,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import quantize_weight
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
-from gptq_jax.pipeline import calib, multihost
+from gptq_jax.pipeline import calib, dynamic, multihost
 from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
                                        set_path)
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
@@ -94,8 +94,15 @@ def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: 
     name = f"layers.{i}." + ".".join(path)
     t0 = time.perf_counter()
     kernel = get_path(block, path)["kernel"]
-    qw, info = quantize_weight(kernel, capture.hessian(path), cfg, return_info=True, name=name)
-    packed = qw.pack(cfg.format)
+    if _is_quantized(kernel):
+      raise ValueError(f"{name} is already quantized: quantize a float model (an HF float folder, "
+                       "a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
+    mcfg = dynamic.resolve(cfg, dynamic.module_name(i, path))  # per-module precision, or None
+    if mcfg is None:  # a "-:" rule: the module stays float
+      records.append({"block": i, "layer": name, "shape": list(kernel.shape), "skipped": True})
+      continue
+    qw, info = quantize_weight(kernel, capture.hessian(path), mcfg, return_info=True, name=name)
+    packed = qw.pack(mcfg.format)
     block = set_path(block, path + ("kernel",), packed)
     work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
     records.append({"block": i, "layer": name, "shape": list(kernel.shape),
@@ -170,10 +177,13 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
       params = adapter.set_block(params, i, block)
       if report is not None:
         report.extend(records)
-    if i + 1 < nblocks:  # the last block's outputs feed nothing we quantize
+    if i + 1 < nblocks or cfg.lm_head:  # the last block's outputs feed only lm_head
       stream.propagate(run, work)
     if i >= start_block:
       bar.update(i, finished=True)
       if on_block_done is not None:
         on_block_done(i, block, records)
+  if cfg.lm_head:  # after the last block, on the final norm's outputs (pipeline/dynamic.py)
+    params = dynamic.quantize_lm_head(adapter.config, params, stream.hidden, stream.masks, cfg,
+                                      report)
   return params

@@ -1,4 +1,4 @@
-"""The test oracle: a plain NumPy (float32) port of the reference GPTQ, written from REFERENCE.md §1.
+"""The test oracle: a plain NumPy (float32) port of the reference GPTQ, written from docs/algorithm.md.
 
 Deliberately naive (Python loops over columns, the reference's W = kernel.T layout, a quantizer
 object that is re-fitted in place) so it shares no structure with the JAX solver it checks.

@@ -8,6 +8,13 @@
       precision. Writes logits [batch, seq, vocab] per folder ("logits_<k>") and, per folder, the
       quant-linear class used or the error that stopped it ("status_<k>").
 
+  python gptqmodel_oracle.py from_pretrained IDS.npy OUT.npz FOLDER...
+      The same with plain transformers: ``AutoModelForCausalLM.from_pretrained(folder)``, so the
+      folder's quantization_config goes through transformers' GPTQConfig validation and Optimum's
+      GPTQQuantizer (GPTQModel installed underneath). Only the kernel is chosen (``backend="torch"``,
+      a loading attribute transformers lets the caller set): the automatic choice on an AVX-512 CPU
+      JIT-compiles a C++ extension for minutes. Model loaded in float16, then cast to float32.
+
   python gptqmodel_oracle.py quantize SRC IDS.npy OUT BITS GROUP_SIZE DESC_ACT FORMAT
       Quantizes the float HF folder SRC with GPTQModel on the calibration token rows of IDS.npy
       and saves the GPTQ folder to OUT; then reloads OUT with the torch kernel and writes each
@@ -46,6 +53,30 @@ def logits(ids_path, out_path, folders):
   np.savez(out_path, **out)
 
 
+def from_pretrained(ids_path, out_path, folders):
+  import json
+
+  import transformers
+
+  ids = torch.tensor(np.load(ids_path).astype(np.int64))
+  out = {}
+  for k, folder in enumerate(folders):
+    try:
+      with open(f"{folder}/config.json") as f:
+        bits = json.load(f)["quantization_config"]["bits"]
+      loading = transformers.GPTQConfig(bits=bits, backend="torch")  # only the kernel is taken
+      model = transformers.AutoModelForCausalLM.from_pretrained(
+          folder, device_map="cpu", dtype=torch.float16, quantization_config=loading)
+      kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+      torch.nn.Module.float(model)  # transformers refuses .float() on a quantized model
+      with torch.no_grad():
+        out[f"logits_{k}"] = model(ids).logits.float().numpy()
+      out[f"status_{k}"] = np.array("ok:" + ",".join(kinds))
+    except Exception:  # noqa: BLE001 (reported to the test)
+      out[f"status_{k}"] = np.array("error:" + traceback.format_exc(limit=3)[-1500:])
+  np.savez(out_path, **out)
+
+
 def quantize(srcs, ids_path, outs, bits, group_size, desc_act, fmt):
   srcs, outs = srcs.split(","), outs.split(",")
   if len(srcs) != len(outs):
@@ -76,7 +107,9 @@ if __name__ == "__main__":
   cmd, args = sys.argv[1], sys.argv[2:]
   if cmd == "logits":
     logits(args[0], args[1], args[2:])
+  elif cmd == "from_pretrained":
+    from_pretrained(args[0], args[1], args[2:])
   elif cmd == "quantize":
     quantize(*args)
   else:
-    raise SystemExit(f"unknown command {cmd!r}: use logits or quantize")
+    raise SystemExit(f"unknown command {cmd!r}: use logits, from_pretrained or quantize")

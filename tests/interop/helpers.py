@@ -1,16 +1,36 @@
-"""Shared pieces of the interop tests: a tiny tokenizer, and the GPTQModel oracle subprocess."""
+"""Shared pieces of the interop tests: a tiny tokenizer, and the GPTQModel oracle subprocess.
+
+An oracle that cannot run (venv absent, gptqmodel not importable, a timeout, a crash) skips the
+test locally, saying why, and fails it under ``CI=true``: in CI the oracle is part of the setup, so
+its absence is a broken build, not a reason to pass (``oracle_unavailable`` decides).
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GPTQMODEL_PYTHON = os.path.join(ROOT, ".venv-gptqmodel", "bin", "python")
+# GPTQ_JAX_ORACLE_PYTHON points the tests at another interpreter (used by the helper's own test).
+GPTQMODEL_PYTHON = os.environ.get("GPTQ_JAX_ORACLE_PYTHON",
+                                  os.path.join(ROOT, ".venv-gptqmodel", "bin", "python"))
 ORACLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptqmodel_oracle.py")
+
+
+def in_ci() -> bool:
+  return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def oracle_unavailable(reason: str) -> None:
+  """Skip (locally, with the reason printed) or fail (under CI=true) a test whose oracle cannot run."""
+  if in_ci():
+    pytest.fail(f"oracle unavailable under CI=true (a failure, not a skip): {reason}", pytrace=False)
+  print(f"skipping: {reason}", file=sys.stderr)
+  pytest.skip(reason)
 
 
 def tiny_tokenizer(vocab_size: int = 256):
@@ -24,37 +44,54 @@ def tiny_tokenizer(vocab_size: int = 256):
                                  eos_token="<2>")
 
 
-def run_oracle(*args: str, timeout: float = 600) -> None:
-  """Runs gptqmodel_oracle.py with .venv-gptqmodel's python; skips (saying why) if unavailable."""
-  if not os.path.isfile(GPTQMODEL_PYTHON):
-    pytest.skip(f"GPTQModel venv absent ({GPTQMODEL_PYTHON}): build it with "
-                "scripts/setup_gptqmodel.sh to run the Hugging Face interop oracle tests")
+def run_oracle(*args: str, timeout: float = 600, python: str | None = None) -> None:
+  """Runs gptqmodel_oracle.py with .venv-gptqmodel's python; see ``oracle_unavailable``."""
+  python = python or GPTQMODEL_PYTHON
+  if not os.path.isfile(python):
+    oracle_unavailable(f"GPTQModel venv absent ({python}): build it with "
+                       "scripts/setup_gptqmodel.sh to run the Hugging Face interop oracle tests")
   env = dict(os.environ, TORCH_COMPILE_DISABLE="1", GPTQMODEL_CPU_WORKERS="2",
              HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", XLA_FLAGS="")
   try:
-    proc = subprocess.run([GPTQMODEL_PYTHON, ORACLE, *args], capture_output=True, text=True,
+    proc = subprocess.run([python, ORACLE, *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
   except subprocess.TimeoutExpired:
-    pytest.skip(f"the GPTQModel oracle did not finish within {timeout} s")
+    oracle_unavailable(f"the GPTQModel oracle did not finish within {timeout} s")
+  except OSError as e:
+    oracle_unavailable(f"the GPTQModel oracle could not start ({python}): {e}")
   if proc.returncode != 0:
     tail = (proc.stderr or proc.stdout)[-2000:]
     if "ModuleNotFoundError" in tail or "ImportError" in tail:
-      pytest.skip(f"gptqmodel cannot be imported in {GPTQMODEL_PYTHON}: {tail[-400:]}")
+      oracle_unavailable(f"gptqmodel cannot be imported in {python}: {tail[-400:]}")
     raise AssertionError(f"the GPTQModel oracle failed (rc={proc.returncode}):\n{tail}")
 
 
-def oracle_logits(folders: list[str], ids: np.ndarray, tmp: str) -> list[np.ndarray]:
-  """GPTQModel's logits [batch, seq, vocab] for each folder (torch kernel, float32); skips with
-  GPTQModel's own error if it cannot load one of them."""
-  ids_path, out_path = os.path.join(tmp, "oracle_ids.npy"), os.path.join(tmp, "oracle_out.npz")
+def _oracle_outputs(mode: str, folders: list[str], ids: np.ndarray, tmp: str) -> list[tuple]:
+  ids_path, out_path = os.path.join(tmp, f"{mode}_ids.npy"), os.path.join(tmp, f"{mode}_out.npz")
   np.save(ids_path, ids)
-  run_oracle("logits", ids_path, out_path, *folders)
+  run_oracle(mode, ids_path, out_path, *folders)
   out = np.load(out_path)
+  return [(str(out[f"status_{k}"]), out[f"logits_{k}"] if f"logits_{k}" in out else None)
+          for k in range(len(folders))]
+
+
+def oracle_logits(folders: list[str], ids: np.ndarray, tmp: str) -> list[np.ndarray]:
+  """GPTQModel's logits [batch, seq, vocab] for each folder (GPTQModel.load, torch kernel,
+  float32); a folder GPTQModel cannot load fails the test with GPTQModel's own error."""
   logits = []
-  for k, folder in enumerate(folders):
-    status = str(out[f"status_{k}"])
-    if not status.startswith("ok:"):
-      pytest.skip(f"gptqmodel cannot load {folder}: {status}")
+  for folder, (status, out) in zip(folders, _oracle_outputs("logits", folders, ids, tmp)):
+    assert status.startswith("ok:"), f"GPTQModel.load cannot load {folder}: {status}"
     assert "TorchLinear" in status, f"{folder} was not served by GPTQModel's torch kernel: {status}"
-    logits.append(out[f"logits_{k}"])
+    logits.append(out)
+  return logits
+
+
+def transformers_logits(folders: list[str], ids: np.ndarray, tmp: str) -> list[np.ndarray]:
+  """Plain ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` logits for each folder
+  (GPTQModel installed, torch kernel, float32); a folder transformers refuses fails the test."""
+  logits = []
+  for folder, (status, out) in zip(folders, _oracle_outputs("from_pretrained", folders, ids, tmp)):
+    assert status.startswith("ok:"), f"transformers cannot load {folder}: {status}"
+    assert "TorchLinear" in status, f"{folder} was not served by the torch kernel: {status}"
+    logits.append(out)
   return logits

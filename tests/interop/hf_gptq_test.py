@@ -1,4 +1,4 @@
-"""export_hf / import_hf: the on-disk layout of REFERENCE.md §2, bit-exact round trips, errors."""
+"""export_hf / import_hf: the on-disk layout of docs/format.md, bit-exact round trips, errors."""
 
 import json
 import os
@@ -70,7 +70,7 @@ def test_round_trip_is_bit_exact(tiny_llama, quantized, tmp_path, bits, desc_act
 
 
 def test_folder_layout_matches_the_reference(tiny_llama, quantized, tmp_path):
-  """Names, dtypes and shapes of REFERENCE.md §2; v1 sym 4-bit zeros are 0x77777777; configs."""
+  """Names, dtypes and shapes of docs/format.md; v1 sym 4-bit zeros are 0x77777777; configs."""
   cfg, _, _ = tiny_llama
   qcfg, qparams = quantized(4, False)
   folder = str(tmp_path / "hf")

@@ -1,0 +1,69 @@
+"""gptq_jax.load_model / open_model read every format and say what they found; perplexity.py gives
+the same number on an orbax checkpoint and on its Hugging Face GPTQ export."""
+
+import importlib.util
+import logging
+import os
+
+import numpy as np
+import pytest
+
+import gptq_jax
+from gptq_jax import checkpoint, loading
+from gptq_jax.core.weights import PackedWeight
+from gptq_jax.interop import export_hf
+from gptq_jax.models import save_hf_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _perplexity_main():
+  spec = importlib.util.spec_from_file_location("perplexity_script",
+                                                os.path.join(ROOT, "scripts", "perplexity.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+def test_every_format_loads_and_says_what_it_is(tiny_llama, quantized, tmp_path, caplog):
+  cfg, params, ids = tiny_llama
+  qcfg, qparams = quantized(4, False)
+  orbax, v2, floatdir = str(tmp_path / "ckpt"), str(tmp_path / "v2"), str(tmp_path / "float")
+  checkpoint.save(orbax, qparams, model_config=cfg, quant_config=qcfg)
+  export_hf(v2, qparams, cfg, qcfg.replace(format="gptq_v2"))
+  save_hf_folder(floatdir, cfg, params)
+  expected = {orbax: ("orbax", "orbax checkpoint (gptq: gptq, 4-bit g32)"),
+              v2: ("hf_gptq", "HF GPTQ folder (gptq_v2, 4-bit g32)"),
+              floatdir: ("hf_float", "HF float folder (llama)")}
+  for spec, (kind, description) in expected.items():
+    with caplog.at_level(logging.INFO, logger="gptq_jax"):
+      loaded = gptq_jax.open_model(spec)
+    assert (loaded.kind, loaded.description) == (kind, description)
+    assert f"{spec}: {description}" in caplog.text
+    kernel = loaded.params["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(kernel, PackedWeight) == (kind != "hf_float")
+    config, _ = gptq_jax.load_model(spec)
+    assert config.replace(backend="auto") == cfg
+    assert checkpoint.load(spec).model_config.replace(backend="auto") == cfg
+  assert loading.detect("smollm2-135m")[0] == "gguf"
+  with pytest.raises(FileNotFoundError, match="neither a gptq_jax checkpoint"):
+    loading.detect(str(tmp_path))
+
+
+def test_perplexity_same_on_checkpoint_and_its_export(tiny_llama, quantized, tmp_path, capsys):
+  cfg, params, ids = tiny_llama
+  qcfg, qparams = quantized(3, True)
+  orbax, hf, floatdir = str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(tmp_path / "float")
+  checkpoint.save(orbax, qparams, model_config=cfg, quant_config=qcfg)
+  export_hf(hf, qparams, cfg, qcfg)
+  save_hf_folder(floatdir, cfg, params)
+  tokens = str(tmp_path / "tokens.npy")
+  np.save(tokens, ids.reshape(-1))
+  main = _perplexity_main()
+  ppl = {name: main(["--model", path, "--tokens", tokens, "--seqlen", "32", "--max-windows", "4"])
+         ["ppl"] for name, path in (("orbax", orbax), ("hf", hf), ("float", floatdir))}
+  err = capsys.readouterr().err
+  assert f"{hf}: HF GPTQ folder (gptq, 3-bit g32, act-order)" in err
+  # The export stores scales and float tensors in float16: equal up to that rounding.
+  assert abs(ppl["hf"] / ppl["orbax"] - 1) < 1e-3, ppl
+  assert abs(ppl["float"] / ppl["orbax"] - 1) > 1e-2, ppl  # a quantized model, not the float one
