@@ -51,13 +51,15 @@ from gptq_jax.models.safetensors_io import SafetensorsFile
 from gptq_jax.models.testing import tiny_pair, torch_logits
 from gptq_jax.pipeline.resume import ResumableRun, fingerprint
 from gptq_jax.pipeline.calib import normalize
-from tests.interop.helpers import ROOT, oracle_logits, run_oracle, tiny_tokenizer, transformers_logits
+from tests.interop.helpers import (ROOT, oracle_logits, run_oracle, tiny_tokenizer,
+                                   transformers_logits)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # family -> (bits, desc_act, format): both orders, both formats and 3 bits are each covered.
 # Qwen3 and Gemma 3 as GPTQModel quantizes them below, so their folders reuse our compiled forward.
 CASES = {"llama": (4, False, "gptq"), "mistral": (3, True, "gptq_v2"),
-         "qwen2": (4, False, "gptq_v2"), "qwen3": (4, True, "gptq"), "gemma3_text": (4, True, "gptq")}
+         "qwen2": (4, False, "gptq_v2"), "qwen3": (4, True, "gptq"),
+         "gemma3_text": (4, True, "gptq")}
 BY_GPTQMODEL = ("qwen3", "gemma3_text")
 PROJS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
          "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -95,7 +97,8 @@ class Run:
   def __init__(self, family: str, seed: int):
     self.family = family
     self.hf, self.cfg, self.params = tiny_pair(family, seed=seed)
-    self.ids = np.random.default_rng(seed).integers(3, self.cfg.vocab_size, (8, 32)).astype(np.int32)
+    rng = np.random.default_rng(seed)
+    self.ids = rng.integers(3, self.cfg.vocab_size, (8, 32)).astype(np.int32)
     bits, desc_act, fmt = CASES[family]
     self.qcfg = gj.GPTQConfig(bits, group_size=GROUP, desc_act=desc_act, act_group_aware=False,
                               format=fmt)
@@ -160,7 +163,8 @@ def test_every_family_exports_to_gptqmodel_with_our_logits(runs, gptqmodel_folde
     written = _tensor_names(folder)
     assert set(written) == _expected_names(run), family
     for name, (dtype, _) in written.items():
-      assert dtype == ("float16" if name.endswith((".weight", ".bias", ".scales")) else "int32"), name
+      floating = name.endswith((".weight", ".bias", ".scales"))
+      assert dtype == ("float16" if floating else "int32"), name
     model_config, params, read_cfg = import_hf(folder)
     assert model_config == run.cfg, family
     assert (read_cfg.bits, read_cfg.desc_act, read_cfg.format) == CASES[family]
@@ -182,7 +186,8 @@ def test_every_family_exports_to_gptqmodel_with_our_logits(runs, gptqmodel_folde
       assert scale > 1.0, name  # a real model's logits, not a degenerate one
 
 
-def test_gptqmodel_qwen3_and_gemma3_import_with_identical_weights(runs, gptqmodel_folders, tmp_path):
+def test_gptqmodel_qwen3_and_gemma3_import_with_identical_weights(runs, gptqmodel_folders,
+                                                                  tmp_path):
   """GPTQModel's folders of the tiny Qwen3 and Gemma 3 import with dequantized weights identical
   to GPTQModel's own dequantization, name the same tensors as our export of the same model, and
   our model of them stays close to the float model."""
@@ -225,7 +230,7 @@ def test_report_lists_every_quantized_linear(runs, tmp_path):
     with open(path) as f:
       assert len(json.load(f)["layers"]) == len(expected)
     # Quantized, but still the same model: close to transformers' float logits, far from noise
-    # (independent Gaussian logits of the same size would be ~1.4 apart, relative to their mean size).
+    # (independent Gaussian logits of this size would be ~1.4 apart, relative to their mean).
     float_logits = torch_logits(run.hf, EVAL_IDS)
     bound = 0.25 if run.qcfg.bits == 4 else 0.5
     assert np.abs(run.logits - float_logits).mean() < bound * np.abs(float_logits).mean(), family
@@ -238,7 +243,8 @@ from gptq_jax.models import forward
 ids = np.load(sys.argv[1]); out = {}
 for k, path in enumerate(sys.argv[3:]):
   ck = checkpoint.load(path)
-  out[f"logits_{k}"] = np.asarray(jax.jit(forward, static_argnums=1)(ck.params, ck.model_config, ids))
+  run = jax.jit(forward, static_argnums=1)
+  out[f"logits_{k}"] = np.asarray(run(ck.params, ck.model_config, ids))
   out[f"config_{k}"] = np.array(repr(ck.model_config.to_hf_dict()))
 np.savez(sys.argv[2], **out)
 """
