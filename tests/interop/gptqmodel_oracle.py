@@ -19,6 +19,8 @@
       Quantizes the float HF folder SRC with GPTQModel on the calibration token rows of IDS.npy
       and saves the GPTQ folder to OUT; then reloads OUT with the torch kernel and writes each
       quantized linear's dequantized weight [in, out] (float32) to OUT/dequantized.npz.
+      SRC and OUT may be comma-separated lists of equal length (one process for several folders:
+      importing GPTQModel costs seconds).
 
 The caller sets TORCH_COMPILE_DISABLE=1 (torch.compile only speeds up the same dequantization and
 costs a minute of C++ compilation per run on CPU) and GPTQMODEL_CPU_WORKERS=2 (GPTQModel 7.7 sizes
@@ -75,7 +77,15 @@ def from_pretrained(ids_path, out_path, folders):
   np.savez(out_path, **out)
 
 
-def quantize(src, ids_path, out, bits, group_size, desc_act, fmt):
+def quantize(srcs, ids_path, outs, bits, group_size, desc_act, fmt):
+  srcs, outs = srcs.split(","), outs.split(",")
+  if len(srcs) != len(outs):
+    raise SystemExit(f"{len(srcs)} source folders but {len(outs)} output folders")
+  for src, out in zip(srcs, outs):
+    _quantize_one(src, ids_path, out, bits, group_size, desc_act, fmt)
+
+
+def _quantize_one(src, ids_path, out, bits, group_size, desc_act, fmt):
   from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
   ids = np.load(ids_path)
