@@ -84,9 +84,9 @@ class GPTQConfig:
   mse: float = 0.0
   mse_weight: str = "none"
   refine_steps: int = 0
-  refine_lr: float = 1e-3
+  refine_lr: float = 5e-3
   refine_rounding: bool = False
-  refine_batch: int = 4
+  refine_batch: int = 2
   gptaq: bool = False
   gptaq_alpha: float = 0.25
   rotation: str = "none"

@@ -51,11 +51,17 @@ def _parser() -> argparse.ArgumentParser:
                  help="clipping search error in GPTQ: none (the references') or hessian (each "
                       "column's error over its inverse-Hessian factor diagonal)")
   g.add_argument("--refine-steps", type=int, default=0,
-                 help="optax block-wise refinement: Adam steps per block after GPTQ (0 = off)")
-  g.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate")
+                 help="optax block-wise refinement: Adam steps per block after GPTQ (0 = off; "
+                 "40 in the README's table)")
+  g.add_argument("--refine-lr", type=float, default=5e-3, help="refinement learning rate")
   g.add_argument("--refine-rounding", action=argparse.BooleanOptionalAction, default=False,
                  help="refinement also learns a rounding offset per weight (AutoRound-style)")
   g.add_argument("--block-size", type=int, default=128, help="lazy-update block (columns)")
+  g.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=False,
+                 help="GPTAQ: also match the float model's inputs (asymmetric calibration)")
+  g.add_argument("--gptaq-alpha", type=float, default=0.25, help="GPTAQ's correction weight")
+  g.add_argument("--rotation", default="none", choices=("none", "hadamard", "random"),
+                 help="rotate the residual stream by an orthogonal matrix before quantizing")
   d = p.add_argument_group("calibration and evaluation")
   d.add_argument("--dataset", default=None,
                  help="wikitext2 | c4 | c4-new | a .txt file or folder | a .npy [n, seqlen] token "
@@ -81,6 +87,7 @@ def _config(args) -> GPTQConfig:
             block_size=args.block_size,
             refine_steps=args.refine_steps, refine_lr=args.refine_lr,
             refine_rounding=args.refine_rounding,
+            gptaq=args.gptaq, gptaq_alpha=args.gptaq_alpha, rotation=args.rotation,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
   if args.act_group_aware is not None:
     kw["act_group_aware"] = args.act_group_aware
