@@ -174,6 +174,9 @@ def run(args) -> dict:
   _say(f"loading {args.model} ...")
   model_config, params = load_llama(args.model)
   tokenizer = load_tokenizer(args.model)
+  if cfg.rotation != "none":  # same function, rotated residual stream, untied head (rotation.py)
+    from gptq_jax.pipeline.rotation import rotate_model  # noqa: PLC0415
+    model_config, params = rotate_model(model_config, params, cfg.rotation, seed=cfg.seed)
   sizes = dict(nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
                batch_size=args.batch_size or 1)
   if cfg.dataset is None:  # offline default: the bundled addresses 1990-2015

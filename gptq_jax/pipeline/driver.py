@@ -28,6 +28,7 @@ from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
 from gptq_jax.pipeline.gptaq import cross_capture_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
+from gptq_jax.pipeline.rotation import check_rotated
 
 BlockDone = Callable[[int, Any, list[dict]], None]
 
@@ -138,6 +139,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   if not isinstance(cfg, GPTQConfig):
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
   adapter = resolve_adapter(params, model_config, adapter)
+  if cfg.rotation != "none" and start_block == 0:  # rotation.rotate_model must come first
+    check_rotated(params, getattr(adapter, "config", None))
   mesh = resolve_mesh(mesh, axis_name)
   ndev = mesh.shape[axis_name] if mesh is not None else 1
   samples, largest = calib.normalize(calib_batches)
