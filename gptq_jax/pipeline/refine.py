@@ -25,7 +25,7 @@ block learns to reproduce the float block's function where it is actually used, 
 one block's inputs and targets (plus the minibatch's activations for the gradient).
 
 **Which step is kept.** The last ``max(1, n // 8)`` calibration samples are held out of the
-optimisation (with one sample, it is used for both). Every ``max(1, steps // 8)`` steps, inside the
+optimisation (with one sample, it is used for both). Every ``max(1, steps // 4)`` steps, inside the
 jitted loop, the block's error on the held-out samples is measured and the parameters of the best
 step so far are carried; step 0 is GPTQ's own result, so the kept parameters never have a higher
 held-out error than GPTQ alone — the decision is made per block. Each step uses
@@ -136,7 +136,7 @@ def _compiled(adapter: DecoderAdapter, st: _Static):
   """(train, evaluate) jitted for one adapter and setting; reused by every block of a model."""
   scale_opt = optax.adam(optax.linear_schedule(st.lr, 0.0, st.steps))
   round_opt = optax.sign_sgd(optax.linear_schedule(2.0 / st.steps, 0.0, st.steps))
-  every = max(1, st.steps // 8)
+  every = max(1, st.steps // 4)
 
   def loss_fn(theta, frozen, block, h, ctx, mask, y):
     sq, _ = _block_sq_err(adapter, block, _kernels(theta, frozen, st), h, ctx, mask, y)
