@@ -40,11 +40,12 @@ def _hf_logits_of(hf, cfg, params):
   return torch_logits(model, IDS)
 
 
-@pytest.mark.parametrize("tied,hidden,kind", [(False, 64, "hadamard"), (True, 64, "hadamard"),
-                                              (True, 48, "hadamard"), (False, 48, "random")])
-def test_rotated_llama_has_the_same_logits(tied, hidden, kind):
+@pytest.mark.parametrize("tied,hidden,kind,bias", [
+    (False, 64, "hadamard", False), (True, 64, "hadamard", False), (True, 48, "hadamard", False),
+    (False, 48, "random", True)])  # bias: q/k/v/o biases (o's is rotated with the stream)
+def test_rotated_llama_has_the_same_logits(tied, hidden, kind, bias):
   hf, cfg, params = tiny_pair(0, tie_word_embeddings=tied, hidden_size=hidden,
-                              head_dim=hidden // 4)
+                              head_dim=hidden // 4, attention_bias=bias)
   want = np.asarray(forward(params, cfg, IDS))
   rcfg, rparams = rotate_model(cfg, params, kind, seed=1)
   assert rcfg.tie_word_embeddings is False and "lm_head" in rparams
