@@ -1,4 +1,4 @@
-"""``scripts/quantize_llama.py``: quantize a Llama checkpoint with GPTQ, resumably, with a report.
+"""``scripts/quantize_llama.py``: quantize a decoder checkpoint (any supported family) with GPTQ, resumably, with a report.
 
 Flags are named after the GPTQConfig fields. The run: load the model and tokenizer, build the
 calibration batches, (optionally) measure perplexity, quantize block by block — each finished block
@@ -24,7 +24,7 @@ CALIB_DEFAULT = "bundled State of the Union addresses 1990-2015 (gptq_jax/assets
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="quantize_llama.py", description="GPTQ-quantize a LLaMA-family model (offline).")
+      prog="quantize_llama.py", description="GPTQ-quantize a decoder LLM: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 (offline).")
   p.add_argument("--model", default="smollm2-135m",
                  help="HF folder, .gguf file, or 'smollm2-135m' (the embedded default)")
   p.add_argument("--output", required=True, help="new folder for the orbax checkpoint")
@@ -162,7 +162,7 @@ def _say(msg: str) -> None:
 
 def run(args) -> dict:
   from gptq_jax import checkpoint, data, eval as evaluation
-  from gptq_jax.models import load_llama, load_tokenizer
+  from gptq_jax.models import load_model, load_tokenizer
   from gptq_jax.pipeline import dense_block, quantize
   from gptq_jax.pipeline.calib import normalize
   from gptq_jax.pipeline.resume import ResumableRun, fingerprint
@@ -172,7 +172,7 @@ def run(args) -> dict:
   cfg = _config(args)
   _check_args(args)
   _say(f"loading {args.model} ...")
-  model_config, params = load_llama(args.model)
+  model_config, params = load_model(args.model)
   tokenizer = load_tokenizer(args.model)
   if cfg.rotation != "none":  # same function, rotated residual stream, untied head (rotation.py)
     from gptq_jax.pipeline.rotation import rotate_model  # noqa: PLC0415

@@ -23,7 +23,8 @@ from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import quantize_weight
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.pipeline import calib, multihost
-from gptq_jax.pipeline.adapter import DecoderAdapter, LlamaAdapter, get_path, set_path
+from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
+                                       set_path)
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
 from gptq_jax.pipeline.gptaq import cross_capture_for
 from gptq_jax.pipeline.progress import BlockProgress
@@ -49,11 +50,11 @@ def resolve_adapter(params: Any, model_config: Any = None,
     return adapter
   model_config = model_config or getattr(params, "config", None)
   if model_config is None:
-    raise ValueError("quantize() cannot tell which model these params belong to: load them with "
-                     "gptq_jax.models.load_llama (its params carry their config), pass "
-                     "model_config=<LlamaConfig>, or pass adapter=<DecoderAdapter> for another "
-                     "decoder")
-  return LlamaAdapter.for_config(model_config)
+    raise ValueError("quantize() cannot tell which model these params belong to (a bare dict "
+                     "carries no architecture): load them with gptq_jax.models.load_model (its "
+                     "params carry their config), pass model_config=<gptq_jax.models.ModelConfig>, "
+                     "or pass adapter=<DecoderAdapter> for another decoder")
+  return ModelAdapter.for_config(model_config)
 
 
 def resolve_mesh(mesh: Mesh | str | None, axis_name: str) -> Mesh | None:
@@ -117,11 +118,11 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   """GPTQ-quantize every decoder block's linears; returns params with packed kernels.
 
   Args:
-    params: the model's parameter pytree (the built-in Llama's, from ``load_llama``).
+    params: the model's parameter pytree (the built-in decoder's, from ``load_model``).
     calib_batches: token ids ``[nsamples, seqlen]``, or a list of arrays / ``{"input_ids",
       "attention_mask"}`` dicts (``gptq_jax.data.get_calib_batches``).
     cfg: the GPTQ settings.
-    model_config: the ``LlamaConfig`` when ``params`` do not carry it.
+    model_config: the ``ModelConfig`` when ``params`` do not carry it.
     adapter: a ``DecoderAdapter`` for another decoder architecture.
     mesh: "auto" (every device on one data axis when there are several), None (one device) or a
       ``Mesh`` with a ``axis_name`` axis: micro-batches are split over it.
@@ -152,11 +153,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     raise ValueError(f"start_block={start_block} must be in [0, {nblocks}]")
 
   stream = _Stream(adapter, params, batches, mesh, axis_name)
-  run = runner_for(adapter, mesh, axis_name)
   groups = adapter.sequential_groups if cfg.true_sequential else (
       tuple(p for g in adapter.sequential_groups for p in g),)
-  captures = [(cross_capture_for if cfg.gptaq else capture_for)(adapter, g, mesh, axis_name)
-              for g in groups]
   float_hidden = list(stream.hidden) if cfg.gptaq else None  # GPTAQ: the float model's stream
   if cfg.gptaq and start_block:
     warnings.warn(f"GPTAQ resumed at block {start_block}: the float stream starts from the "
@@ -164,6 +162,10 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   bar = BlockProgress(nblocks, enabled=progress)
   bar.skip(start_block)
   for i in range(nblocks):
+    blk = block_adapter(adapter, i)  # one per layer type: its compiled functions are shared
+    run = runner_for(blk, mesh, axis_name)
+    captures = [(cross_capture_for if cfg.gptaq else capture_for)(blk, g, mesh, axis_name)
+                for g in groups]
     block = adapter.get_block(params, i)
     work = dense_block(block)
     float_work = work  # block i is still float here (dequantized, when resuming before it)
@@ -178,7 +180,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
-        block = refine_stream(adapter, adapter.get_block(params, i), block, stream, cfg, i, records)
+        block = refine_stream(blk, adapter.get_block(params, i), block, stream, cfg, i, records)
         work = dense_block(block)
       params = adapter.set_block(params, i, block)
       if report is not None:
