@@ -28,11 +28,10 @@ def test_orthogonal_matrices(n):
 def _hf_logits_of(hf, cfg, params):
   """transformers' logits for our (rotated) params: load them into a fresh HF model."""
   import torch
-  import transformers
 
   hf_cfg = hf.config.to_dict()
   hf_cfg["tie_word_embeddings"] = cfg.tie_word_embeddings
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).eval()
+  model = type(hf)(type(hf.config)(**hf_cfg)).eval()
   sd = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in to_hf_state_dict(cfg,
                                                                                 params).items()}
   missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -57,6 +56,25 @@ def test_rotated_llama_has_the_same_logits(tied, hidden, kind, bias):
   assert not np.allclose(np.asarray(rparams["layers_0"]["self_attn"]["q_proj"]["kernel"]), q0)
   np.testing.assert_allclose(_hf_logits_of(hf, rcfg, rparams), torch_logits(hf, IDS),
                              atol=5e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_rotated_qwen_has_the_same_logits(family):
+  """Qwen2: q/k/v biases and a tied embedding; Qwen3: per-head q/k norms (not rotated)."""
+  hf, cfg, params = tiny_pair(family, 0)
+  want = torch_logits(hf, IDS)
+  rcfg, rparams = rotate_model(cfg, params, "hadamard", seed=2)
+  assert rparams.config == rcfg and not rcfg.tie_word_embeddings
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(np.asarray(forward(rparams, rcfg, IDS)), want, atol=5e-5 * scale,
+                             rtol=0)
+  np.testing.assert_allclose(_hf_logits_of(hf, rcfg, rparams), want, atol=5e-5 * scale, rtol=0)
+
+
+def test_gemma_sandwich_norms_are_refused():
+  _, cfg, params = tiny_pair("gemma3_text", 0)
+  with pytest.raises(ValueError, match="post-feedforward"):
+    rotate_model(cfg, params)
 
 
 def test_rotated_model_quantizes_and_unrotated_is_refused():
