@@ -126,10 +126,11 @@ def rotate_model(config: Any, params: Any, kind: str = "hadamard", seed: int = 0
                      "residual add, which no rotation of the residual stream commutes with")
   unit = bool(getattr(config, "norm_unit_offset", False))
   n = config.hidden_size
-  Q = orthogonal_matrix(n, kind, seed)
+  Q64 = orthogonal_matrix(n, kind, seed)
+  Q = Q64.astype(np.float32)  # float32 products: the embedding and head are large (BLAS sgemm)
   out = dict(params)
   E = np.asarray(params["embed_tokens"]["embedding"])
-  out["embed_tokens"] = {**params["embed_tokens"], "embedding": _cast(E.astype(np.float64) @ Q, E)}
+  out["embed_tokens"] = {**params["embed_tokens"], "embedding": _cast(E.astype(np.float32) @ Q, E)}
   for i in range(config.num_hidden_layers):
     block = params[f"layers_{i}"]
     new = dict(block)
@@ -143,27 +144,27 @@ def rotate_model(config: Any, params: Any, kind: str = "hadamard", seed: int = 0
       K = lin["kernel"]
       if not hasattr(K, "shape") or np.asarray(K).ndim != 2:
         raise ValueError(f"layers_{i}.{a}.{b} is not a float kernel: rotate before quantizing")
-      Kr = Q.T @ (scales[a][:, None] * np.asarray(K, np.float64))
+      Kr = Q64.T @ (scales[a][:, None] * np.asarray(K, np.float64))
       subs[a][b] = {**lin, "kernel": _cast(Kr, K)}
     for a, b in _OUTPUT_SIDE:
       lin = block[a][b]
       K = lin["kernel"]
-      rot = {"kernel": _cast(np.asarray(K, np.float64) @ Q, K)}
+      rot = {"kernel": _cast(np.asarray(K, np.float64) @ Q64, K)}
       if lin.get("bias") is not None:
-        rot["bias"] = _cast(np.asarray(lin["bias"], np.float64) @ Q, lin["bias"])
+        rot["bias"] = _cast(np.asarray(lin["bias"], np.float64) @ Q64, lin["bias"])
       subs[a][b] = {**lin, **rot}
     new.update(subs)
     out[f"layers_{i}"] = new
   w_final = _norm_scale(params["norm"], unit)
   out["norm"] = _identity_norm(params["norm"], unit)
   if config.tie_word_embeddings:
-    head = E.astype(np.float64).T  # [hidden, vocab]
+    head = E.astype(np.float32).T  # [hidden, vocab]
     like = E
   else:
-    head = np.asarray(params["lm_head"]["kernel"], np.float64)
+    head = np.asarray(params["lm_head"]["kernel"], np.float32)
     like = params["lm_head"]["kernel"]
-  out["lm_head"] = {**params.get("lm_head", {}),
-                    "kernel": _cast(Q.T @ (w_final[:, None] * head), like)}
+  Qw = (Q64.T * w_final[None, :]).astype(np.float32)  # Q^T diag(w_final)
+  out["lm_head"] = {**params.get("lm_head", {}), "kernel": _cast(Qw @ head, like)}
   new_config = dataclasses.replace(config, tie_word_embeddings=False)
   out = {k: _to_jax(v) for k, v in out.items()}
   return new_config, _rewrap(params, out, new_config)
