@@ -198,7 +198,8 @@ class GPTQConfig:
         "dataset": dataset,
         "meta": {"quantizer": ["gptq_jax"],
                  "gptaq": {"alpha": self.gptaq_alpha} if self.gptaq else None,
-                 "rotation": self.rotation},
+                 # folded into the weights: no online transform (so not GPTQModel's "rotation")
+                 "rotation_folded": self.rotation},
         "gptq_jax": ours,
     }
 
@@ -230,8 +231,8 @@ class GPTQConfig:
     meta = d.get("meta") if isinstance(d.get("meta"), Mapping) else {}
     if isinstance(meta.get("gptaq"), Mapping):  # GPTQModel's meta: {"alpha": a, "device": ...}
       kwargs["gptaq"], kwargs["gptaq_alpha"] = True, meta["gptaq"].get("alpha", 0.25)
-    if meta.get("rotation") in ROTATIONS:
-      kwargs["rotation"] = meta["rotation"]
+    if meta.get("rotation_folded") in ROTATIONS:
+      kwargs["rotation"] = meta["rotation_folded"]
     ours = d.get("gptq_jax") or {}
     for key in _OURS:
       if key in ours:

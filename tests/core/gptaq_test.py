@@ -85,9 +85,10 @@ def test_alpha_zero_is_gptq_and_cross_is_required():
 
 
 def test_config_round_trip_and_validation():
-  cfg = gj.GPTQConfig(3, gptaq=True, gptaq_alpha=0.5)
+  cfg = gj.GPTQConfig(3, gptaq=True, gptaq_alpha=0.5, rotation="hadamard")
   d = cfg.to_dict()
-  assert d["meta"]["gptaq"] == {"alpha": 0.5}
+  assert d["meta"]["gptaq"] == {"alpha": 0.5} and d["meta"]["rotation_folded"] == "hadamard"
+  assert "rotation" not in d  # GPTQModel's top-level key means an online transform at load
   assert gj.GPTQConfig.from_dict(d) == cfg
   # GPTQModel's own meta (no gptq_jax section) turns GPTAQ on too.
   theirs = {"bits": 4, "group_size": 128, "meta": {"gptaq": {"alpha": 0.25, "device": "auto"}}}
