@@ -11,8 +11,11 @@ A case is a ``+``-joined list of settings on top of 4/3-bit, group 128, sym, dam
 ``act`` act-order (desc_act), ``mse`` the clipping search with norm 2.4 (the references'
 objective), ``mse_h`` the same search Hessian-weighted (ours only), ``gptaq`` GPTAQ with alpha 0.25,
 ``rot`` a Hadamard rotation of the residual stream (ours: folded into the weights,
-``pipeline/rotation.py``; GPTQModel: its own rotation, Llama/Qwen2 only), ``refine`` optax
-refinement (ours only, ``--refine-steps``).
+``pipeline/rotation.py``; GPTQModel: its own rotation, Llama/Qwen2 only, which calls ``.cuda()``
+in GPTQModel 7.7 and therefore fails on a CPU-only machine: the row is then left out with a
+message), ``refine`` optax refinement (ours only, ``--refine-steps``). GPTQModel's GPTAQ ignores
+GAR (its GPTAQ column loop has no reordering), so its ``gptaq`` row is natural order: compare it
+with our ``nat+gptaq``.
 
 Draw ``d`` takes ``--nsamples`` random ``--seqlen`` windows of the State of the Union addresses
 1990-2015 with seed ``d``, saved as one token array that both libraries use as is; perplexity is
@@ -237,9 +240,9 @@ def main() -> None:
   ap.add_argument("--seqlen", type=int, default=512)
   ap.add_argument("--eval-windows", type=int, default=40)
   ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
-  ap.add_argument("--ours", default="nat,gar,act+mse_h,gptaq,act+mse_h+gptaq,rot,rot+gptaq,"
-                  "rot+act+mse_h+gptaq")
-  ap.add_argument("--theirs", default="nat,gar,act+mse,gptaq,rot")
+  ap.add_argument("--ours", default="nat,gar,act+mse_h,nat+gptaq,gptaq,act+mse_h+gptaq,rot,"
+                  "rot+gptaq,rot+act+mse_h+gptaq")
+  ap.add_argument("--theirs", default="nat,gar,act+mse,gptaq")
   ap.add_argument("--refine-steps", type=int, default=40)
   ap.add_argument("--no-baseline", action="store_true")
   args = ap.parse_args()
