@@ -1,31 +1,37 @@
-"""Quality ladder on SmolLM2-135M, 4-bit group 128 sym: float, RTN, GPTQ, + act-order, + clipping
-search (the references' objective, then Hessian-weighted), + optax refinement — and GPTQModel's
-GPTQ + act-order + clipping search — in one run.
+"""Quality by distributions: each configuration of gptq_jax and of GPTQModel 7.7 over several
+calibration draws of the same size, with the mean and spread of the perplexity on held-out text.
 
-    .venv/bin/python benchmarks/bench_quality.py [--nsamples 32] [--seqlen 512]
-        [--eval-windows 40] [--refine-steps 40] [--refine-lr 5e-3] [--refine-batch 2]
-        [--no-baseline]
+    .venv/bin/python benchmarks/bench_quality.py [--model smollm2-135m] [--bits 4,3] [--draws 5]
+        [--nsamples 32] [--seqlen 512] [--eval-windows 40]
+        [--ours gar,act+mse_h,gptaq,rot,rot+gptaq,...] [--theirs nat,act+mse,gptaq,rot]
+        [--refine-steps 40] [--no-baseline]
 
-Calibration and evaluation tokens are made by ``bench_pipeline.prepare`` (shared with the pipeline
-benchmark): ``--nsamples`` random ``--seqlen`` windows of the State of the Union addresses
-1990-2015 (seed 0) saved as one token array both libraries use as is; perplexity on the first
-``--eval-windows`` non-overlapping windows of the held-out addresses 2016-2021. Every gptq_jax case
-runs in this process, timed alone (compilation included); "GPTQ" is the library default order
-(group-aware reordering, GAR), "+ act-order" is desc_act. "+mse" is the clipping search with
-norm 2.4 and the references' objective ``sum |q - x|^2.4`` (``mse_weight="none"``: the same
-algorithm as GPTQModel's, code for code on the same Hessian); "+mse_h" weighs each column's error
-by the inverse-Hessian factor's diagonal (``mse_weight="hessian"``); refinement runs on top of
-"+mse_h". GPTQModel runs in its own venv through
-``baselines/gptqmodel_pipeline.py`` with its config's ``mse`` set to the same 2.4 (a wrapper sets
-it: that script's config is otherwise ours without clipping), desc_act on.
-Last line: one JSON object with perplexities, increases over float, and wall times.
+A case is a ``+``-joined list of settings on top of 4/3-bit, group 128, sym, damp 0.1:
+``nat`` natural column order (no GAR; GAR is the default of both libraries without act-order),
+``act`` act-order (desc_act), ``mse`` the clipping search with norm 2.4 (the references'
+objective), ``mse_h`` the same search Hessian-weighted (ours only), ``gptaq`` GPTAQ with alpha 0.25,
+``rot`` a Hadamard rotation of the residual stream (ours: folded into the weights,
+``pipeline/rotation.py``; GPTQModel: its own rotation, Llama/Qwen2 only, which calls ``.cuda()``
+in GPTQModel 7.7 and therefore fails on a CPU-only machine: the row is then left out with a
+message), ``refine`` optax refinement (ours only, ``--refine-steps``). GPTQModel's GPTAQ ignores
+GAR (its GPTAQ column loop has no reordering), so its ``gptaq`` row is natural order: compare it
+with our ``nat+gptaq``.
+
+Draw ``d`` takes ``--nsamples`` random ``--seqlen`` windows of the State of the Union addresses
+1990-2015 with seed ``d``, saved as one token array that both libraries use as is; perplexity is
+measured on the first ``--eval-windows`` non-overlapping windows of the addresses 2016-2021.
+Ours run in this process (the model is loaded once), each GPTQModel case and draw in its own
+process of the GPTQModel venv. Per row: perplexity mean, sample standard deviation and range over
+the draws, the mean increase over float, and the mean quantization wall time.
+Last line: one JSON object with every draw's figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import runpy
+import statistics
 import sys
 import tempfile
 import time
@@ -36,129 +42,244 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (BASELINES, GPTQMODEL_PYTHON, emit_json, gptqmodel_available, log,  # noqa: E402
                      run_json, table)
 
-MODEL = "smollm2-135m"
 MSE = 2.4
+OURS_TOKENS = ("nat", "gar", "act", "mse", "mse_h", "gptaq", "rot", "refine")
+THEIRS_TOKENS = ("nat", "gar", "act", "mse", "gptaq", "rot")
 
 
-def gptqmodel_with_mse(mse: float, argv: list[str]) -> None:
-  """Runs in the GPTQModel venv: the shared baseline script with its config's ``mse`` set."""
-  import gptqmodel.quantization.config as gconf
-
-  post_init = gconf.GPTQConfig.__post_init__
-
-  def with_mse(self):  # every GPTQConfig built in this process (reloads too: harmless) clips
-    self.mse = mse
-    post_init(self)
-
-  gconf.GPTQConfig.__post_init__ = with_mse
-  script = os.path.join(BASELINES, "gptqmodel_pipeline.py")
-  sys.argv = [script, *argv]
-  runpy.run_path(script, run_name="__main__")
+def _tokens(case: str, allowed) -> set[str]:
+  toks = set(case.split("+"))
+  bad = toks - set(allowed)
+  if bad:
+    raise SystemExit(f"case {case!r}: unknown setting(s) {sorted(bad)}; allowed: {allowed}")
+  return toks
 
 
-def ours(workdir: str, args) -> dict:
-  """Every gptq_jax case: {name: {"ppl", "seconds"}} plus the refinement records."""
+def our_config(case: str, bits: int, refine_steps: int):
   import gptq_jax as gj
+
+  t = _tokens(case, OURS_TOKENS)
+  return gj.GPTQConfig(
+      bits, group_size=128, sym=True, damp_percent=0.1, desc_act="act" in t,
+      act_group_aware=not ({"act", "nat"} & t), mse=MSE if {"mse", "mse_h"} & t else 0.0,
+      mse_weight="hessian" if "mse_h" in t else "none", gptaq="gptaq" in t,
+      rotation="hadamard" if "rot" in t else "none",
+      refine_steps=refine_steps if "refine" in t else 0)
+
+
+# --- the GPTQModel side (runs in .venv-gptqmodel: no JAX) ----------------------------------------
+def gptqmodel_case(argv: list[str]) -> None:
+  ap = argparse.ArgumentParser()
+  for name in ("src", "calib", "eval", "out", "case"):
+    ap.add_argument(name)
+  ap.add_argument("--bits", type=int, required=True)
+  ap.add_argument("--seqlen", type=int, required=True)
+  ap.add_argument("--batch-size", type=int, default=8)
+  args = ap.parse_args(argv)
+  import torch
+  from gptqmodel import BACKEND, GPTQModel
+  from gptqmodel.quantization.config import GPTAQConfig, GPTQConfig
+
+  sys.path.insert(0, BASELINES)
+  from gptqmodel_pipeline import perplexity
+
+  t = _tokens(args.case, THEIRS_TOKENS)
+  qcfg = GPTQConfig(bits=args.bits, group_size=128, sym=True, desc_act="act" in t,
+                    act_group_aware=not ({"act", "nat"} & t), damp_percent=0.1,
+                    damp_auto_increment=0.01, mse=MSE if "mse" in t else 0.0,
+                    static_groups=False, true_sequential=True, format="gptq",
+                    offload_to_disk=False, gptaq=GPTAQConfig(alpha=0.25) if "gptaq" in t else None,
+                    rotation="hadamard" if "rot" in t else None)
+  model = GPTQModel.load(args.src, qcfg, device="cpu", dtype=torch.float32)
+  calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)}
+           for row in np.load(args.calib)]
+  t0 = time.perf_counter()
+  model.quantize(calib, batch_size=args.batch_size)
+  seconds = time.perf_counter() - t0
+  model.save(args.out)
+  del model
+  reloaded = GPTQModel.load(args.out, device="cpu", backend=BACKEND.GPTQ_TORCH,
+                            dtype=torch.float16)
+  reloaded.model.float()
+  emit_json({"ppl": perplexity(reloaded.model, np.load(args.eval), args.seqlen),
+             "seconds": seconds})
+
+
+# --- our side ----------------------------------------------------------------------------------
+def prepare(workdir: str, args) -> tuple[list[str], str]:
+  """calib_<d>.npy per draw, eval.npy, and (for GPTQModel) the float HF folder."""
+  from gptq_jax import data
+  from gptq_jax.models import load_llama, load_tokenizer, save_hf_folder
+
+  tok = load_tokenizer(args.model)
+  texts = data.sotu_texts("calib")
+  calibs = []
+  for d in range(args.draws):
+    batches = data.text_calib_batches(texts, tok, nsamples=args.nsamples, seqlen=args.seqlen,
+                                      seed=d, batch_size=args.nsamples)
+    path = os.path.join(workdir, f"calib_{d}.npy")
+    np.save(path, np.concatenate([b["input_ids"] for b in batches]))
+    calibs.append(path)
+  tokens = data.tokenize_text(data.sotu_texts("eval"), tok)
+  n = min(args.eval_windows, tokens.shape[0] // args.seqlen)
+  eval_path = os.path.join(workdir, "eval.npy")
+  np.save(eval_path, tokens[: n * args.seqlen])
+  if not args.no_baseline:
+    cfg, params = load_llama(args.model)
+    save_hf_folder(os.path.join(workdir, "hf"), cfg, params)
+    tok.save_pretrained(os.path.join(workdir, "hf"))
+  return calibs, eval_path
+
+
+def run_ours(calibs, eval_path, args) -> dict:
   from gptq_jax.eval import perplexity
   from gptq_jax.models import load_llama
-  from gptq_jax.pipeline import dense_block, quantize, rtn_model
+  from gptq_jax.pipeline import dense_block, quantize
+  from gptq_jax.pipeline.rotation import rotate_model
 
-  calib = np.load(os.path.join(workdir, "calib.npy"))
-  tokens = np.load(os.path.join(workdir, "eval.npy"))
-  cfg, params = load_llama(MODEL)
-  ppl = lambda p: perplexity(p, cfg, tokens, seqlen=args.seqlen, batch_size=4)  # noqa: E731
-  base = gj.GPTQConfig(4, group_size=128, sym=True, damp_percent=0.1, seed=0)
-  act = dict(desc_act=True, act_group_aware=False)
-  cases = {
-      "gptq": base,
-      "gptq+act": base.replace(**act),
-      "gptq+act+mse": base.replace(**act, mse=MSE),
-      "gptq+act+mse_h": base.replace(**act, mse=MSE, mse_weight="hessian"),
-      "gptq+act+mse_h+refine": base.replace(**act, mse=MSE, mse_weight="hessian",
-                                            refine_steps=args.refine_steps,
-                                            refine_lr=args.refine_lr,
-                                            refine_batch=args.refine_batch),
-  }
-  out = {"float": {"ppl": ppl(params), "seconds": 0.0}}
-  log(f"float: ppl {out['float']['ppl']:.4f}")
+  tokens = np.load(eval_path)
+  cfg, params = load_llama(args.model)
+  rotated = None
+  ppl = lambda c, p: perplexity(p, c, tokens, seqlen=args.seqlen, batch_size=4)  # noqa: E731
+  out = {"float": [{"ppl": ppl(cfg, params), "seconds": 0.0}]}
+  log(f"float: ppl {out['float'][0]['ppl']:.4f}")
+  for bits in args.bits:
+    for case in args.ours:
+      qcfg = our_config(case, bits, args.refine_steps)
+      mcfg, mparams = cfg, params
+      if qcfg.rotation != "none":
+        if rotated is None:
+          t0 = time.perf_counter()
+          rotated = rotate_model(cfg, params, "hadamard", seed=0) + (time.perf_counter() - t0,)
+        mcfg, mparams, rot_s = rotated
+      runs = []
+      for d, calib in enumerate(calibs):
+        t0 = time.perf_counter()
+        q = quantize(mparams, np.load(calib), qcfg, model_config=mcfg, mesh=None, progress=False,
+                     batch_size=args.batch_size)
+        seconds = time.perf_counter() - t0 + (rot_s if qcfg.rotation != "none" else 0.0)
+        runs.append({"ppl": ppl(mcfg, dense_block(q)), "seconds": seconds})
+        log(f"ours {bits}-bit {case} draw {d}: ppl {runs[-1]['ppl']:.4f} ({seconds:.1f}s)")
+      out[f"{bits}/ours/{case}"] = runs
+  return out
 
-  t0 = time.perf_counter()
-  rtn = rtn_model(params, base, model_config=cfg)
-  rtn_s = time.perf_counter() - t0
-  out["rtn"] = {"ppl": ppl(dense_block(rtn)), "seconds": rtn_s}
-  log(f"rtn: ppl {out['rtn']['ppl']:.4f} ({rtn_s:.1f}s)")
 
-  for name, qcfg in cases.items():
-    report: list[dict] = []
-    t0 = time.perf_counter()
-    q = quantize(params, calib, qcfg, model_config=cfg, mesh=None, progress=False,
-                 batch_size=args.batch_size, report=report)
-    seconds = time.perf_counter() - t0
-    out[name] = {"ppl": ppl(dense_block(q)), "seconds": seconds}
-    if qcfg.refine_steps:
-      blocks = {r["block"]: r for r in report}
-      out[name]["block_mse_ratio"] = [
-          blocks[i]["refine_block_mse_after"] / blocks[i]["refine_block_mse_before"]
-          for i in sorted(blocks)]
-    log(f"{name}: ppl {out[name]['ppl']:.4f} ({seconds:.1f}s)")
+def run_theirs(workdir, calibs, eval_path, args) -> dict:
+  out = {}
+  for bits in args.bits:
+    for case in args.theirs:
+      runs = []
+      for d, calib in enumerate(calibs):
+        try:
+          r = run_json(GPTQMODEL_PYTHON, os.path.abspath(__file__), [
+              "--side", "gptqmodel", os.path.join(workdir, "hf"), calib, eval_path,
+              os.path.join(workdir, f"gptqmodel_{bits}_{case}_{d}"), case, "--bits", bits,
+              "--seqlen", args.seqlen, "--batch-size", args.batch_size],
+              env={"TORCH_COMPILE_DISABLE": "1", "GPTQMODEL_CPU_WORKERS": "2",
+                   "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "XLA_FLAGS": ""})
+        except RuntimeError as e:  # e.g. a rotation GPTQModel does not support for this model
+          log(f"GPTQModel {bits}-bit {case} draw {d} failed: {e}")
+          break
+        runs.append(r)
+        log(f"GPTQModel {bits}-bit {case} draw {d}: ppl {r['ppl']:.4f} ({r['seconds']:.1f}s)")
+      if runs:
+        out[f"{bits}/gptqmodel/{case}"] = runs
+  return out
+
+
+def summarize(res: dict) -> dict:
+  f = res["float"][0]["ppl"]
+  rows = {}
+  for key, runs in res.items():
+    p = [r["ppl"] for r in runs]
+    inc = [x / f - 1 for x in p]
+    rows[key] = {"ppl_mean": statistics.fmean(p), "ppl_std": statistics.stdev(p) if len(p) > 1
+                 else 0.0, "ppl_min": min(p), "ppl_max": max(p),
+                 "increase_mean": statistics.fmean(inc),
+                 "increase_std": statistics.stdev(inc) if len(inc) > 1 else 0.0,
+                 "seconds_mean": statistics.fmean(r["seconds"] for r in runs), "draws": len(p)}
+  return rows
+
+
+def checks(rows: dict, bits_list) -> dict:
+  """The issue's bars, where both sides' rows exist."""
+  out = {}
+  for bits in bits_list:
+    ours = {k: v for k, v in rows.items() if k.startswith(f"{bits}/ours/")}
+    theirs = {k: v for k, v in rows.items() if k.startswith(f"{bits}/gptqmodel/")}
+    if not ours:
+      continue
+    best = min(ours, key=lambda k: ours[k]["increase_mean"])
+    out[f"{bits}bit_best_ours"] = best
+    out[f"{bits}bit_best_ours_vs_float"] = 1 + ours[best]["increase_mean"]
+    if theirs:
+      tbest = min(theirs, key=lambda k: theirs[k]["increase_mean"])
+      out[f"{bits}bit_best_gptqmodel"] = tbest
+      out[f"{bits}bit_best_increase_ratio"] = (ours[best]["increase_mean"]
+                                               / theirs[tbest]["increase_mean"])
+    for case in ("nat", "gar"):
+      a, b = rows.get(f"{bits}/ours/{case}"), rows.get(f"{bits}/gptqmodel/{case}")
+      if a and b:
+        out[f"{bits}bit_{case}_increase_ratio"] = a["increase_mean"] / b["increase_mean"]
+        out[f"{bits}bit_{case}_within_gptqmodel_plus_2pct"] = (
+            a["increase_mean"] <= b["increase_mean"] * 1.02)
+        spread = math.hypot(a["increase_std"], b["increase_std"])
+        out[f"{bits}bit_{case}_difference_in_spreads"] = (
+            (a["increase_mean"] - b["increase_mean"]) / spread if spread else None)
   return out
 
 
 def main() -> None:
+  if sys.argv[1:3] == ["--side", "gptqmodel"]:  # the child in the GPTQModel venv
+    return gptqmodel_case(sys.argv[3:])
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="smollm2-135m")
+  ap.add_argument("--bits", default="4,3")
+  ap.add_argument("--draws", type=int, default=5)
   ap.add_argument("--nsamples", type=int, default=32)
   ap.add_argument("--seqlen", type=int, default=512)
   ap.add_argument("--eval-windows", type=int, default=40)
   ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
+  ap.add_argument("--ours", default="nat,gar,act+mse_h,nat+gptaq,gptaq,act+mse_h+gptaq,rot,"
+                  "rot+gptaq,rot+act+mse_h+gptaq")
+  ap.add_argument("--theirs", default="nat,gar,act+mse,gptaq")
   ap.add_argument("--refine-steps", type=int, default=40)
-  ap.add_argument("--refine-lr", type=float, default=5e-3)
-  ap.add_argument("--refine-batch", type=int, default=2)
   ap.add_argument("--no-baseline", action="store_true")
-  if sys.argv[1:3] == ["--side", "gptqmodel"]:  # the child in the GPTQModel venv
-    return gptqmodel_with_mse(MSE, sys.argv[3:])
   args = ap.parse_args()
-
-  from bench_pipeline import prepare  # the shared calibration / evaluation / HF-folder recipe
-
-  if not args.no_baseline:
+  args.bits = [int(b) for b in args.bits.split(",")]
+  args.ours = [c for c in args.ours.split(",") if c]
+  args.theirs = [c for c in args.theirs.split(",") if c]
+  for c in args.ours:
+    _tokens(c, OURS_TOKENS)
+  for c in args.theirs:
+    _tokens(c, THEIRS_TOKENS)
+  if not args.no_baseline and args.theirs:
     ok, why = gptqmodel_available()
     if not ok:
       log(f"GPTQModel baseline unavailable ({why}): gptq_jax figures only")
       args.no_baseline = True
   with tempfile.TemporaryDirectory(prefix="bench_quality_") as workdir:
-    prepare(workdir, args)
-    n_eval = np.load(os.path.join(workdir, "eval.npy")).shape[0] // args.seqlen
-    res = ours(workdir, args)
+    calibs, eval_path = prepare(workdir, args)
+    n_eval = np.load(eval_path).shape[0] // args.seqlen
+    res = run_ours(calibs, eval_path, args)
     if not args.no_baseline:
-      log("GPTQModel: act-order + clipping search ...")
-      b = run_json(GPTQMODEL_PYTHON, os.path.abspath(__file__), [
-          "--side", "gptqmodel", os.path.join(workdir, "hf"), os.path.join(workdir, "calib.npy"),
-          os.path.join(workdir, "eval.npy"), os.path.join(workdir, "gptqmodel_out"), "--seqlen",
-          args.seqlen, "--desc-act", 1, "--damp", 0.1, "--batch-size", args.batch_size],
-          env={"TORCH_COMPILE_DISABLE": "1", "GPTQMODEL_CPU_WORKERS": "2",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "XLA_FLAGS": ""})
-      res["gptqmodel+act+mse"] = {"ppl": b["ppl_gptq"], "seconds": b["quantize_s"],
-                                  "ppl_float_torch": b.get("ppl_float")}
-  f = res["float"]["ppl"]
-  for r in res.values():
-    r["increase"] = r["ppl"] / f - 1
-  print(f"SmolLM2-135M, 4-bit g128 sym, {args.nsamples} x {args.seqlen} calibration tokens "
-        f"(SOTU 1990-2015); perplexity on {n_eval} x {args.seqlen} held-out tokens (2016-2021)")
-  print(table(("case", "ppl", "vs float", "seconds"),
-              [(k, r["ppl"], f"{r['increase']:+.2%}", r["seconds"]) for k, r in res.items()]))
-  best = min((k for k in res if k != "float"), key=lambda k: res[k]["ppl"])
-  summary = {"best": best, "best_within_25pct_of_float": res[best]["increase"] <= 0.25}
-  if "gptqmodel+act+mse" in res:
-    theirs = res["gptqmodel+act+mse"]["ppl"]
-    summary["act_mse_at_least_as_good_as_gptqmodel"] = res["gptq+act+mse_h"]["ppl"] <= theirs
-    summary["ppl_ratio_vs_gptqmodel"] = {k: res[k]["ppl"] / theirs
-                                         for k in ("gptq+act+mse", "gptq+act+mse_h")}
+      res.update(run_theirs(workdir, calibs, eval_path, args))
+  rows = summarize(res)
+  print(f"{args.model}, g128 sym, {args.draws} calibration draws of {args.nsamples} x "
+        f"{args.seqlen} tokens (SOTU 1990-2015, seeds 0..{args.draws - 1}); perplexity on "
+        f"{n_eval} x {args.seqlen} held-out tokens (2016-2021); float "
+        f"{rows['float']['ppl_mean']:.3f}")
+  print(table(("bits/impl/case", "ppl mean", "ppl std", "min..max", "vs float (mean ± std)",
+               "seconds"),
+              [(k, r["ppl_mean"], r["ppl_std"], f"{r['ppl_min']:.2f}..{r['ppl_max']:.2f}",
+                f"{r['increase_mean']:+.2%} ± {r['increase_std']:.2%}", r["seconds_mean"])
+               for k, r in rows.items() if k != "float"]))
+  summary = checks(rows, args.bits)
   print(summary)
-  emit_json({"bench": "quality", "model": MODEL, "nsamples": args.nsamples,
-             "seqlen": args.seqlen, "eval_windows": n_eval, "bits": 4, "group_size": 128,
-             "sym": True, "mse": MSE, "refine_steps": args.refine_steps,
-             "refine_lr": args.refine_lr, "refine_batch": args.refine_batch,
-             "loadavg": os.getloadavg(), "results": res, **summary})
+  emit_json({"bench": "quality_distributions", "model": args.model, "draws": args.draws,
+             "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": n_eval,
+             "group_size": 128, "sym": True, "mse": MSE, "refine_steps": args.refine_steps,
+             "loadavg": os.getloadavg(), "runs": res, "rows": rows, **summary})
 
 
 if __name__ == "__main__":

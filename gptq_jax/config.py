@@ -27,6 +27,7 @@ BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
 BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
 MSE_WEIGHTS = ("none", "hessian")
+ROTATIONS = ("none", "hadamard", "random")
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new")
 
 
@@ -56,7 +57,11 @@ class GPTQConfig:
   loop charges it; RTN has no Hessian and ignores it), refine_steps /
   refine_lr / refine_rounding / refine_batch (block-wise optax refinement after GPTQ, see
   ``pipeline/refine.py``: Adam steps per block, 0 = off; the log-scale learning rate; also learn a
-  rounding offset per weight; calibration samples per step).
+  rounding offset per weight; calibration samples per step), gptaq / gptaq_alpha (GPTAQ's
+  asymmetric-calibration correction, ``core/gptaq.py``: each linear also matches the float model's
+  inputs; GPTQModel's ``GPTAQConfig(alpha=0.25)``), rotation ("none", "hadamard" or "random":
+  rotate the residual stream by an orthogonal matrix before quantizing, ``pipeline/rotation.py``;
+  the result is a plain model of the same family).
   """
 
   bits: int
@@ -79,9 +84,12 @@ class GPTQConfig:
   mse: float = 0.0
   mse_weight: str = "none"
   refine_steps: int = 0
-  refine_lr: float = 1e-3
+  refine_lr: float = 5e-3
   refine_rounding: bool = False
-  refine_batch: int = 4
+  refine_batch: int = 2
+  gptaq: bool = False
+  gptaq_alpha: float = 0.25
+  rotation: str = "none"
   # Per-module precision, GPTQModel's ``dynamic`` (see _normalize_dynamic and pipeline/dynamic.py):
   # held as ((pattern, ((key, value), ...)), ...) so the config stays hashable; given as a dict.
   dynamic: Any = None
@@ -97,7 +105,7 @@ class GPTQConfig:
     if not _is_number(self.damp_auto_increment) or not 0 <= self.damp_auto_increment < 1:
       _fail("damp_auto_increment", self.damp_auto_increment, "a number in [0, 1) (0 disables)")
     for name in ("desc_act", "act_group_aware", "sym", "true_sequential", "static_groups",
-                 "refine_rounding"):
+                 "refine_rounding", "gptaq"):
       if not isinstance(getattr(self, name), bool):
         _fail(name, getattr(self, name), "a bool (True or False)")
     if not isinstance(self.format, str) or self.format.lower() not in FORMATS:
@@ -120,6 +128,10 @@ class GPTQConfig:
       _fail("refine_steps", self.refine_steps, "an int >= 0 (0 = no refinement)")
     if not _is_number(self.refine_lr) or not self.refine_lr > 0:
       _fail("refine_lr", self.refine_lr, "a number > 0")
+    if not _is_number(self.gptaq_alpha) or not self.gptaq_alpha >= 0:
+      _fail("gptaq_alpha", self.gptaq_alpha, "a number >= 0 (0.25 in GPTQModel; 0 = plain GPTQ)")
+    if self.rotation not in ROTATIONS:
+      _fail("rotation", self.rotation, f"one of {ROTATIONS}")
     if self.static_groups and self.group_size == -1:
       _fail("static_groups", self.static_groups, "False when group_size=-1 (there are no groups)")
     self._check_dataset()
@@ -201,7 +213,10 @@ class GPTQConfig:
         "checkpoint_format": self.format,
         "backend": self.backend,
         "dataset": dataset,
-        "meta": {"quantizer": ["gptq_jax"]},
+        "meta": {"quantizer": ["gptq_jax"],
+                 "gptaq": {"alpha": self.gptaq_alpha} if self.gptaq else None,
+                 # folded into the weights: no online transform (so not GPTQModel's "rotation")
+                 "rotation_folded": self.rotation},
         "gptq_jax": ours,
         "lm_head": self.lm_head,
         **({"dynamic": self.dynamic_dict()} if self.dynamic else {}),
@@ -237,6 +252,11 @@ class GPTQConfig:
                            for p, o in dict(d["dynamic"]).items()}
     if d.get("lm_head") is not None:
       kwargs["lm_head"] = bool(d["lm_head"])
+    meta = d.get("meta") if isinstance(d.get("meta"), Mapping) else {}
+    if isinstance(meta.get("gptaq"), Mapping):  # GPTQModel's meta: {"alpha": a, "device": ...}
+      kwargs["gptaq"], kwargs["gptaq_alpha"] = True, meta["gptaq"].get("alpha", 0.25)
+    if meta.get("rotation_folded") in ROTATIONS:
+      kwargs["rotation"] = meta["rotation_folded"]
     ours = d.get("gptq_jax") or {}
     for key in _OURS:
       if key in ours:
@@ -247,7 +267,8 @@ class GPTQConfig:
 
 
 _OURS = ("static_groups", "block_size", "damp_auto_increment", "nsamples", "seqlen", "seed", "mse",
-         "mse_weight", "refine_steps", "refine_lr", "refine_rounding", "refine_batch")
+         "mse_weight", "refine_steps", "refine_lr", "refine_rounding", "refine_batch", "gptaq",
+         "gptaq_alpha", "rotation")
 
 
 DYNAMIC_FIELDS = ("bits", "group_size", "sym", "desc_act", "mse")

@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="clipping search error in GPTQ: none (the references') or hessian (each "
                       "column's error over its inverse-Hessian factor diagonal)")
   g.add_argument("--refine-steps", type=int, default=0,
-                 help="optax block-wise refinement: Adam steps per block after GPTQ (0 = off)")
-  g.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate")
+                 help="optax block-wise refinement: Adam steps per block after GPTQ (0 = off; "
+                 "40 in the README's table)")
+  g.add_argument("--refine-lr", type=float, default=5e-3, help="refinement learning rate")
   g.add_argument("--refine-rounding", action=argparse.BooleanOptionalAction, default=False,
                  help="refinement also learns a rounding offset per weight (AutoRound-style)")
   g.add_argument("--block-size", type=int, default=128, help="lazy-update block (columns)")
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
                       "matching modules float (names like model.layers.3.mlp.down_proj)")
   g.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=False,
                  help="also GPTQ-quantize the output projection (a tied embedding is untied)")
+  g.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=False,
+                 help="GPTAQ: also match the float model's inputs (asymmetric calibration)")
+  g.add_argument("--gptaq-alpha", type=float, default=0.25, help="GPTAQ's correction weight")
+  g.add_argument("--rotation", default="none", choices=("none", "hadamard", "random"),
+                 help="rotate the residual stream by an orthogonal matrix before quantizing")
   d = p.add_argument_group("calibration and evaluation")
   d.add_argument("--dataset", default=None,
                  help="wikitext2 | c4 | c4-new | a .txt file or folder | a .npy [n, seqlen] token "
@@ -88,6 +94,7 @@ def _config(args) -> GPTQConfig:
             block_size=args.block_size,
             refine_steps=args.refine_steps, refine_lr=args.refine_lr,
             refine_rounding=args.refine_rounding,
+            gptaq=args.gptaq, gptaq_alpha=args.gptaq_alpha, rotation=args.rotation,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
   if args.act_group_aware is not None:
     kw["act_group_aware"] = args.act_group_aware
@@ -178,6 +185,9 @@ def run(args) -> dict:
   _say(f"loading {args.model} ...")
   model_config, params = load_model(args.model)
   tokenizer = load_tokenizer(args.model)
+  if cfg.rotation != "none":  # same function, rotated residual stream, untied head (rotation.py)
+    from gptq_jax.pipeline.rotation import rotate_model  # noqa: PLC0415
+    model_config, params = rotate_model(model_config, params, cfg.rotation, seed=cfg.seed)
   sizes = dict(nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
                batch_size=args.batch_size or 1)
   if cfg.dataset is None:  # offline default: the bundled addresses 1990-2015

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from gptq_jax.config import GPTQConfig
-from gptq_jax.core import quantizer
+from gptq_jax.core import gptaq, quantizer
 from gptq_jax.core.weights import QuantizedWeight
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -90,8 +90,9 @@ def gar_permutation(diag, group_size: int):
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _prepare(kernel, H, st: _Static):
-  """Dead columns and the column order. Returns the permuted Wt and H, and the permutation."""
+def _prepare(kernel, H, st: _Static, cross=None):
+  """Dead columns and the column order. Returns the permuted Wt, H and cross-term (None without
+  GPTAQ), and the permutation."""
   Wt = kernel.astype(jnp.float32)  # [cols, rows]
   H = H.astype(jnp.float32)
   cols = Wt.shape[0]
@@ -105,7 +106,9 @@ def _prepare(kernel, H, st: _Static):
     perm = gar_permutation(diag, st.group_size)
   else:
     perm = jnp.arange(cols)
-  return Wt[perm], H[perm][:, perm], perm
+  if cross is not None:  # GPTAQ's dXXT: dead columns zeroed (their X is 0 anyway), same order
+    cross = jnp.where(dead[None, :], 0.0, cross.astype(jnp.float32))[perm][:, perm]
+  return Wt[perm], H[perm][:, perm], cross, perm
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -183,8 +186,13 @@ def _column_grids(st: _Static, i1, Wt, u_diag, perm, carry, grids0, sgrids, cols
 
 
 @functools.partial(jax.jit, static_argnums=5)
-def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
+def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
   """The column loop. Returns codes, scales and zeros per processed column, and the loss.
+
+  With GPTAQ's correction ``P`` (``core/gptaq.py``, strictly upper triangular), column ``i``
+  also adds ``w_i P[i, j]`` to every later column ``j``: inside a block ``w_i`` is the column's
+  working value before it is quantized, in the lazy update it is the quantized value (as GPTAQ's
+  published update and GPTQModel do).
 
   Inside a block the rank-1 updates touch ``_SUB`` columns at a time and one matmul carries each
   sub-block's errors to the rest of the block; the lazy update ``W[:, i2:] -= Err1 @ U[i1:i2,
@@ -201,6 +209,8 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
       (jnp.arange(cp) >= cols).astype(jnp.float32))
   sub = _SUB if B % _SUB == 0 else B
   u_diag = jnp.pad(jnp.diag(Up), (0, slack), constant_values=1.0)  # [cp + slack]
+  gptaq = P is not None
+  Pp = jnp.pad(P, ((0, cp - cols), (0, cp - cols))) if gptaq else None
 
   def block(carry, b):
     Wt, grid_carry, loss = carry
@@ -208,15 +218,17 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
     s_blk, z_blk = _column_grids(st, i1, Wt, u_diag, perm, grid_carry, grids0, sgrids, cols)
     W1 = jax.lax.dynamic_slice(Wt, (i1, 0), (B, rows))
     U1 = jax.lax.dynamic_slice(Up, (i1, i1), (B, B))
+    P1 = jax.lax.dynamic_slice(Pp, (i1, i1), (B, B)) if gptaq else None
 
     def subblock(j, state):
-      W1, Q1, Err1, loss = state
+      W1, Q1, Err1, D1, loss = state
       k1 = j * sub
       Ws = jax.lax.dynamic_slice(W1, (k1, 0), (sub, rows))
       Us = jax.lax.dynamic_slice(U1, (k1, k1), (sub, sub))
+      Ps = jax.lax.dynamic_slice(P1, (k1, k1), (sub, sub)) if gptaq else None
 
       def column(i, state):
-        Ws, Qs, Es, loss = state
+        Ws, Qs, Es, extra, loss = state
         w, s, z = Ws[i], s_blk[k1 + i], z_blk[k1 + i]
         q = quantizer.quantize_codes(w, s, z, maxq)
         dq = s * (q - z)
@@ -224,25 +236,37 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static):
         loss = loss + jnp.sum(quantizer.true_divide((w - dq) ** 2, d**2)) / 2
         err1 = quantizer.true_divide(w - dq, d)
         Ws = Ws - Us[i][:, None] * err1[None, :]  # Us[i, :i] == 0: earlier columns unchanged
-        return Ws, Qs.at[i].set(q), Es.at[i].set(err1), loss
+        if gptaq:  # Ps[i, :i + 1] == 0: likewise; record w (pre-quantization) and dq
+          Ws = Ws + Ps[i][:, None] * w[None, :]
+          extra = (extra[0].at[i].set(w), extra[1].at[i].set(dq))
+        return Ws, Qs.at[i].set(q), Es.at[i].set(err1), extra, loss
 
       zeros = jnp.zeros((sub, rows), jnp.float32)
-      _, Qs, Es, loss = jax.lax.fori_loop(0, sub, column, (Ws, zeros, zeros, loss))
+      extra = (zeros, zeros) if gptaq else ()
+      _, Qs, Es, extra, loss = jax.lax.fori_loop(0, sub, column, (Ws, zeros, zeros, extra, loss))
       Urow = jax.lax.dynamic_slice(U1, (k1, 0), (sub, B))  # zero left of the sub-block
       W1 = W1 - jnp.matmul(Urow.T, Es, precision=HIGHEST)
+      if gptaq:
+        Prow = jax.lax.dynamic_slice(P1, (k1, 0), (sub, B))
+        W1 = W1 + jnp.matmul(Prow.T, extra[0], precision=HIGHEST)
+        D1 = jax.lax.dynamic_update_slice(D1, extra[1], (k1, 0))
       Q1 = jax.lax.dynamic_update_slice(Q1, Qs, (k1, 0))
       Err1 = jax.lax.dynamic_update_slice(Err1, Es, (k1, 0))
-      return W1, Q1, Err1, loss
+      return W1, Q1, Err1, D1, loss
 
     zeros = jnp.zeros((B, rows), jnp.float32)
-    _, Q1, Err1, loss = jax.lax.fori_loop(0, B // sub, subblock, (W1, zeros, zeros, loss))
+    D1 = zeros if gptaq else jnp.zeros((), jnp.float32)
+    _, Q1, Err1, D1, loss = jax.lax.fori_loop(0, B // sub, subblock,
+                                              (W1, zeros, zeros, D1, loss))
 
     def lazy(c, Wt):  # W[:, i2:] -= Err1 @ U[i1:i2, i2:], one B-column chunk at a time
       j = (b + 1 + c) * B
       Uc = jax.lax.dynamic_slice(Up, (i1, j), (B, B))
       Wc = jax.lax.dynamic_slice(Wt, (j, 0), (B, rows))
-      return jax.lax.dynamic_update_slice(Wt, Wc - jnp.matmul(Uc.T, Err1, precision=HIGHEST),
-                                          (j, 0))
+      Wc = Wc - jnp.matmul(Uc.T, Err1, precision=HIGHEST)
+      if gptaq:  # GPTAQ: + Q1 @ P[i1:i2, i2:] (the block's quantized values)
+        Wc = Wc + jnp.matmul(jax.lax.dynamic_slice(Pp, (i1, j), (B, B)).T, D1, precision=HIGHEST)
+      return jax.lax.dynamic_update_slice(Wt, Wc, (j, 0))
 
     Wt = jax.lax.fori_loop(0, nblocks - 1 - b, lazy, Wt)
     out = (Q1.astype(jnp.uint8), s_blk, z_blk.astype(jnp.int32))
@@ -341,12 +365,14 @@ def factorize(Hp, cfg: GPTQConfig, name: str = "layer"):
 
 
 def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = False,
-                    name: str = "layer"):
-  """GPTQ-quantize one linear layer.
+                    name: str = "layer", cross=None):
+  """GPTQ-quantize one linear layer (GPTAQ when ``cfg.gptaq`` and ``cross`` is given).
 
   Args:
     kernel: ``[in, out]`` (Flax layout).
     hessian: ``[in, in]``, ``X^T X`` of the layer's inputs at any positive scale.
+    cross: GPTAQ's ``dXXT = (X_float - X)^T X`` ``[in, in]`` at the same scale as ``hessian``
+      (``core/hessian.py``); required when ``cfg.gptaq``, ignored otherwise.
     cfg: the settings (bits, group_size, sym, desc_act, act_group_aware, static_groups,
       damp_percent, damp_auto_increment, block_size, mse, mse_weight).
     return_info: also return a ``GPTQInfo`` (loss, damping used, fallback flag).
@@ -360,8 +386,17 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
   """
   kernel, hessian = jnp.asarray(kernel), jnp.asarray(hessian)
   _validate(kernel, hessian)
+  if getattr(cfg, "gptaq", False):
+    if cross is None:
+      raise ValueError(f"GPTQ {name}: cfg.gptaq=True needs the cross-term cross=(X_float - X)^T X "
+                       "(hessian.CrossState / the driver's GPTAQ capture)")
+    cross = jnp.asarray(cross)
+    if cross.shape != hessian.shape:
+      raise ValueError(f"cross must be [in, in] = {tuple(hessian.shape)}, got {cross.shape}")
+  else:
+    cross = None
   st = _static_of(cfg)
-  Wp, Hp, perm = _prepare(kernel, hessian, st)
+  Wp, Hp, Cp, perm = _prepare(kernel, hessian, st, cross)
   U, damp = factorize(Hp, cfg, name)
   if U is None:
     warnings.warn(f"GPTQ {name}: the Hessian is not positive definite for any damp_percent < 1 "
@@ -374,7 +409,8 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
     if st.group_size == -1 or st.static_groups:  # fitted before the loop: weights in natural order
       col_weight = st.clip_weight(jnp.diag(U)[jnp.argsort(perm)])
     grids0, sgrids = _fixed_grids(kernel, hessian, st, col_weight)
-    q, s, z, loss = _gptq_blocks(Wp, U, perm, grids0, sgrids, st)
+    P = None if Cp is None else gptaq.correction(Cp, U, cfg.gptaq_alpha)
+    q, s, z, loss = _gptq_blocks(Wp, U, perm, grids0, sgrids, st, P)
     codes, scales, zeros, g_idx = _assemble(q, s, z, perm, sgrids, st)
     qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=cfg.bits,
                          group_size=cfg.group_size)

@@ -114,3 +114,50 @@ def finalize(state: HessianState) -> jax.Array:
     raise ValueError("the Hessian saw no calibration tokens (all inputs masked or none given); "
                      "check the calibration batches and their attention masks")
   return state.xtx * (2.0 / n)
+
+
+# --- GPTAQ's cross-term ------------------------------------------------------------------------
+# GPTAQ (core/gptaq.py) needs, beside H, ``dXXT = (2 / n) (X_float - X)^T X``: the same tokens seen
+# by the float model (X_float, the layer's input when every earlier layer is float) and by the
+# partly quantized one (X). Both statistics use the same count, so their common scale cancels.
+
+
+@struct.dataclass
+class CrossState:
+  xtx: jax.Array  # [in, in] float32, sum over tokens of x x^T (the quantized stream)
+  dxxt: jax.Array  # [in, in] float32, sum over tokens of (x_float - x) x^T
+  count: jax.Array  # [] float32
+
+
+def cross_init(in_features: int) -> CrossState:
+  z = lambda: jnp.zeros((in_features, in_features), jnp.float32)  # two buffers (both donated)
+  return CrossState(xtx=z(), dxxt=z(), count=jnp.zeros((), jnp.float32))
+
+
+def _xtx_and_cross(x, x_float, mask):
+  """(X^T X, (X_float - X)^T X, n) for one batch, padding masked out of both streams."""
+  x2, n = _masked_tokens(x, mask)
+  xf2, _ = _masked_tokens(x_float, mask)
+  return (jnp.matmul(x2.T, x2, precision=HIGHEST),
+          jnp.matmul((xf2 - x2).T, x2, precision=HIGHEST), n)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _cross_update(state: CrossState, x, x_float, mask):
+  xtx, dxxt, n = _xtx_and_cross(x, x_float, mask)
+  return CrossState(xtx=state.xtx + xtx, dxxt=state.dxxt + dxxt, count=state.count + n)
+
+
+def cross_update(state: CrossState, x, x_float, mask=None) -> CrossState:
+  """Add one batch: ``x`` the layer's inputs in the quantized model, ``x_float`` the same tokens'
+  inputs in the float model (both ``[..., in]``). The state is donated."""
+  if tuple(x.shape) != tuple(x_float.shape):
+    raise ValueError(f"x {tuple(x.shape)} and x_float {tuple(x_float.shape)} must have one shape")
+  _check(state, x, mask)
+  return _cross_update(state, x, x_float, mask)
+
+
+def finalize_cross(state: CrossState) -> tuple[jax.Array, jax.Array]:
+  """``(H, dXXT)``, both ``2 / n`` times their sums."""
+  H = finalize(state)
+  return H, state.dxxt * (2.0 / float(np.asarray(state.count)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -25,8 +26,10 @@ from gptq_jax.pipeline import calib, dynamic, multihost
 from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
                                        set_path)
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
+from gptq_jax.pipeline.gptaq import cross_capture_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
+from gptq_jax.pipeline.rotation import check_rotated
 
 BlockDone = Callable[[int, Any, list[dict]], None]
 
@@ -101,7 +104,9 @@ def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: 
     if mcfg is None:  # a "-:" rule: the module stays float
       records.append({"block": i, "layer": name, "shape": list(kernel.shape), "skipped": True})
       continue
-    qw, info = quantize_weight(kernel, capture.hessian(path), mcfg, return_info=True, name=name)
+    cross = capture.cross(path) if mcfg.gptaq else None  # GPTAQ's dXXT (pipeline/gptaq.py)
+    qw, info = quantize_weight(kernel, capture.hessian(path), mcfg, return_info=True, name=name,
+                               cross=cross)
     packed = qw.pack(mcfg.format)
     block = set_path(block, path + ("kernel",), packed)
     work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
@@ -142,6 +147,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   if not isinstance(cfg, GPTQConfig):
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
   adapter = resolve_adapter(params, model_config, adapter)
+  if cfg.rotation != "none" and start_block == 0:  # rotation.rotate_model must come first
+    check_rotated(params, getattr(adapter, "config", None))
   mesh = resolve_mesh(mesh, axis_name)
   ndev = mesh.shape[axis_name] if mesh is not None else 1
   samples, largest = calib.normalize(calib_batches)
@@ -155,20 +162,28 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   stream = _Stream(adapter, params, batches, mesh, axis_name)
   groups = adapter.sequential_groups if cfg.true_sequential else (
       tuple(p for g in adapter.sequential_groups for p in g),)
+  float_hidden = list(stream.hidden) if cfg.gptaq else None  # GPTAQ: the float model's stream
+  if cfg.gptaq and start_block:
+    warnings.warn(f"GPTAQ resumed at block {start_block}: the float stream starts from the "
+                  "already quantized blocks' outputs", UserWarning, stacklevel=2)
   bar = BlockProgress(nblocks, enabled=progress)
   bar.skip(start_block)
   for i in range(nblocks):
     blk = block_adapter(adapter, i)  # one per layer type: its compiled functions are shared
     run = runner_for(blk, mesh, axis_name)
-    captures = [capture_for(blk, g, mesh, axis_name) for g in groups]
+    captures = [(cross_capture_for if cfg.gptaq else capture_for)(blk, g, mesh, axis_name)
+                for g in groups]
     block = adapter.get_block(params, i)
     work = dense_block(block)
+    float_work = work  # block i is still float here (dequantized, when resuming before it)
     if i >= start_block:
       records: list[dict] = []
       for group, capture in zip(groups, captures):
         capture.reset()
-        for h, ctx, mask in zip(stream.hidden, stream.ctx, stream.masks):
-          capture.add(work, h, ctx, mask)
+        for k, (h, ctx, mask) in enumerate(zip(stream.hidden, stream.ctx, stream.masks)):
+          extra = {} if float_hidden is None else dict(float_params=float_work,
+                                                        float_hidden=float_hidden[k])
+          capture.add(work, h, ctx, mask, **extra)
         block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
@@ -179,6 +194,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         report.extend(records)
     if i + 1 < nblocks or cfg.lm_head:  # the last block's outputs feed only lm_head
       stream.propagate(run, work)
+      if float_hidden is not None:
+        float_hidden = [run(float_work, h, c) for h, c in zip(float_hidden, stream.ctx)]
     if i >= start_block:
       bar.update(i, finished=True)
       if on_block_done is not None:

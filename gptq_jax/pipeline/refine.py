@@ -10,11 +10,12 @@ do, while keeping every linear a valid ``PackedWeight`` (same bits, group size, 
   at the end would shift every weight of its group by up to half a step, undoing the tuning; a
   fixed zero keeps the codes valid by construction.
 * **Codes**: GPTQ's integer codes, fixed — unless ``cfg.refine_rounding``: then each weight gets a
-  learnable rounding offset ``v`` in ``[-0.5, 0.5]`` (AutoRound, arXiv:2309.05516) and its code is
-  ``clamp(round(W / s + v) + z, 0, maxq)`` of the float weight ``W``, trained by signed gradient
-  descent (``optax.sign_sgd``, rate ``1 / steps`` decayed to 0) through a straight-through
-  round. ``v`` starts at ``clip(GPTQ's code - W / s0 - z, -0.5, 0.5)``: GPTQ's code wherever it
-  lies within half a step of ``W / s0``, the nearest code in GPTQ's direction elsewhere.
+  learnable offset ``v`` in ``[-1, 1]`` (in the spirit of AutoRound, arXiv:2309.05516) and its code
+  is ``clamp(Q + round(v), 0, maxq)`` around **GPTQ's code** ``Q``, trained by signed gradient
+  descent (``optax.sign_sgd``, rate ``2 / steps`` decayed to 0) through a straight-through round.
+  ``v`` starts at 0, so the starting point is GPTQ's result with its error compensation (rounding
+  the float weight ``W / s`` instead would throw the compensation away), and a code moves by at
+  most one step, where the block's error consistently asks for it.
 
 The objective is the mean squared error of the block's output against the **float block's output
 on the same inputs**: the calibration hidden states that the already-quantized blocks produced
@@ -23,11 +24,15 @@ instead would need a second stream kept alive through the whole model; on the qu
 block learns to reproduce the float block's function where it is actually used, and memory stays
 one block's inputs and targets (plus the minibatch's activations for the gradient).
 
-Each step uses ``cfg.refine_batch`` calibration samples chosen by a seeded permutation (the
-result is deterministic with ``cfg.seed``); all steps run inside one jitted ``fori_loop``. The
-block's error on *all* calibration samples is measured before and after; if refinement did not
-lower it, GPTQ's parameters are kept. The data is gathered on one device (refinement is not
-data-parallel).
+**Which step is kept.** The last ``max(1, n // 8)`` calibration samples are held out of the
+optimisation (with one sample, it is used for both). Every ``max(1, steps // 4)`` steps, inside the
+jitted loop, the block's error on the held-out samples is measured and the parameters of the best
+step so far are carried; step 0 is GPTQ's own result, so the kept parameters never have a higher
+held-out error than GPTQ alone — the decision is made per block. Each step uses
+``cfg.refine_batch`` training samples chosen by a seeded permutation (deterministic with
+``cfg.seed``). The whole loop (steps, held-out checks, best-step selection) is one compiled call
+with no host round trip; the float block's targets are computed once per block. The data is
+gathered on one device (refinement is not data-parallel).
 """
 
 from __future__ import annotations
@@ -58,11 +63,13 @@ class _Static(NamedTuple):
 
 
 class RefineInfo(NamedTuple):
-  """Block output MSE on all calibration samples before / after, per-layer errors, and timing."""
+  """Block output MSE on the held-out samples for GPTQ's parameters (before) and the kept step's
+  (after), per-layer errors on the same samples, and timing."""
 
   mse_before: float
   mse_after: float
-  kept: bool  # True when the refined parameters were kept (they lowered the block's error)
+  kept: bool  # True when a refined step was kept (it lowered the held-out error)
+  best_step: int  # the kept step (0 = GPTQ's parameters)
   layer_err_before: dict[LinearPath, float]  # mean ||x (K_q - K_float)||^2 per token, per layer
   layer_err_after: dict[LinearPath, float]
   seconds: float
@@ -89,9 +96,8 @@ def _codes(theta_p, frozen_p, st: _Static, ste: bool):
   """Integer codes (as float) ``[in, out]``: GPTQ's, or the learnt rounding of the float weight."""
   if not st.rounding:
     return frozen_p["codes"]
-  s, z = _grid(theta_p, frozen_p)
   rnd = _ste_round if ste else jnp.round
-  return jnp.clip(rnd(frozen_p["w"] / s + theta_p["v"]) + z, 0, st.maxq)
+  return jnp.clip(frozen_p["codes"] + rnd(theta_p["v"]), 0, st.maxq)
 
 
 def _kernels(theta, frozen, st: _Static, ste: bool = True):
@@ -129,36 +135,61 @@ def _block_sq_err(adapter, block, kernels, h, ctx, mask, y, w_float=None):
 def _compiled(adapter: DecoderAdapter, st: _Static):
   """(train, evaluate) jitted for one adapter and setting; reused by every block of a model."""
   scale_opt = optax.adam(optax.linear_schedule(st.lr, 0.0, st.steps))
-  round_opt = optax.sign_sgd(optax.linear_schedule(1.0 / st.steps, 0.0, st.steps))
+  round_opt = optax.sign_sgd(optax.linear_schedule(2.0 / st.steps, 0.0, st.steps))
+  every = max(1, st.steps // 4)
 
   def loss_fn(theta, frozen, block, h, ctx, mask, y):
     sq, _ = _block_sq_err(adapter, block, _kernels(theta, frozen, st), h, ctx, mask, y)
     return sq / (jnp.maximum(jnp.sum(mask), 1.0) * y.shape[-1])
 
+  def pack(scales, rounds):
+    return {p: {"log_scale": scales[p], **({"v": rounds[p]} if st.rounding else {})}
+            for p in st.paths}
+
   @jax.jit
-  def train(theta, frozen, block, hidden, ctx, mask, y, order):
-    """``order: [steps, batch]`` sample indices; returns the trained ``theta``."""
+  def train(theta, frozen, block, hidden, ctx, mask, y, order, held):
+    """``order: [steps, batch]`` training sample indices, ``held: [h]`` held-out ones. Returns
+    (the best step's ``theta``, its held-out MSE, GPTQ's held-out MSE, the best step)."""
+    take = lambda idx: lambda a: jnp.take(a, idx, axis=0)
+    hp = take(held)
+    h_args = (hp(hidden), jax.tree.map(hp, ctx), hp(mask), hp(y))
+
+    def held_mse(th):
+      sq, _ = _block_sq_err(adapter, block, _kernels(th, frozen, st, ste=False), *h_args)
+      return sq / (jnp.maximum(jnp.sum(h_args[2]), 1.0) * y.shape[-1])
+
     scales = {p: t["log_scale"] for p, t in theta.items()}
     rounds = {p: t["v"] for p, t in theta.items()} if st.rounding else {}
-    state = (scales, rounds, scale_opt.init(scales), round_opt.init(rounds))
+    base = held_mse(theta)
+    state = (scales, rounds, scale_opt.init(scales), round_opt.init(rounds), theta, base,
+             jnp.zeros((), jnp.int32))
 
     def step(i, state):
-      scales, rounds, s_state, r_state = state
-      pick = lambda a: jnp.take(a, order[i], axis=0)
-      th = {p: {"log_scale": scales[p], **({"v": rounds[p]} if st.rounding else {})}
-            for p in st.paths}
-      g = jax.grad(loss_fn)(th, frozen, block, pick(hidden), jax.tree.map(pick, ctx),
-                            pick(mask), pick(y))
+      scales, rounds, s_state, r_state, best, best_err, best_step = state
+      pick = take(order[i])
+      g = jax.grad(loss_fn)(pack(scales, rounds), frozen, block, pick(hidden),
+                            jax.tree.map(pick, ctx), pick(mask), pick(y))
       upd, s_state = scale_opt.update({p: g[p]["log_scale"] for p in st.paths}, s_state)
       scales = optax.apply_updates(scales, upd)
       if st.rounding:
         upd, r_state = round_opt.update({p: g[p]["v"] for p in st.paths}, r_state)
-        rounds = jax.tree.map(lambda v: jnp.clip(v, -0.5, 0.5), optax.apply_updates(rounds, upd))
-      return scales, rounds, s_state, r_state
+        rounds = jax.tree.map(lambda v: jnp.clip(v, -1.0, 1.0), optax.apply_updates(rounds, upd))
 
-    scales, rounds, _, _ = jax.lax.fori_loop(0, st.steps, step, state)
-    return {p: {"log_scale": scales[p], **({"v": rounds[p]} if st.rounding else {})}
-            for p in st.paths}
+      def check(carry):
+        best, best_err, best_step = carry
+        th = pack(scales, rounds)
+        err = held_mse(th)
+        better = err < best_err
+        best = jax.tree.map(lambda a, b: jnp.where(better, a, b), th, best)
+        return best, jnp.where(better, err, best_err), jnp.where(better, i + 1, best_step)
+
+      due = ((i + 1) % every == 0) | (i + 1 == st.steps)
+      best, best_err, best_step = jax.lax.cond(due, check, lambda c: c,
+                                               (best, best_err, best_step))
+      return scales, rounds, s_state, r_state, best, best_err, best_step
+
+    *_, best, best_err, best_step = jax.lax.fori_loop(0, st.steps, step, state)
+    return best, best_err, base, best_step
 
   @jax.jit
   def evaluate(theta, frozen, block, h, ctx, mask, y):
@@ -176,8 +207,7 @@ def _init_theta(frozen, st: _Static):
   for p, f in frozen.items():
     t = {"log_scale": jnp.zeros_like(f["scales"])}
     if st.rounding:
-      s, z = _grid(t, f)
-      t["v"] = jnp.clip(f["codes"] - f["w"] / s - z, -0.5, 0.5)
+      t["v"] = jnp.zeros_like(f["codes"])
     theta[p] = t
   return theta
 
@@ -211,7 +241,7 @@ def refine_block(adapter: DecoderAdapter, float_block: Any, qblock: Any, hidden,
 
   Returns:
     ``(qblock', info)``: ``qblock'`` has a new ``PackedWeight`` per linear (same bits, group size,
-    format and g_idx) when refinement lowered the block's error, else ``qblock`` itself.
+    format and g_idx) when a refined step lowered the held-out error, else ``qblock`` itself.
   """
   if cfg.refine_steps <= 0:
     raise ValueError(f"refine_block needs cfg.refine_steps > 0, got {cfg.refine_steps}")
@@ -230,24 +260,28 @@ def refine_block(adapter: DecoderAdapter, float_block: Any, qblock: Any, hidden,
   packed = {p: get_path(qblock, p)["kernel"] for p in paths}
   frozen = put({p: _frozen(packed[p].unpack(), get_path(float_block, p)["kernel"].astype(
       jnp.float32)) for p in paths})
-  batch = min(int(cfg.refine_batch), hidden.shape[0])
-  run = jax.jit(adapter.run_block)
-  y = jnp.concatenate([run(float_block, hidden[a:a + batch], jax.tree.map(
-      lambda x: x[a:a + batch], ctx)) for a in range(0, hidden.shape[0], batch)])
-
-  # The baseline is GPTQ's own result: its codes and scales (with rounding on, theta0's codes may
-  # differ from GPTQ's where GPTQ moved a weight more than half a step from W / s0).
-  base = st._replace(rounding=False)
-  mse0, layer0 = _measure(_compiled(adapter, base)[1], _init_theta(frozen, base), frozen,
-                          float_block, hidden, ctx, mask, y, batch)
   n = hidden.shape[0]
+  batch = min(int(cfg.refine_batch), n)
+  held = jnp.arange(n - max(1, n // 8), n) if n > 1 else jnp.arange(1)  # held-out samples
+  n_train = n - held.shape[0] if n > 1 else 1
+  run = jax.jit(adapter.run_block)
+  chunk = max(batch, 8)  # the float targets, a few samples per call
+  y = jnp.concatenate([run(float_block, hidden[a:a + chunk], jax.tree.map(
+      lambda x: x[a:a + chunk], ctx)) for a in range(0, n, chunk)])
+
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), index),
-                          -(-st.steps * batch // n))
-  order = jnp.concatenate([jax.random.permutation(k, n) for k in keys])
+                          -(-st.steps * batch // n_train))
+  order = jnp.concatenate([jax.random.permutation(k, n_train) for k in keys])
   order = order[:st.steps * batch].reshape(st.steps, batch)  # [steps, batch] sample indices
-  theta = train(_init_theta(frozen, st), frozen, float_block, hidden, ctx, mask, y, order)
-  mse1, layer1 = _measure(evaluate, theta, frozen, float_block, hidden, ctx, mask, y, batch)
-  kept = mse1 < mse0
+  theta0 = _init_theta(frozen, st)
+  theta, mse1, mse0, best_step = train(theta0, frozen, float_block, hidden, ctx, mask, y, order,
+                                       held)
+  best_step = int(best_step)  # the one host round trip of the loop
+  kept = best_step > 0
+  hp = lambda a: jnp.take(a, held, axis=0)
+  h_args = (float_block, hp(hidden), jax.tree.map(hp, ctx), hp(mask), hp(y))
+  _, layer0 = _measure(evaluate, theta0, frozen, *h_args, held.shape[0])
+  layer1 = _measure(evaluate, theta, frozen, *h_args, held.shape[0])[1] if kept else layer0
   if kept:
     kernels = jax.jit(functools.partial(_final, st=st))(theta, frozen)
     for p in paths:
@@ -257,8 +291,9 @@ def refine_block(adapter: DecoderAdapter, float_block: Any, qblock: Any, hidden,
                            zeros=frozen[p]["zeros"].astype(jnp.int32), g_idx=old.g_idx,
                            bits=old.bits, group_size=old.group_size)
       qblock = set_path(qblock, p + ("kernel",), qw.pack(old.format))
-  info = RefineInfo(mse0, mse1 if kept else mse0, bool(kept), layer0,
-                    layer1 if kept else layer0, time.perf_counter() - t0)
+  mse0 = float(mse0)
+  info = RefineInfo(mse0, float(mse1) if kept else mse0, kept, best_step, layer0, layer1,
+                    time.perf_counter() - t0)
   return qblock, info
 
 
@@ -274,7 +309,8 @@ def _final(theta, frozen, st: _Static):
 def refine_stream(adapter: DecoderAdapter, float_block: Any, qblock: Any, stream: Any,
                   cfg: GPTQConfig, i: int, records: list[dict]) -> Any:
   """The driver's hook: refine block ``i`` on the calibration stream's current inputs and add the
-  block MSE and per-layer errors before / after to the block's report ``records``."""
+  held-out block MSE and per-layer errors before / after (and the kept step) to the block's
+  report ``records``."""
   cat = lambda *xs: jnp.concatenate([jax.device_put(x, jax.local_devices()[0]) for x in xs])
   hidden = cat(*stream.hidden)
   ctx = jax.tree.map(cat, *stream.ctx) if len(stream.ctx) > 1 else stream.ctx[0]
@@ -287,5 +323,6 @@ def refine_stream(adapter: DecoderAdapter, float_block: Any, qblock: Any, stream
               "refine_block_mse_after": info.mse_after, "refine_kept": info.kept,
               "refine_layer_err_before": info.layer_err_before.get(path),
               "refine_layer_err_after": info.layer_err_after.get(path),
+              "refine_best_step": info.best_step,
               "refine_seconds": info.seconds})
   return qblock

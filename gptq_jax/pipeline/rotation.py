@@ -1,0 +1,198 @@
+"""Rotate a decoder's residual stream by an orthogonal matrix before quantizing (QuaRot /
+SpinQuant's R1, arXiv:2404.00456 / arXiv:2405.16406), keeping the architecture.
+
+For a pre-norm decoder whose norms are RMSNorms, ``rms(x Q) = rms(x)`` for any orthogonal ``Q``, so
+the model computes the same function when
+
+1. each norm's scale is folded into the linears it feeds (``K <- diag(w) K`` for q/k/v, gate/up
+   and the LM head) and the norm's weight is set to the identity (1, or 0 for ``(1 + w)`` norms);
+2. the embedding is rotated (``E <- E Q``), every linear reading the residual stream is rotated on
+   its input side (``K <- Q^T K``) and every linear writing to it on its output side (``K <- K Q``,
+   bias ``b <- b Q``);
+3. a tied embedding is untied: the LM head becomes ``Q^T diag(w_final) E^T`` while the input
+   embedding is ``E Q``.
+
+The result is a standard model of the same family (``tie_word_embeddings=False``) that our forward,
+orbax, the Hugging Face export and transformers run unchanged: no online transform at inference
+(GPTQModel's rotation needs one in its loader). Rotated weights have fewer outlier channels, which
+is what low-bit grids need. Per-head norms after the projections (Qwen3's q/k norms) see unrotated
+values and are untouched. Gemma 3's post-attention / post-feedforward norms act on a block's
+output before the residual add, with a per-channel scale that does not commute with ``Q``: such
+"sandwich" models are refused.
+
+``kind="hadamard"``: a randomized Hadamard matrix ``diag(signs) H / sqrt(n)``. ``n = 2^k`` uses
+Sylvester's construction; other sizes are Kronecker products with Paley Hadamard matrices of order
+``q + 1`` (``q`` a prime, ``q = 3 mod 4``: 576 = 12 * 12 * 4, 640 = 20 * 32); a size with no such
+factorization uses a random orthogonal block for its odd factor. ``kind="random"``: a random
+orthogonal matrix (QR of a Gaussian, signs fixed). Both are seeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+KINDS = ("hadamard", "random")
+_INPUT_SIDE = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"))
+_OUTPUT_SIDE = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+
+
+def _sylvester(n: int) -> np.ndarray:
+  H = np.ones((1, 1))
+  while H.shape[0] < n:
+    H = np.block([[H, H], [H, -H]])
+  return H
+
+
+def _is_prime(q: int) -> bool:
+  return q > 1 and all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+def _paley(q: int) -> np.ndarray:
+  """Hadamard matrix of order q + 1 (Paley I), q prime with q = 3 mod 4."""
+  squares = {(i * i) % q for i in range(1, q)}
+  chi = lambda a: 0 if a % q == 0 else (1 if a % q in squares else -1)  # noqa: E731
+  Qm = np.array([[chi(j - i) for j in range(q)] for i in range(q)], np.float64)
+  S = np.zeros((q + 1, q + 1))
+  S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, Qm
+  return np.eye(q + 1) + S
+
+
+def _hadamard_factors(n: int) -> list[int] | None:
+  """Paley orders whose product times a power of two is n (None if there is none)."""
+  if n & (n - 1) == 0:
+    return []
+  for p in range(4, n + 1, 4):
+    if n % p == 0 and p & (p - 1) and _is_prime(p - 1) and (p - 1) % 4 == 3:
+      rest = _hadamard_factors(n // p)
+      if rest is not None:
+        return [p] + rest
+  return None
+
+
+def _random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+  Qm, R = np.linalg.qr(rng.standard_normal((n, n)))
+  return Qm * np.sign(np.diag(R))
+
+
+def orthogonal_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> np.ndarray:
+  """A seeded orthogonal ``[n, n]`` float64 matrix (``kind``: "hadamard" or "random")."""
+  if kind not in KINDS:
+    raise ValueError(f"rotation kind {kind!r} is not one of {KINDS}")
+  rng = np.random.default_rng(seed)
+  if kind == "random":
+    return _random_orthogonal(n, rng)
+  factors = _hadamard_factors(n)
+  if factors is None:  # e.g. 896 = 7 * 128: a random orthogonal block for the odd factor
+    two = n & -n
+    M = np.kron(_random_orthogonal(n // two, rng), _sylvester(two) / np.sqrt(two))
+  else:
+    M = np.ones((1, 1))
+    for p in factors:
+      M = np.kron(M, _paley(p - 1))
+    two = n // M.shape[0]
+    M = np.kron(M, _sylvester(two)) / np.sqrt(n)
+  return rng.choice([-1.0, 1.0], size=n)[:, None] * M
+
+
+def _norm_scale(norm_params, unit_offset: bool) -> np.ndarray:
+  w = np.asarray(norm_params["weight"], np.float64)
+  return 1.0 + w if unit_offset else w
+
+
+def _identity_norm(norm_params, unit_offset: bool):
+  w = np.asarray(norm_params["weight"])
+  return {**norm_params, "weight": np.zeros_like(w) if unit_offset else np.ones_like(w)}
+
+
+def _cast(a: np.ndarray, like) -> np.ndarray:
+  return np.asarray(a, dtype=np.asarray(like).dtype)
+
+
+def rotate_model(config: Any, params: Any, kind: str = "hadamard", seed: int = 0):
+  """``(config', params')``: the same function with the residual stream rotated (module doc).
+
+  ``params`` are float (unquantized) params of the built-in decoder; ``config'`` has
+  ``tie_word_embeddings=False``. Raises for decoders whose norms cannot be folded (Gemma 3's
+  sandwich norms) and for already quantized params.
+  """
+  if getattr(config, "sandwich_norms", False):
+    raise ValueError(f"rotation is not supported for model_type="
+                     f"{getattr(config, 'model_type', '?')!r}: its post-attention and "
+                     "post-feedforward norms scale the block's output per channel before the "
+                     "residual add, which no rotation of the residual stream commutes with")
+  unit = bool(getattr(config, "norm_unit_offset", False))
+  n = config.hidden_size
+  Q64 = orthogonal_matrix(n, kind, seed)
+  Q = Q64.astype(np.float32)  # float32 products: the embedding and head are large (BLAS sgemm)
+  out = dict(params)
+  E = np.asarray(params["embed_tokens"]["embedding"])
+  out["embed_tokens"] = {**params["embed_tokens"], "embedding": _cast(E.astype(np.float32) @ Q, E)}
+  for i in range(config.num_hidden_layers):
+    block = params[f"layers_{i}"]
+    new = dict(block)
+    scales = {"self_attn": _norm_scale(block["input_layernorm"], unit),
+              "mlp": _norm_scale(block["post_attention_layernorm"], unit)}
+    for name in ("input_layernorm", "post_attention_layernorm"):
+      new[name] = _identity_norm(block[name], unit)
+    subs = {k: dict(block[k]) for k in ("self_attn", "mlp")}
+    for a, b in _INPUT_SIDE:
+      lin = block[a][b]
+      K = lin["kernel"]
+      if not hasattr(K, "shape") or np.asarray(K).ndim != 2:
+        raise ValueError(f"layers_{i}.{a}.{b} is not a float kernel: rotate before quantizing")
+      Kr = Q64.T @ (scales[a][:, None] * np.asarray(K, np.float64))
+      subs[a][b] = {**lin, "kernel": _cast(Kr, K)}
+    for a, b in _OUTPUT_SIDE:
+      lin = block[a][b]
+      K = lin["kernel"]
+      rot = {"kernel": _cast(np.asarray(K, np.float64) @ Q64, K)}
+      if lin.get("bias") is not None:
+        rot["bias"] = _cast(np.asarray(lin["bias"], np.float64) @ Q64, lin["bias"])
+      subs[a][b] = {**lin, **rot}
+    new.update(subs)
+    out[f"layers_{i}"] = new
+  w_final = _norm_scale(params["norm"], unit)
+  out["norm"] = _identity_norm(params["norm"], unit)
+  if config.tie_word_embeddings:
+    head = E.astype(np.float32).T  # [hidden, vocab]
+    like = E
+  else:
+    head = np.asarray(params["lm_head"]["kernel"], np.float32)
+    like = params["lm_head"]["kernel"]
+  Qw = (Q64.T * w_final[None, :]).astype(np.float32)  # Q^T diag(w_final)
+  out["lm_head"] = {**params.get("lm_head", {}), "kernel": _cast(Qw @ head, like)}
+  new_config = dataclasses.replace(config, tie_word_embeddings=False)
+  out = {k: _to_jax(v) for k, v in out.items()}
+  return new_config, _rewrap(params, out, new_config)
+
+
+def _to_jax(tree):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  return jax.tree.map(jnp.asarray, tree)
+
+
+def _rewrap(params, out: dict, config):
+  """Keep the params' container type (a ModelParams carrying its config, where there is one)."""
+  if type(params) is dict:
+    return out
+  try:
+    return type(params)(out, config=config)
+  except TypeError:
+    return out
+
+
+def check_rotated(params: Any, config: Any) -> None:
+  """Raise unless the first block's norms are identities (``rotate_model`` was applied): a config
+  asking for a rotation must not quantize an unrotated model silently."""
+  unit = bool(getattr(config, "norm_unit_offset", False))
+  w = np.asarray(params["layers_0"]["input_layernorm"]["weight"], np.float64)
+  if not np.all(w == (0.0 if unit else 1.0)):
+    raise ValueError("GPTQConfig.rotation is set but the model is not rotated: call "
+                     "gptq_jax.pipeline.rotation.rotate_model(config, params, cfg.rotation, "
+                     "seed=cfg.seed) first (the CLI does) and quantize the params it returns")
