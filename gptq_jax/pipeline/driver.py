@@ -19,7 +19,8 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from gptq_jax.config import GPTQConfig
-from gptq_jax.core.gptq import quantize_weight
+from gptq_jax.core.gptq import quantize_weight  # noqa: F401 (re-exported for callers)
+from gptq_jax.core.shared import can_share, quantize_shared as solve_shared
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.pipeline import calib, multihost
 from gptq_jax.pipeline.adapter import DecoderAdapter, LlamaAdapter, get_path, set_path
@@ -87,20 +88,47 @@ class _Stream:
     self.hidden = [run(block_params, h, c) for h, c in zip(self.hidden, self.ctx)]
 
 
+LayerConfig = Callable[[str], "GPTQConfig | None"]
+
+
+def _solve_sets(capture: HessianCapture, group, names, configs) -> list[list[int]]:
+  """Indices of ``group`` solved together: the layers that read the same input (one Hessian)
+  under the same settings. A layer whose config is None is skipped (stays float)."""
+  sets: dict[tuple, list[int]] = {}
+  for k, path in enumerate(group):
+    if configs[k] is None:
+      continue
+    key = (capture.alias.get(path, path), configs[k])
+    sets.setdefault(key if can_share(configs[k]) else (path, configs[k]), []).append(k)
+  return list(sets.values())
+
+
 def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: GPTQConfig,
-                    i: int, progress: BlockProgress, records: list[dict]):
-  for path in group:
-    name = f"layers.{i}." + ".".join(path)
+                    i: int, progress: BlockProgress, records: list[dict],
+                    layer_config: LayerConfig | None = None):
+  """Quantize the linears ``group`` of block ``i`` from the Hessians in ``capture``.
+
+  Layers sharing a Hessian and a config are solved in one call (``core.shared``: H factorized
+  once, the codes those of separate solves). ``layer_config(name)`` gives a layer's own settings
+  (None: leave it unquantized); default: ``cfg`` for every layer.
+  """
+  names = [f"layers.{i}." + ".".join(path) for path in group]
+  configs = [cfg if layer_config is None else layer_config(n) for n in names]
+  for ks in _solve_sets(capture, group, names, configs):
     t0 = time.perf_counter()
-    kernel = get_path(block, path)["kernel"]
-    qw, info = quantize_weight(kernel, capture.hessian(path), cfg, return_info=True, name=name)
-    packed = qw.pack(cfg.format)
-    block = set_path(block, path + ("kernel",), packed)
-    work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
-    records.append({"block": i, "layer": name, "shape": list(kernel.shape),
-                    "loss": info.loss, "damp": info.damp, "fallback": info.fallback,
-                    "seconds": time.perf_counter() - t0})
-    progress.update(i, ".".join(path), info.loss)
+    kernels = [get_path(block, group[k])["kernel"] for k in ks]
+    results = solve_shared(kernels, capture.hessian(group[ks[0]]), configs[ks[0]],
+                           [names[k] for k in ks])
+    seconds = (time.perf_counter() - t0) / len(ks)
+    for k, kernel, (qw, info) in zip(ks, kernels, results):
+      path, c = group[k], configs[k]
+      packed = qw.pack(c.format)
+      block = set_path(block, path + ("kernel",), packed)
+      work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
+      records.append({"block": i, "layer": names[k], "shape": list(kernel.shape),
+                      "loss": info.loss, "damp": info.damp, "fallback": info.fallback,
+                      "seconds": seconds, "solved_with": len(ks)})
+      progress.update(i, ".".join(path), info.loss)
   return block, work
 
 
