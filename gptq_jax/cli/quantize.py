@@ -181,11 +181,12 @@ def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
 
 
 def _host(tree):
-  """A pytree's arrays copied to host numpy (PackedWeight nodes kept)."""
+  """A pytree's arrays copied to host numpy (PackedWeight nodes kept): copies, so that no view
+  keeps a device buffer alive."""
   import jax
   import numpy as np
 
-  return jax.tree.map(np.asarray, tree)
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
 def run(args) -> dict:

@@ -29,7 +29,6 @@ import numpy as np
 
 from gptq_jax.models import hf as hf_lib
 from gptq_jax.pipeline.adapter import LlamaAdapter
-from gptq_jax.pipeline.driver import dense_block
 
 DTYPES = ("bfloat16", "float32")
 _SAMPLES, _SAMPLE_BYTES = 16, 4096  # bytes sampled per weight file for the fingerprint
@@ -186,6 +185,12 @@ class StreamedRun(LlamaAdapter):
   def __eq__(self, other):
     return self is other
 
+  def _dense(self, block):
+    """The quantized block dequantized in the compute dtype (what the after-stream runs)."""
+    quantized = lambda x: hasattr(x, "dequantize")
+    return jax.tree.map(lambda x: x.dequantize(self.dtype) if quantized(x) else x, block,
+                        is_leaf=quantized)
+
   def get_block(self, params, i):
     before = self.evals[0] if self.evals else None
     need_float = i not in self.done or (before is not None and before.at == i)
@@ -198,12 +203,12 @@ class StreamedRun(LlamaAdapter):
     if i in self.done:
       q = self.done[i]
       if self.evals is not None and self.evals[1].at == i:
-        self.evals[1].advance(self._run, dense_block(q))
+        self.evals[1].advance(self._run, self._dense(q))
       return q
     return block
 
   def set_block(self, params, i, block_params):
     if self.evals is not None and self.evals[1].at == i:
-      self.evals[1].advance(self._run, dense_block(block_params))
+      self.evals[1].advance(self._run, self._dense(block_params))
     self.sink(i, block_params)
     return params

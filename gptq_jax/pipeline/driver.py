@@ -84,7 +84,12 @@ class _Stream:
       self.hidden.append(h)
       self.ctx.append(ctx)
 
+  def replicate(self, block_params):
+    """The block's parameters on every device of the mesh, once (not once per micro-batch)."""
+    return block_params if self.mesh is None else multihost.replicate(self.mesh, block_params)
+
   def propagate(self, run, block_params) -> None:
+    block_params = self.replicate(block_params)
     self.hidden = [run(block_params, h, c) for h, c in zip(self.hidden, self.ctx)]
 
 
@@ -136,7 +141,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
              adapter: DecoderAdapter | None = None, mesh: Mesh | str | None = "auto",
              axis_name: str = "data", batch_size: int | None = None, progress: bool = True,
              report: list[dict] | None = None, start_block: int = 0,
-             on_block_done: BlockDone | None = None) -> Any:
+             on_block_done: BlockDone | None = None,
+             layer_config: LayerConfig | None = None) -> Any:
   """GPTQ-quantize every decoder block's linears; returns params with packed kernels.
 
   Args:
@@ -155,6 +161,9 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     start_block: resume: blocks before it are already quantized in ``params``; the calibration
       data is propagated through them and quantization continues from there.
     on_block_done: called as ``on_block_done(i, quantized_block_params, records)`` after each block.
+    layer_config: ``layer_config("layers.3.mlp.up_proj") -> GPTQConfig | None``: a layer's own
+      settings (None leaves it float); default ``cfg`` for all. Layers sharing a Hessian and a
+      config are solved together.
 
   Returns:
     ``params`` with each quantized linear's ``"kernel"`` a ``PackedWeight`` in ``cfg.format``.
@@ -186,9 +195,12 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
       records: list[dict] = []
       for group, capture in zip(groups, captures):
         capture.reset()
+        replicated = stream.replicate(work)
         for h, ctx, mask in zip(stream.hidden, stream.ctx, stream.masks):
-          capture.add(work, h, ctx, mask)
-        block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records)
+          capture.add(replicated, h, ctx, mask)
+        del replicated
+        block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records,
+                                      layer_config)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
         block = refine_stream(adapter, adapter.get_block(params, i), block, stream, cfg, i, records)
