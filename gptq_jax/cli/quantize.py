@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 
+from gptq_jax.cli import compile_cache
 from gptq_jax.config import BACKENDS, FORMATS, MSE_WEIGHTS, GPTQConfig
 from gptq_jax.data import DatasetUnavailable
 
@@ -74,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                  help="dtype of the weights and the calibration forward (default: the "
                       "checkpoint's own; Hessians are always accumulated in float32)")
   p.add_argument("--no-progress", action="store_true", help="no progress line")
+  m = p.add_argument_group("several hosts (jax.distributed; automatic on a multi-host TPU slice)")
+  m.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+  m.add_argument("--num-processes", type=int, help="how many processes take part")
+  m.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
+  compile_cache.add_flag(p)
   return p
 
 
@@ -153,7 +159,64 @@ def _sample(evaluation, params, model_config, tokenizer, prompt: str) -> str:
 
 
 def _say(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+  import jax
+
+  if jax.process_index() == 0 or msg.startswith("process "):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def init_distributed(args) -> None:
+  """Join a ``jax.distributed`` job: with ``--coordinator`` (CPU collectives through gloo), or on
+  its own on a multi-host TPU slice. Must run before anything touches a device."""
+  import jax
+
+  given = [args.coordinator is not None, args.num_processes is not None,
+           args.process_id is not None]
+  if any(given) and not all(given):
+    raise ValueError("--coordinator, --num-processes and --process-id go together (a "
+                     "multi-host TPU slice needs none of them)")
+  if all(given):
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+      raise ValueError(f"--process-id {args.process_id} must be in [0, --num-processes "
+                       f"{args.num_processes})")
+    if args.num_processes == 1:
+      return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id, initialization_timeout=300)
+  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
+    jax.distributed.initialize()
+
+
+def save_checkpoint(path: str, params, *, model_config, quant_config, tokenizer, extra) -> None:
+  """``checkpoint.save`` on one process. Under ``jax.distributed`` the orbax save is collective
+  (every process calls it; orbax's primary process writes the files and they meet at barriers),
+  and process 0 alone writes the tokenizer and moves the finished folder into place."""
+  import jax
+
+  from gptq_jax import checkpoint
+
+  if jax.process_count() == 1:
+    checkpoint.save(path, params, model_config=model_config, quant_config=quant_config,
+                    tokenizer=tokenizer, extra=extra)
+    return
+  import shutil
+
+  from jax.experimental import multihost_utils
+
+  path, primary = os.path.abspath(path), jax.process_index() == 0
+  tmp = path + ".saving"
+  if primary and os.path.exists(tmp):
+    shutil.rmtree(tmp)  # a save that was killed midway
+  multihost_utils.sync_global_devices("gptq_jax save: start")
+  meta = {"model_config": model_config.to_hf_dict(),  # as checkpoint.save writes it
+          "compute_dtype": getattr(model_config, "dtype", "float32"),
+          "quant_config": quant_config.to_dict(), **extra}
+  checkpoint.write_tree(os.path.join(tmp, "orbax"), 0, params, meta)
+  if primary:
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    os.rename(tmp, path)
+  multihost_utils.sync_global_devices("gptq_jax save: done")
 
 
 SAMPLE_BEFORE_MAX_BYTES = 2 << 30  # the float sample needs the whole float model: small ones only
@@ -212,9 +275,15 @@ def run(args) -> dict:
   model_config = source.config.replace(dtype=dtype)
   tokenizer = load_tokenizer(args.model)
   calib_batches = _calibration(args, cfg, tokenizer)
-  state = ResumableRun(args.output, _fingerprint(source, model_config, cfg,
-                                                 normalize(calib_batches)[0], dtype),
+  samples = normalize(calib_batches)[0]
+  state = ResumableRun(args.output, _fingerprint(source, model_config, cfg, samples, dtype),
                        resume=args.resume)
+  pid, nproc = jax.process_index(), jax.process_count()
+  if nproc > 1:  # each process feeds its share; the Hessians are summed over all (psum)
+    share = samples[pid * len(samples) // nproc:(pid + 1) * len(samples) // nproc]
+    calib_batches = [{"input_ids": ids[None], "attention_mask": mask[None]} for ids, mask in share]
+    _say(f"process {pid}/{nproc}: {len(share)} of {len(samples)} calibration samples, "
+         f"{jax.local_device_count()} of {jax.device_count()} devices")
   if args.resume and not state.resuming:
     _say(f"--resume: no interrupted run of {args.output!r} to continue; starting from block 0")
 
@@ -226,7 +295,7 @@ def run(args) -> dict:
                   "calibration": args.dataset or CALIB_DEFAULT, "dtype": dtype}
 
   nbytes = source.float_bytes(dtype)
-  if args.sample_prompt and nbytes <= SAMPLE_BEFORE_MAX_BYTES:
+  if args.sample_prompt and nbytes <= SAMPLE_BEFORE_MAX_BYTES and jax.process_index() == 0:
     t0 = time.perf_counter()
     float_params = source.params(dtype)  # the float model's continuation, beside the quantized
     result["sample_before"] = _sample(evaluation, float_params, model_config, tokenizer,
@@ -256,7 +325,7 @@ def run(args) -> dict:
   adapter = StreamedRun(source, model_config, jnp.dtype(dtype), sink, done=done, evals=evals)
   t_q = time.perf_counter()
   quantize(embed_params, calib_batches, cfg, adapter=adapter, batch_size=args.batch_size,
-           progress=not args.no_progress, report=records, start_block=len(done),
+           progress=not args.no_progress and pid == 0, report=records, start_block=len(done),
            on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
   result["layers"] = records
@@ -269,21 +338,22 @@ def run(args) -> dict:
   for i in range(model_config.num_hidden_layers):
     qparams[f"layers_{i}"] = host_blocks.pop(i)
   t0 = time.perf_counter()
-  checkpoint.save(args.output, qparams, model_config=model_config, quant_config=cfg,
+  save_checkpoint(args.output, qparams, model_config=model_config, quant_config=cfg,
                   tokenizer=tokenizer, extra={"records": records})
-  state.finish()
+  if pid == 0:
+    state.finish()
   _say(f"saved {args.output}")
-  if args.save_hf:
+  if args.save_hf and pid == 0:
     from gptq_jax.interop import export_hf
 
     export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer)
     _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
   timing["write"] = time.perf_counter() - t0
-  if eval_tokens is not None:
+  if eval_tokens is not None and pid == 0:
     b, a = result["ppl_before"], result["ppl_after"]
     print(f"perplexity on held-out text ({len(windows)} windows of {cfg.seqlen} tokens): "
           f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
-  if args.sample_prompt:
+  if args.sample_prompt and pid == 0:
     t0 = time.perf_counter()
     result["sample"] = _sample(evaluation, jax.device_put(qparams), model_config, tokenizer,
                                args.sample_prompt)
@@ -295,7 +365,7 @@ def run(args) -> dict:
   result["seconds"] = time.perf_counter() - t_start
   result["timing"] = timing
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  if args.report:
+  if args.report and pid == 0:
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     png = report_lib.write(args.report, result)
     _say(f"report: {args.report}" + (f" and {png}" if png else ""))
@@ -305,6 +375,9 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
+    init_distributed(args)
+    if not args.no_compile_cache:
+      compile_cache.enable()
     run(args)
   except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
           DatasetUnavailable) as e:

@@ -50,7 +50,8 @@ def quantize_shared(kernels: Sequence, hessian, cfg: GPTQConfig, names: Sequence
   gptq._validate(kernel, hessian)
   joint = "+".join(names)
   st = gptq._static_of(cfg)
-  Wp, Hp, perm = gptq._prepare(kernel, hessian, st)
+  prepared = gptq._prepare(kernel, hessian, st)  # (Wp, Hp[, cross], perm)
+  Wp, Hp, perm = prepared[0], prepared[1], prepared[-1]
   U, damp = gptq.factorize(Hp, cfg, joint)
   if U is None:
     warnings.warn(f"GPTQ {joint}: the Hessian is not positive definite for any damp_percent < 1; "
