@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="dtype of the weights and the calibration forward (default: the "
                       "checkpoint's own; Hessians are always accumulated in float32)")
   p.add_argument("--no-progress", action="store_true", help="no progress line")
+  p.add_argument("--breakdown", action="store_true",
+                 help="time each phase exactly (waits for the devices at each phase's end) and "
+                      "print where the time went")
   m = p.add_argument_group("several hosts (jax.distributed; automatic on a multi-host TPU slice)")
   m.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
   m.add_argument("--num-processes", type=int, help="how many processes take part")
@@ -252,6 +255,34 @@ def _host(tree):
   return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
+def _breakdown(stats, eval_seconds: dict, timing: dict, total: float, nblocks: int,
+               skipped: int) -> dict:
+  """Where the run's time went (seconds per phase) and how many block forwards it ran."""
+  s = stats.summary()
+  ph = s["seconds"]
+  seconds = {"open model and tokenizer": timing.get("open model and tokenizer", 0.0),
+             "calibration tokens": timing.get("calibration tokens", 0.0),
+             "embedding": ph.get("embedding", 0.0),
+             "read blocks (I/O)": max(0.0, ph.get("read blocks", 0.0) - eval_seconds["get"]),
+             "hessian passes": ph.get("hessian passes", 0.0),
+             "solves": ph.get("solves", 0.0),
+             "propagation": ph.get("propagation", 0.0),
+             "write blocks (I/O)": ph.get("write blocks", 0.0),
+             "evaluation (streamed)": (sum(eval_seconds.values())
+                                       + timing.get("final norm, logits", 0.0)),
+             "save and export (I/O)": timing.get("write", 0.0),
+             "samples": timing.get("sample_before", 0.0) + timing.get("sample_after", 0.0)}
+  seconds["other"] = max(0.0, total - sum(seconds.values()))
+  seconds["of which compilation"] = s["compile_seconds"]
+  n = max(1, s["counts"].get("blocks quantized", 0))
+  passes = s["counts"].get("hessian passes", 0) + s["counts"].get("propagation passes", 0)
+  return {"seconds": seconds, "counts": s["counts"],
+          "block_forwards_per_block": passes / n,
+          # one pass per subset whose input depends on an earlier subset (o, gate/up, down) and
+          # one propagation that can carry the next block's first subset (q/k/v).
+          "minimum_block_forwards_per_block": 4}
+
+
 def run(args) -> dict:
   import jax
   import jax.numpy as jnp
@@ -264,6 +295,7 @@ def run(args) -> dict:
   from gptq_jax.pipeline.adapter import LlamaAdapter
   from gptq_jax.pipeline.calib import normalize
   from gptq_jax.pipeline.resume import ResumableRun
+  from gptq_jax.pipeline.stats import PipelineStats
 
   t_start = time.perf_counter()
   cfg = _config(args)
@@ -274,7 +306,10 @@ def run(args) -> dict:
   dtype = args.dtype or source.native_dtype()
   model_config = source.config.replace(dtype=dtype)
   tokenizer = load_tokenizer(args.model)
+  timing["open model and tokenizer"] = time.perf_counter() - t_start
+  t0 = time.perf_counter()
   calib_batches = _calibration(args, cfg, tokenizer)
+  timing["calibration tokens"] = time.perf_counter() - t0
   samples = normalize(calib_batches)[0]
   state = ResumableRun(args.output, _fingerprint(source, model_config, cfg, samples, dtype),
                        resume=args.resume)
@@ -323,16 +358,22 @@ def run(args) -> dict:
     host_blocks[i] = _host(block)
 
   adapter = StreamedRun(source, model_config, jnp.dtype(dtype), sink, done=done, evals=evals)
+  stats = PipelineStats(sync=args.breakdown)
   t_q = time.perf_counter()
   quantize(embed_params, calib_batches, cfg, adapter=adapter, batch_size=args.batch_size,
+           stats=stats,
            progress=not args.no_progress and pid == 0, report=records, start_block=len(done),
            on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
   result["layers"] = records
+  stats.close()
+  t0 = time.perf_counter()
   nonlayer = source.nonlayer(dtype)
   if evals is not None:
     result["ppl_before"] = evals[0].perplexity(nonlayer, model_config)
     result["ppl_after"] = evals[1].perplexity(nonlayer, model_config)
+  timing["final norm, logits"] = time.perf_counter() - t0
+  adapter_eval_seconds = adapter.eval_seconds
   del embed_params, evals, adapter
   qparams = _host(nonlayer)
   for i in range(model_config.num_hidden_layers):
@@ -364,6 +405,13 @@ def run(args) -> dict:
   source.close()
   result["seconds"] = time.perf_counter() - t_start
   result["timing"] = timing
+  result["breakdown"] = _breakdown(stats, adapter_eval_seconds, timing, result["seconds"],
+                                   model_config.num_hidden_layers, len(done))
+  if args.breakdown and pid == 0:
+    b = result["breakdown"]
+    print("breakdown (s): " + ", ".join(f"{k} {v:.2f}" for k, v in b["seconds"].items())
+          + f"; block forwards per block: {b['block_forwards_per_block']:.2f} (minimum for "
+          f"true-sequential: {b['minimum_block_forwards_per_block']})", flush=True)
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if args.report and pid == 0:
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)

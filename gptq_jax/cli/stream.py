@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -178,6 +179,14 @@ class StreamedRun(LlamaAdapter):
     self.evals = evals
     self._run = jax.jit(lambda p, h, ctx: LlamaAdapter.run_block(self, p, h, ctx))
     self.blocks_read = []  # the indices read from the source, in order (tests, the breakdown)
+    # seconds spent carrying the evaluation windows inside get_block and inside set_block
+    self.eval_seconds = {"get": 0.0, "set": 0.0}
+
+  def _advance(self, stream, block, where: str) -> None:
+    t0 = time.perf_counter()
+    stream.advance(self._run, block)
+    jax.block_until_ready(stream.state)
+    self.eval_seconds[where] += time.perf_counter() - t0
 
   def __hash__(self):  # the driver caches compiled steps per adapter
     return id(self)
@@ -199,16 +208,16 @@ class StreamedRun(LlamaAdapter):
       block = self.source.block(i, self.dtype)
       self.blocks_read.append(i)
       if before is not None and before.at == i:  # once, even if refinement reads it again
-        before.advance(self._run, block)
+        self._advance(before, block, "get")
     if i in self.done:
       q = self.done[i]
       if self.evals is not None and self.evals[1].at == i:
-        self.evals[1].advance(self._run, self._dense(q))
+        self._advance(self.evals[1], self._dense(q), "get")
       return q
     return block
 
   def set_block(self, params, i, block_params):
     if self.evals is not None and self.evals[1].at == i:
-      self.evals[1].advance(self._run, self._dense(block_params))
+      self._advance(self.evals[1], self._dense(block_params), "set")
     self.sink(i, block_params)
     return params

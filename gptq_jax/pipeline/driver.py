@@ -27,6 +27,7 @@ from gptq_jax.pipeline.adapter import DecoderAdapter, LlamaAdapter, get_path, se
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
+from gptq_jax.pipeline.stats import PipelineStats
 
 BlockDone = Callable[[int, Any, list[dict]], None]
 
@@ -142,7 +143,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
              axis_name: str = "data", batch_size: int | None = None, progress: bool = True,
              report: list[dict] | None = None, start_block: int = 0,
              on_block_done: BlockDone | None = None,
-             layer_config: LayerConfig | None = None) -> Any:
+             layer_config: LayerConfig | None = None,
+             stats: PipelineStats | None = None) -> Any:
   """GPTQ-quantize every decoder block's linears; returns params with packed kernels.
 
   Args:
@@ -164,6 +166,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     layer_config: ``layer_config("layers.3.mlp.up_proj") -> GPTQConfig | None``: a layer's own
       settings (None leaves it float); default ``cfg`` for all. Layers sharing a Hessian and a
       config are solved together.
+    stats: a ``PipelineStats`` that collects where the time goes (``pipeline/stats.py``).
 
   Returns:
     ``params`` with each quantized linear's ``"kernel"`` a ``PackedWeight`` in ``cfg.format``.
@@ -181,7 +184,10 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   if not 0 <= start_block <= nblocks:
     raise ValueError(f"start_block={start_block} must be in [0, {nblocks}]")
 
+  st = stats or PipelineStats(sync=False)
+  t = time.perf_counter()
   stream = _Stream(adapter, params, batches, mesh, axis_name)
+  t = st.mark("embedding", t, stream.hidden)
   run = runner_for(adapter, mesh, axis_name)
   groups = adapter.sequential_groups if cfg.true_sequential else (
       tuple(p for g in adapter.sequential_groups for p in g),)
@@ -189,7 +195,9 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   bar = BlockProgress(nblocks, enabled=progress)
   bar.skip(start_block)
   for i in range(nblocks):
+    t = time.perf_counter()
     block = adapter.get_block(params, i)
+    t = st.mark("read blocks", t, block)
     work = dense_block(block)
     if i >= start_block:
       records: list[dict] = []
@@ -199,8 +207,11 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         for h, ctx, mask in zip(stream.hidden, stream.ctx, stream.masks):
           capture.add(replicated, h, ctx, mask)
         del replicated
+        t = st.mark("hessian passes", t, capture.states)
+        st.count("hessian passes")
         block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records,
                                       layer_config)
+        t = st.mark("solves", t, work)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
         block = refine_stream(adapter, adapter.get_block(params, i), block, stream, cfg, i, records)
@@ -208,10 +219,15 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
       params = adapter.set_block(params, i, block)
       if report is not None:
         report.extend(records)
+    t = time.perf_counter()
     if i + 1 < nblocks:  # the last block's outputs feed nothing we quantize
       stream.propagate(run, work)
+      t = st.mark("propagation", t, stream.hidden)
+      st.count("propagation passes")
     if i >= start_block:
+      st.count("blocks quantized")
       bar.update(i, finished=True)
       if on_block_done is not None:
         on_block_done(i, block, records)
+        st.mark("write blocks", t)
   return params
