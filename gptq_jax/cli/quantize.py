@@ -216,7 +216,7 @@ def save_checkpoint(path: str, params, *, model_config, quant_config, tokenizer,
           "compute_dtype": getattr(model_config, "dtype", "float32"),
           "quant_config": quant_config.to_dict(), **extra}
   checkpoint.write_tree(os.path.join(tmp, "orbax"), 0, params, meta)
-  if primary:
+  if primary and tokenizer is not None:
     tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     os.rename(tmp, path)
   multihost_utils.sync_global_devices("gptq_jax save: done")
@@ -233,6 +233,20 @@ def _calibration(args, cfg, tokenizer):
   if cfg.dataset is None:  # offline default: the bundled addresses 1990-2015
     return data.text_calib_batches(data.sotu_texts("calib"), tokenizer, **sizes)
   return data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
+
+
+def _tokenizer(args, load_tokenizer):
+  """The model's tokenizer; a folder without one still runs when nothing needs it (token ids from
+  a .npy, no evaluation text, no sample): the outputs then carry no tokenizer files."""
+  try:
+    return load_tokenizer(args.model)
+  except ValueError as e:
+    needless = ((args.dataset or "").endswith(".npy") and not args.sample_prompt
+                and (args.eval_text or "").lower() == "none")
+    if not needless:
+      raise
+    _say(f"no tokenizer ({e}); not needed with token ids from {args.dataset}: going on without")
+    return None
 
 
 def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
@@ -305,7 +319,7 @@ def run(args) -> dict:
   source = ModelSource(args.model)
   dtype = args.dtype or source.native_dtype()
   model_config = source.config.replace(dtype=dtype)
-  tokenizer = load_tokenizer(args.model)
+  tokenizer = _tokenizer(args, load_tokenizer)
   timing["open model and tokenizer"] = time.perf_counter() - t_start
   t0 = time.perf_counter()
   calib_batches = _calibration(args, cfg, tokenizer)
@@ -368,14 +382,15 @@ def run(args) -> dict:
   result["layers"] = records
   stats.close()
   t0 = time.perf_counter()
-  nonlayer = source.nonlayer(dtype)
-  if evals is not None:
+  if evals is not None:  # the final norm and the logits: on the device only for this
+    nonlayer = source.nonlayer(dtype)
     result["ppl_before"] = evals[0].perplexity(nonlayer, model_config)
     result["ppl_after"] = evals[1].perplexity(nonlayer, model_config)
+    del nonlayer
   timing["final norm, logits"] = time.perf_counter() - t0
   adapter_eval_seconds = adapter.eval_seconds
   del embed_params, evals, adapter
-  qparams = _host(nonlayer)
+  qparams = source.nonlayer_host(dtype)  # host copies, read once from the files
   for i in range(model_config.num_hidden_layers):
     qparams[f"layers_{i}"] = host_blocks.pop(i)
   t0 = time.perf_counter()

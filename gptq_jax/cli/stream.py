@@ -87,6 +87,24 @@ class ModelSource:
              s[0][0] in only]
     return self._read(specs, dtype)
 
+  def nonlayer_host(self, dtype: Any) -> dict:
+    """``nonlayer`` as host numpy arrays (what the checkpoint stores), each tensor copied once."""
+    import ml_dtypes  # noqa: F401,PLC0415 (bfloat16 for numpy)
+
+    out: dict = {}
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    try:
+      for path, name, shape in hf_lib.nonlayer_tensor_specs(self.config):
+        value = self.ckpt.get(name, shape)
+        value = np.array(value.T if path[-1] == "kernel" else value, dtype=np_dtype, order="C")
+        node = out
+        for key in path[:-1]:
+          node = node.setdefault(key, {})
+        node[path[-1]] = value
+    finally:
+      self.close()
+    return out
+
   def params(self, dtype: Any) -> dict:
     """The whole float model (only for small models: the sample generation before)."""
     out = self.nonlayer(dtype)
@@ -177,6 +195,7 @@ class StreamedRun(LlamaAdapter):
     self.source, self.dtype, self.sink = source, dtype, sink
     self.done = done or {}
     self.evals = evals
+    self.release_embedding = True
     self._run = jax.jit(lambda p, h, ctx: LlamaAdapter.run_block(self, p, h, ctx))
     self.blocks_read = []  # the indices read from the source, in order (tests, the breakdown)
     # seconds spent carrying the evaluation windows inside get_block and inside set_block
@@ -201,6 +220,10 @@ class StreamedRun(LlamaAdapter):
                         is_leaf=quantized)
 
   def get_block(self, params, i):
+    if self.release_embedding and "embed_tokens" in params:
+      # The calibration and evaluation windows are embedded once, before block 0: the embedding
+      # is not needed on the devices after that (the driver's params are this dict).
+      del params["embed_tokens"]
     before = self.evals[0] if self.evals else None
     need_float = i not in self.done or (before is not None and before.at == i)
     block = None
