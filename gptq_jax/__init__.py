@@ -1,4 +1,4 @@
-"""gptq_jax: GPTQ post-training quantization of LLaMA-family models in JAX."""
+"""gptq_jax: GPTQ post-training quantization of decoder LLMs (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3) in JAX."""
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import GPTQInfo, quantize_weight, rtn_quantize

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptq_jax.core.weights import PackedWeight
+from gptq_jax.models.params import ModelParams, plain
 
 PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 FORMAT_VERSION = 1
@@ -75,7 +76,7 @@ def _manager(path: str, read_only: bool = False) -> ocp.CheckpointManager:
 
 def write_tree(path: str, step: int, tree: Any, meta: dict) -> None:
   """Save ``tree`` (PackedWeights allowed) and JSON ``meta`` as step ``step`` under ``path``."""
-  arrays, packed = split_packed(tree)
+  arrays, packed = split_packed(plain(tree))  # ModelParams -> dict: orbax sees plain dicts
   arrays = jax.tree.map(np.asarray, arrays)
   meta = {**meta, "packed": packed, "gptq_jax_checkpoint": FORMAT_VERSION}
   mngr = _manager(path)
@@ -113,7 +114,7 @@ def steps(path: str) -> list[int]:
 
 class Checkpoint(NamedTuple):
   params: Any
-  model_config: Any  # LlamaConfig
+  model_config: Any  # ModelConfig
   quant_config: Any  # GPTQConfig or None (a float checkpoint)
   meta: dict
   tokenizer_dir: str | None
@@ -149,18 +150,19 @@ def is_checkpoint(path: str) -> bool:
 def load(path: str) -> Checkpoint:
   """Read a folder written by ``save``."""
   from gptq_jax.config import GPTQConfig
-  from gptq_jax.models import LlamaConfig
+  from gptq_jax.models import ModelConfig
 
   if not is_checkpoint(path):
     raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside)")
   params, meta = read_tree(os.path.join(path, "orbax"))
-  model_config = LlamaConfig.from_hf_dict(meta["model_config"]).replace(
+  model_config = ModelConfig.from_hf_dict(meta["model_config"]).replace(
       dtype=meta.get("compute_dtype", "float32"))
   qc = meta.get("quant_config")
   quant_config = None if qc is None else GPTQConfig.from_dict(qc)
   if quant_config is not None:  # the packed kernels run on the backend the run was configured for
     model_config = model_config.replace(backend=quant_config.backend)
   tok = os.path.join(path, "tokenizer")
+  params = ModelParams(params, model_config)  # they carry their config, as loaded params do
   return Checkpoint(params, model_config, quant_config, meta, tok if os.path.isdir(tok) else None)
 
 

@@ -1,6 +1,6 @@
 """Perplexity over non-overlapping windows, and generation (greedy / sampled) with a KV cache.
 
-Both take any params pytree the Llama accepts (dense or, later, packed GPTQ weights).
+Both take any params pytree the decoder accepts (any family) (dense or, later, packed GPTQ weights).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models import LlamaConfig, forward, forward_with_cache, init_kv_cache
+from gptq_jax.models import ModelConfig, forward, forward_with_cache, init_kv_cache
 
 Params = dict[str, Any]
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _window_nll(params: Params, cfg: LlamaConfig, windows: jax.Array) -> jax.Array:
+def _window_nll(params: Params, cfg: ModelConfig, windows: jax.Array) -> jax.Array:
   """windows: [b, seqlen] -> summed NLL of tokens 1..seqlen-1 of each window, [b] float32."""
   logits = forward(params, cfg, windows)[:, :-1]  # [b, seqlen - 1, vocab]
   logp = jax.nn.log_softmax(logits, axis=-1)
@@ -27,7 +27,7 @@ def _window_nll(params: Params, cfg: LlamaConfig, windows: jax.Array) -> jax.Arr
   return -jnp.sum(target, axis=-1)
 
 
-def window_nll(params: Params, cfg: LlamaConfig, tokens: Any, *, seqlen: int,
+def window_nll(params: Params, cfg: ModelConfig, tokens: Any, *, seqlen: int,
                max_windows: int | None = None, batch_size: int = 1) -> tuple[float, int, int]:
   """(total NLL, scored tokens, windows) over non-overlapping `seqlen` windows of `tokens` [n]."""
   tokens = np.asarray(tokens)
@@ -54,7 +54,7 @@ def window_nll(params: Params, cfg: LlamaConfig, tokens: Any, *, seqlen: int,
   return total, n_windows * (seqlen - 1), n_windows
 
 
-def perplexity(params: Params, cfg: LlamaConfig, tokens: Any, *, seqlen: int,
+def perplexity(params: Params, cfg: ModelConfig, tokens: Any, *, seqlen: int,
                max_windows: int | None = None, batch_size: int = 1) -> float:
   """exp(mean NLL) over non-overlapping windows of a 1-D token array, each scored on its own
   (positions 1..seqlen-1, as Hugging Face's fixed-length perplexity with stride = seqlen)."""
@@ -110,7 +110,7 @@ def _full_step(params, cfg, buffer, mask, slot, key, temperature, top_k, top_p):
   return _select(last, key, temperature, top_k, top_p)
 
 
-def generate(params: Params, cfg: LlamaConfig, prompt_ids: Any, *, max_new_tokens: int,
+def generate(params: Params, cfg: ModelConfig, prompt_ids: Any, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, use_cache: bool = True, attention_mask: Any = None) -> np.ndarray:
   """Prompt `[p]` or left-padded `[b, p]` (+ mask) -> prompt and new tokens `[.., p + new]`.

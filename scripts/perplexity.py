@@ -1,4 +1,4 @@
-"""Perplexity of a Llama over non-overlapping windows of a text or a token array.
+"""Perplexity of a model (any supported family) over non-overlapping windows of a text or a token array.
 
   python scripts/perplexity.py --model <checkpoint | HF dir | .gguf | smollm2-135m>
       (--text FILE | --tokens FILE.npy)
@@ -27,7 +27,7 @@ def load_model(spec: str):
   to float32 (the same weights its packed layers compute with).
   """
   from gptq_jax import checkpoint
-  from gptq_jax.models import load_llama, load_tokenizer
+  from gptq_jax.models import load_model, load_tokenizer
 
   if checkpoint.is_checkpoint(spec):
     from gptq_jax.pipeline import dense_block
@@ -38,7 +38,7 @@ def load_model(spec: str):
     else:
       tokenizer_loader = lambda: load_tokenizer(ckpt.tokenizer_dir)  # noqa: E731
     return ckpt.model_config, dense_block(ckpt.params), tokenizer_loader
-  cfg, params = load_llama(spec)
+  cfg, params = load_model(spec)
   return cfg, params, lambda: load_tokenizer(spec)
 
 

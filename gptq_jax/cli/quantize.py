@@ -1,4 +1,4 @@
-"""``scripts/quantize_llama.py``: quantize a Llama checkpoint with GPTQ, resumably, with a report.
+"""``scripts/quantize_llama.py``: quantize a decoder checkpoint (any supported family) with GPTQ, resumably, with a report.
 
 Flags are named after the GPTQConfig fields. The run: load the model and tokenizer, build the
 calibration batches, (optionally) measure perplexity, quantize block by block — each finished block
@@ -25,7 +25,7 @@ CALIB_DEFAULT = "bundled State of the Union addresses 1990-2015 (gptq_jax/assets
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="quantize_llama.py", description="GPTQ-quantize a LLaMA-family model (offline).")
+      prog="quantize_llama.py", description="GPTQ-quantize a decoder LLM: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 (offline).")
   p.add_argument("--model", default="smollm2-135m",
                  help="HF folder, .gguf file, or 'smollm2-135m' (the embedded default)")
   p.add_argument("--output", required=True, help="new folder for the orbax checkpoint")
@@ -306,7 +306,7 @@ def run(args) -> dict:
   from gptq_jax.cli.stream import EvalStream, ModelSource, StreamedRun, eval_windows
   from gptq_jax.models import load_tokenizer
   from gptq_jax.pipeline import quantize
-  from gptq_jax.pipeline.adapter import LlamaAdapter
+  from gptq_jax.pipeline.adapter import ModelAdapter
   from gptq_jax.pipeline.calib import normalize
   from gptq_jax.pipeline.resume import ResumableRun
   from gptq_jax.pipeline.stats import PipelineStats
@@ -364,7 +364,7 @@ def run(args) -> dict:
   evals = None
   if eval_tokens is not None:
     windows = eval_windows(eval_tokens, cfg.seqlen, args.eval_windows)
-    evals = tuple(EvalStream(LlamaAdapter.for_config(model_config), embed_params, windows)
+    evals = tuple(EvalStream(ModelAdapter.for_config(model_config), embed_params, windows)
                   for _ in range(2))
   host_blocks = dict(done)
 

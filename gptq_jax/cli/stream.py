@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax.models import hf as hf_lib
-from gptq_jax.pipeline.adapter import LlamaAdapter
+from gptq_jax.pipeline.adapter import ModelAdapter, block_adapter
+from gptq_jax.pipeline.capture import runner_for
 
 DTYPES = ("bfloat16", "float32")
 _SAMPLES, _SAMPLE_BYTES = 16, 4096  # bytes sampled per weight file for the fingerprint
@@ -182,7 +183,7 @@ def eval_windows(tokens: np.ndarray, seqlen: int, max_windows: int) -> np.ndarra
 Sink = Callable[[int, Any], None]
 
 
-class StreamedRun(LlamaAdapter):
+class StreamedRun(ModelAdapter):
   """The driver's view of a model on disk (see the module docstring).
 
   ``done``: blocks already quantized by an interrupted run (``i -> packed block``), returned as
@@ -196,14 +197,14 @@ class StreamedRun(LlamaAdapter):
     self.done = done or {}
     self.evals = evals
     self.release_embedding = True
-    self._run = jax.jit(lambda p, h, ctx: LlamaAdapter.run_block(self, p, h, ctx))
     self.blocks_read = []  # the indices read from the source, in order (tests, the breakdown)
     # seconds spent carrying the evaluation windows inside get_block and inside set_block
     self.eval_seconds = {"get": 0.0, "set": 0.0}
 
-  def _advance(self, stream, block, where: str) -> None:
+  def _advance(self, stream, block, i: int, where: str) -> None:
     t0 = time.perf_counter()
-    stream.advance(self._run, block)
+    # block i's own kind (sliding / full attention): one compiled runner per layer type
+    stream.advance(runner_for(block_adapter(self, i), None, "data"), block)
     jax.block_until_ready(stream.state)
     self.eval_seconds[where] += time.perf_counter() - t0
 
@@ -231,16 +232,16 @@ class StreamedRun(LlamaAdapter):
       block = self.source.block(i, self.dtype)
       self.blocks_read.append(i)
       if before is not None and before.at == i:  # once, even if refinement reads it again
-        self._advance(before, block, "get")
+        self._advance(before, block, i, "get")
     if i in self.done:
       q = self.done[i]
       if self.evals is not None and self.evals[1].at == i:
-        self._advance(self.evals[1], self._dense(q), "get")
+        self._advance(self.evals[1], self._dense(q), i, "get")
       return q
     return block
 
   def set_block(self, params, i, block_params):
     if self.evals is not None and self.evals[1].at == i:
-      self._advance(self.evals[1], self._dense(block_params), "set")
+      self._advance(self.evals[1], self._dense(block_params), i, "set")
     self.sink(i, block_params)
     return params

@@ -3,8 +3,8 @@
 from gptq_jax.interop.hf_gptq import (FolderWriter, block_tensors, export_hf, import_hf,
                                       nonlayer_tensors, quantization_config, read_block,
                                       read_quantization_config)
-from gptq_jax.interop.streaming import StreamingLlamaAdapter, quantize_folder
+from gptq_jax.interop.streaming import StreamingLlamaAdapter, StreamingModelAdapter, quantize_folder
 
 __all__ = ["FolderWriter", "block_tensors", "export_hf", "import_hf", "nonlayer_tensors",
            "quantization_config", "quantize_folder", "read_block", "read_quantization_config",
-           "StreamingLlamaAdapter"]
+           "StreamingLlamaAdapter", "StreamingModelAdapter"]

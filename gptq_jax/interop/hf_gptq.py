@@ -23,9 +23,10 @@ import numpy as np
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import packing
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.hf import (HFCheckpoint, Params, layer_tensor_specs,
                                       nonlayer_tensor_specs, params_from_tensors)
+from gptq_jax.models.params import ModelParams
 from gptq_jax.models.safetensors_io import save_safetensors
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -59,7 +60,7 @@ def _float_dtype(dtype: Any) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def write_configs(folder: str, model_config: LlamaConfig, cfg: GPTQConfig, dtype: Any,
+def write_configs(folder: str, model_config: ModelConfig, cfg: GPTQConfig, dtype: Any,
                   tokenizer: Any = None) -> None:
   """config.json (with quantization_config), quantize_config.json and the tokenizer files."""
   qc = quantization_config(cfg)
@@ -122,13 +123,13 @@ def _tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype) -> dict[str,
   return out
 
 
-def block_tensors(model_config: LlamaConfig, i: int, block: Params, cfg: GPTQConfig,
+def block_tensors(model_config: ModelConfig, i: int, block: Params, cfg: GPTQConfig,
                   dtype: Any = "float16") -> dict[str, np.ndarray]:
   """The HF tensors of decoder block ``i`` (its params tree ``block``)."""
   return _tensors(layer_tensor_specs(model_config, i), block, cfg, _float_dtype(dtype))
 
 
-def nonlayer_tensors(model_config: LlamaConfig, params: Params, dtype: Any = "float16"
+def nonlayer_tensors(model_config: ModelConfig, params: Params, dtype: Any = "float16"
                      ) -> dict[str, np.ndarray]:
   """embed_tokens, norm and (untied) lm_head as HF tensors (never quantized here)."""
   return _tensors(nonlayer_tensor_specs(model_config), params, None, _float_dtype(dtype))
@@ -144,7 +145,7 @@ class FolderWriter:
   a single shard the file is ``model.safetensors``. Refuses an existing ``path``.
   """
 
-  def __init__(self, path: str | os.PathLike, model_config: LlamaConfig, cfg: GPTQConfig, *,
+  def __init__(self, path: str | os.PathLike, model_config: ModelConfig, cfg: GPTQConfig, *,
                dtype: Any = "float16", tokenizer: Any = None):
     self.path = os.path.abspath(os.fspath(path))
     if os.path.exists(self.path):
@@ -184,7 +185,7 @@ class FolderWriter:
     return self.path
 
 
-def export_hf(path: str | os.PathLike, qparams: Params, model_config: LlamaConfig,
+def export_hf(path: str | os.PathLike, qparams: Params, model_config: ModelConfig,
               cfg: GPTQConfig, tokenizer: Any = None, *, dtype: Any = "float16") -> str:
   """Writes a Hugging Face GPTQ folder (transformers / GPTQModel / vLLM load it) from ``quantize``'s
   result. Packed kernels are written in ``cfg.format`` (repacked if they were packed in the other
@@ -217,7 +218,7 @@ def read_quantization_config(folder: str) -> GPTQConfig:
       qc = json.load(f)
   if qc is None:
     raise ValueError(f"{folder!r} is not a GPTQ folder: config.json has no quantization_config and "
-                     "there is no quantize_config.json (a float folder loads with load_llama)")
+                     "there is no quantize_config.json (a float folder loads with load_model)")
   qc = dict(qc)
   meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
   for key in _META_KEYS:  # GPTQModel 7 keeps these under "meta"
@@ -271,7 +272,7 @@ def read_block(ckpt: HFCheckpoint, i: int, cfg: GPTQConfig, dtype: Any = jnp.flo
 
 
 def import_hf(path: str | os.PathLike, dtype: Any = jnp.float32
-              ) -> tuple[LlamaConfig, Params, GPTQConfig]:
+              ) -> tuple[ModelConfig, Params, GPTQConfig]:
   """Reads a Hugging Face GPTQ folder (``gptq`` v1 or ``gptq_v2``, with or without act-order) ->
   ``(model_config, params, cfg)``; quantized linears are ``PackedWeight`` kernels (scales as
   float32, exactly the stored float16 values), the rest dense ``dtype`` arrays. The params run
@@ -287,6 +288,6 @@ def import_hf(path: str | os.PathLike, dtype: Any = jnp.float32
     params = ckpt.nonlayer_params(dtype)
     for i in range(model_config.num_hidden_layers):
       params[f"layers_{i}"] = read_block(ckpt, i, cfg, dtype)
-    return model_config, params, cfg
+    return model_config, ModelParams(params, model_config), cfg
   finally:
     ckpt.close()

@@ -1,7 +1,7 @@
 """Quantize a Hugging Face folder larger than RAM: blocks read on demand, written as they finish.
 
 ``quantize_folder(src, calib_batches, cfg, out)`` runs the usual block-sequential driver
-(``gptq_jax.quantize``) with a ``StreamingLlamaAdapter``: the driver's params hold only the token
+(``gptq_jax.quantize``) with a ``StreamingModelAdapter``: the driver's params hold only the token
 embedding (what the first block's input needs); each decoder block is read from the memory-mapped
 safetensors when the driver asks for it (``get_block``) and, once quantized, handed to a sink
 (``set_block``) that writes it as one shard of the output GPTQ folder and drops it. Peak host memory
@@ -21,14 +21,14 @@ import jax.numpy as jnp
 from gptq_jax.config import GPTQConfig
 from gptq_jax.interop.hf_gptq import FolderWriter, block_tensors, nonlayer_tensors
 from gptq_jax.models.hf import HFCheckpoint, Params, nonlayer_tensor_specs, params_from_tensors
-from gptq_jax.pipeline.adapter import LlamaAdapter
+from gptq_jax.pipeline.adapter import ModelAdapter
 from gptq_jax.pipeline.driver import quantize
 
 BlockSink = Callable[[int, Params], None]
 
 
-class StreamingLlamaAdapter(LlamaAdapter):
-  """The built-in Llama with its blocks on disk: ``get_block`` reads block ``i`` from ``ckpt``
+class StreamingModelAdapter(ModelAdapter):
+  """The built-in decoder with its blocks on disk: ``get_block`` reads block ``i`` from ``ckpt``
   (only its tensors; the memory maps are closed again so no page stays resident), ``set_block``
   passes the quantized block to ``sink(i, block)`` and keeps nothing."""
 
@@ -58,10 +58,10 @@ def _embedding(ckpt: HFCheckpoint, dtype: Any) -> Params:
 def quantize_folder(src: str | os.PathLike, calib_batches: Any, cfg: GPTQConfig,
                     out: str | os.PathLike, *, tokenizer: Any = None, dtype: Any = "float16",
                     compute_dtype: Any = jnp.float32, **quantize_kwargs) -> str | None:
-  """GPTQ-quantizes the float HF Llama folder ``src`` block by block into the GPTQ folder ``out``.
+  """GPTQ-quantizes the float HF folder ``src`` block by block into the GPTQ folder ``out``.
 
   Args:
-    src: a Hugging Face Llama folder (safetensors, one file or shards).
+    src: a Hugging Face folder of any supported family (safetensors, one file or shards).
     calib_batches, cfg: as for ``gptq_jax.quantize``.
     out: the new GPTQ folder (refused if it exists); written by process 0 only under
       ``jax.distributed`` (every process computes the same blocks).
@@ -81,7 +81,7 @@ def quantize_folder(src: str | os.PathLike, calib_batches: Any, cfg: GPTQConfig,
   sink = (lambda i, block: writer.add(block_tensors(model_config, i, block, cfg, dtype))) if (
       writer is not None) else (lambda i, block: None)
   try:
-    adapter = StreamingLlamaAdapter(ckpt, sink, compute_dtype)
+    adapter = StreamingModelAdapter(ckpt, sink, compute_dtype)
     quantize(_embedding(ckpt, compute_dtype), calib_batches, cfg, adapter=adapter,
              **quantize_kwargs)
     if writer is None:
@@ -97,3 +97,6 @@ def quantize_folder(src: str | os.PathLike, calib_batches: Any, cfg: GPTQConfig,
     raise
   finally:
     ckpt.close()
+
+
+StreamingLlamaAdapter = StreamingModelAdapter  # the pre-families name

@@ -1,8 +1,10 @@
-"""Grouped-query self-attention with rotary embeddings, causal + padding masks and a KV cache.
+"""Grouped-query self-attention with rotary embeddings, causal (optionally sliding-window) +
+padding masks, optional per-head q/k norms, and a KV cache.
 
 Without a cache, queries and keys are the same `seq` tokens. With a cache, keys are the cache's
 `max_len` slots: the new tokens are written at slots `cache_index .. cache_index + seq - 1`, and a
-query at slot q sees every valid slot s <= q. `attention_mask` is `[batch, seq]` (1 = real token)
+query at slot q sees every valid slot s <= q (and, on a sliding layer with window w, only
+q - w < s: the window counts slots, as Hugging Face's mask does). `attention_mask` is `[batch, seq]` (1 = real token)
 without a cache and `[batch, max_len]` (valid slots, the new ones included) with one.
 """
 
@@ -14,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptq_jax.models.config import LlamaConfig
-from gptq_jax.models.layers import HIGHEST, Linear
+from gptq_jax.models.config import FULL, ModelConfig
+from gptq_jax.models.layers import HIGHEST, Linear, RMSNorm
 from gptq_jax.models.rope import apply_rope, rope_cos_sin
 
 KVCache = dict[str, jax.Array]  # {"k": [batch, kv_heads, max_len, head_dim], "v": same}
@@ -23,18 +25,25 @@ _MASKED = -1e30  # finite, so a fully padded query row stays finite (uniform), n
 _MIN_CHUNK, _MAX_CHUNKS = 128, 4  # causal chunking of long queries (compile time vs work)
 
 
-def attention_weights_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
-  """key_valid: [batch, keys] (1 = attendable); query_slots: [seq] -> allowed [batch, seq, keys]."""
+def attention_weights_mask(key_valid: jax.Array, query_slots: jax.Array,
+                           window: int | None = None) -> jax.Array:
+  """key_valid: [batch, keys] (1 = attendable); query_slots: [seq] -> allowed [batch, seq, keys].
+
+  window: keys at most `window - 1` slots before the query (None: all earlier keys)."""
   key_slots = jnp.arange(key_valid.shape[-1])
   causal = key_slots[None, :] <= query_slots[:, None]  # [seq, keys]
+  if window is not None:
+    causal = causal & (key_slots[None, :] > query_slots[:, None] - window)
   return causal[None] & (key_valid[:, None, :] != 0)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                          scale: float | None = None, softcap: float | None = None) -> jax.Array:
   """q: [b, t, heads, d]; k, v: [b, kv_heads, s, d]; allowed: [b, t, s] -> [b, t, heads, d].
 
   Query heads are grouped over key/value heads (GQA) without repeating k and v; scores and the
-  softmax are float32.
+  softmax are float32. scale: the factor on q.k (None: d ** -0.5); softcap: scores become
+  softcap * tanh(scores / softcap) before masking.
   """
   b, t, heads, d = q.shape
   kv_heads, s = k.shape[1], k.shape[2]
@@ -42,15 +51,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax
   q = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)  # [b, kv, groups, t, d]
   q = q.reshape(b, kv_heads, groups * t, d)
   scores = jnp.einsum("bkmd,bksd->bkms", q, k, precision=HIGHEST,
-                      preferred_element_type=jnp.float32) * (d ** -0.5)  # [b, kv, groups*t, s]
-  scores = scores.reshape(b, kv_heads, groups, t, s)
+                      preferred_element_type=jnp.float32) * (d ** -0.5 if scale is None else scale)
+  if softcap is not None:
+    scores = jnp.tanh(scores / softcap) * softcap
+  scores = scores.reshape(b, kv_heads, groups, t, s)  # [b, kv, groups, t, s]
   scores = jnp.where(allowed[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, groups * t, s)
   out = jnp.einsum("bkms,bksd->bkmd", probs, v, precision=HIGHEST)  # [b, kv, groups*t, d]
   return out.reshape(b, kv_heads, groups, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                     scale: float | None = None, softcap: float | None = None) -> jax.Array:
   """`dot_product_attention` when query i sits at key slot i (no cache, or a prefill at slot 0).
 
   Queries go in at most `_MAX_CHUNKS` chunks of at least `_MIN_CHUNK`; a chunk ending at slot c
@@ -63,15 +75,18 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
   for c0 in range(0, t, chunk):
     c1 = min(t, c0 + chunk)
     outs.append(dot_product_attention(q[:, c0:c1], k[:, :, :c1], v[:, :, :c1],
-                                      allowed[:, c0:c1, :c1]))
+                                      allowed[:, c0:c1, :c1], scale, softcap))
   return jnp.concatenate(outs, axis=1)
 
 
-class LlamaAttention(nn.Module):
-  """Self-attention: q/k/v/o projections (separate `Linear`s), RoPE, GQA."""
+class Attention(nn.Module):
+  """Self-attention: q/k/v/o projections (separate `Linear`s), optional q/k norms, RoPE, GQA.
 
-  config: LlamaConfig
+  `layer_type` ("full_attention" / "sliding_attention") picks the window and the RoPE base."""
+
+  config: ModelConfig
   param_dtype: Any = jnp.float32
+  layer_type: str = FULL
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
@@ -80,14 +95,18 @@ class LlamaAttention(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    proj = lambda name, n_in, n_out: Linear(  # noqa: E731
-        n_in, n_out, use_bias=cfg.attention_bias, dtype=dtype, param_dtype=self.param_dtype,
-        name=name)
+    proj = lambda name, n_in, n_out, bias: Linear(  # noqa: E731
+        n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=self.param_dtype, name=name)
     b, t, _ = x.shape
-    q = proj("q_proj", cfg.hidden_size, heads * hd)(x).reshape(b, t, heads, hd)
-    k = proj("k_proj", cfg.hidden_size, kv_heads * hd)(x).reshape(b, t, kv_heads, hd)
-    v = proj("v_proj", cfg.hidden_size, kv_heads * hd)(x).reshape(b, t, kv_heads, hd)
-    cos, sin = rope_cos_sin(cfg, positions)
+    q = proj("q_proj", cfg.hidden_size, heads * hd, cfg.qkv_bias)(x).reshape(b, t, heads, hd)
+    k = proj("k_proj", cfg.hidden_size, kv_heads * hd, cfg.qkv_bias)(x).reshape(b, t, kv_heads, hd)
+    v = proj("v_proj", cfg.hidden_size, kv_heads * hd, cfg.qkv_bias)(x).reshape(b, t, kv_heads, hd)
+    if cfg.qk_norm:  # per head, over head_dim, before RoPE
+      norm = lambda name: RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype,  # noqa: E731
+                                  param_dtype=self.param_dtype, unit_offset=cfg.norm_unit_offset,
+                                  name=name)
+      q, k = norm("q_norm")(q), norm("k_norm")(k)
+    cos, sin = rope_cos_sin(cfg, positions, self.layer_type)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, hd]
@@ -98,17 +117,19 @@ class LlamaAttention(nn.Module):
       v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all.astype(dtype), v_all.astype(dtype)
-    allowed = attention_weights_mask(attention_mask, jnp.arange(t) + cache_index)  # [b, t, keys]
+    allowed = attention_weights_mask(attention_mask, jnp.arange(t) + cache_index,
+                                     cfg.window(self.layer_type))  # [b, t, keys]
+    scale, softcap = cfg.attention_scale, cfg.attn_logit_softcapping
     if isinstance(cache_index, int) and cache_index == 0:  # query i at key slot i
-      out = causal_attention(q, k, v, allowed)
+      out = causal_attention(q, k, v, allowed, scale, softcap)
     else:
-      out = dot_product_attention(q, k, v, allowed)
+      out = dot_product_attention(q, k, v, allowed, scale, softcap)
     out = out.reshape(b, t, heads * hd)
-    out = proj("o_proj", heads * hd, cfg.hidden_size)(out)
+    out = proj("o_proj", heads * hd, cfg.hidden_size, cfg.o_bias)(out)
     return out if kv_cache is None else (out, new_cache)
 
 
-def init_kv_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> list[KVCache]:
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> list[KVCache]:
   """Zeroed per-layer caches `{"k", "v"}: [batch, kv_heads, max_len, head_dim]` (compute dtype)."""
   dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
   shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)

@@ -1,4 +1,9 @@
-"""LlamaConfig: the architecture of a LLaMA-family decoder, with the Hugging Face config.json mapping.
+"""ModelConfig: the architecture of a decoder of any supported family, as typed fields.
+
+One decoder serves Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma 3 (text): every difference between
+them is a field here (biases, q/k norms, sliding-window layers, Gemma's norms and embedding scale,
+the MLP activation, the attention scale, RoPE per layer type). The mapping to and from a Hugging
+Face config.json lives in `families.py`; `ModelConfig.from_hf_dict` / `.to_hf_dict` call it.
 
 Frozen and hashable, so it can be a static argument of `jax.jit`. Validated at construction: every
 error names the field, the value and what is allowed.
@@ -12,24 +17,35 @@ from typing import Any, Mapping
 from gptq_jax.config import BACKENDS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ROPE_TYPES = ("llama3", "linear")
-SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+ROPE_TYPES = ("llama3", "linear", "yarn")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
+FULL, SLIDING = LAYER_TYPES
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"LlamaConfig.{field}={value!r} is invalid: expected {allowed}")
+  raise ValueError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-  """Rotary frequency scaling: Llama 3's "llama3" (smooth, by wavelength) or "linear" (positions / factor)."""
+  """Rotary frequency scaling: "llama3" (smooth, by wavelength), "linear" (positions / factor) or
+  "yarn" (NTK-by-parts ramp between interpolated and original frequencies, cos/sin scaled by an
+  attention factor). Field meanings and defaults are those of transformers' rope utilities."""
 
   rope_type: str
   factor: float
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
+  original_max_position_embeddings: int | None = 8192
+  # yarn only
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  attention_factor: float | None = None  # None: derived from factor (and mscale / mscale_all_dim)
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  truncate: bool = True
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
@@ -40,13 +56,19 @@ class RopeScaling:
       if not 0 < self.low_freq_factor < self.high_freq_factor:
         _fail("rope_scaling.low_freq_factor/high_freq_factor",
               (self.low_freq_factor, self.high_freq_factor), "0 < low_freq_factor < high_freq_factor")
-      if self.original_max_position_embeddings <= 0:
+    if self.rope_type in ("llama3", "yarn"):
+      if not isinstance(self.original_max_position_embeddings, int) or (
+          self.original_max_position_embeddings <= 0):
         _fail("rope_scaling.original_max_position_embeddings",
               self.original_max_position_embeddings, "a positive int")
 
   @classmethod
-  def from_hf_dict(cls, d: Mapping[str, Any] | None) -> RopeScaling | None:
-    """Reads HF `rope_scaling` / `rope_parameters`; None or rope_type "default" means no scaling."""
+  def from_hf_dict(cls, d: Mapping[str, Any] | None,
+                   max_position_embeddings: int | None = None) -> RopeScaling | None:
+    """Reads HF `rope_scaling` / `rope_parameters`; None or rope_type "default" means no scaling.
+
+    `max_position_embeddings` fills a missing `original_max_position_embeddings` (as transformers
+    does for llama3 / yarn)."""
     if not d:
       return None
     rope_type = d.get("rope_type", d.get("type", "default"))
@@ -54,19 +76,57 @@ class RopeScaling:
       return None
     if rope_type not in ROPE_TYPES:
       raise ValueError(f"unsupported rope scaling type {rope_type!r}: gptq_jax supports {ROPE_TYPES}")
-    keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+            "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
     kwargs = {k: d[k] for k in keys if d.get(k) is not None}
-    return cls(rope_type=rope_type, factor=float(d["factor"]), **kwargs)
+    if "original_max_position_embeddings" not in kwargs and max_position_embeddings:
+      kwargs["original_max_position_embeddings"] = int(max_position_embeddings)
+    factor = d.get("factor")
+    if factor is None and rope_type == "yarn" and max_position_embeddings:
+      factor = max_position_embeddings / kwargs["original_max_position_embeddings"]
+    if factor is None:
+      raise ValueError(f"rope scaling {rope_type!r} needs a 'factor'")
+    return cls(rope_type=rope_type, factor=float(factor), **kwargs)
 
   def to_hf_dict(self) -> dict[str, Any]:
     if self.rope_type == "linear":
       return {"rope_type": "linear", "factor": self.factor}
-    return dataclasses.asdict(self)
+    if self.rope_type == "llama3":
+      return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
+              "high_freq_factor": self.high_freq_factor,
+              "original_max_position_embeddings": self.original_max_position_embeddings}
+    out = {"rope_type": "yarn", "factor": self.factor,
+           "original_max_position_embeddings": self.original_max_position_embeddings,
+           "beta_fast": self.beta_fast, "beta_slow": self.beta_slow, "truncate": self.truncate}
+    for k in ("attention_factor", "mscale", "mscale_all_dim"):
+      if getattr(self, k) is not None:
+        out[k] = getattr(self, k)
+    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LlamaConfig:
-  """A LLaMA decoder. `dtype` is the compute dtype (not saved to config.json); params stay as loaded."""
+class ModelConfig:
+  """A decoder. `dtype` is the compute dtype (not saved to config.json); params stay as loaded.
+
+  The family fields (defaults = Llama):
+    model_type: the HF family ("llama", "mistral", "qwen2", "qwen3", "gemma3_text").
+    attention_bias: biases on q, k, v and o (Llama / Qwen3 / Gemma 3 `attention_bias`).
+    qkv_bias, o_bias: per-projection biases; None = `attention_bias` (Qwen2: q/k/v only).
+    qk_norm: a per-head RMSNorm (`self_attn.q_norm` / `k_norm`, weight [head_dim]) on q and k,
+      before RoPE (Qwen3, Gemma 3).
+    norm_unit_offset: RMSNorms scale by (1 + weight), in float32 (Gemma).
+    scale_embeddings: the embedding output is multiplied by sqrt(hidden_size), in the compute
+      dtype (Gemma).
+    sandwich_norms: four norms per block: input / post_attention (on the attention output) /
+      pre_feedforward / post_feedforward (on the MLP output) (Gemma 3).
+    hidden_act: the gated MLP's activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU).
+    query_pre_attn_scalar: attention scores are scaled by its -1/2 power; None = head_dim.
+    layer_types: per layer, "full_attention" or "sliding_attention"; None = all full.
+    sliding_window: keys within this many slots of the query (itself included) on sliding layers.
+    rope_local_theta, rope_local_scaling: RoPE of sliding layers when rope_local_theta is set
+      (Gemma 3's local base); otherwise every layer uses rope_theta / rope_scaling.
+    attn_logit_softcapping, final_logit_softcapping: tanh soft caps (None = off).
+  """
 
   vocab_size: int
   hidden_size: int
@@ -86,6 +146,20 @@ class LlamaConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
   pad_token_id: int | None = None
+  model_type: str = "llama"
+  qkv_bias: bool | None = None
+  o_bias: bool | None = None
+  qk_norm: bool = False
+  norm_unit_offset: bool = False
+  scale_embeddings: bool = False
+  sandwich_norms: bool = False
+  query_pre_attn_scalar: float | None = None
+  layer_types: tuple[str, ...] | None = None
+  sliding_window: int | None = None
+  rope_local_theta: float | None = None
+  rope_local_scaling: RopeScaling | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
   dtype: str = "float32"
   # How packed (GPTQ) linears run: one of gptq_jax.config.BACKENDS. Not saved to config.json.
   backend: str = "auto"
@@ -97,6 +171,8 @@ class LlamaConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         _fail(name, value, "a positive int")
+    if self.model_type not in SUPPORTED_MODEL_TYPES:
+      _fail("model_type", self.model_type, f"one of {SUPPORTED_MODEL_TYPES}")
     if self.num_key_value_heads is None:
       set_("num_key_value_heads", self.num_attention_heads)
     kv = self.num_key_value_heads
@@ -114,12 +190,36 @@ class LlamaConfig:
       _fail("rms_norm_eps", self.rms_norm_eps, "a positive float")
     if not self.rope_theta > 0:
       _fail("rope_theta", self.rope_theta, "a positive float")
-    if isinstance(self.rope_scaling, Mapping):
-      set_("rope_scaling", RopeScaling.from_hf_dict(self.rope_scaling))
-    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-      _fail("rope_scaling", self.rope_scaling, "None, a RopeScaling or an HF rope_scaling dict")
-    if self.hidden_act != "silu":
-      _fail("hidden_act", self.hidden_act, "'silu' (Llama's SwiGLU MLP)")
+    for name in ("rope_scaling", "rope_local_scaling"):
+      value = getattr(self, name)
+      if isinstance(value, Mapping):
+        set_(name, RopeScaling.from_hf_dict(value, self.max_position_embeddings))
+      if getattr(self, name) is not None and not isinstance(getattr(self, name), RopeScaling):
+        _fail(name, value, "None, a RopeScaling or an HF rope_scaling dict")
+    if self.rope_local_theta is not None and not self.rope_local_theta > 0:
+      _fail("rope_local_theta", self.rope_local_theta, "None or a positive float")
+    if self.hidden_act not in HIDDEN_ACTS:
+      _fail("hidden_act", self.hidden_act, f"one of {HIDDEN_ACTS} (the gated MLP's activation)")
+    for name in ("qkv_bias", "o_bias"):
+      if getattr(self, name) is None:
+        set_(name, bool(self.attention_bias))
+    if self.query_pre_attn_scalar is not None and not self.query_pre_attn_scalar > 0:
+      _fail("query_pre_attn_scalar", self.query_pre_attn_scalar, "None or a positive number")
+    if self.sliding_window is not None and (
+        not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool)
+        or self.sliding_window <= 0):
+      _fail("sliding_window", self.sliding_window, "None or a positive int")
+    if self.layer_types is None:
+      set_("layer_types", (FULL,) * self.num_hidden_layers)
+    set_("layer_types", tuple(self.layer_types))
+    if len(self.layer_types) != self.num_hidden_layers or any(
+        t not in LAYER_TYPES for t in self.layer_types):
+      _fail("layer_types", self.layer_types,
+            f"{self.num_hidden_layers} entries, each one of {LAYER_TYPES}")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        _fail(name, value, "None or a positive number")
     if isinstance(self.eos_token_id, (list, tuple)):
       set_("eos_token_id", tuple(int(i) for i in self.eos_token_id))
     if self.dtype not in COMPUTE_DTYPES:
@@ -138,65 +238,41 @@ class LlamaConfig:
       return ()
     return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
-  def replace(self, **changes: Any) -> LlamaConfig:
+  @property
+  def attention_scale(self) -> float:
+    """The factor on q.k: query_pre_attn_scalar ** -0.5 (head_dim ** -0.5 by default)."""
+    return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  def window(self, layer_type: str) -> int | None:
+    """The sliding window of a layer of this type (None: full causal attention)."""
+    return self.sliding_window if layer_type == SLIDING else None
+
+  def rope(self, layer_type: str) -> tuple[float, RopeScaling | None]:
+    """(base, scaling) of the rotary embedding of a layer of this type."""
+    if layer_type == SLIDING and self.rope_local_theta is not None:
+      return self.rope_local_theta, self.rope_local_scaling
+    return self.rope_theta, self.rope_scaling
+
+  @property
+  def distinct_layer_types(self) -> tuple[str, ...]:
+    return tuple(t for t in LAYER_TYPES if t in self.layer_types)
+
+  def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def from_hf_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
-    """Reads a Hugging Face config.json dict (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
-    model_type = d.get("model_type")
-    archs = d.get("architectures") or []
-    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
-                       f"gptq_jax supports {SUPPORTED_ARCHITECTURES} (model_type 'llama')")
-    if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-      raise ValueError(f"unsupported architecture: {archs}; gptq_jax supports {SUPPORTED_ARCHITECTURES}")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in d]
-    if missing:
-      raise ValueError(f"config.json is missing required keys {missing}")
-    rope = d.get("rope_parameters")
-    if isinstance(rope, Mapping) and "full_attention" in rope:  # per-layer-type form
-      rope = rope["full_attention"]
-    rope = dict(rope or {})
-    rope_theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = d.get("rope_scaling") or rope
-    kwargs = dict(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-        num_attention_heads=d["num_attention_heads"],
-        num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
-        rope_scaling=RopeScaling.from_hf_dict(scaling),
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
-        hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
-    return cls(**kwargs)
+  def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+    """Reads a Hugging Face config.json dict of a supported family (transformers 4 `rope_scaling`
+    or 5 `rope_parameters`); an unsupported model_type raises a ValueError listing the families."""
+    from gptq_jax.models import families  # noqa: PLC0415 (families imports this module)
+
+    return families.config_from_hf(cls, d)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """A config.json dict that transformers (4 and 5) and vLLM read as LlamaForCausalLM."""
-    eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
-    return {
-        "architectures": list(SUPPORTED_ARCHITECTURES),
-        "model_type": "llama",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": self.hidden_act,
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_scaling": self.rope_scaling.to_hf_dict() if self.rope_scaling else None,
-        "max_position_embeddings": self.max_position_embeddings,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "attention_bias": self.attention_bias,
-        "mlp_bias": self.mlp_bias,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": eos,
-        "pad_token_id": self.pad_token_id,
-    }
+    """A config.json dict that transformers (4 and 5) and vLLM read as this family's CausalLM."""
+    from gptq_jax.models import families  # noqa: PLC0415
+
+    return families.config_to_hf(self)
+
+
+LlamaConfig = ModelConfig  # the pre-families name

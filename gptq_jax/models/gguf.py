@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.config import LlamaConfig, RopeScaling
+from gptq_jax.models.config import ModelConfig, RopeScaling
 from gptq_jax.models.hf import Params, model_params_from_tensors
 
 SMOLLM2_NAME = "smollm2-135m"
@@ -86,7 +86,7 @@ class GGUFCheckpoint:
     field = self._reader.fields.get(key)
     return default if field is None else field.contents()
 
-  def _read_config(self) -> LlamaConfig:
+  def _read_config(self) -> ModelConfig:
     arch = self._meta("general.architecture")
     if arch != "llama":
       raise ValueError(f"unsupported architecture in {self.path!r}: general.architecture={arch!r}; "
@@ -104,7 +104,7 @@ class GGUFCheckpoint:
       scaling = RopeScaling.from_hf_dict({"rope_type": a("rope.scaling.type"),
                                           "factor": a("rope.scaling.factor")})
     tok = lambda key: self._meta(f"tokenizer.ggml.{key}")  # noqa: E731
-    return LlamaConfig(
+    return ModelConfig(
         vocab_size=int(vocab), hidden_size=hidden,
         intermediate_size=int(a("feed_forward_length")), num_hidden_layers=int(a("block_count")),
         num_attention_heads=heads, num_key_value_heads=int(a("attention.head_count_kv", heads)),
@@ -138,7 +138,7 @@ class GGUFCheckpoint:
     return model_params_from_tensors(self.config, self.get, dtype)
 
 
-def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
+def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
   """(config, params) of a llama GGUF file, dequantized to float and cast to `dtype`."""
   ckpt = GGUFCheckpoint(path)
   return ckpt.config, ckpt.params(dtype)

@@ -15,43 +15,14 @@ from typing import Any, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
+from gptq_jax.models.families import (ATTN_PROJS, MLP_PROJS, layer_tensor_specs,  # noqa: F401
+                                      nonlayer_tensor_specs)
+from gptq_jax.models.params import ModelParams, as_model_params
 from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
 
 Params = dict[str, Any]
-ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def _proj_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
-  """HF `[out, in]` shape of each projection."""
-  q, kv, h, m = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
-                 cfg.hidden_size, cfg.intermediate_size)
-  return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-          "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
-
-
-def layer_tensor_specs(cfg: LlamaConfig, i: int) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
-  """(param path in `layers_{i}`, HF tensor name, HF shape) for every tensor of layer i."""
-  shapes = _proj_shapes(cfg)
-  for group, projs, has_bias in (("self_attn", ATTN_PROJS, cfg.attention_bias),
-                                 ("mlp", MLP_PROJS, cfg.mlp_bias)):
-    for proj in projs:
-      name = f"model.layers.{i}.{group}.{proj}"
-      yield (group, proj, "kernel"), f"{name}.weight", shapes[proj]
-      if has_bias:
-        yield (group, proj, "bias"), f"{name}.bias", shapes[proj][:1]
-  for norm in ("input_layernorm", "post_attention_layernorm"):
-    yield (norm, "weight"), f"model.layers.{i}.{norm}.weight", (cfg.hidden_size,)
-
-
-def nonlayer_tensor_specs(cfg: LlamaConfig) -> Iterator[tuple[tuple[str, ...], str, tuple]]:
-  """(param path, HF tensor name, HF shape) for the embedding, final norm and untied lm_head."""
-  yield ("embed_tokens", "embedding"), "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
-  yield ("norm", "weight"), "model.norm.weight", (cfg.hidden_size,)
-  if not cfg.tie_word_embeddings:
-    yield ("lm_head", "kernel"), "lm_head.weight", (cfg.vocab_size, cfg.hidden_size)
 
 
 def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
@@ -71,16 +42,17 @@ def params_from_tensors(specs, get, dtype: Any = jnp.float32) -> Params:
   return out
 
 
-def model_params_from_tensors(cfg: LlamaConfig, get, dtype: Any = jnp.float32) -> Params:
-  """The whole params tree from `get(hf_name, hf_shape) -> np.ndarray` (HF layout)."""
+def model_params_from_tensors(cfg: ModelConfig, get, dtype: Any = jnp.float32) -> ModelParams:
+  """The whole params tree (carrying `cfg`) from `get(hf_name, hf_shape) -> np.ndarray` (HF
+  layout, HF names: every loader maps its tensors to HF names and comes through here)."""
   params = params_from_tensors(nonlayer_tensor_specs(cfg), get, dtype)
   for i in range(cfg.num_hidden_layers):
     params[f"layers_{i}"] = params_from_tensors(layer_tensor_specs(cfg, i), get, dtype)
-  return params
+  return ModelParams(params, cfg)
 
 
-def from_hf_state_dict(cfg: LlamaConfig, state_dict: Mapping[str, Any],
-                       dtype: Any = jnp.float32) -> Params:
+def from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any],
+                       dtype: Any = jnp.float32) -> ModelParams:
   """Params from an in-memory HF state dict (numpy arrays or torch tensors, HF names/layout)."""
 
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -127,7 +99,7 @@ class _TorchBinFile:
 
 
 class HFCheckpoint:
-  """An HF Llama folder opened lazily: `.config`, `.layer_params(i)`, `.nonlayer_params()`."""
+  """An HF model folder (any supported family) opened lazily: `.config`, `.layer_params(i)`, `.nonlayer_params()`."""
 
   def __init__(self, folder: str | os.PathLike):
     folder = os.fspath(folder)
@@ -137,7 +109,7 @@ class HFCheckpoint:
     if not os.path.isfile(config_path):
       raise FileNotFoundError(f"{folder!r} has no config.json: not a Hugging Face model folder")
     with open(config_path) as f:
-      self.config = LlamaConfig.from_hf_dict(json.load(f))
+      self.config = ModelConfig.from_hf_dict(json.load(f))
     self.folder = folder
     self._files: dict[str, Any] = {}
     self._where = self._index_weights()  # tensor name -> file path
@@ -187,7 +159,7 @@ class HFCheckpoint:
     """embed_tokens, norm and (untied) lm_head."""
     return params_from_tensors(nonlayer_tensor_specs(self.config), self.get, dtype)
 
-  def params(self, dtype: Any = jnp.float32) -> Params:
+  def params(self, dtype: Any = jnp.float32) -> ModelParams:
     params = model_params_from_tensors(self.config, self.get, dtype)
     self._warn_unexpected()
     return params
@@ -208,8 +180,10 @@ class HFCheckpoint:
     self._files.clear()
 
 
-def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
-  """(config, params) of an HF Llama folder; params cast to `dtype`."""
+def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32
+                   ) -> tuple[ModelConfig, ModelParams]:
+  """(config, params) of an HF folder of any supported family; params cast to `dtype` and
+  carrying the config (`params.config`)."""
   ckpt = HFCheckpoint(folder)
   try:
     return ckpt.config, ckpt.params(dtype)
@@ -217,11 +191,11 @@ def load_hf_folder(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple
     ckpt.close()
 
 
-def load_hf_config(folder: str | os.PathLike) -> LlamaConfig:
+def load_hf_config(folder: str | os.PathLike) -> ModelConfig:
   return HFCheckpoint(folder).config
 
 
-def load_layer_params(folder: str | os.PathLike, cfg: LlamaConfig | None, i: int,
+def load_layer_params(folder: str | os.PathLike, cfg: ModelConfig | None, i: int,
                       dtype: Any = jnp.float32) -> Params:
   """Decoder layer `i` alone (memory-mapped reads). `cfg` None: read from the folder."""
   ckpt = HFCheckpoint(folder)
@@ -233,7 +207,7 @@ def load_layer_params(folder: str | os.PathLike, cfg: LlamaConfig | None, i: int
     ckpt.close()
 
 
-def load_nonlayer_params(folder: str | os.PathLike, cfg: LlamaConfig | None = None,
+def load_nonlayer_params(folder: str | os.PathLike, cfg: ModelConfig | None = None,
                          dtype: Any = jnp.float32) -> Params:
   """embed_tokens, norm and (untied) lm_head alone."""
   ckpt = HFCheckpoint(folder)
@@ -245,7 +219,7 @@ def load_nonlayer_params(folder: str | os.PathLike, cfg: LlamaConfig | None = No
     ckpt.close()
 
 
-def to_hf_state_dict(cfg: LlamaConfig, params: Params, dtype: Any = None) -> dict[str, np.ndarray]:
+def to_hf_state_dict(cfg: ModelConfig, params: Params, dtype: Any = None) -> dict[str, np.ndarray]:
   """HF-named numpy tensors (HF layout) from dense params; `dtype` None keeps each tensor's dtype."""
   specs = list(nonlayer_tensor_specs(cfg))
   for i in range(cfg.num_hidden_layers):
@@ -268,13 +242,40 @@ def to_hf_state_dict(cfg: LlamaConfig, params: Params, dtype: Any = None) -> dic
   return out
 
 
-def save_hf_folder(folder: str | os.PathLike, cfg: LlamaConfig, params: Params,
-                   dtype: Any = np.float32) -> None:
-  """Writes `config.json` + `model.safetensors` that transformers loads as LlamaForCausalLM."""
+def save_hf_folder(folder: str | os.PathLike, cfg: ModelConfig | None, params: Params,
+                   dtype: Any = np.float32, *, max_shard_bytes: int | None = None) -> None:
+  """Writes `config.json` + `model.safetensors` that transformers loads as the family's CausalLM
+  (`cfg.to_hf_dict()["architectures"]`). `cfg` None: `params.config`. With `max_shard_bytes`,
+  tensors go to `model-0000k-of-0000n.safetensors` shards of at most that size (a tensor larger
+  than it gets a shard of its own) plus `model.safetensors.index.json`; `dtype` None keeps each
+  tensor's dtype (bfloat16 included)."""
+  cfg = cfg if cfg is not None else getattr(params, "config", None)
+  if cfg is None:
+    raise ValueError("save_hf_folder needs cfg=<ModelConfig> or params that carry their config")
   os.makedirs(folder, exist_ok=True)
   tensors = to_hf_state_dict(cfg, params, dtype)
-  torch_dtype = np.dtype(next(iter(tensors.values())).dtype).name
+  torch_dtype = np.dtype(tensors["model.embed_tokens.weight"].dtype).name
   config = dict(cfg.to_hf_dict(), torch_dtype=torch_dtype)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
-  save_safetensors(os.path.join(folder, "model.safetensors"), tensors, metadata={"format": "pt"})
+  if max_shard_bytes is None:
+    save_safetensors(os.path.join(folder, "model.safetensors"), tensors, metadata={"format": "pt"})
+    return
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name in sorted(tensors):
+    nbytes = tensors[name].nbytes
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += nbytes
+  weight_map = {}
+  for k, shard in enumerate(shards):
+    file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_safetensors(os.path.join(folder, file), shard, metadata={"format": "pt"})
+    weight_map.update({name: file for name in shard})
+  index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+           "weight_map": weight_map}
+  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f, indent=2)

@@ -1,9 +1,9 @@
-"""The Llama building blocks with parameters: Linear (every projection), RMSNorm, Embed.
+"""The decoder's building blocks with parameters: Linear (every projection), RMSNorm, Embed.
 
 Every projection of the model goes through `Linear`, and every `Linear` through `linear_apply`:
 the one place that may see a kernel that is not a dense array (a packed GPTQ weight pytree:
 `PackedWeight`, `PreparedWeight` or `QuantizedWeight`, run by `gptq_jax.kernels.apply_linear` on the
-backend of `LlamaConfig.backend`). Nothing else reads a kernel's shape.
+backend of `ModelConfig.backend`). Nothing else reads a kernel's shape.
 """
 
 from __future__ import annotations
@@ -79,19 +79,28 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm with a learned scale "weight" `[dim]`; statistics in float32."""
+  """Root-mean-square norm with a learned scale "weight" `[dim]`; statistics in float32.
+
+  Normalizes over the last axis, so it also serves as a per-head norm (q/k norms on
+  `[..., heads, head_dim]`). `unit_offset` (Gemma): scale by `1 + weight` in float32 and cast the
+  product; otherwise (Llama, Qwen) cast the normalized input to the activation dtype and scale by
+  `weight` there, as Hugging Face does for each.
+  """
 
   dim: int
   eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  unit_offset: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    weight = self.param("weight", nn.initializers.ones, (self.dim,), self.param_dtype)
+    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    weight = self.param("weight", init, (self.dim,), self.param_dtype)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-    # As Hugging Face: normalize in float32, back to the activation dtype, then scale.
+    if self.unit_offset:
+      return (xf * (1.0 + weight.astype(jnp.float32))).astype(self.dtype)
     return (weight.astype(self.dtype) * xf.astype(self.dtype)).astype(self.dtype)
 
 
@@ -107,9 +116,13 @@ class Embed(nn.Module):
     self.embedding = self.param("embedding", nn.initializers.normal(0.02),
                                 (self.num_embeddings, self.features), self.param_dtype)
 
-  def __call__(self, input_ids: jax.Array) -> jax.Array:
-    """input_ids: [batch, seq] int -> [batch, seq, hidden] in `dtype`."""
-    return jnp.take(self.embedding, input_ids, axis=0).astype(self.dtype)
+  def __call__(self, input_ids: jax.Array, scale: float | None = None) -> jax.Array:
+    """input_ids: [batch, seq] int -> [batch, seq, hidden] in `dtype` (times `scale`, rounded to
+    `dtype` first, when given: Gemma's sqrt(hidden))."""
+    out = jnp.take(self.embedding, input_ids, axis=0).astype(self.dtype)
+    if scale is not None:
+      out = out * jnp.asarray(scale, self.dtype)
+    return out
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x: [..., hidden] -> [..., vocab] logits in `dtype`."""

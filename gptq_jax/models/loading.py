@@ -1,4 +1,4 @@
-"""`load_llama` / `load_tokenizer`: one entry point for a Hugging Face folder, a .gguf file or the
+"""`load_model` / `load_tokenizer`: one entry point (any supported family) for a Hugging Face folder, a .gguf file or the
 embedded "smollm2-135m". Offline by design: hub model ids are refused with a clear message.
 """
 
@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.gguf import SMOLLM2_NAME, load_gguf, load_gguf_tokenizer, smollm2_gguf_path
-from gptq_jax.models.hf import Params, load_hf_folder
+from gptq_jax.models.hf import load_hf_folder
+from gptq_jax.models.params import ModelParams, as_model_params
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WHAT_TO_PASS = (f"pass a local Hugging Face folder (config.json + model.safetensors), a .gguf "
@@ -36,12 +37,17 @@ def resolve_model_spec(spec: str | os.PathLike) -> tuple[Literal["hf", "gguf"], 
   raise ValueError(f"model {spec!r} is a file but not a .gguf: {_WHAT_TO_PASS}")
 
 
-def load_llama(spec: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Params]:
-  """(config, float params) from an HF folder, a .gguf file or "smollm2-135m"; params in `dtype`."""
+def load_model(spec: str | os.PathLike, dtype: Any = jnp.float32
+               ) -> tuple[ModelConfig, ModelParams]:
+  """(config, float params) from an HF folder, a .gguf file or an embedded name; params in
+  `dtype`, a `ModelParams` carrying the config (so `gptq_jax.quantize(params, calib, cfg)` needs
+  nothing else)."""
   kind, path = resolve_model_spec(spec)
   if kind == "hf":
-    return load_hf_folder(path, dtype)
-  return load_gguf(path, dtype)
+    cfg, params = load_hf_folder(path, dtype)
+  else:
+    cfg, params = load_gguf(path, dtype)
+  return cfg, as_model_params(params, cfg)
 
 
 def load_tokenizer(spec: str | os.PathLike):
@@ -56,3 +62,6 @@ def load_tokenizer(spec: str | os.PathLike):
   except (OSError, ValueError) as e:
     raise ValueError(f"no tokenizer could be loaded from {path!r} ({e}); save one there with "
                      "tokenizer.save_pretrained(folder)") from None
+
+
+load_llama = load_model  # the pre-families name

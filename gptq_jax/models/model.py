@@ -1,8 +1,11 @@
-"""The Flax (linen) Llama: decoder layers, the causal LM, and pure block-at-a-time helpers.
+"""The Flax (linen) decoder of every supported family: decoder layers, the causal LM, and pure
+block-at-a-time helpers.
 
 Parameters mirror Hugging Face names: `embed_tokens/embedding`, `layers_{i}/self_attn/{q,k,v,o}_proj`,
 `layers_{i}/mlp/{gate,up,down}_proj` (each `{"kernel": [in, out]}`, optional "bias"),
-`layers_{i}/{input,post_attention}_layernorm/weight`, `norm/weight`, `lm_head/kernel` (untied only).
+`layers_{i}/self_attn/{q,k}_norm/weight` (Qwen3, Gemma 3), `layers_{i}/{input,post_attention}
+_layernorm/weight` (+ `{pre,post}_feedforward_layernorm` for Gemma 3), `norm/weight`,
+`lm_head/kernel` (untied only). The family differences are ModelConfig fields (config.py).
 `attention_mask` is `[batch, seq]`, 1 = real token, 0 = padding; logits are float32.
 """
 
@@ -14,9 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptq_jax.models.attention import KVCache, LlamaAttention, init_kv_cache
-from gptq_jax.models.config import LlamaConfig
+from gptq_jax.models.attention import Attention, KVCache, init_kv_cache
+from gptq_jax.models.config import FULL, ModelConfig
 from gptq_jax.models.layers import Embed, Linear, RMSNorm
+from gptq_jax.models.params import ModelParams, plain
 
 Params = dict[str, Any]
 
@@ -28,10 +32,16 @@ def default_positions(attention_mask: jax.Array | None, batch: int, seq: int) ->
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-class LlamaMLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+def _activation(name: str):
+  if name == "gelu_pytorch_tanh":
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  return jax.nn.silu
 
-  config: LlamaConfig
+
+class MLP(nn.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)); act is silu (SwiGLU) or tanh-GELU (Gemma's GeGLU)."""
+
+  config: ModelConfig
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -43,14 +53,22 @@ class LlamaMLP(nn.Module):
         n_in, n_out, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=self.param_dtype, name=name)
     gate = proj("gate_proj", cfg.hidden_size, cfg.intermediate_size)(x)
     up = proj("up_proj", cfg.hidden_size, cfg.intermediate_size)(x)
-    return proj("down_proj", cfg.intermediate_size, cfg.hidden_size)(jax.nn.silu(gate) * up)
+    act = _activation(cfg.hidden_act)
+    return proj("down_proj", cfg.intermediate_size, cfg.hidden_size)(act(gate) * up)
 
 
-class LlamaDecoderLayer(nn.Module):
-  """One pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). Usable on its own."""
+class DecoderLayer(nn.Module):
+  """One pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). Usable on its own.
 
-  config: LlamaConfig
+  With `config.sandwich_norms` (Gemma 3) the attention and MLP outputs are normed too:
+  h = x + post_attention_norm(attn(input_norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h))).
+  `layer_type` ("full_attention" / "sliding_attention", i.e. `config.layer_types[i]`) picks the
+  attention window and RoPE base.
+  """
+
+  config: ModelConfig
   param_dtype: Any = jnp.float32
+  layer_type: str = FULL
 
   @nn.compact
   def __call__(self, hidden: jax.Array, positions: jax.Array | None = None,
@@ -70,21 +88,28 @@ class LlamaDecoderLayer(nn.Module):
     if positions is None:
       positions = default_positions(attention_mask if kv_cache is None else None, b, t) + cache_index
     norm = lambda name: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype,  # noqa: E731
-                                param_dtype=self.param_dtype, name=name)
+                                param_dtype=self.param_dtype, unit_offset=cfg.norm_unit_offset,
+                                name=name)
     hidden = hidden.astype(dtype)
-    attn = LlamaAttention(cfg, self.param_dtype, name="self_attn")(
+    attn = Attention(cfg, self.param_dtype, self.layer_type, name="self_attn")(
         norm("input_layernorm")(hidden), positions, attention_mask, kv_cache, cache_index)
     attn, new_cache = attn if kv_cache is not None else (attn, None)
-    hidden = hidden + attn
-    hidden = hidden + LlamaMLP(cfg, self.param_dtype, name="mlp")(
-        norm("post_attention_layernorm")(hidden))
+    if cfg.sandwich_norms:
+      hidden = hidden + norm("post_attention_layernorm")(attn)
+      mlp = MLP(cfg, self.param_dtype, name="mlp")(norm("pre_feedforward_layernorm")(hidden))
+      hidden = hidden + norm("post_feedforward_layernorm")(mlp)
+    else:
+      hidden = hidden + attn
+      hidden = hidden + MLP(cfg, self.param_dtype, name="mlp")(
+          norm("post_attention_layernorm")(hidden))
     return hidden if kv_cache is None else (hidden, new_cache)
 
 
-class LlamaForCausalLM(nn.Module):
-  """The causal LM: embed -> decoder layers -> norm -> lm_head (or the tied embedding)."""
+class CausalLM(nn.Module):
+  """The causal LM: embed (x sqrt(hidden) for Gemma) -> decoder layers -> norm -> lm_head (or the
+  tied embedding) -> optional final logit soft cap."""
 
-  config: LlamaConfig
+  config: ModelConfig
   param_dtype: Any = jnp.float32
 
   def setup(self):
@@ -92,8 +117,9 @@ class LlamaForCausalLM(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                               param_dtype=self.param_dtype)
-    self.layers = [LlamaDecoderLayer(cfg, self.param_dtype) for _ in range(cfg.num_hidden_layers)]
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=self.param_dtype)
+    self.layers = [DecoderLayer(cfg, self.param_dtype, layer_type) for layer_type in cfg.layer_types]
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=self.param_dtype,
+                        unit_offset=cfg.norm_unit_offset)
     if not cfg.tie_word_embeddings:
       self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
                             param_dtype=self.param_dtype)
@@ -102,8 +128,16 @@ class LlamaForCausalLM(nn.Module):
     """hidden: [batch, seq, hidden] (pre-norm) -> logits [batch, seq, vocab] float32."""
     hidden = self.norm(hidden)
     if self.config.tie_word_embeddings:
-      return self.embed_tokens.attend(hidden).astype(jnp.float32)
-    return self.lm_head(hidden).astype(jnp.float32)
+      logits = self.embed_tokens.attend(hidden).astype(jnp.float32)
+    else:
+      logits = self.lm_head(hidden).astype(jnp.float32)
+    cap = self.config.final_logit_softcapping
+    return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """input_ids: [batch, seq] -> the first block's input [batch, seq, hidden] (compute dtype)."""
+    cfg = self.config
+    return self.embed_tokens(input_ids, cfg.hidden_size ** 0.5 if cfg.scale_embeddings else None)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None, kv_cache: list[KVCache] | None = None,
@@ -118,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
     if attention_mask is None:
       n_keys = t if kv_cache is None else kv_cache[0]["k"].shape[2]
       attention_mask = jnp.ones((b, n_keys), jnp.int32)
-    hidden = self.embed_tokens(input_ids)
+    hidden = self.embed(input_ids)
     new_caches = []
     for i, layer in enumerate(self.layers):
       if kv_cache is None:
@@ -132,47 +166,60 @@ class LlamaForCausalLM(nn.Module):
 
 # ----- pure functional helpers (jit-friendly; `cfg` is static) -----
 
-def init_params(cfg: LlamaConfig, rng: jax.Array | int = 0, param_dtype: Any = jnp.float32) -> Params:
-  """Random parameters (HF's normal(0.02) init; norms at 1)."""
+def _vars(params: Any) -> dict:
+  return {"params": plain(params)}
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array | int = 0, param_dtype: Any = jnp.float32
+                ) -> ModelParams:
+  """Random parameters (HF's normal(0.02) init; norms at 1, Gemma's (1 + w) norms at 0)."""
   rng = jax.random.key(rng) if isinstance(rng, int) else rng
   ids = jnp.zeros((1, 1), jnp.int32)
-  return LlamaForCausalLM(cfg, param_dtype).init(rng, ids)["params"]
+  return ModelParams(CausalLM(cfg, param_dtype).init(rng, ids)["params"], cfg)
 
 
-def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array,
+def forward(params: Params, cfg: ModelConfig | None, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
-  """input_ids: [batch, seq] -> logits [batch, seq, vocab] float32."""
-  return LlamaForCausalLM(cfg).apply({"params": params}, input_ids, attention_mask, positions)
+  """input_ids: [batch, seq] -> logits [batch, seq, vocab] float32. `cfg` None: `params.config`."""
+  cfg = _config(params, cfg)
+  return CausalLM(cfg).apply(_vars(params), input_ids, attention_mask, positions)
 
 
-def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array,
+def forward_with_cache(params: Params, cfg: ModelConfig | None, input_ids: jax.Array,
                        kv_cache: list[KVCache], cache_index: jax.Array | int,
                        cache_mask: jax.Array, positions: jax.Array, last_only: bool = False):
   """Writes `input_ids` [batch, seq] at slot `cache_index` -> (logits [b, seq, vocab], new caches).
 
   cache_mask: [batch, max_len] valid slots (the new ones included); positions: [batch, seq].
-  `cache_index` 0 as a Python int lets the prefill use chunked causal attention.
+  `cache_index` 0 as a Python int lets the prefill use chunked causal attention. Sliding layers
+  keep every slot and mask keys outside their window.
   """
-  return LlamaForCausalLM(cfg).apply({"params": params}, input_ids, cache_mask, positions,
-                                     kv_cache, cache_index, last_only)
+  cfg = _config(params, cfg)
+  return CausalLM(cfg).apply(_vars(params), input_ids, cache_mask, positions, kv_cache,
+                             cache_index, last_only)
 
 
-def embed(params: Params, cfg: LlamaConfig, input_ids: jax.Array) -> jax.Array:
+def embed(params: Params, cfg: ModelConfig | None, input_ids: jax.Array) -> jax.Array:
   """input_ids: [batch, seq] -> the first block's input [batch, seq, hidden] (compute dtype)."""
-  module = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype))
-  return module.apply({"params": params["embed_tokens"]}, input_ids)
+  cfg = _config(params, cfg)
+  return CausalLM(cfg).apply({"params": {"embed_tokens": params["embed_tokens"]}}, input_ids,
+                             method=CausalLM.embed)
 
 
-def block_forward(layer_params: Params, cfg: LlamaConfig, hidden: jax.Array,
-                  positions: jax.Array | None = None,
-                  attention_mask: jax.Array | None = None) -> jax.Array:
-  """One decoder layer: hidden [batch, seq, hidden] -> [batch, seq, hidden]."""
-  return LlamaDecoderLayer(cfg).apply({"params": layer_params}, hidden, positions, attention_mask)
+def block_forward(layer_params: Params, cfg: ModelConfig, hidden: jax.Array,
+                  positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                  *, layer_type: str = FULL) -> jax.Array:
+  """One decoder layer: hidden [batch, seq, hidden] -> [batch, seq, hidden].
+
+  layer_type: "full_attention" or "sliding_attention" (`cfg.layer_types[i]` for layer i)."""
+  return DecoderLayer(cfg, layer_type=layer_type).apply({"params": layer_params}, hidden,
+                                                        positions, attention_mask)
 
 
-def final_logits(params: Params, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:
+def final_logits(params: Params, cfg: ModelConfig | None, hidden: jax.Array) -> jax.Array:
   """The last block's output [batch, seq, hidden] -> logits [batch, seq, vocab] float32."""
-  return LlamaForCausalLM(cfg).apply({"params": params}, hidden, method=LlamaForCausalLM.logits)
+  cfg = _config(params, cfg)
+  return CausalLM(cfg).apply(_vars(params), hidden, method=CausalLM.logits)
 
 
 def layer_params(params: Params, i: int) -> Params:
@@ -180,8 +227,21 @@ def layer_params(params: Params, i: int) -> Params:
   return params[f"layers_{i}"]
 
 
+def _config(params: Any, cfg: ModelConfig | None) -> ModelConfig:
+  if cfg is not None:
+    return cfg
+  carried = getattr(params, "config", None)
+  if carried is None:
+    raise ValueError("no model config: pass cfg=<ModelConfig>, or params from "
+                     "gptq_jax.models.load_model (they carry their config)")
+  return carried
+
+
 __all__ = [
-    "LlamaMLP", "LlamaDecoderLayer", "LlamaForCausalLM", "Params", "init_params", "init_kv_cache",
+    "MLP", "DecoderLayer", "CausalLM", "Params", "ModelParams", "init_params", "init_kv_cache",
     "forward", "forward_with_cache", "embed", "block_forward", "final_logits", "layer_params",
     "default_positions",
 ]
+
+# The pre-families names.
+LlamaMLP, LlamaDecoderLayer, LlamaForCausalLM = MLP, DecoderLayer, CausalLM

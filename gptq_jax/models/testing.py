@@ -1,5 +1,13 @@
-"""Test helpers (need torch + transformers): tiny random transformers Llamas as the oracle, and the
-same weights as our params. Used by this project's tests; handy for any model-level test."""
+"""Test helpers (need torch + transformers): tiny random transformers models of every family as the
+oracle, and the same weights as our params. Used by this project's tests; handy for any model-level
+test (`tiny_pair("qwen3")`).
+
+Each family's tiny config exercises what sets it apart: GQA everywhere; Llama's llama3 RoPE
+scaling; Mistral's sliding window (shorter than the test sequences); Qwen2's q/k/v biases, tied
+embeddings and a sliding last layer; Qwen3's q/k norms and a head_dim that is not hidden / heads;
+Gemma 3's sliding and full layers with their two RoPE bases (linear scaling on the full ones), its
+(1 + w) norms, four norms per block, GELU-tanh MLP, scaled embeddings and query_pre_attn_scalar.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +15,82 @@ from typing import Any
 
 import numpy as np
 
-from gptq_jax.models.config import LlamaConfig
-from gptq_jax.models.hf import Params, from_hf_state_dict
+from gptq_jax.models.config import ModelConfig
+from gptq_jax.models.hf import from_hf_state_dict
+from gptq_jax.models.params import ModelParams
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 
 TINY_HF_CONFIG = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-    rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    _COMMON, rope_theta=10000.0, tie_word_embeddings=False,
     # head_dim 16: wavelengths 6..6283 straddle 32/4 and 32/1, so all three llama3 bands are used.
     rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
 )
 
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": TINY_HF_CONFIG,
+    "mistral": dict(_COMMON, rope_theta=10000.0, sliding_window=16, tie_word_embeddings=False),
+    "qwen2": dict(_COMMON, rope_theta=10000.0, tie_word_embeddings=True, use_sliding_window=True,
+                  sliding_window=16, max_window_layers=1),
+    "qwen3": dict(_COMMON, head_dim=32, rope_theta=10000.0, tie_word_embeddings=False,
+                  attention_bias=False),
+    "gemma3_text": dict(
+        _COMMON, num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        tie_word_embeddings=True, pad_token_id=0, hidden_activation="gelu_pytorch_tanh"),
+}
+FAMILY_NAMES = tuple(TINY_CONFIGS)
+_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
 
-def tiny_hf_model(seed: int = 0, **overrides: Any):
-  """A transformers LlamaForCausalLM (torch, fp32, eval) with every weight randomized.
 
-  Norm weights near 1, embeddings N(0, 1), projections N(0, 0.12^2): logits of order 10, so
-  disagreements show. `overrides` change `TINY_HF_CONFIG` entries.
+def _family(family: str) -> str:
+  aliases = {"gemma3": "gemma3_text", "gemma": "gemma3_text", "qwen2.5": "qwen2"}
+  family = aliases.get(family, family)
+  if family not in TINY_CONFIGS:
+    raise ValueError(f"unknown family {family!r}: one of {FAMILY_NAMES}")
+  return family
+
+
+def tiny_hf_config(family: str = "llama", **overrides: Any):
+  """The transformers config object of a tiny model of `family` (`overrides` change entries)."""
+  import transformers  # noqa: PLC0415 (optional dependency)
+
+  family = _family(family)
+  config = getattr(transformers, _CLASSES[family][0])(**dict(TINY_CONFIGS[family], **overrides))
+  config._attn_implementation = "eager"  # the plain reference path (masks as documented)
+  return config
+
+
+def tiny_hf_model(seed: int = 0, family: str = "llama", **overrides: Any):
+  """A transformers CausalLM of `family` (torch, fp32, eval) with every weight randomized.
+
+  Norm scales near 1 (Gemma's (1 + w) norms: w near 0), embeddings N(0, 1), projections and
+  biases N(0, 0.12^2): logits of order 10, so disagreements show.
   """
   import torch  # noqa: PLC0415 (optional dependency)
   import transformers  # noqa: PLC0415
 
+  if isinstance(seed, str):  # tiny_hf_model("qwen3", ...)
+    seed, family = 0, seed
+  family = _family(family)
   torch.manual_seed(seed)
-  config = transformers.LlamaConfig(**dict(TINY_HF_CONFIG, **overrides))
-  model = transformers.LlamaForCausalLM(config).eval()
+  config = tiny_hf_config(family, **overrides)
+  model = getattr(transformers, _CLASSES[family][1])(config).eval()
+  offset = family == "gemma3_text"
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        p.copy_((0.0 if offset else 1.0) + 0.2 * torch.randn_like(p))
       elif name.endswith("embed_tokens.weight"):
         p.copy_(torch.randn_like(p))
       else:
@@ -43,10 +98,15 @@ def tiny_hf_model(seed: int = 0, **overrides: Any):
   return model
 
 
-def tiny_pair(seed: int = 0, **overrides: Any) -> tuple[Any, LlamaConfig, Params]:
-  """(transformers model, our config, our params) holding the same random tiny Llama."""
-  hf = tiny_hf_model(seed, **overrides)
-  cfg = LlamaConfig.from_hf_dict(hf.config.to_dict())
+def tiny_pair(family: str | int = "llama", seed: int = 0, **overrides: Any
+              ) -> tuple[Any, ModelConfig, ModelParams]:
+  """(transformers model, our config, our params) holding the same random tiny model of `family`
+  (one of "llama", "mistral", "qwen2", "qwen3", "gemma3_text"). `tiny_pair(seed)` (an int first)
+  is the Llama, as before families existed."""
+  if not isinstance(family, str):
+    family, seed = "llama", family
+  hf = tiny_hf_model(seed, family, **overrides)
+  cfg = ModelConfig.from_hf_dict(hf.config.to_dict())
   return hf, cfg, from_hf_state_dict(cfg, hf.state_dict())
 
 

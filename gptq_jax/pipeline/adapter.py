@@ -2,7 +2,7 @@
 
 The driver needs five things from a model: embed the calibration tokens (the first block's input),
 count and address its blocks, run one block, and see the input of each linear layer while a block
-runs. ``DecoderAdapter`` names them; ``LlamaAdapter`` implements them for the built-in Flax Llama
+runs. ``DecoderAdapter`` names them; ``ModelAdapter`` implements them for the built-in Flax decoder
 and is the example to follow for another decoder:
 
 * ``sequential_groups``: the linears of a block, in the order true-sequential GPTQ quantizes them,
@@ -24,6 +24,7 @@ import jax
 LinearPath = tuple[str, ...]
 Capture = Callable[[LinearPath, jax.Array], None]
 
+# The built-in families' true-sequential groups (gptq_jax.models.families.SEQUENTIAL_GROUPS).
 LLAMA_GROUPS: tuple[tuple[LinearPath, ...], ...] = (
     (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")),
     (("self_attn", "o_proj"),),
@@ -64,23 +65,48 @@ def set_path(tree: Any, path: LinearPath, value: Any) -> Any:
   return out
 
 
-class LlamaAdapter:
-  """The built-in Flax Llama (``gptq_jax.models``)."""
+def block_adapter(adapter: Any, i: int) -> Any:
+  """The adapter that runs block ``i``: ``adapter.block_adapter(i)`` when it has one (the built-in
+  decoder: one adapter per layer type, so one compiled block function per type), else itself."""
+  per_block = getattr(adapter, "block_adapter", None)
+  return per_block(i) if per_block is not None else adapter
 
-  sequential_groups = LLAMA_GROUPS
 
-  def __init__(self, config):
-    from gptq_jax.models import layers, model  # the model is optional for the core
+class ModelAdapter:
+  """The built-in Flax decoder (``gptq_jax.models``), any supported family.
+
+  ``layer_type`` ("full_attention" / "sliding_attention") is the kind of block ``run_block`` runs;
+  ``block_adapter(i)`` gives the (cached) adapter of block ``i``'s type, so the jitted block
+  functions keyed on it are compiled once per layer type and reused by every block of that type.
+  """
+
+  def __init__(self, config, layer_type: str | None = None):
+    from gptq_jax.models import families, layers, model  # the model is optional for the core
 
     self.config = config
+    self.layer_type = layer_type
+    self.sequential_groups = families.sequential_groups(config)
     self._model = model
     self._linear = layers.Linear
 
   @classmethod
   @functools.lru_cache(maxsize=16)
-  def for_config(cls, config) -> "LlamaAdapter":
-    """One adapter per model config, so compiled block functions are reused across calls."""
-    return cls(config)
+  def for_config(cls, config, layer_type: str | None = None) -> "ModelAdapter":
+    """One adapter per (model config, layer type), so compiled block functions are reused across
+    blocks and calls."""
+    return cls(config, layer_type)
+
+  def block_adapter(self, i: int) -> "ModelAdapter":
+    return ModelAdapter.for_config(self.config, self.config.layer_types[i])
+
+  def _layer_type(self) -> str:
+    if self.layer_type is not None:
+      return self.layer_type
+    kinds = set(self.config.layer_types)
+    if len(kinds) > 1:
+      raise ValueError("this model mixes sliding and full attention layers: run block i through "
+                       "adapter.block_adapter(i) (pipeline.adapter.block_adapter)")
+    return kinds.pop()
 
   def num_blocks(self, params) -> int:
     return self.config.num_hidden_layers
@@ -89,6 +115,8 @@ class LlamaAdapter:
     return params[f"layers_{i}"]
 
   def set_block(self, params, i, block_params):
+    if hasattr(params, "replace") and hasattr(params, "config"):  # ModelParams keep their config
+      return params.replace(**{f"layers_{i}": block_params})
     return {**params, f"layers_{i}": block_params}
 
   def embed(self, params, input_ids, attention_mask):
@@ -100,7 +128,7 @@ class LlamaAdapter:
   def run_block(self, block_params, hidden, ctx, capture=None):
     def call():
       return self._model.block_forward(block_params, self.config, hidden, ctx["positions"],
-                                       ctx["attention_mask"])
+                                       ctx["attention_mask"], layer_type=self._layer_type())
 
     if capture is None:
       return call()
@@ -113,3 +141,5 @@ class LlamaAdapter:
     with nn.intercept_methods(interceptor):
       return call()
 
+
+LlamaAdapter = ModelAdapter  # the pre-families name

@@ -23,7 +23,8 @@ from gptq_jax.core.gptq import quantize_weight  # noqa: F401 (re-exported for ca
 from gptq_jax.core.shared import can_share, quantize_shared as solve_shared
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.pipeline import calib, multihost
-from gptq_jax.pipeline.adapter import DecoderAdapter, LlamaAdapter, get_path, set_path
+from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
+                                       set_path)
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
@@ -48,11 +49,11 @@ def resolve_adapter(params: Any, model_config: Any = None,
     return adapter
   model_config = model_config or getattr(params, "config", None)
   if model_config is None:
-    raise ValueError("quantize() cannot tell which model these params belong to: load them with "
-                     "gptq_jax.models.load_llama (its params carry their config), pass "
-                     "model_config=<LlamaConfig>, or pass adapter=<DecoderAdapter> for another "
-                     "decoder")
-  return LlamaAdapter.for_config(model_config)
+    raise ValueError("quantize() cannot tell which model these params belong to (a bare dict "
+                     "carries no architecture): load them with gptq_jax.models.load_model (its "
+                     "params carry their config), pass model_config=<gptq_jax.models.ModelConfig>, "
+                     "or pass adapter=<DecoderAdapter> for another decoder")
+  return ModelAdapter.for_config(model_config)
 
 
 def resolve_mesh(mesh: Mesh | str | None, axis_name: str) -> Mesh | None:
@@ -148,11 +149,11 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   """GPTQ-quantize every decoder block's linears; returns params with packed kernels.
 
   Args:
-    params: the model's parameter pytree (the built-in Llama's, from ``load_llama``).
+    params: the model's parameter pytree (the built-in decoder's, from ``load_model``).
     calib_batches: token ids ``[nsamples, seqlen]``, or a list of arrays / ``{"input_ids",
       "attention_mask"}`` dicts (``gptq_jax.data.get_calib_batches``).
     cfg: the GPTQ settings.
-    model_config: the ``LlamaConfig`` when ``params`` do not carry it.
+    model_config: the ``ModelConfig`` when ``params`` do not carry it.
     adapter: a ``DecoderAdapter`` for another decoder architecture.
     mesh: "auto" (every device on one data axis when there are several), None (one device) or a
       ``Mesh`` with a ``axis_name`` axis: micro-batches are split over it.
@@ -188,13 +189,14 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   t = time.perf_counter()
   stream = _Stream(adapter, params, batches, mesh, axis_name)
   t = st.mark("embedding", t, stream.hidden)
-  run = runner_for(adapter, mesh, axis_name)
   groups = adapter.sequential_groups if cfg.true_sequential else (
       tuple(p for g in adapter.sequential_groups for p in g),)
-  captures = [capture_for(adapter, g, mesh, axis_name) for g in groups]
   bar = BlockProgress(nblocks, enabled=progress)
   bar.skip(start_block)
   for i in range(nblocks):
+    blk = block_adapter(adapter, i)  # one per layer type: its compiled functions are shared
+    run = runner_for(blk, mesh, axis_name)
+    captures = [capture_for(blk, g, mesh, axis_name) for g in groups]
     t = time.perf_counter()
     block = adapter.get_block(params, i)
     t = st.mark("read blocks", t, block)
@@ -214,7 +216,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         t = st.mark("solves", t, work)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
-        block = refine_stream(adapter, adapter.get_block(params, i), block, stream, cfg, i, records)
+        block = refine_stream(blk, adapter.get_block(params, i), block, stream, cfg, i, records)
         work = dense_block(block)
       params = adapter.set_block(params, i, block)
       if report is not None:

@@ -128,7 +128,7 @@ def test_bad_inputs(tiny):
   cfg, params, batches = tiny
   qcfg = gj.GPTQConfig(4, group_size=32)
   with pytest.raises(ValueError, match="cannot tell which model"):
-    quantize(params, batches, qcfg, mesh=None)
+    quantize(dict(params), batches, qcfg, mesh=None)  # a bare dict (init_params carry a config)
   with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 256\)"):
     quantize(params, np.full((2, 8), 300), qcfg, model_config=cfg, mesh=None)
   with pytest.raises(ValueError, match="no calibration token"):
