@@ -130,10 +130,12 @@ def run_cli(workdir: str, desc_act: bool, args) -> dict:
 
 def run_case(workdir: str, desc_act: bool, args) -> dict:
   tag = "on" if desc_act else "off"
-  log(f"desc_act {tag}: gptq_jax ...")
-  ours = run_json(sys.executable, os.path.abspath(__file__),
-                  ["--side", "ours", "--workdir", workdir, "--desc-act", tag, "--seqlen",
-                   args.seqlen, "--batch-size", args.batch_size])
+  ours = None
+  if not args.cli_only:
+    log(f"desc_act {tag}: gptq_jax ...")
+    ours = run_json(sys.executable, os.path.abspath(__file__),
+                    ["--side", "ours", "--workdir", workdir, "--desc-act", tag, "--seqlen",
+                     args.seqlen, "--batch-size", args.batch_size])
   base = None
   if not args.no_baseline:
     log(f"desc_act {tag}: GPTQModel ...")
@@ -142,8 +144,17 @@ def run_case(workdir: str, desc_act: bool, args) -> dict:
                      os.path.join(workdir, "eval.npy"), os.path.join(workdir, f"gptqmodel_{tag}"),
                      "--seqlen", args.seqlen, "--desc-act", int(desc_act), "--damp", DAMP,
                      "--batch-size", args.batch_size], env=GPTQMODEL_ENV)
+  if args.cli:
+    log(f"desc_act {tag}: quantize_llama.py ...")
   cli = run_cli(workdir, desc_act, args) if args.cli else None
   inc = lambda q, f: q / f - 1  # noqa: E731  (relative perplexity increase)
+  if ours is None:  # --cli-only: the whole processes, no evaluation on our side
+    case = {"cli": cli, "baseline": base}
+    if base is not None and "save_s" in base:
+      base_total = base["load_s"] + base["quantize_s"] + base["save_s"]
+      case.update(baseline_load_quantize_save_s=base_total,
+                  cli_wall_ratio=ratio(cli["wall_s"], base_total))
+    return case
   case = {"ours": ours, "cli": cli, "ppl_increase": inc(ours["ppl_gptq"], ours["ppl_float"]),
           "rtn_ppl_increase": inc(ours["ppl_rtn"], ours["ppl_float"])}
   if base is not None:
@@ -174,9 +185,12 @@ def main() -> None:
   ap.add_argument("--cli", action="store_true",
                   help="also time the whole quantize_llama.py process (vs GPTQModel load + "
                        "quantize + save) and print its breakdown")
+  ap.add_argument("--cli-only", action="store_true",
+                  help="with --cli: skip the in-process gptq_jax side (and its evaluation)")
   ap.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)
   ap.add_argument("--workdir", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  args.cli = args.cli or args.cli_only
   if args.side == "ours":
     return side_ours(args.workdir, args.desc_act == "on", args.seqlen, args.batch_size)
 
@@ -195,6 +209,8 @@ def main() -> None:
 
   rows = []
   for name, c in results.items():
+    if c.get("ours") is None:
+      continue
     o, b = c["ours"], c.get("baseline")
     rows.append((name, "gptq_jax", o["quantize_s"], o["peak_rss_mb"], o["ppl_float"],
                  o["ppl_gptq"], f"{c['ppl_increase']:+.2%}", o["ppl_rtn"],
