@@ -1,10 +1,15 @@
-"""``scripts/quantize_llama.py``: quantize a decoder checkpoint (any supported family) with GPTQ, resumably, with a report.
+"""``scripts/quantize_llama.py``: quantize a decoder checkpoint (any supported family) with GPTQ,
+resumably, with a report.
 
-Flags are named after the GPTQConfig fields. The run: load the model and tokenizer, build the
-calibration batches, (optionally) measure perplexity, quantize block by block — each finished block
-saved under ``<output>.partial`` so ``--resume`` continues a killed run — write the orbax checkpoint
-(and a Hugging Face GPTQ folder with ``--save-hf``), measure perplexity again, print a sample
+Flags are named after the GPTQConfig fields. The run streams (``cli/stream.py``, docs/scale.md):
+open the model lazily (weights stay memory-mapped on the host), build the calibration batches,
+quantize block by block with one block at a time on the devices — each finished block saved under
+``<output>.partial`` so ``--resume`` continues a killed run, and the held-out windows carried
+through the float and the quantized block in the same pass for the perplexity before / after —
+then write the orbax checkpoint (and a Hugging Face GPTQ folder with ``--save-hf``), print a sample
 generation, and write the ``--report`` JSON (and a PNG plot of the loss per layer beside it).
+Under ``jax.distributed`` every process feeds its share of the calibration samples and process 0
+writes the files.
 """
 
 from __future__ import annotations
