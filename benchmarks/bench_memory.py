@@ -194,7 +194,7 @@ def main() -> None:
                "peak_rss_over_model": r["rss_peak_mb"] / model_mb,
                "peak_rss_over_block": r["rss_peak_mb"] / block_mb,
                "quantize_seconds": r["seconds"], "packed_linears": r["packed_linears"],
-               "peak_after_first_block_mb": r["peak_after_block_mb"][0],
+               "peak_after_first_block_mb": (r["peak_after_block_mb"] or [None])[0],
                "peak_after_block_mb": r["peak_after_block_mb"], "out_mb": r["out_bytes"] / 2**20,
                "layers": args.layers, "hidden": h, "intermediate": m, "vocab": args.vocab,
                "nsamples": args.nsamples, "seqlen": args.seqlen,
