@@ -6,7 +6,9 @@
 1. Writes a synthetic float32 Llama (random weights, the shapes of a ~1B model; default about
    3 GB) as a sharded Hugging Face safetensors folder, one layer at a time (this process never
    holds more than one layer).
-2. In a fresh process: ``gptq_jax.interop.quantize_folder`` quantizes it block by block (blocks
+2. In a fresh process: ``scripts/quantize_llama.py`` (``--via cli``, the default: its streamed
+   path, orbax checkpoint written, no evaluation) or ``gptq_jax.interop.quantize_folder``
+   (``--via library``) quantizes it block by block (blocks
    read from the memory-mapped shards on demand, each quantized block written out at once) into a
    GPTQ folder, with fast settings (``--nsamples`` x ``--seqlen`` calibration tokens, 4-bit, group
    128, no true-sequential). Its peak RSS (VmHWM) is read after the imports (the JAX runtime
@@ -111,6 +113,32 @@ def child(src: str, out: str, ids_path: str) -> None:
              "out_bytes": out_bytes, "packed_linears": packed, "peak_after_block_mb": peaks})
 
 
+def child_cli(src: str, out: str, ids_path: str) -> None:
+  """The measured process is scripts/quantize_llama.py itself (the streamed CLI path): run it and
+  read its own peak RSS (its report's ru_maxrss) and wall time."""
+  import subprocess
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ids = np.load(ids_path)
+  report = out + ".report.json"
+  cmd = [sys.executable, os.path.join(root, "scripts", "quantize_llama.py"), "--model", src,
+         "--output", out, "--dataset", ids_path, "--nsamples", str(len(ids)), "--seqlen",
+         str(ids.shape[1]), "--bits", "4", "--group-size", "128", "--no-true-sequential",
+         "--eval-text", "none", "--sample-prompt", "", "--no-progress", "--report", report,
+         "--dtype", "float32"]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, env=os.environ, capture_output=True, text=True)
+  seconds = time.perf_counter() - t0
+  if proc.returncode != 0:
+    raise SystemExit(f"quantize_llama.py failed:\n{proc.stderr[-3000:]}")
+  with open(report) as f:
+    rep = json.load(f)
+  out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+  emit_json({"rss_start_mb": float("nan"), "rss_peak_mb": rep["peak_rss_mb"], "seconds": seconds,
+             "out_bytes": out_bytes, "packed_linears": 7 * len({r["block"] for r in rep["layers"]}),
+             "peak_after_block_mb": []})
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--layers", type=int, default=12)
@@ -123,10 +151,16 @@ def main() -> None:
   p.add_argument("--keep", action="store_true", help="keep the synthetic model and the output")
   p.add_argument("--default-malloc", action="store_true",
                  help="run the quantizing process with glibc's default malloc settings")
+  p.add_argument("--via", default="cli", choices=("cli", "library"),
+                 help="measure scripts/quantize_llama.py (default) or interop.quantize_folder")
   p.add_argument("--child", nargs=3, metavar=("SRC", "OUT", "IDS"), help=argparse.SUPPRESS)
+  p.add_argument("--child-cli", nargs=3, metavar=("SRC", "OUT", "IDS"), help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     child(*args.child)
+    return
+  if args.child_cli:
+    child_cli(*args.child_cli)
     return
   if args.hidden % 128:
     raise SystemExit(f"--hidden {args.hidden} must be a multiple of 128 (head_dim 128)")
@@ -140,8 +174,8 @@ def main() -> None:
     rng = np.random.default_rng(1)
     np.save(ids_path, rng.integers(0, args.vocab, (args.nsamples, args.seqlen)).astype(np.int32))
     env = {"XLA_FLAGS": ""} if args.default_malloc else {"XLA_FLAGS": "", **MALLOC_ENV}
-    r = run_json(sys.executable, os.path.abspath(__file__), ["--child", src, out, ids_path],
-                 env=env)
+    r = run_json(sys.executable, os.path.abspath(__file__),
+                 ["--child-cli" if args.via == "cli" else "--child", src, out, ids_path], env=env)
     h, m = args.hidden, args.intermediate
     block_mb = (4 * h * h + 3 * h * m + 2 * h) * 4 / 2**20
     embed_mb = args.vocab * h * 4 / 2**20
@@ -152,7 +186,7 @@ def main() -> None:
             ["peak RSS while quantizing", r["rss_peak_mb"]],
             ["GPTQ folder written", r["out_bytes"] / 2**20]]
     print(table(["what", "MiB"], rows))
-    print(f"peak RSS / model size = {r['rss_peak_mb'] / model_mb:.3f}; quantized in "
+    print(f"via {args.via}: peak RSS / model size = {r['rss_peak_mb'] / model_mb:.3f}; quantized in "
           f"{r['seconds']:.0f} s; peak RSS after each block (MiB): "
           + " ".join(f"{v:.0f}" for v in r["peak_after_block_mb"]))
     emit_json({"model_mb": model_mb, "block_mb": block_mb, "embed_mb": embed_mb,
@@ -160,11 +194,11 @@ def main() -> None:
                "peak_rss_over_model": r["rss_peak_mb"] / model_mb,
                "peak_rss_over_block": r["rss_peak_mb"] / block_mb,
                "quantize_seconds": r["seconds"], "packed_linears": r["packed_linears"],
-               "peak_after_first_block_mb": r["peak_after_block_mb"][0],
+               "peak_after_first_block_mb": (r["peak_after_block_mb"] or [None])[0],
                "peak_after_block_mb": r["peak_after_block_mb"], "out_mb": r["out_bytes"] / 2**20,
                "layers": args.layers, "hidden": h, "intermediate": m, "vocab": args.vocab,
                "nsamples": args.nsamples, "seqlen": args.seqlen,
-               "malloc_env": {} if args.default_malloc else MALLOC_ENV})
+               "malloc_env": {} if args.default_malloc else MALLOC_ENV, "via": args.via})
   finally:
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)

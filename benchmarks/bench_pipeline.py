@@ -21,6 +21,11 @@ Each side runs in its own process so its wall time and peak RSS are its own:
   written as a float32 Hugging Face folder (`save_hf_folder`) with the tokenizer, `quantize()` timed
   alone, peak RSS, then the saved GPTQ folder reloaded with its torch kernel and evaluated on the
   same windows in torch (and the float folder, to cross-check the two evaluators).
+With `--cli`, the whole `scripts/quantize_llama.py` process (start, load, calibration, quantize,
+orbax checkpoint and `--save-hf` folder; no evaluation, no sample) is timed from outside against
+GPTQModel's load + quantize + save, and the CLI's `--breakdown` is printed: seconds per phase
+(embedding, reads, Hessian passes, solves, propagation, writes, compilation) and the block forwards
+per block against the true-sequential minimum.
 Last line: one JSON object with the figures, the perplexity increases and the ratios.
 """
 
@@ -111,12 +116,44 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int, model:
   emit_json(result)
 
 
+def run_cli(workdir: str, desc_act: bool, args) -> dict:
+  """The whole quantize_llama.py process on the same calibration tokens, timed from outside."""
+  import json
+  import subprocess
+
+  tag = "on" if desc_act else "off"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  report = os.path.join(workdir, f"cli_{tag}.json")
+  cmd = [sys.executable, os.path.join(root, "scripts", "quantize_llama.py"),
+         "--model", getattr(args, "model", None) or "smollm2-135m",
+         "--output", os.path.join(workdir, f"cli_{tag}"),
+         "--save-hf", os.path.join(workdir, f"cli_hf_{tag}"), "--report", report,
+         "--dataset", os.path.join(workdir, "calib.npy"), "--nsamples", str(args.nsamples),
+         "--seqlen", str(args.seqlen), "--bits", "4", "--group-size", "128", "--damp-percent",
+         str(DAMP), "--desc-act" if desc_act else "--no-desc-act",
+         "--no-act-group-aware" if desc_act else "--act-group-aware",
+         "--batch-size", str(args.batch_size), "--eval-text", "none", "--sample-prompt", "",
+         "--no-progress", "--breakdown"]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  wall = time.perf_counter() - t0
+  if proc.returncode != 0:
+    raise SystemExit(f"quantize_llama.py failed:\n{proc.stderr[-3000:]}")
+  with open(report) as f:
+    rep = json.load(f)
+  return {"wall_s": wall, "inside_s": rep["seconds"], "peak_rss_mb": rep["peak_rss_mb"],
+          "breakdown": rep["breakdown"]}
+
+
 def run_case(workdir: str, desc_act: bool, args) -> dict:
   tag = "on" if desc_act else "off"
-  log(f"desc_act {tag}: gptq_jax ...")
-  ours = run_json(sys.executable, os.path.abspath(__file__),
-                  ["--side", "ours", "--workdir", workdir, "--desc-act", tag, "--seqlen",
-                   args.seqlen, "--batch-size", args.batch_size, "--model", args.model])
+  ours = None
+  if not args.cli_only:
+    log(f"desc_act {tag}: gptq_jax ...")
+    ours = run_json(sys.executable, os.path.abspath(__file__),
+                    ["--side", "ours", "--workdir", workdir, "--desc-act", tag, "--seqlen",
+                     args.seqlen, "--batch-size", args.batch_size, "--model", args.model])
   base = None
   if not args.no_baseline:
     log(f"desc_act {tag}: GPTQModel ...")
@@ -125,8 +162,18 @@ def run_case(workdir: str, desc_act: bool, args) -> dict:
                      os.path.join(workdir, "eval.npy"), os.path.join(workdir, f"gptqmodel_{tag}"),
                      "--seqlen", args.seqlen, "--desc-act", int(desc_act), "--damp", DAMP,
                      "--batch-size", args.batch_size], env=GPTQMODEL_ENV)
+  if args.cli:
+    log(f"desc_act {tag}: quantize_llama.py ...")
+  cli = run_cli(workdir, desc_act, args) if args.cli else None
   inc = lambda q, f: q / f - 1  # noqa: E731  (relative perplexity increase)
-  case = {"ours": ours, "ppl_increase": inc(ours["ppl_gptq"], ours["ppl_float"]),
+  if ours is None:  # --cli-only: the whole processes, no evaluation on our side
+    case = {"cli": cli, "baseline": base}
+    if base is not None and "save_s" in base:
+      base_total = base["load_s"] + base["quantize_s"] + base["save_s"]
+      case.update(baseline_load_quantize_save_s=base_total,
+                  cli_wall_ratio=ratio(cli["wall_s"], base_total))
+    return case
+  case = {"ours": ours, "cli": cli, "ppl_increase": inc(ours["ppl_gptq"], ours["ppl_float"]),
           "rtn_ppl_increase": inc(ours["ppl_rtn"], ours["ppl_float"])}
   if base is not None:
     float_ref = base.get("ppl_float", ours["ppl_float"])
@@ -136,6 +183,10 @@ def run_case(workdir: str, desc_act: bool, args) -> dict:
         rss_ratio=ratio(ours["peak_rss_mb"], base["peak_rss_mb"]),
         evaluators_float_ppl_rel_diff=(base["ppl_float"] / ours["ppl_float"] - 1
                                        if "ppl_float" in base else None))
+    if cli is not None and "save_s" in base:
+      base_total = base["load_s"] + base["quantize_s"] + base["save_s"]
+      case.update(baseline_load_quantize_save_s=base_total,
+                  cli_wall_ratio=ratio(cli["wall_s"], base_total))
     # Must: our perplexity increase no worse than GPTQModel's + 2 % (points of relative ppl).
     case["quality_ok"] = case["ppl_increase"] <= case["baseline_ppl_increase"] + 0.02
   return case
@@ -150,9 +201,15 @@ def main() -> None:
   ap.add_argument("--desc-act", default="off", choices=("off", "on", "both"))
   ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
   ap.add_argument("--no-baseline", action="store_true")
+  ap.add_argument("--cli", action="store_true",
+                  help="also time the whole quantize_llama.py process (vs GPTQModel load + "
+                       "quantize + save) and print its breakdown")
+  ap.add_argument("--cli-only", action="store_true",
+                  help="with --cli: skip the in-process gptq_jax side (and its evaluation)")
   ap.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)
   ap.add_argument("--workdir", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  args.cli = args.cli or args.cli_only
   if args.side == "ours":
     return side_ours(args.workdir, args.desc_act == "on", args.seqlen, args.batch_size, args.model)
 
@@ -171,6 +228,8 @@ def main() -> None:
 
   rows = []
   for name, c in results.items():
+    if c.get("ours") is None:
+      continue
     o, b = c["ours"], c.get("baseline")
     rows.append((name, "gptq_jax", o["quantize_s"], o["peak_rss_mb"], o["ppl_float"],
                  o["ppl_gptq"], f"{c['ppl_increase']:+.2%}", o["ppl_rtn"],
@@ -188,6 +247,16 @@ def main() -> None:
       print(f"{name}: wall gptq_jax/GPTQModel {c['wall_ratio']:.3f}, peak RSS ratio "
             f"{c['rss_ratio']:.3f}, quality must (increase <= GPTQModel's + 2%): "
             f"{'met' if c['quality_ok'] else 'NOT met'}")
+  for name, c in results.items():
+    if c.get("cli") is not None:
+      b = c["cli"]["breakdown"]
+      print(f"{name}: quantize_llama.py process {c['cli']['wall_s']:.1f} s wall (peak RSS "
+            f"{c['cli']['peak_rss_mb']:.0f} MiB)"
+            + (f" vs GPTQModel load + quantize + save {c['baseline_load_quantize_save_s']:.1f} s"
+               f" = {c['cli_wall_ratio']:.3f}x" if "cli_wall_ratio" in c else ""))
+      print("  breakdown (s): " + ", ".join(f"{k} {v:.2f}" for k, v in b["seconds"].items()))
+      print(f"  block forwards per block: {b['block_forwards_per_block']:.2f} (true-sequential "
+            f"minimum {b['minimum_block_forwards_per_block']})")
   emit_json({"bench": "pipeline", "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
              "eval_windows": n_eval, "batch_size": args.batch_size, "bits": 4, "group_size": 128,
              "sym": True, "damp_percent": DAMP, "mse": 0.0, "true_sequential": True,

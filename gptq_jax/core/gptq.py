@@ -187,7 +187,8 @@ def _column_grids(st: _Static, i1, Wt, u_diag, perm, carry, grids0, sgrids, cols
 
 @functools.partial(jax.jit, static_argnums=5)
 def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
-  """The column loop. Returns codes, scales and zeros per processed column, and the loss.
+  """The column loop. Returns codes, scales and zeros per processed column, and the loss of
+  each row ``[rows]`` (rows are independent: several layers sharing H can be solved as one).
 
   With GPTAQ's correction ``P`` (``core/gptaq.py``, strictly upper triangular), column ``i``
   also adds ``w_i P[i, j]`` to every later column ``j``: inside a block ``w_i`` is the column's
@@ -233,7 +234,7 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
         q = quantizer.quantize_codes(w, s, z, maxq)
         dq = s * (q - z)
         d = Us[i, i]
-        loss = loss + jnp.sum(quantizer.true_divide((w - dq) ** 2, d**2)) / 2
+        loss = loss + quantizer.true_divide((w - dq) ** 2, d**2) / 2  # [rows]: rows independent
         err1 = quantizer.true_divide(w - dq, d)
         Ws = Ws - Us[i][:, None] * err1[None, :]  # Us[i, :i] == 0: earlier columns unchanged
         if gptaq:  # Ps[i, :i + 1] == 0: likewise; record w (pre-quantization) and dq
@@ -272,7 +273,7 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
     out = (Q1.astype(jnp.uint8), s_blk, z_blk.astype(jnp.int32))
     return (Wt, (s_blk[-1], z_blk[-1]), loss), out
 
-  init = (Wt, grids0, jnp.zeros((), jnp.float32))
+  init = (Wt, grids0, jnp.zeros((rows,), jnp.float32))
   (_, _, loss), (q, s, z) = jax.lax.scan(block, init, jnp.arange(nblocks))
   flat = lambda a: a.reshape(cp, rows)[:cols]
   return flat(q), flat(s), flat(z), loss
@@ -414,7 +415,7 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
     codes, scales, zeros, g_idx = _assemble(q, s, z, perm, sgrids, st)
     qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=cfg.bits,
                          group_size=cfg.group_size)
-    info = GPTQInfo(loss=float(loss), damp=damp, fallback=False)
+    info = GPTQInfo(loss=float(jnp.sum(loss)), damp=damp, fallback=False)
   return (qw, info) if return_info else qw
 
 

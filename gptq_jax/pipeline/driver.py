@@ -20,7 +20,8 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from gptq_jax.config import GPTQConfig
-from gptq_jax.core.gptq import quantize_weight
+from gptq_jax.core.gptq import quantize_weight  # noqa: F401 (re-exported for callers)
+from gptq_jax.core.shared import can_share, quantize_shared as solve_shared
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.pipeline import calib, dynamic, multihost
 from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
@@ -30,6 +31,7 @@ from gptq_jax.pipeline.gptaq import cross_capture_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
 from gptq_jax.pipeline.rotation import check_rotated
+from gptq_jax.pipeline.stats import PipelineStats
 
 BlockDone = Callable[[int, Any, list[dict]], None]
 
@@ -87,33 +89,71 @@ class _Stream:
       self.hidden.append(h)
       self.ctx.append(ctx)
 
+  def replicate(self, block_params):
+    """The block's parameters on every device of the mesh, once (not once per micro-batch)."""
+    return block_params if self.mesh is None else multihost.replicate(self.mesh, block_params)
+
   def propagate(self, run, block_params) -> None:
+    block_params = self.replicate(block_params)
     self.hidden = [run(block_params, h, c) for h, c in zip(self.hidden, self.ctx)]
 
 
+LayerConfig = Callable[[str], "GPTQConfig | None"]
+
+
+def _solve_sets(capture: HessianCapture, group, names, configs) -> list[list[int]]:
+  """Indices of ``group`` solved together: the layers that read the same input (one Hessian)
+  under the same settings. A layer whose config is None is skipped (stays float)."""
+  sets: dict[tuple, list[int]] = {}
+  for k, path in enumerate(group):
+    if configs[k] is None:
+      continue
+    key = (capture.alias.get(path, path), configs[k])
+    sets.setdefault(key if can_share(configs[k]) else (path, configs[k]), []).append(k)
+  return list(sets.values())
+
+
 def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: GPTQConfig,
-                    i: int, progress: BlockProgress, records: list[dict]):
-  for path in group:
-    name = f"layers.{i}." + ".".join(path)
-    t0 = time.perf_counter()
+                    i: int, progress: BlockProgress, records: list[dict],
+                    layer_config: LayerConfig | None = None):
+  """Quantize the linears ``group`` of block ``i`` from the Hessians in ``capture``.
+
+  Layers sharing a Hessian and a config are solved in one call (``core.shared``: H factorized
+  once, the codes those of separate solves). ``layer_config(name)`` gives a layer's own settings
+  (None: leave it unquantized); default: ``cfg`` for every layer.
+  """
+  names = [f"layers.{i}." + ".".join(path) for path in group]
+  if layer_config is None:  # per-module precision (GPTQModel's dynamic), or None: stays float
+    configs = [dynamic.resolve(cfg, dynamic.module_name(i, path)) for path in group]
+  else:
+    configs = [layer_config(n) for n in names]
+  for k, path in enumerate(group):
     kernel = get_path(block, path)["kernel"]
     if _is_quantized(kernel):
-      raise ValueError(f"{name} is already quantized: quantize a float model (an HF float folder, "
-                       "a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
-    mcfg = dynamic.resolve(cfg, dynamic.module_name(i, path))  # per-module precision, or None
-    if mcfg is None:  # a "-:" rule: the module stays float
-      records.append({"block": i, "layer": name, "shape": list(kernel.shape), "skipped": True})
-      continue
-    cross = capture.cross(path) if mcfg.gptaq else None  # GPTAQ's dXXT (pipeline/gptaq.py)
-    qw, info = quantize_weight(kernel, capture.hessian(path), mcfg, return_info=True, name=name,
-                               cross=cross)
-    packed = qw.pack(mcfg.format)
-    block = set_path(block, path + ("kernel",), packed)
-    work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
-    records.append({"block": i, "layer": name, "shape": list(kernel.shape),
-                    "loss": info.loss, "damp": info.damp, "fallback": info.fallback,
-                    "seconds": time.perf_counter() - t0})
-    progress.update(i, ".".join(path), info.loss)
+      raise ValueError(f"{names[k]} is already quantized: quantize a float model (an HF float "
+                       "folder, a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
+    if configs[k] is None:  # a "-:" rule
+      records.append({"block": i, "layer": names[k], "shape": list(kernel.shape), "skipped": True})
+  for ks in _solve_sets(capture, group, names, configs):
+    t0 = time.perf_counter()
+    kernels = [get_path(block, group[k])["kernel"] for k in ks]
+    c0 = configs[ks[0]]
+    if c0.gptaq:  # GPTAQ's solve also needs the layer's cross-term dXXT (pipeline/gptaq.py)
+      path0 = group[ks[0]]
+      results = [quantize_weight(kernels[0], capture.hessian(path0), c0, return_info=True,
+                                 name=names[ks[0]], cross=capture.cross(path0))]
+    else:
+      results = solve_shared(kernels, capture.hessian(group[ks[0]]), c0, [names[k] for k in ks])
+    seconds = (time.perf_counter() - t0) / len(ks)
+    for k, kernel, (qw, info) in zip(ks, kernels, results):
+      path, c = group[k], configs[k]
+      packed = qw.pack(c.format)
+      block = set_path(block, path + ("kernel",), packed)
+      work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
+      records.append({"block": i, "layer": names[k], "shape": list(kernel.shape),
+                      "loss": info.loss, "damp": info.damp, "fallback": info.fallback,
+                      "seconds": seconds, "solved_with": len(ks)})
+      progress.update(i, ".".join(path), info.loss)
   return block, work
 
 
@@ -121,7 +161,9 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
              adapter: DecoderAdapter | None = None, mesh: Mesh | str | None = "auto",
              axis_name: str = "data", batch_size: int | None = None, progress: bool = True,
              report: list[dict] | None = None, start_block: int = 0,
-             on_block_done: BlockDone | None = None) -> Any:
+             on_block_done: BlockDone | None = None,
+             layer_config: LayerConfig | None = None,
+             stats: PipelineStats | None = None) -> Any:
   """GPTQ-quantize every decoder block's linears; returns params with packed kernels.
 
   Args:
@@ -140,6 +182,10 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     start_block: resume: blocks before it are already quantized in ``params``; the calibration
       data is propagated through them and quantization continues from there.
     on_block_done: called as ``on_block_done(i, quantized_block_params, records)`` after each block.
+    layer_config: ``layer_config("layers.3.mlp.up_proj") -> GPTQConfig | None``: a layer's own
+      settings (None leaves it float); default ``cfg`` for all. Layers sharing a Hessian and a
+      config are solved together.
+    stats: a ``PipelineStats`` that collects where the time goes (``pipeline/stats.py``).
 
   Returns:
     ``params`` with each quantized linear's ``"kernel"`` a ``PackedWeight`` in ``cfg.format``.
@@ -159,7 +205,10 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   if not 0 <= start_block <= nblocks:
     raise ValueError(f"start_block={start_block} must be in [0, {nblocks}]")
 
+  st = stats or PipelineStats(sync=False)
+  t = time.perf_counter()
   stream = _Stream(adapter, params, batches, mesh, axis_name)
+  t = st.mark("embedding", t, stream.hidden)
   groups = adapter.sequential_groups if cfg.true_sequential else (
       tuple(p for g in adapter.sequential_groups for p in g),)
   float_hidden = list(stream.hidden) if cfg.gptaq else None  # GPTAQ: the float model's stream
@@ -173,18 +222,26 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     run = runner_for(blk, mesh, axis_name)
     captures = [(cross_capture_for if cfg.gptaq else capture_for)(blk, g, mesh, axis_name)
                 for g in groups]
+    t = time.perf_counter()
     block = adapter.get_block(params, i)
+    t = st.mark("read blocks", t, block)
     work = dense_block(block)
     float_work = work  # block i is still float here (dequantized, when resuming before it)
     if i >= start_block:
       records: list[dict] = []
       for group, capture in zip(groups, captures):
         capture.reset()
+        replicated = stream.replicate(work)
         for k, (h, ctx, mask) in enumerate(zip(stream.hidden, stream.ctx, stream.masks)):
           extra = {} if float_hidden is None else dict(float_params=float_work,
                                                         float_hidden=float_hidden[k])
-          capture.add(work, h, ctx, mask, **extra)
-        block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records)
+          capture.add(replicated, h, ctx, mask, **extra)
+        del replicated
+        t = st.mark("hessian passes", t, capture.states)
+        st.count("hessian passes")
+        block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records,
+                                      layer_config)
+        t = st.mark("solves", t, work)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
         block = refine_stream(blk, adapter.get_block(params, i), block, stream, cfg, i, records)
@@ -192,14 +249,19 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
       params = adapter.set_block(params, i, block)
       if report is not None:
         report.extend(records)
+    t = time.perf_counter()
     if i + 1 < nblocks or cfg.lm_head:  # the last block's outputs feed only lm_head
       stream.propagate(run, work)
       if float_hidden is not None:
         float_hidden = [run(float_work, h, c) for h, c in zip(float_hidden, stream.ctx)]
+      t = st.mark("propagation", t, stream.hidden)
+      st.count("propagation passes")
     if i >= start_block:
+      st.count("blocks quantized")
       bar.update(i, finished=True)
       if on_block_done is not None:
         on_block_done(i, block, records)
+        st.mark("write blocks", t)
   if cfg.lm_head:  # after the last block, on the final norm's outputs (pipeline/dynamic.py)
     params = dynamic.quantize_lm_head(adapter.config, params, stream.hidden, stream.masks, cfg,
                                       report)

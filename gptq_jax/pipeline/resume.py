@@ -103,7 +103,9 @@ class ResumableRun:
     return out
 
   def save_block(self, i: int, block: Any, records: list[dict]) -> None:
-    if not os.path.exists(self.fp_file):  # first save: the fingerprint goes first, atomically
+    if not os.path.exists(self.fp_file) and jax.process_index() == 0:
+      # first save: the fingerprint goes first, atomically (one writer under jax.distributed;
+      # the block itself is an orbax save every process takes part in)
       os.makedirs(self.partial, exist_ok=True)
       tmp = self.fp_file + ".tmp"
       with open(tmp, "w") as f:

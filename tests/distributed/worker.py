@@ -28,16 +28,18 @@ from tests.distributed.tiny import tiny_setup  # noqa: E402
 
 cfg, params, samples, qcfg = tiny_setup()
 hessians = {}
-solve = driver.quantize_weight
+solve = driver.solve_shared
 
 
-def recording_solve(kernel, hessian, cfg_, **kw):
-  """Test-only spy: keeps the Hessian the driver hands to the solver for each layer."""
-  hessians[kw["name"]] = np.asarray(hessian)
-  return solve(kernel, hessian, cfg_, **kw)
+def recording_solve(kernels, hessian, cfg_, names):
+  """Test-only spy: keeps the Hessian the driver hands to the solver for each layer (q/k/v and
+  gate/up share one solve, so one Hessian serves several names)."""
+  for name in names:
+    hessians[name] = np.asarray(hessian)
+  return solve(kernels, hessian, cfg_, names)
 
 
-driver.quantize_weight = recording_solve
+driver.solve_shared = recording_solve
 bounds = {1: (0, 16), 2: (0, 10, 16)}[nproc]
 share = samples[bounds[pid]:bounds[pid + 1]]
 qparams = gj.quantize(params, share, qcfg, model_config=cfg, batch_size=2, progress=False)

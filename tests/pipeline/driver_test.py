@@ -75,6 +75,8 @@ def test_pipeline_equals_quantize_weight_by_hand(tiny, qkw):
   assert [r["layer"] for r in report][:7] == [
       f"layers.0.{a}.{b}" for a, b in sum(LLAMA_GROUPS, ())]
   assert all(np.isfinite(r["loss"]) and r["damp"] == qcfg.damp_percent for r in report)
+  # q/k/v and gate/up share a Hessian: each set is one solve (core.shared), codes as above.
+  assert [r["solved_with"] for r in report][:7] == [3, 3, 3, 1, 2, 2, 1]
   packed = q["layers_1"]["mlp"]["down_proj"]["kernel"]
   assert isinstance(packed, gj.PackedWeight) and packed.format == qcfg.format
   assert q["lm_head"]["kernel"] is params["lm_head"]["kernel"]  # only the blocks are quantized
