@@ -86,7 +86,12 @@ def write_tree(path: str, step: int, tree: Any, meta: dict) -> None:
                                           meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
   mngr.close()
-  write_checksums(os.path.join(os.path.abspath(path), str(step)))
+  if jax.process_index() == 0:  # a collective save: one process records the files' checksums
+    write_checksums(os.path.join(os.path.abspath(path), str(step)))
+  if jax.process_count() > 1:  # the others wait, so every process returns with the step complete
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(f"gptq_jax checksums {path} {step}")
 
 
 def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:

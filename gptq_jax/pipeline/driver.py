@@ -226,7 +226,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     block = adapter.get_block(params, i)
     t = st.mark("read blocks", t, block)
     work = dense_block(block)
-    float_work = work  # block i is still float here (dequantized, when resuming before it)
+    float_work = work if cfg.gptaq else None  # GPTAQ: block i still float (dequantized if resumed)
     if i >= start_block:
       records: list[dict] = []
       for group, capture in zip(groups, captures):

@@ -44,7 +44,7 @@ def test_two_cli_processes_match_one(tiny_hf_dir, cli_env, tmp_path):
       if p.poll() is None:
         p.kill()
   for pid, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {pid} failed:\n{log[-3000:]}"
+    assert p.returncode == 0, f"process {pid} failed:\n{log[-3000:]}\nother:\n{logs[1 - pid][-3000:]}"
   assert "process 1/2: 2 of 4 calibration samples, 1 of 2 devices" in logs[1]
   assert "saved" in logs[0] and "saved" not in logs[1]  # process 0 speaks and writes
   assert sorted(os.listdir(tmp_path)) == ["hf", "q", "r.json", "r.png"]  # no .partial, .saving
