@@ -10,6 +10,11 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLIs' main() runs in-process in some tests: keep the persistent compilation cache out of this
+# process (writing 8-device shard_map executables to it crashed jaxlib on CPU; cached programs
+# also skip the compile events that the compile-count tests read). Subprocess tests that exercise
+# the cache drop this variable from their environment.
+os.environ["GPTQ_JAX_NO_COMPILE_CACHE"] = "1"
 
 # Session fixtures shared by tests/models and tests/pipeline: the real SmolLM2-135M (loaded once),
 # its tokenizer, a transformers twin.

@@ -53,6 +53,7 @@ def test_orbax_checkpoint_and_hf_export_print_the_same_text(tmp_path):
   assert checkpoint.load(ckpt).tokenizer("ab")["input_ids"] == tok("ab")["input_ids"]
   hf_dir = export_hf(str(tmp_path / "hf"), qparams, cfg, qcfg, tok, dtype="float32")
   env = dict(os.environ, PYTHONPATH=ROOT, GPTQ_JAX_CACHE=str(tmp_path / "jax_cache"))
+  env.pop("GPTQ_JAX_NO_COMPILE_CACHE", None)  # this test checks that the cache is written
   text_a, info_a = _run(ckpt, env)
   text_b, info_b = _run(hf_dir, env)
   assert text_a.startswith("The capital of") and len(text_a) > len("The capital of")

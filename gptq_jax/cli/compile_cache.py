@@ -12,6 +12,8 @@ import logging
 import os
 
 ENV = "GPTQ_JAX_CACHE"
+OFF_ENV = "GPTQ_JAX_NO_COMPILE_CACHE"  # "1": never turn the cache on (the test suite sets it for
+# its own process, where the CLIs' main() runs in-process beside multi-device programs)
 MIN_COMPILE_SECONDS = 0.2  # cache programs that took at least this long to compile
 
 logger = logging.getLogger("gptq_jax")
@@ -31,7 +33,7 @@ def add_flag(parser: argparse.ArgumentParser) -> None:
 def enable(enabled: bool = True, path: str | None = None) -> str | None:
   """Turn the persistent cache on (at ``path`` or ``default_dir()``); returns the folder, or None
   when ``enabled`` is False or the folder cannot be created (a warning then, never an error)."""
-  if not enabled:
+  if not enabled or os.environ.get(OFF_ENV, "") == "1":
     return None
   import jax  # noqa: PLC0415
 
