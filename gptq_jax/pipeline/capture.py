@@ -20,6 +20,27 @@ from gptq_jax.pipeline import multihost
 from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath
 
 
+def linear_inputs(adapter, block_params, hidden, ctx, targets):
+  """``({path: x}, {path: representative path})``: one input per distinct traced array."""
+  by_input: dict[int, LinearPath] = {}
+  reps: dict[LinearPath, jax.Array] = {}
+  alias: dict[LinearPath, LinearPath] = {}
+
+  def capture(path, x):
+    if path in targets and path not in alias:
+      rep = by_input.setdefault(id(x), path)
+      alias[path] = rep
+      if rep == path:
+        reps[path] = x
+
+  adapter.run_block(block_params, hidden, ctx, capture)
+  missing = [p for p in targets if p not in alias]
+  if missing:
+    raise ValueError(f"the block never applied the linear layer(s) {missing}: check the "
+                     "adapter's sequential_groups against the model")
+  return reps, alias
+
+
 class HessianCapture:
   """Accumulates ``X^T X`` for the linears ``targets`` of a block over micro-batches."""
 
@@ -30,23 +51,8 @@ class HessianCapture:
     self.states: dict[LinearPath, hessian.HessianState] | None = None
 
     def local(block_params, hidden, ctx, mask):
-      by_input: dict[int, LinearPath] = {}
-      reps: dict[LinearPath, jax.Array] = {}
-      alias: dict[LinearPath, LinearPath] = {}
-
-      def capture(path, x):
-        if path in targets and path not in alias:
-          rep = by_input.setdefault(id(x), path)
-          alias[path] = rep
-          if rep == path:
-            reps[path] = x
-
-      adapter.run_block(block_params, hidden, ctx, capture)
+      reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets)
       self.alias = alias  # fixed at trace time: the same for every call of the compiled step
-      missing = [p for p in targets if p not in alias]
-      if missing:
-        raise ValueError(f"the block never applied the linear layer(s) {missing}: check the "
-                         "adapter's sequential_groups against the model")
       out = {}
       for path, x in reps.items():
         out[path] = hessian._xtx(x, mask)

@@ -21,27 +21,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from gptq_jax.core import hessian
 from gptq_jax.pipeline import multihost
 from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath
-
-
-def _linear_inputs(adapter, block_params, hidden, ctx, targets):
-  """``({path: x}, {path: representative path})``: one input per distinct traced array."""
-  by_input: dict[int, LinearPath] = {}
-  reps: dict[LinearPath, jax.Array] = {}
-  alias: dict[LinearPath, LinearPath] = {}
-
-  def capture(path, x):
-    if path in targets and path not in alias:
-      rep = by_input.setdefault(id(x), path)
-      alias[path] = rep
-      if rep == path:
-        reps[path] = x
-
-  adapter.run_block(block_params, hidden, ctx, capture)
-  missing = [p for p in targets if p not in alias]
-  if missing:
-    raise ValueError(f"the block never applied the linear layer(s) {missing}: check the "
-                     "adapter's sequential_groups against the model")
-  return reps, alias
+from gptq_jax.pipeline.capture import linear_inputs
 
 
 class CrossCapture:
@@ -54,8 +34,8 @@ class CrossCapture:
     self.states: dict[LinearPath, hessian.CrossState] | None = None
 
     def local(block_params, float_params, hidden, float_hidden, ctx, mask):
-      reps, alias = _linear_inputs(adapter, block_params, hidden, ctx, targets)
-      freps, _ = _linear_inputs(adapter, float_params, float_hidden, ctx, targets)
+      reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets)
+      freps, _ = linear_inputs(adapter, float_params, float_hidden, ctx, targets)
       self.alias = alias
       out = {}
       for path, x in reps.items():
