@@ -13,35 +13,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.core.reference_gptq import F32, Quantizer, gar_perm
+from tests.core.reference_gptq import F32, Quantizer, prepare
 
 
 def fasterquant_gptaq(kernel, H, dXXT, *, bits, alpha=0.25, group_size=128, sym=True,
                       percdamp=0.1, blocksize=128, actorder=False, static_groups=False, gar=False,
                       mse=0.0):
   """Returns (codes [out, in], scale [groups, out], zero [groups, out], g_idx [in], loss)."""
-  W = np.array(kernel, F32).T.copy()  # [rows=out, cols=in]
-  H = np.array(H, F32).copy()
-  D = np.array(dXXT, F32).copy()
+  W, W_raw, dead, perm, U = prepare(kernel, H, group_size, percdamp, actorder, gar)
   rows, cols = W.shape
-  W_raw = W.copy()
-  dead = np.diag(H) == 0
-  H[dead, dead] = 1
-  W[:, dead] = 0
-  D[:, dead] = 0
   gs = group_size
-  perm = np.arange(cols)
-  if actorder:
-    perm = np.argsort(-np.diag(H), kind="stable")
-  elif gar:
-    perm = gar_perm(np.diag(H).copy(), gs)
-  W = W[:, perm]
-  H = H[perm][:, perm]
+  D = np.array(dXXT, F32).copy()
+  D[:, dead] = 0
   D = D[perm][:, perm]
-  H[np.arange(cols), np.arange(cols)] += F32(percdamp) * np.mean(np.diag(H))
-  L = np.linalg.cholesky(H).astype(F32)
-  Linv = np.linalg.inv(L).astype(F32)
-  U = np.linalg.cholesky((Linv.T @ Linv).astype(F32)).T.astype(F32)  # Hinv = U^T U
   P = (F32(alpha) * np.triu(D @ U.T, 1) @ U).astype(F32)
   quant = Quantizer(bits, sym)
   if group_size == -1:

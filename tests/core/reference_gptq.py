@@ -81,6 +81,31 @@ def gar_perm(diag, gs):
   return np.array(perm + list(range(full * gs, n)), dtype=np.int64)
 
 
+def prepare(kernel, H, group_size, percdamp, actorder, gar):
+  """Steps 2-6 of the reference: dead columns, the column order (act-order or GAR), damping and the
+  upper factor U of the damped inverse Hessian. -> (W permuted [out, in], W_raw (natural, before
+  the dead-column fix), dead mask, perm, U)."""
+  W = np.array(kernel, F32).T.copy()  # [rows=out, cols=in]
+  H = np.array(H, F32).copy()
+  cols = W.shape[1]
+  W_raw = W.copy()
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1
+  W[:, dead] = 0
+  perm = np.arange(cols)
+  if actorder:
+    perm = np.argsort(-np.diag(H), kind="stable")
+  elif gar:
+    perm = gar_perm(np.diag(H).copy(), group_size)
+  W = W[:, perm]
+  H = H[perm][:, perm]
+  H[np.arange(cols), np.arange(cols)] += F32(percdamp) * np.mean(np.diag(H))
+  L = np.linalg.cholesky(H).astype(F32)
+  Linv = np.linalg.inv(L).astype(F32)
+  U = np.linalg.cholesky((Linv.T @ Linv).astype(F32)).T.astype(F32)  # upper: Hinv = U^T U
+  return W, W_raw, dead, perm, U
+
+
 def fasterquant(kernel, H, *, bits, group_size=128, sym=True, percdamp=0.1, blocksize=128,
                 actorder=False, static_groups=False, gar=False, min_zero=0, mse=0.0,
                 mse_weight="none"):
@@ -90,26 +115,9 @@ def fasterquant(kernel, H, *, bits, group_size=128, sym=True, percdamp=0.1, bloc
   search error by ``U_jj ** -mse`` (U: the upper factor of the damped, permuted H^-1), so the
   grids fitted before the loop (group_size -1, static groups) are fitted once U is known.
   """
-  W = np.array(kernel, F32).T.copy()  # [rows=out, cols=in]
-  H = np.array(H, F32).copy()
+  W, W_raw, dead, perm, U = prepare(kernel, H, group_size, percdamp, actorder, gar)
   rows, cols = W.shape
-  W_raw = W.copy()
-  dead = np.diag(H) == 0
-  H[dead, dead] = 1
-  W[:, dead] = 0
   gs = group_size
-  perm = np.arange(cols)
-  if actorder:
-    perm = np.argsort(-np.diag(H), kind="stable")
-  elif gar:
-    perm = gar_perm(np.diag(H).copy(), gs)
-  W = W[:, perm]
-  H = H[perm][:, perm]
-  H[np.arange(cols), np.arange(cols)] += F32(percdamp) * np.mean(np.diag(H))
-  L = np.linalg.cholesky(H).astype(F32)
-  Linv = np.linalg.inv(L).astype(F32)
-  Hinv = (Linv.T @ Linv).astype(F32)
-  U = np.linalg.cholesky(Hinv).T.astype(F32)  # upper: Hinv = U^T U
   weight = np.diag(U).astype(np.float64) ** -mse if mse_weight == "hessian" else np.ones(cols)
   nat_weight = weight[np.argsort(perm)]  # the same weights, indexed by natural column
   quant = Quantizer(bits, sym, min_zero)
