@@ -18,8 +18,23 @@ os.environ["GPTQ_JAX_NO_COMPILE_CACHE"] = "1"
 
 # Session fixtures shared by tests/models and tests/pipeline: the real SmolLM2-135M (loaded once),
 # its tokenizer, a transformers twin.
+import gc
+
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """Free every compiled program after each test module. Each XLA:CPU executable keeps a few
+  memory mappings of JIT code; one process running the whole suite compiles thousands of programs
+  and passed the kernel's default limit of 65,530 mappings (vm.max_map_count), after which LLVM
+  crashed with a segfault while compiling."""
+  yield
+  import jax  # noqa: PLC0415
+
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")
