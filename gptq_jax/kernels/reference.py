@@ -6,8 +6,11 @@
   ``PreparedWeight``). It unpacks chunk by chunk with shifts and masks per word row (the layout of
   ``layout.py``), never an interleaving gather, and never a dequantized copy of the whole weight
   on CPU: there N tiles x K-chunks are scanned, each step unpacking a cache-sized tile of codes
-  and applying scales and zeros to partial sums per group (``_xla_scan``). On TPU / GPU the
-  chunks are dequantized in one fused elementwise op in the compute dtype and fed to one dot.
+  and applying scales and zeros to partial sums per group (``_xla_scan``); at one or two rows
+  (decoding) and one-word runs (2/4/8 bits) the codes are never written out at all: one fused
+  elementwise pass multiplies each word's values by their activations (``_xla_rows``). On TPU /
+  GPU the chunks are dequantized in one fused elementwise op in the compute dtype and fed to one
+  dot.
 * ``gather_matmul``: any ``g_idx`` (act-order without ``prepare_for_kernel``): scales gathered per
   row, then a dot. Correct, not fast.
 """
@@ -26,6 +29,7 @@ from gptq_jax.kernels.prepare import PreparedWeight
 HIGHEST = lax.Precision.HIGHEST
 XLA_CHUNK = 128  # K-rows per CPU scan step (one group at the usual group_size)
 XLA_TILE = 96 * 1024  # float32 codes per CPU scan step ([bkc, nt], ~384 KB: L2-resident)
+ROWS_MAX = 2  # up to this many rows of x, the CPU path runs _xla_rows (measured crossover ~2)
 
 
 def reference_matmul(x: jax.Array, w: PackedWeight | QuantizedWeight | PreparedWeight) -> jax.Array:
@@ -124,6 +128,41 @@ def _xla_scan(x: jax.Array, w: PreparedWeight, bkc: int) -> jax.Array:
   return lax.map(tile, jnp.arange(n // nt)).transpose(1, 0, 2).reshape(m, n)
 
 
+def _xla_rows(x: jax.Array, w: PreparedWeight) -> jax.Array:
+  """CPU, few rows, one-word runs: x [M, K] -> [M, N] float32 without materializing codes.
+
+  Word row ``r`` holds input rows ``nvals * r + j`` at shift ``bits * j``, so per output row
+  ``t[r, n] = s[g(r), n] * sum_j x[nvals * r + j] * code_j[r, n]`` is one fused elementwise pass
+  over ``qweight`` (one word read, one float written per ``nvals`` codes), and
+  ``y = ones @ t - (sum_g x_g z_g s_g)``: a plain matrix-vector product reads ``t`` once. A
+  group of ``gs`` rows spans ``gs / nvals`` whole word rows (``xla_chunk_size`` checked that).
+  """
+  k, n = w.shape
+  nvals, _ = run_shape(w.bits)
+  gs = layout.effective_group_size(w.group_size, k)
+  n_words, rows_g, groups = k // nvals, gs // nvals, w.scales.shape[0]
+  xr = x.astype(jnp.float32).reshape(x.shape[0], n_words, nvals)  # [M, R, nvals]
+  scales, zeros = w.scales.astype(jnp.float32), w.zeros.astype(jnp.float32)
+  s_rows = jnp.repeat(scales, rows_g, axis=0)[:n_words]  # [R, N]: each word row's group scale
+  mask = jnp.int32(2**w.bits - 1)
+  codes = [(lax.shift_right_logical(w.qweight, jnp.int32(w.bits * j)) & mask).astype(jnp.float32)
+           for j in range(nvals)]  # fused into the pass below, never stored
+  ones = jnp.ones((1, n_words), jnp.float32)
+  rows = []
+  for xm in xr:  # [R, nvals]
+    t = sum(xm[:, j, None] * codes[j] for j in range(nvals)) * s_rows  # [R, N]
+    rows.append(jnp.dot(ones, t, precision=HIGHEST))
+  pad = groups * rows_g - n_words
+  x_g = jnp.pad(xr.sum(-1), ((0, 0), (0, pad))).reshape(-1, groups, rows_g).sum(-1)  # [M, G]
+  return jnp.concatenate(rows) - jnp.dot(x_g, zeros * scales, precision=HIGHEST)
+
+
+def _xla_cpu(x: jax.Array, w: PreparedWeight, bkc: int) -> jax.Array:
+  if x.shape[0] <= ROWS_MAX and run_shape(w.bits)[1] == 1:
+    return _xla_rows(x, w)
+  return _xla_scan(x, w, bkc)
+
+
 def _xla_fused(x: jax.Array, w: PreparedWeight, bkc: int) -> jax.Array:
   """TPU / GPU: all chunks dequantized in the compute dtype, one dot. -> [M, N] float32."""
   words, s4, z4, gc, gs = _chunks(w, bkc)
@@ -148,4 +187,4 @@ def xla_matmul(x: jax.Array, w: PreparedWeight) -> jax.Array:
     raise ValueError(f"no XLA chunking for in_features={w.in_features}, group_size="
                      f"{w.group_size}, bits={w.bits}: use gather_matmul")
   return lax.platform_dependent(
-      x, w, cpu=lambda x, w: _xla_scan(x, w, bkc), default=lambda x, w: _xla_fused(x, w, bkc))
+      x, w, cpu=lambda x, w: _xla_cpu(x, w, bkc), default=lambda x, w: _xla_fused(x, w, bkc))

@@ -120,3 +120,24 @@ def test_xla_chunk_size():
   assert xla_chunk_size(11008, 128, 3) == 128
   assert xla_chunk_size(4096, 128, 4, target=256) == 256
   assert xla_chunk_size(256, 16, 3) is None  # 16-row groups inside 32-value 3-bit runs
+
+
+@pytest.mark.parametrize("bits,group_size,k", [(4, 128, 576), (2, 64, 256), (8, -1, 192),
+                                               (4, 256, 128)])
+def test_xla_rows_path_for_one_or_two_rows(bits, group_size, k, monkeypatch):
+  """Decoding's one or two rows take _xla_rows on CPU (codes never stored): a partial last group,
+  one group over all rows, a group wider than K; the same weight at 7 rows takes the scan."""
+  from gptq_jax.kernels import reference  # noqa: PLC0415
+
+  calls = []
+  rows_path = reference._xla_rows
+  monkeypatch.setattr(reference, "_xla_rows", lambda x, w: calls.append(x.shape[0]) or
+                      rows_path(x, w))
+  q = make_quantized(k, 48, bits, group_size, seed=k, scales_dtype=jnp.float16)
+  w = _numpy_dequantize(q)
+  prepared = prepare_for_kernel(q.pack())
+  for m in (1, 2, 7):
+    x = make_x((m, k), seed=m)
+    assert_matmul_close(jax.jit(lambda x, p: quantized_matmul(x, p, backend="xla"))(x, prepared),
+                        x, w)
+  assert calls == [1, 2], calls
