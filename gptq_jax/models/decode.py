@@ -10,6 +10,12 @@ carried through the scan and donated to each step, so it is updated in place.
 Dense and packed (``PackedWeight`` / ``PreparedWeight``) projections both work: packed weights are
 made kernel-ready (``prepare_params``) once, when the ``DecodeModel`` is built.
 
+Two ways to run the layers (``layer_loop``): "scan" (above) and "loop" (layer_loop.py: one
+compiled program per layer kind, called once per layer, each layer's weights read in place).
+"auto" picks "loop" on CPU, where the scan copies each layer's weight slice before its dots read
+it, and whenever the layers differ in structure (e.g. per-module bit widths), "scan" elsewhere;
+the choice and its reason are logged once (``DecodeModel.path``).
+
 Generation (``generate``): a batch of prompts of different lengths is left-padded (and masked) to
 a common, bucketed length; positions count real tokens only, so a padded row computes what the
 prompt alone computes. Sampling: greedy (temperature 0), temperature, top-k, top-p, keyed by a
@@ -31,12 +37,16 @@ from jax import lax
 
 from gptq_jax.kernels.linear import is_quantized
 from gptq_jax.kernels.prepare import PreparedWeight, prepare_params
+from gptq_jax.models import layer_loop as _loop
 from gptq_jax.models import model as _model
+from gptq_jax.models.sampling import finish_rows, prompt_positions, select_tokens
 
 logger = logging.getLogger("gptq_jax")
 
 PROMPT_BUCKET = 16  # prompt lengths are left-padded up to a multiple of this (fewer compiles)
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this
+LAYER_LOOPS = ("auto", "scan", "loop")
+_logged: set[str] = set()
 
 
 def _layer_class():
@@ -69,43 +79,106 @@ def _stack(layers: list[Any]) -> Any:
 
 
 class DecodeModel:
-  """A model prepared for generation: non-layer params, stacked layer params, kind indices.
+  """A model prepared for generation: non-layer params, the layers (stacked for "scan", a list
+  for "loop"), layer kinds.
 
   ``params``: any params the decoder accepts (dense arrays, ``PackedWeight``, ``PreparedWeight``,
-  ``QuantizedWeight`` kernels); ``cfg``: its config (``params.config`` when None).
+  ``QuantizedWeight`` kernels); ``cfg``: its config (``params.config`` when None); ``layer_loop``:
+  "auto", "scan" or "loop" (module docstring). ``path`` says which runs and why.
   """
 
-  def __init__(self, params: Any, cfg: Any = None):
+  def __init__(self, params: Any, cfg: Any = None, layer_loop: str = "auto"):
     cfg = cfg if cfg is not None else getattr(params, "config", None)
     if cfg is None:
       raise ValueError("no model config: pass cfg, or params that carry one (params.config)")
+    if layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop={layer_loop!r} is not allowed: expected one of {LAYER_LOOPS}")
     self.cfg = cfg
     n = cfg.num_hidden_layers
     params = prepare_params(params)
     layers = [params[f"layers_{i}"] for i in range(n)]
     self.rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    types = _layer_types(cfg)
-    self.kinds = tuple(dict.fromkeys(types))  # distinct layer types, in order of appearance
-    self.kind_index = jnp.asarray([self.kinds.index(t) for t in types], jnp.int32)
-    try:
-      self.layers = _stack(layers)
-    except ValueError:
-      # Packed layers whose act-order permutation is present in some layers only: make it
-      # explicit everywhere (same numbers), then stack.
-      try:
-        self.layers = _stack([jax.tree.map(_full_perm, lp, is_leaf=is_quantized)
-                              for lp in layers])
-      except ValueError as e:  # e.g. per-layer bit widths (GPTQModel's `dynamic`)
-        raise ValueError(f"the decoder layers' parameters differ in structure ({e}); the "
-                         "scanned decode needs every layer alike") from None
-    self.packed = any(is_quantized(a) for a in jax.tree.leaves(self.layers, is_leaf=is_quantized))
+    self.layer_types = _layer_types(cfg)
+    self.kinds = tuple(dict.fromkeys(self.layer_types))  # distinct layer types, in order
+    self.kind_index = jnp.asarray([self.kinds.index(t) for t in self.layer_types], jnp.int32)
+    self.layers, self.layer_list = None, layers
+    alike = len({_signature(lp) for lp in layers}) == 1
+    if layer_loop == "scan" and not alike:
+      raise ValueError("the decoder layers' parameters differ in structure (e.g. per-module bit "
+                       "widths): the scanned decode needs every layer alike; use "
+                       "layer_loop='loop'")
+    if layer_loop == "loop":
+      why = "requested"
+    elif not alike:
+      why = "the layers differ in structure (e.g. per-module bit widths), so cannot be stacked"
+    elif layer_loop == "auto" and jax.default_backend() == "cpu":
+      why = "CPU: each layer's weights are read in place; a scan copies its slice every step"
+    else:
+      self.layers = _stack_layers(layers)
+      why = "requested" if layer_loop == "scan" else "layers alike, stacked"
+    self.mode = "loop" if self.layers is None else "scan"
+    if self.mode == "scan":
+      self.layer_list = None
+    self.path = (f"layer_loop={self.mode} ({why}): " + (
+        "one compiled program per layer kind, called per layer" if self.mode == "loop" else
+        "one compiled program for all layers (lax.scan)"))
+    if self.path not in _logged:
+      _logged.add(self.path)
+      logger.info("gptq_jax generate: %s", self.path)
+    leaves = jax.tree.leaves(self.layers if self.mode == "scan" else self.layer_list,
+                             is_leaf=is_quantized)
+    self.packed = any(is_quantized(a) for a in leaves)
 
-  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
-    """Zeroed stacked cache ``{"k", "v"}: [layers, batch, kv_heads, max_len, head_dim]``."""
+  def init_cache(self, batch: int, max_len: int) -> Any:
+    """Zeroed cache: "scan", one stacked ``{"k", "v"}: [layers, batch, kv_heads, max_len,
+    head_dim]``; "loop", one such dict per layer without the leading axis."""
     cfg = self.cfg
+    if self.mode == "loop":
+      return _loop.init_caches(cfg, batch, max_len)
     shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def prefill(self, cache, prompt, cache_mask, key, sampling, eos, pad):
+    """-> (token [b], done [b], cache, logits [b, V])."""
+    if self.mode == "loop":
+      return _loop.prefill(self.cfg, self.rest, self.layer_list, self.layer_types, cache,
+                                prompt, cache_mask, key, sampling, eos, pad)
+    return prefill(self.rest, self.layers, self.kind_index, self.cfg, self.kinds, cache, prompt,
+                   cache_mask, key, *sampling, eos, pad)
+
+  def decode(self, cache, token, done, cache_mask, slot, position, key, sampling, eos, pad):
+    """-> (next token [b], done [b], cache)."""
+    if self.mode == "loop":
+      return _loop.decode(self.cfg, self.rest, self.layer_list, self.layer_types, cache,
+                               token, done, cache_mask, slot, position, key, sampling, eos, pad)
+    return decode_step(self.rest, self.layers, self.kind_index, self.cfg, self.kinds, cache,
+                       token, done, cache_mask, slot, position, key, *sampling, eos, pad)
+
+
+def _signature(layer: Any) -> tuple:
+  """What must agree between layers for stacking: tree structure, shapes, dtypes, static fields
+  (a PreparedWeight's missing permutation counts as present: ``_stack_layers`` fills it in)."""
+  def leaf(a):
+    if isinstance(a, PreparedWeight):
+      return ("prepared", a.bits, a.group_size, a.qweight.shape, a.scales.shape,
+              str(a.scales.dtype), str(a.zeros.dtype))
+    if is_quantized(a):
+      return (type(a).__name__, str(jax.tree.structure(a)),
+              tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(a)))
+    return (tuple(np.shape(a)), str(getattr(a, "dtype", type(a))))
+  leaves, treedef = jax.tree.flatten(jax.tree.map(leaf, layer, is_leaf=is_quantized),
+                                     is_leaf=lambda x: isinstance(x, tuple))
+  return str(treedef), tuple(leaves)
+
+
+def _stack_layers(layers: list[Any]) -> Any:
+  try:
+    return _stack(layers)
+  except ValueError:
+    # Packed layers whose act-order permutation is present in some layers only: make it
+    # explicit everywhere (same numbers), then stack.
+    return _stack([jax.tree.map(_full_perm, lp, is_leaf=is_quantized) for lp in layers])
 
 
 # ----- the scanned forward -----
@@ -159,46 +232,18 @@ def scanned_forward(dm_rest, dm_layers, kind_index, cfg, kinds, ids, cache, cach
   return _logits(dm_rest, cfg, hidden), cache
 
 
-# ----- sampling -----
-
-def select_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
-                  top_p: float | None) -> jax.Array:
-  """logits: [b, vocab] float32 -> next tokens [b] int32 (argmax when temperature == 0)."""
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_k is not None and top_k < logits.shape[-1]:
-    kth = lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p is not None:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (the most likely token always)
-    n_keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_logits, jnp.maximum(n_keep - 1, 0), axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def _finish(token, done, eos, pad):
-  """Rows already done emit ``pad``; a row is done once it has emitted an EOS id."""
-  token = jnp.where(done, pad, token)
-  if eos.shape[0]:
-    done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
-  return token, done
-
+# ----- the scanned prefill and decode step -----
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 9, 10, 11), donate_argnums=(5,))
 def prefill(rest, layers, kind_index, cfg, kinds, cache, prompt, cache_mask, key, temperature,
             top_k, top_p, eos, pad):
   """prompt [b, p] (left-padded) at slots 0..p-1 -> (token [b], done [b], cache, logits [b, V])."""
-  p = prompt.shape[1]
-  positions = jnp.maximum(jnp.cumsum(cache_mask[:, :p], axis=-1) - 1, 0)
+  positions = prompt_positions(cache_mask, prompt.shape[1])
   logits, cache = scanned_forward(rest, layers, kind_index, cfg, kinds, prompt, cache, 0,
                                   cache_mask, positions, last_only=True)
   logits = logits[:, -1]
   token = select_tokens(logits, key, temperature, top_k, top_p)
-  token, done = _finish(token, jnp.zeros(token.shape, bool), eos, pad)
+  token, done = finish_rows(token, jnp.zeros(token.shape, bool), eos, pad)
   return token, done, cache, logits
 
 
@@ -209,28 +254,29 @@ def decode_step(rest, layers, kind_index, cfg, kinds, cache, token, done, cache_
   logits, cache = scanned_forward(rest, layers, kind_index, cfg, kinds, token[:, None], cache,
                                   slot, cache_mask, position[:, None])
   token = select_tokens(logits[:, -1], key, temperature, top_k, top_p)
-  token, done = _finish(token, done, eos, pad)
+  token, done = finish_rows(token, done, eos, pad)
   return token, done, cache
 
 
 def compiled_count() -> int:
-  """How many programs the prefill and the decode step have compiled so far (this process)."""
-  return prefill._cache_size() + decode_step._cache_size()
+  """How many programs generation has compiled so far (this process), both layer loops."""
+  return prefill._cache_size() + decode_step._cache_size() + _loop.compiled_count()
 
 
 # ----- generation -----
 
-_LAST: list = []  # one-entry cache: (params, cfg, DecodeModel)
+_LAST: list = []  # one-entry cache: (params, cfg, layer_loop, DecodeModel)
 
 
-def decode_model(params: Any, cfg: Any = None) -> DecodeModel:
-  """``DecodeModel(params, cfg)``, reused while the same params object is passed again."""
+def decode_model(params: Any, cfg: Any = None, layer_loop: str = "auto") -> DecodeModel:
+  """``DecodeModel(params, cfg, layer_loop)``, reused while the same params object is passed
+  again."""
   if isinstance(params, DecodeModel):
     return params
-  if _LAST and _LAST[0][0] is params and _LAST[0][1] == cfg:
-    return _LAST[0][2]
-  dm = DecodeModel(params, cfg)
-  _LAST[:] = [(params, cfg, dm)]
+  if _LAST and _LAST[0][0] is params and _LAST[0][1] == cfg and _LAST[0][2] == layer_loop:
+    return _LAST[0][3]
+  dm = DecodeModel(params, cfg, layer_loop)
+  _LAST[:] = [(params, cfg, layer_loop, dm)]
   return dm
 
 
@@ -261,15 +307,17 @@ def generate(params: Any, cfg: Any, prompt_ids: Any, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, attention_mask: Any = None, eos_token_id: Any = "config",
              pad_token_id: int | None = None, stop_at_eos: bool = True,
-             on_token: Callable[[np.ndarray, int], None] | None = None) -> GenerateResult:
+             on_token: Callable[[np.ndarray, int], None] | None = None,
+             layer_loop: str = "auto") -> GenerateResult:
   """Generate up to ``max_new_tokens`` per prompt with the compiled prefill and decode step.
 
   prompt_ids: one prompt ``[p]`` (list or array), a list of prompts of any lengths, or a
   left-padded ``[b, p]`` array with ``attention_mask``. eos_token_id: "config" (the model's), None,
   an int or a list. on_token(tokens [b], step): called on the host after every step (streaming).
+  layer_loop: "auto", "scan" or "loop" (see ``DecodeModel``; ignored for a ``DecodeModel``).
   Returns a ``GenerateResult`` (see there); ``tokens`` are the new tokens only.
   """
-  dm = decode_model(params, cfg)
+  dm = decode_model(params, cfg, layer_loop)
   cfg = dm.cfg
   if isinstance(prompt_ids, np.ndarray) or (hasattr(prompt_ids, "shape") and
                                             hasattr(prompt_ids, "dtype")):
@@ -312,13 +360,12 @@ def generate(params: Any, cfg: Any, prompt_ids: Any, *, max_new_tokens: int,
   key = jax.random.key(seed)
   eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
   pad_j = jnp.int32(pad)
-  statics = (dm.rest, dm.layers, dm.kind_index, cfg, dm.kinds)
 
   t0 = time.perf_counter()
   cache = dm.init_cache(b, max_len)
   cache_mask_j = jnp.asarray(cache_mask)
-  token, done, cache, _ = prefill(*statics, cache, jnp.asarray(ids), cache_mask_j,
-                                  jax.random.fold_in(key, 0), *sampling, eos, pad_j)
+  token, done, cache, _ = dm.prefill(cache, jnp.asarray(ids), cache_mask_j,
+                                     jax.random.fold_in(key, 0), sampling, eos, pad_j)
   out = [np.asarray(token)]
   ttft = time.perf_counter() - t0
   if on_token is not None:
@@ -330,9 +377,8 @@ def generate(params: Any, cfg: Any, prompt_ids: Any, *, max_new_tokens: int,
   for step in range(1, max_new_tokens):
     if done_host.all():
       break
-    token, done, cache = decode_step(*statics, cache, token, done, cache_mask_j,
-                                     jnp.int32(p_len + step - 1), position,
-                                     jax.random.fold_in(key, step), *sampling, eos, pad_j)
+    token, done, cache = dm.decode(cache, token, done, cache_mask_j, jnp.int32(p_len + step - 1),
+                                   position, jax.random.fold_in(key, step), sampling, eos, pad_j)
     position = position + 1
     out.append(np.asarray(token))
     done_host = np.asarray(done)

@@ -89,8 +89,9 @@ def test_stop_at_eos_per_row_and_sampling_filters():
 
 
 def _dots(cfg, params) -> int:
-  """Dot ops in the decode step's lowered program (an unrolled layer loop would multiply them)."""
-  dm = decode.DecodeModel(params, cfg)
+  """Dot ops in the scanned decode step's lowered program (an unrolled layer loop would multiply
+  them)."""
+  dm = decode.DecodeModel(params, cfg, layer_loop="scan")
   b, max_len = 1, 64
   args = (dm.rest, dm.layers, dm.kind_index, cfg, dm.kinds, dm.init_cache(b, max_len),
           jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.ones((b, max_len), jnp.int32),
@@ -99,15 +100,19 @@ def _dots(cfg, params) -> int:
   return decode.decode_step.lower(*args).as_text().count("dot_general")
 
 
-def test_compilations_do_not_grow_with_layers_or_tokens():
+@pytest.mark.parametrize("layer_loop", ["scan", "loop"])
+def test_compilations_do_not_grow_with_layers_or_tokens(layer_loop):
   """A decode run (model already prepared) compiles the same programs for 2 layers and 4 tokens
-  as for 4 layers and 12 tokens: one prefill, one decode step, nothing per layer or token."""
-  runs = {}
+  as for 4 layers and 12 tokens. "scan": one prefill, one decode step; "loop": per layer kind one
+  prefill and one decode program (both kinds are present at either depth), plus embed and head."""
+  runs, models = {}, {}
   for layers, new in ((3, 8), (2, 4), (4, 12)):  # the first run warms the small eager helpers
     types = (["sliding_attention", "full_attention"] * 2)[:layers]
     _, cfg, params = tiny_pair("gemma3_text", seed=1, num_hidden_layers=layers, layer_types=types,
                                max_position_embeddings=256 + layers)  # a config never compiled
-    dm = decode.DecodeModel(params, cfg)
+    models[layers] = (cfg, params)
+    dm = decode.DecodeModel(params, cfg, layer_loop=layer_loop)
+    assert dm.mode == layer_loop
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(event)
@@ -120,10 +125,48 @@ def test_compilations_do_not_grow_with_layers_or_tokens():
     try:
       before = decode.compiled_count()
       decode.generate(dm, None, PROMPT, max_new_tokens=new, stop_at_eos=False)
-      runs[(layers, new)] = (decode.compiled_count() - before, len(compiles), _dots(cfg, params))
+      runs[(layers, new)] = (decode.compiled_count() - before, len(compiles))
     finally:
       jax.monitoring.clear_event_listeners()
   small, large = runs[(2, 4)], runs[(4, 12)]
-  assert small[0] == large[0] == 2, runs  # one prefill, one decode step
+  # scan: one prefill, one decode step; loop: 2 kinds x (prefill, decode) + 2 embeds + 2 heads
+  assert small[0] == large[0] == {"scan": 2, "loop": 8}[layer_loop], runs
   assert small[1] == large[1], runs  # no other program compiled per layer or token
-  assert small[2] == large[2] > 0, runs  # the layer body appears once in the program
+  if layer_loop == "scan":
+    small_dots, large_dots = (_dots(*models[n]) for n in (2, 4))
+    assert small_dots == large_dots > 0  # the layer body appears once in the program
+
+
+def test_scan_and_loop_paths_agree():
+  """The two layer loops give the same tokens, dense (sampled) and packed (greedy). (Each is
+  checked against uncached decoding for every family above and below: "loop" there, as "auto"
+  picks it on CPU.)"""
+  _, cfg, params = tiny_pair("llama", seed=3)
+  params = varied(params)
+  for p, kw in ((params, dict(temperature=1.0, top_k=40, seed=5)), (packed_params(params), {})):
+    got = {loop: decode.generate(p, cfg, [PROMPT, PROMPT[:5]], max_new_tokens=NEW,
+                                 stop_at_eos=False, layer_loop=loop, **kw).tokens
+           for loop in ("scan", "loop")}
+    np.testing.assert_array_equal(got["scan"], got["loop"])
+
+
+def test_layers_of_different_bit_widths_run_layer_by_layer():
+  """Per-module bit widths (GPTQModel's `dynamic`): the layers cannot be stacked, so "auto" runs
+  them one by one (and says so); "scan" refuses with a clear error. Greedy tokens equal the
+  uncached step-by-step decoding."""
+  _, cfg, params = tiny_pair("llama", seed=3)
+  params = varied(params)
+  mixed = packed_params(params)
+  q8 = GPTQConfig(8, group_size=32, sym=False, format="gptq_v2")
+  kernel = jnp.asarray(params["layers_1"]["mlp"]["down_proj"]["kernel"])
+  layer1 = dict(mixed["layers_1"])
+  layer1["mlp"] = dict(layer1["mlp"], down_proj={"kernel": rtn_quantize(kernel, q8).pack("gptq_v2")})
+  mixed = mixed.replace(layers_1=layer1)
+  dm = decode.DecodeModel(mixed, cfg)
+  assert dm.mode == "loop" and "differ in structure" in dm.path, dm.path
+  assert "CPU" in decode.DecodeModel(packed_params(params), cfg).path  # alike: CPU's reason
+  with pytest.raises(ValueError, match="differ in structure"):
+    decode.DecodeModel(mixed, cfg, layer_loop="scan")
+  want = reference_generate(mixed, cfg, PROMPT, max_new_tokens=NEW, use_cache=False)
+  got = decode.generate(dm, None, PROMPT, max_new_tokens=NEW, stop_at_eos=False)
+  np.testing.assert_array_equal(got.tokens[0], want[len(PROMPT):])
