@@ -30,9 +30,11 @@ def add_flag(parser: argparse.ArgumentParser) -> None:
                            "~/.cache/gptq_jax/jax)")
 
 
-def enable(enabled: bool = True, path: str | None = None) -> str | None:
-  """Turn the persistent cache on (at ``path`` or ``default_dir()``); returns the folder, or None
-  when ``enabled`` is False or the folder cannot be created (a warning then, never an error)."""
+def enable(enabled: bool = True, path: str | None = None,
+           min_compile_seconds: float = MIN_COMPILE_SECONDS) -> str | None:
+  """Turn the persistent cache on (at ``path`` or ``default_dir()``) for programs that took at
+  least ``min_compile_seconds`` to compile; returns the folder, or None when ``enabled`` is False
+  or the folder cannot be created (a warning then, never an error)."""
   if not enabled or os.environ.get(OFF_ENV, "") == "1":
     return None
   import jax  # noqa: PLC0415
@@ -44,7 +46,7 @@ def enable(enabled: bool = True, path: str | None = None) -> str | None:
     logger.warning("gptq_jax: compilation cache disabled: cannot create %s (%s)", path, e)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
 

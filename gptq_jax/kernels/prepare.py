@@ -67,8 +67,17 @@ class PreparedWeight:
 
 
 def decoded_zeros(w: PackedWeight) -> jax.Array:
-  """Integer zero points ``[G, N]`` as floats (scales' dtype), decoded from ``qzeros`` alone."""
+  """Integer zero points ``[G, N]`` as floats (scales' dtype), decoded from ``qzeros`` alone.
+  Host (NumPy) zeros of 2/4/8 bits are decoded with NumPy (loading a checkpoint compiles
+  nothing per weight shape)."""
   zdt = w.scales.dtype if jnp.issubdtype(w.scales.dtype, jnp.floating) else jnp.float32
+  if isinstance(w.qzeros, np.ndarray) and 32 % w.bits == 0:
+    nvals = 32 // w.bits
+    words = w.qzeros.astype(np.int64) & 0xFFFFFFFF  # [G, N / nvals]
+    shifts = np.arange(nvals, dtype=np.int64) * w.bits
+    z = ((words[..., None] >> shifts) & (2**w.bits - 1)).reshape(words.shape[0], -1)
+    z = z + 1 if w.format == "gptq" else z  # v1 stores zero - 1
+    return jax.device_put(z.astype(np.dtype(zdt)))
   return _decode_zeros(w.qzeros, w.bits, w.format).astype(zdt)
 
 

@@ -95,7 +95,9 @@ class DecodeModel:
       raise ValueError(f"layer_loop={layer_loop!r} is not allowed: expected one of {LAYER_LOOPS}")
     self.cfg = cfg
     n = cfg.num_hidden_layers
-    params = prepare_params(params)
+    # host (NumPy) leaves, e.g. from a checkpoint, go to the device once, not on every call
+    params = jax.tree.map(lambda a: jax.device_put(a) if isinstance(a, np.ndarray) else a,
+                          prepare_params(params))
     layers = [params[f"layers_{i}"] for i in range(n)]
     self.rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
     self.layer_types = _layer_types(cfg)

@@ -23,6 +23,7 @@ What llama.cpp's converter (convert_hf_to_gguf.py) changes, and how it is undone
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -133,8 +134,12 @@ class _GGUFFile:
     if kind == self._ARRAY:
       item, n = int(self._scalar(4)), int(self._scalar(10))
       if item == self._STRING:  # e.g. the vocabulary: skipped over, its length kept
-        for _ in range(n):
-          self._pos += 8 + int(self._buf[self._pos:self._pos + 8].view("<u8")[0])
+        view, pos, read = memoryview(self._buf), self._pos, struct.Struct("<Q").unpack_from
+        for _ in range(n):  # struct on the mapped bytes: ~50x faster than slicing the memmap
+          pos += 8 + read(view, pos)[0]
+        if pos > self._buf.shape[0]:
+          raise ValueError("unexpected end of file in the header")
+        self._pos = pos
         return _SkippedStrings(n)
       if item == self._ARRAY:
         return [self._value(self._ARRAY) for _ in range(n)]

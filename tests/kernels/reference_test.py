@@ -141,3 +141,15 @@ def test_xla_rows_path_for_one_or_two_rows(bits, group_size, k, monkeypatch):
     assert_matmul_close(jax.jit(lambda x, p: quantized_matmul(x, p, backend="xla"))(x, prepared),
                         x, w)
   assert calls == [1, 2], calls
+
+
+@pytest.mark.parametrize("bits,fmt", [(2, "gptq"), (4, "gptq_v2"), (4, "gptq"), (8, "gptq_v2")])
+def test_host_zero_decoding_equals_the_jitted_one(bits, fmt):
+  """A checkpoint's NumPy qzeros are decoded on the host (no compile per shape): same numbers."""
+  from gptq_jax.kernels.prepare import _decode_zeros, decoded_zeros  # noqa: PLC0415
+
+  packed = make_rtn(128, 64, bits, 32).pack(fmt)
+  host = jax.tree.map(np.asarray, packed)
+  assert isinstance(host.qzeros, np.ndarray)
+  want = np.asarray(_decode_zeros(packed.qzeros, bits, fmt))
+  np.testing.assert_array_equal(np.asarray(decoded_zeros(host)), want)
