@@ -3,6 +3,7 @@
     python scripts/generate.py --model <orbax checkpoint | HF GPTQ folder | HF folder | .gguf | name>
         (--prompt TEXT ... | --prompt-file FILE) [--max-new-tokens N] [--temperature T]
         [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16] [--no-compile-cache]
+        [--layer-loop auto|scan|loop]
 
 The tokenizer comes with the model (the checkpoint's ``tokenizer/``, the HF folder's files, or the
 one embedded in the GGUF). One prompt streams its continuation to stdout as tokens come; several
@@ -184,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="compute dtype")
   p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+  p.add_argument("--layer-loop", choices=("auto", "scan", "loop"), default="auto",
+                 help="run the layers with lax.scan or one call per layer (auto: the loop on "
+                      "CPU and for layers of different structure, the scan elsewhere)")
   p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
   compile_cache.add_flag(p)
   return p
@@ -216,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
   eos = () if args.no_stop else tuple(getattr(cfg, "eos_token_ids", ()))
   if not args.no_stop and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
     eos = eos + (int(tokenizer.eos_token_id),)
-  dm = decode.decode_model(params, cfg)
+  dm = decode.decode_model(params, cfg, args.layer_loop)
   t_loaded = time.perf_counter()
   stream = _Streamer(tokenizer, eos) if len(prompts) == 1 else None
   if stream is not None:
