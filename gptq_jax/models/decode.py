@@ -49,18 +49,9 @@ LAYER_LOOPS = ("auto", "scan", "loop")
 _logged: set[str] = set()
 
 
-def _layer_class():
-  return getattr(_model, "DecoderLayer", None) or _model.LlamaDecoderLayer
-
-
 def _layer_types(cfg) -> tuple[str | None, ...]:
   types = getattr(cfg, "layer_types", None)
   return tuple(types) if types else (None,) * cfg.num_hidden_layers
-
-
-def _layer_module(cfg, layer_type: str | None):
-  cls = _layer_class()
-  return cls(cfg) if layer_type is None else cls(cfg, layer_type=layer_type)
 
 
 def _full_perm(w: Any) -> Any:
@@ -188,7 +179,7 @@ def _stack_layers(layers: list[Any]) -> Any:
 def _run_layers(cfg, kinds: tuple, layers, kind_index, hidden, positions, cache_mask, cache,
                 cache_index):
   """Every layer over ``hidden`` [b, t, h] with the stacked cache -> (hidden, new cache)."""
-  modules = [_layer_module(cfg, t) for t in kinds]
+  modules = [_loop.layer_module(cfg, t) for t in kinds]
 
   def body(carry, inp):
     h, ck, cv, i = carry

@@ -43,7 +43,8 @@ def embed_token(cfg, rest, token):
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def prefill_layer(cfg, layer_type, lp, cache, hidden, positions, cache_mask):
   """One layer over the prompt, written at cache slots 0..p-1 -> (hidden, cache)."""
-  return layer_module(cfg, layer_type).apply({"params": lp}, hidden, positions, cache_mask, cache, 0)
+  return layer_module(cfg, layer_type).apply({"params": lp}, hidden, positions, cache_mask, cache,
+                                             0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))

@@ -160,7 +160,8 @@ def test_layers_of_different_bit_widths_run_layer_by_layer():
   q8 = GPTQConfig(8, group_size=32, sym=False, format="gptq_v2")
   kernel = jnp.asarray(params["layers_1"]["mlp"]["down_proj"]["kernel"])
   layer1 = dict(mixed["layers_1"])
-  layer1["mlp"] = dict(layer1["mlp"], down_proj={"kernel": rtn_quantize(kernel, q8).pack("gptq_v2")})
+  down = rtn_quantize(kernel, q8).pack("gptq_v2")
+  layer1["mlp"] = dict(layer1["mlp"], down_proj={"kernel": down})
   mixed = mixed.replace(layers_1=layer1)
   dm = decode.DecodeModel(mixed, cfg)
   assert dm.mode == "loop" and "differ in structure" in dm.path, dm.path
