@@ -84,6 +84,8 @@ class DecodeModel:
       raise ValueError("no model config: pass cfg, or params that carry one (params.config)")
     if layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop={layer_loop!r} is not allowed: expected one of {LAYER_LOOPS}")
+    if getattr(cfg, "backend", None) == "auto" and jax.default_backend() == "cpu":
+      cfg = cfg.replace(backend="xla")  # what "auto" runs here; the TPU / GPU kernels go untraced
     self.cfg = cfg
     n = cfg.num_hidden_layers
     # host (NumPy) leaves, e.g. from a checkpoint, go to the device once, not on every call
