@@ -253,7 +253,7 @@ def main() -> None:
   if not args.no_layers:
     print("\n(a) one projection at batch 1, microseconds (best of 5 x many calls)")
     print(table(["shape", "packed", "fp32", "bf16", "fp32 / packed"], layer_rows))
-  print("\n(b) generation through the scanned prefill + decode step")
+  print("\n(b) generation through decode.generate (per-layer loop unless named scan)")
   fp32 = {}  # the fastest dense fp32 path per (model, batch)
   for r in rows:
     if r["weights"].startswith("fp32"):
