@@ -286,7 +286,7 @@ def main() -> None:
       args.no_baseline = True
   with tempfile.TemporaryDirectory(prefix="bench_quality_") as workdir:
     calibs, eval_path = prepare(workdir, args)
-    n_eval = np.load(eval_path).shape[0] // args.seqlen
+    n_eval = np.load(eval_path).shape[0]  # [windows, seqlen]
     res = run_ours(calibs, eval_path, args)
     if not args.no_baseline:
       res.update(run_theirs(workdir, calibs, eval_path, args))
