@@ -1,25 +1,28 @@
 """Quality by distributions: each configuration of gptq_jax and of GPTQModel 7.7 over several
 calibration draws of the same size, with the mean and spread of the perplexity on held-out text.
 
-    .venv/bin/python benchmarks/bench_quality.py [--model smollm2-135m] [--bits 4,3] [--draws 5]
-        [--nsamples 32] [--seqlen 512] [--eval-windows 40]
+    .venv/bin/python benchmarks/bench_quality.py [--model smollm2-135m|gemma3-270m] [--bits 4,3]
+        [--draws 5] [--nsamples 32] [--seqlen 512] [--eval-windows 40]
         [--ours gar,act+mse_h,gptaq,rot,rot+gptaq,...] [--theirs nat,act+mse,gptaq,rot]
-        [--refine-steps 40] [--no-baseline]
+        [--refine-steps 32] [--no-baseline]
 
 A case is a ``+``-joined list of settings on top of 4/3-bit, group 128, sym, damp 0.1:
 ``nat`` natural column order (no GAR; GAR is the default of both libraries without act-order),
 ``act`` act-order (desc_act), ``mse`` the clipping search with norm 2.4 (the references'
 objective), ``mse_h`` the same search Hessian-weighted (ours only), ``gptaq`` GPTAQ with alpha 0.25,
 ``rot`` a Hadamard rotation of the residual stream (ours: folded into the weights,
-``pipeline/rotation.py``; GPTQModel: its own rotation, Llama/Qwen2 only, which calls ``.cuda()``
-in GPTQModel 7.7 and therefore fails on a CPU-only machine: the row is then left out with a
-message), ``refine`` optax refinement (ours only, ``--refine-steps``). GPTQModel's GPTAQ ignores
+``pipeline/rotation.py``; refused for Gemma 3, whose post-norms on the block outputs do not commute
+with a rotation; GPTQModel: its own rotation, Llama/Qwen2 only, which calls ``.cuda()`` in
+GPTQModel 7.7 and therefore fails on a CPU-only machine), ``refine`` optax refinement (ours only,
+``--refine-steps``, the other refinement settings at their defaults). A row that cannot run is
+left out of the table and listed under it with the reason. GPTQModel's GPTAQ ignores
 GAR (its GPTAQ column loop has no reordering), so its ``gptaq`` row is natural order: compare it
 with our ``nat+gptaq``.
 
 Draw ``d`` takes ``--nsamples`` random ``--seqlen`` windows of the State of the Union addresses
 1990-2015 with seed ``d``, saved as one token array that both libraries use as is; perplexity is
-measured on the first ``--eval-windows`` non-overlapping windows of the addresses 2016-2021.
+measured on the first ``--eval-windows`` non-overlapping windows of the addresses 2016-2021 (for
+Gemma, whose tokenizer asks for it, every window starts with ``<bos>``, on both sides).
 Ours run in this process (the model is loaded once), each GPTQModel case and draw in its own
 process of the GPTQModel venv. Per row: perplexity mean, sample standard deviation and range over
 the draws, the mean increase over float, and the mean quantization wall time.
@@ -114,6 +117,7 @@ def prepare(workdir: str, args) -> tuple[list[str], str]:
   tok = load_tokenizer(args.model)
   texts = data.sotu_texts("calib")
   calibs = []
+  bos = data.bos_token_id(tok)
   for d in range(args.draws):
     batches = data.text_calib_batches(texts, tok, nsamples=args.nsamples, seqlen=args.seqlen,
                                       seed=d, batch_size=args.nsamples)
@@ -121,9 +125,15 @@ def prepare(workdir: str, args) -> tuple[list[str], str]:
     np.save(path, np.concatenate([b["input_ids"] for b in batches]))
     calibs.append(path)
   tokens = data.tokenize_text(data.sotu_texts("eval"), tok)
-  n = min(args.eval_windows, tokens.shape[0] // args.seqlen)
+  text = args.seqlen - (bos is not None)  # text tokens per window
+  tokens = tokens[1:] if bos is not None and tokens[0] == bos else tokens
+  n = min(args.eval_windows, tokens.shape[0] // text)
+  windows = tokens[: n * text].reshape(n, text)
+  if bos is not None:
+    windows = np.concatenate([np.full((n, 1), bos, windows.dtype), windows], axis=1)
   eval_path = os.path.join(workdir, "eval.npy")
-  np.save(eval_path, tokens[: n * args.seqlen])
+  np.save(eval_path, windows)  # [n, seqlen]
+  args.bos = bos
   if not args.no_baseline:
     cfg, params = load_llama(args.model)
     save_hf_folder(os.path.join(workdir, "hf"), cfg, params)
@@ -137,10 +147,13 @@ def run_ours(calibs, eval_path, args) -> dict:
   from gptq_jax.pipeline import dense_block, quantize
   from gptq_jax.pipeline.rotation import rotate_model
 
-  tokens = np.load(eval_path)
+  windows = np.load(eval_path)  # [n, seqlen], <bos> first when args.bos
+  tokens = (windows[:, 1:] if args.bos is not None else windows).reshape(-1)
   cfg, params = load_llama(args.model)
   rotated = None
-  ppl = lambda c, p: perplexity(p, c, tokens, seqlen=args.seqlen, batch_size=4)  # noqa: E731
+  eval_batch = 4 if cfg.vocab_size <= 65536 else 1  # Gemma's 262k-way logits: 0.5 GB per window
+  ppl = lambda c, p: perplexity(p, c, tokens, seqlen=args.seqlen,  # noqa: E731
+                                batch_size=eval_batch, bos_token_id=args.bos)
   out = {"float": [{"ppl": ppl(cfg, params), "seconds": 0.0}]}
   log(f"float: ppl {out['float'][0]['ppl']:.4f}")
   for bits in args.bits:
@@ -150,7 +163,15 @@ def run_ours(calibs, eval_path, args) -> dict:
       if qcfg.rotation != "none":
         if rotated is None:
           t0 = time.perf_counter()
-          rotated = rotate_model(cfg, params, "hadamard", seed=0) + (time.perf_counter() - t0,)
+          try:
+            rotated = rotate_model(cfg, params, "hadamard", seed=0) + (time.perf_counter() - t0,)
+          except ValueError as e:  # Gemma 3: its post-norms do not commute with a rotation
+            rotated = str(e)
+        if isinstance(rotated, str):
+          args.notes.append(f"{bits}/ours/{case}: refused by gptq_jax ({rotated.split(':')[0]}: "
+                            "post-norms on the block outputs)")
+          log(f"ours {bits}-bit {case}: {rotated}")
+          continue
         mcfg, mparams, rot_s = rotated
       runs = []
       for d, calib in enumerate(calibs):
@@ -179,6 +200,10 @@ def run_theirs(workdir, calibs, eval_path, args) -> dict:
                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "XLA_FLAGS": ""})
         except RuntimeError as e:  # e.g. a rotation GPTQModel does not support for this model
           log(f"GPTQModel {bits}-bit {case} draw {d} failed: {e}")
+          why = ("GPTQModel 7.7's rotation: Llama/Qwen2 only, and it calls .cuda(): needs CUDA"
+                 if "rot" in case
+                 else str(e).strip().splitlines()[-1][:120])
+          args.notes.append(f"{bits}/gptqmodel/{case}: failed ({why})")
           break
         runs.append(r)
         log(f"GPTQModel {bits}-bit {case} draw {d}: ppl {r['ppl']:.4f} ({r['seconds']:.1f}s)")
@@ -243,12 +268,13 @@ def main() -> None:
   ap.add_argument("--ours", default="nat,gar,act+mse_h,nat+gptaq,gptaq,act+mse_h+gptaq,rot,"
                   "rot+gptaq,rot+act+mse_h+gptaq")
   ap.add_argument("--theirs", default="nat,gar,act+mse,gptaq")
-  ap.add_argument("--refine-steps", type=int, default=40)
+  ap.add_argument("--refine-steps", type=int, default=32)
   ap.add_argument("--no-baseline", action="store_true")
   args = ap.parse_args()
   args.bits = [int(b) for b in args.bits.split(",")]
   args.ours = [c for c in args.ours.split(",") if c]
   args.theirs = [c for c in args.theirs.split(",") if c]
+  args.notes = []
   for c in args.ours:
     _tokens(c, OURS_TOKENS)
   for c in args.theirs:
@@ -260,7 +286,7 @@ def main() -> None:
       args.no_baseline = True
   with tempfile.TemporaryDirectory(prefix="bench_quality_") as workdir:
     calibs, eval_path = prepare(workdir, args)
-    n_eval = np.load(eval_path).shape[0] // args.seqlen
+    n_eval = np.load(eval_path).shape[0]  # [windows, seqlen]
     res = run_ours(calibs, eval_path, args)
     if not args.no_baseline:
       res.update(run_theirs(workdir, calibs, eval_path, args))
@@ -274,12 +300,14 @@ def main() -> None:
               [(k, r["ppl_mean"], r["ppl_std"], f"{r['ppl_min']:.2f}..{r['ppl_max']:.2f}",
                 f"{r['increase_mean']:+.2%} ± {r['increase_std']:.2%}", r["seconds_mean"])
                for k, r in rows.items() if k != "float"]))
+  for note in args.notes:
+    print("not run: " + note)
   summary = checks(rows, args.bits)
   print(summary)
   emit_json({"bench": "quality_distributions", "model": args.model, "draws": args.draws,
              "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": n_eval,
              "group_size": 128, "sym": True, "mse": MSE, "refine_steps": args.refine_steps,
-             "loadavg": os.getloadavg(), "runs": res, "rows": rows, **summary})
+             "loadavg": os.getloadavg(), "runs": res, "rows": rows, "not_run": args.notes, **summary})
 
 
 if __name__ == "__main__":

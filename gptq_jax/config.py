@@ -55,9 +55,10 @@ class GPTQConfig:
   search's error in the GPTQ solver: "none" = the references' ``sum |q - x|^mse``, "hessian" = each
   column's error divided by the inverse-Hessian factor's diagonal ``U_jj``, the error GPTQ's column
   loop charges it; RTN has no Hessian and ignores it), refine_steps /
-  refine_lr / refine_rounding / refine_batch (block-wise optax refinement after GPTQ, see
-  ``pipeline/refine.py``: Adam steps per block, 0 = off; the log-scale learning rate; also learn a
-  rounding offset per weight; calibration samples per step), gptaq / gptaq_alpha (GPTAQ's
+  refine_lr / refine_rounding / refine_batch / refine_seqlen (block-wise optax refinement after
+  GPTQ, see ``pipeline/refine.py``: Adam steps per block, 0 = off; the log-scale learning rate;
+  also learn a rounding offset per weight; calibration samples per step; tokens of each sample
+  trained on, a causal prefix, 0 = all), gptaq / gptaq_alpha (GPTAQ's
   asymmetric-calibration correction, ``core/gptaq.py``: each linear also matches the float model's
   inputs; GPTQModel's ``GPTAQConfig(alpha=0.25)``), rotation ("none", "hadamard" or "random":
   rotate the residual stream by an orthogonal matrix before quantizing, ``pipeline/rotation.py``;
@@ -87,6 +88,7 @@ class GPTQConfig:
   refine_lr: float = 5e-3
   refine_rounding: bool = False
   refine_batch: int = 2
+  refine_seqlen: int = 128
   gptaq: bool = False
   gptaq_alpha: float = 0.25
   rotation: str = "none"
@@ -124,6 +126,8 @@ class GPTQConfig:
       _fail("mse", self.mse, "0 (off) or a norm exponent > 0 (2.4 in the references)")
     if self.mse_weight not in MSE_WEIGHTS:
       _fail("mse_weight", self.mse_weight, f"one of {MSE_WEIGHTS}")
+    if not _is_int(self.refine_seqlen) or self.refine_seqlen < 0:
+      _fail("refine_seqlen", self.refine_seqlen, "an int >= 0 (0 = whole calibration windows)")
     if not _is_int(self.refine_steps) or self.refine_steps < 0:
       _fail("refine_steps", self.refine_steps, "an int >= 0 (0 = no refinement)")
     if not _is_number(self.refine_lr) or not self.refine_lr > 0:
@@ -267,8 +271,8 @@ class GPTQConfig:
 
 
 _OURS = ("static_groups", "block_size", "damp_auto_increment", "nsamples", "seqlen", "seed", "mse",
-         "mse_weight", "refine_steps", "refine_lr", "refine_rounding", "refine_batch", "gptaq",
-         "gptaq_alpha", "rotation")
+         "mse_weight", "refine_steps", "refine_lr", "refine_rounding", "refine_batch",
+         "refine_seqlen", "gptaq", "gptaq_alpha", "rotation")
 
 
 DYNAMIC_FIELDS = ("bits", "group_size", "sym", "desc_act", "mse")

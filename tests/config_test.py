@@ -48,6 +48,7 @@ def test_defaults_are_optimums():
     (dict(bits=4, refine_lr=0.0), "refine_lr", "> 0"),
     (dict(bits=4, refine_rounding="no"), "refine_rounding", "a bool"),
     (dict(bits=4, refine_batch=0), "refine_batch", "int > 0"),
+    (dict(bits=4, refine_seqlen=-1), "refine_seqlen", "int >= 0"),
     (dict(bits=4, damp_auto_increment=1.5), "damp_auto_increment", "[0, 1)"),
     (dict(bits=4, group_size=-1, static_groups=True), "static_groups", "group_size=-1"),
 ])
@@ -92,9 +93,11 @@ def test_hf_dict_round_trip():
                  sym=True, true_sequential=False, format="gptq_v2", static_groups=True,
                  dataset=["x y"], seqlen=512, nsamples=16, mse=2.4, mse_weight="hessian",
                  block_size=64,
-                 refine_steps=50, refine_lr=5e-3, refine_rounding=True, refine_batch=2)
+                 refine_steps=50, refine_lr=5e-3, refine_rounding=True, refine_batch=2,
+                 refine_seqlen=64)
   d = c.to_dict()
   assert d["gptq_jax"]["refine_steps"] == 50 and d["gptq_jax"]["refine_rounding"] is True
+  assert d["gptq_jax"]["refine_seqlen"] == 64
   assert d["quant_method"] == "gptq" and d["checkpoint_format"] == "gptq_v2"
   assert d["bits"] == 3 and d["group_size"] == 64 and d["desc_act"] is True
   assert GPTQConfig.from_dict(d) == c

@@ -41,8 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                       "column's error over its inverse-Hessian factor diagonal)")
   g.add_argument("--refine-steps", type=int, default=0,
                  help="optax block-wise refinement: Adam steps per block after GPTQ (0 = off; "
-                 "40 in the README's table)")
+                 "32 in the README's table)")
   g.add_argument("--refine-lr", type=float, default=5e-3, help="refinement learning rate")
+  g.add_argument("--refine-batch", type=int, default=2, help="refinement samples per step")
+  g.add_argument("--refine-seqlen", type=int, default=128,
+                 help="refinement trains on each sample's first N tokens (0 = all)")
   g.add_argument("--refine-rounding", action=argparse.BooleanOptionalAction, default=False,
                  help="refinement also learns a rounding offset per weight (AutoRound-style)")
   g.add_argument("--block-size", type=int, default=128, help="lazy-update block (columns)")
@@ -92,7 +95,8 @@ def _config(args) -> GPTQConfig:
             format=args.format, backend=args.backend, mse=args.mse, mse_weight=args.mse_weight,
             block_size=args.block_size,
             refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-            refine_rounding=args.refine_rounding,
+            refine_rounding=args.refine_rounding, refine_batch=args.refine_batch,
+            refine_seqlen=args.refine_seqlen,
             gptaq=args.gptaq, gptaq_alpha=args.gptaq_alpha, rotation=args.rotation,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
   if args.act_group_aware is not None:

@@ -19,7 +19,6 @@ boundaries: every group that starts inside a block is therefore fitted at the bl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from typing import NamedTuple
@@ -29,11 +28,11 @@ import jax.numpy as jnp
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import gptaq, quantizer
+from gptq_jax.core.factor import factorize
 from gptq_jax.core.weights import QuantizedWeight
 
 HIGHEST = jax.lax.Precision.HIGHEST
 _SUB = 16  # columns per rank-1-update sub-block inside a block (the rest of the block: a matmul)
-_TRI_LEAF = 512  # triangular inverses up to this size use one triangular solve
 
 
 class GPTQInfo(NamedTuple):
@@ -106,8 +105,8 @@ def _prepare(kernel, H, st: _Static, cross=None):
     perm = gar_permutation(diag, st.group_size)
   else:
     perm = jnp.arange(cols)
-  if cross is not None:  # GPTAQ's dXXT: dead columns zeroed (their X is 0 anyway), same order
-    cross = jnp.where(dead[None, :], 0.0, cross.astype(jnp.float32))[perm][:, perm]
+  if cross is not None:  # GPTAQ's dXXT, in the same order
+    cross = gptaq.permute(cross, dead, perm)
   return Wt[perm], H[perm][:, perm], cross, perm
 
 
@@ -131,34 +130,6 @@ def _fixed_grids(kernel, H, st: _Static, col_weight=None):
   if col_weight is not None:
     col_weight = jnp.pad(col_weight, (0, groups * gs - cols)).reshape(groups, 1, gs)
   return (scale0, zero0), st.fit(jnp.swapaxes(Wg, 1, 2), col_weight)  # [groups, rows]
-
-
-def _upper_inverse(R):
-  """``R^-1`` for an upper-triangular ``R`` ``[n, n]``, by recursive 2x2 blocking:
-  ``[[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]`` (matmuls: ~n^3/3 multiply-adds)."""
-  n = R.shape[0]
-  if n <= _TRI_LEAF:
-    return jax.lax.linalg.triangular_solve(R, jnp.eye(n, dtype=R.dtype), left_side=True,
-                                           lower=False)
-  h = (n // 2 + 127) // 128 * 128
-  Ai, Ci = _upper_inverse(R[:h, :h]), _upper_inverse(R[h:, h:])
-  X = -jnp.matmul(jnp.matmul(Ai, R[:h, h:], precision=HIGHEST), Ci, precision=HIGHEST)
-  return jnp.block([[Ai, X], [jnp.zeros((n - h, h), R.dtype), Ci]])
-
-
-@jax.jit
-def _inverse_factor(H, damp):
-  """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U); NaN if not PD.
-
-  The references factorize, invert and factorize again. With ``Hd = R R^T``, ``R`` upper
-  triangular (the lower Cholesky factor of the index-reversed ``Hd``, reversed), ``Hd^-1 =
-  (R^-1)^T R^-1``, so ``U = R^-1``: one factorization and one triangular inverse (~4x fewer flops).
-  """
-  n = H.shape[0]
-  Hd = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
-  R = jnp.linalg.cholesky(Hd[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]
-  U = _upper_inverse(R)
-  return U, jnp.all(jnp.isfinite(U))
 
 
 def _column_grids(st: _Static, i1, Wt, u_diag, perm, carry, grids0, sgrids, cols: int):
@@ -190,10 +161,7 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
   """The column loop. Returns codes, scales and zeros per processed column, and the loss of
   each row ``[rows]`` (rows are independent: several layers sharing H can be solved as one).
 
-  With GPTAQ's correction ``P`` (``core/gptaq.py``, strictly upper triangular), column ``i``
-  also adds ``w_i P[i, j]`` to every later column ``j``: inside a block ``w_i`` is the column's
-  working value before it is quantized, in the lazy update it is the quantized value (as GPTAQ's
-  published update and GPTQModel do).
+  With GPTAQ's correction ``P``, the loop also applies the steps of ``core/gptaq.py``.
 
   Inside a block the rank-1 updates touch ``_SUB`` columns at a time and one matmul carries each
   sub-block's errors to the rest of the block; the lazy update ``W[:, i2:] -= Err1 @ U[i1:i2,
@@ -210,8 +178,8 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
       (jnp.arange(cp) >= cols).astype(jnp.float32))
   sub = _SUB if B % _SUB == 0 else B
   u_diag = jnp.pad(jnp.diag(Up), (0, slack), constant_values=1.0)  # [cp + slack]
-  gptaq = P is not None
-  Pp = jnp.pad(P, ((0, cp - cols), (0, cp - cols))) if gptaq else None
+  with_p = P is not None
+  Pp = jnp.pad(P, ((0, cp - cols), (0, cp - cols))) if with_p else None
 
   def block(carry, b):
     Wt, grid_carry, loss = carry
@@ -219,14 +187,14 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
     s_blk, z_blk = _column_grids(st, i1, Wt, u_diag, perm, grid_carry, grids0, sgrids, cols)
     W1 = jax.lax.dynamic_slice(Wt, (i1, 0), (B, rows))
     U1 = jax.lax.dynamic_slice(Up, (i1, i1), (B, B))
-    P1 = jax.lax.dynamic_slice(Pp, (i1, i1), (B, B)) if gptaq else None
+    P1 = jax.lax.dynamic_slice(Pp, (i1, i1), (B, B)) if with_p else None
 
     def subblock(j, state):
       W1, Q1, Err1, D1, loss = state
       k1 = j * sub
       Ws = jax.lax.dynamic_slice(W1, (k1, 0), (sub, rows))
       Us = jax.lax.dynamic_slice(U1, (k1, k1), (sub, sub))
-      Ps = jax.lax.dynamic_slice(P1, (k1, k1), (sub, sub)) if gptaq else None
+      Ps = jax.lax.dynamic_slice(P1, (k1, k1), (sub, sub)) if with_p else None
 
       def column(i, state):
         Ws, Qs, Es, extra, loss = state
@@ -237,26 +205,23 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
         loss = loss + quantizer.true_divide((w - dq) ** 2, d**2) / 2  # [rows]: rows independent
         err1 = quantizer.true_divide(w - dq, d)
         Ws = Ws - Us[i][:, None] * err1[None, :]  # Us[i, :i] == 0: earlier columns unchanged
-        if gptaq:  # Ps[i, :i + 1] == 0: likewise; record w (pre-quantization) and dq
-          Ws = Ws + Ps[i][:, None] * w[None, :]
-          extra = (extra[0].at[i].set(w), extra[1].at[i].set(dq))
+        if with_p:
+          Ws, extra = gptaq.column_step(Ws, Ps[i], w, dq, extra, i)
         return Ws, Qs.at[i].set(q), Es.at[i].set(err1), extra, loss
 
       zeros = jnp.zeros((sub, rows), jnp.float32)
-      extra = (zeros, zeros) if gptaq else ()
+      extra = (zeros, zeros) if with_p else ()
       _, Qs, Es, extra, loss = jax.lax.fori_loop(0, sub, column, (Ws, zeros, zeros, extra, loss))
       Urow = jax.lax.dynamic_slice(U1, (k1, 0), (sub, B))  # zero left of the sub-block
       W1 = W1 - jnp.matmul(Urow.T, Es, precision=HIGHEST)
-      if gptaq:
-        Prow = jax.lax.dynamic_slice(P1, (k1, 0), (sub, B))
-        W1 = W1 + jnp.matmul(Prow.T, extra[0], precision=HIGHEST)
-        D1 = jax.lax.dynamic_update_slice(D1, extra[1], (k1, 0))
+      if with_p:
+        W1, D1 = gptaq.subblock_step(W1, P1, k1, extra, D1)
       Q1 = jax.lax.dynamic_update_slice(Q1, Qs, (k1, 0))
       Err1 = jax.lax.dynamic_update_slice(Err1, Es, (k1, 0))
       return W1, Q1, Err1, D1, loss
 
     zeros = jnp.zeros((B, rows), jnp.float32)
-    D1 = zeros if gptaq else jnp.zeros((), jnp.float32)
+    D1 = zeros if with_p else jnp.zeros((), jnp.float32)
     _, Q1, Err1, D1, loss = jax.lax.fori_loop(0, B // sub, subblock,
                                               (W1, zeros, zeros, D1, loss))
 
@@ -265,8 +230,8 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
       Uc = jax.lax.dynamic_slice(Up, (i1, j), (B, B))
       Wc = jax.lax.dynamic_slice(Wt, (j, 0), (B, rows))
       Wc = Wc - jnp.matmul(Uc.T, Err1, precision=HIGHEST)
-      if gptaq:  # GPTAQ: + Q1 @ P[i1:i2, i2:] (the block's quantized values)
-        Wc = Wc + jnp.matmul(jax.lax.dynamic_slice(Pp, (i1, j), (B, B)).T, D1, precision=HIGHEST)
+      if with_p:
+        Wc = gptaq.lazy_step(Wc, Pp, i1, j, D1)
       return jax.lax.dynamic_update_slice(Wt, Wc, (j, 0))
 
     Wt = jax.lax.fori_loop(0, nblocks - 1 - b, lazy, Wt)
@@ -320,51 +285,6 @@ def _validate(kernel, hessian) -> None:
                        "finite Hessian (check the calibration activations for overflow)")
 
 
-_lapack_loaded = False
-
-
-def _lapack_single_threaded():
-  """On CPU, XLA runs Cholesky and triangular solves through OpenBLAS's LAPACK, whose worker
-  threads spin against XLA's own pool: a 576x576 factorization then takes anywhere from 7 ms to
-  0.5 s (measured on 2 cores). One BLAS thread makes it steady (and no slower at 4096).
-
-  jaxlib loads that OpenBLAS at the process's first decomposition, and threadpoolctl only limits
-  libraries already loaded: a tiny Cholesky first, or the first layer of a process would run with
-  every thread and round differently from the rest (same inputs, different codes).
-  """
-  global _lapack_loaded
-  if jax.default_backend() != "cpu":
-    return contextlib.nullcontext()
-  import threadpoolctl  # a dependency; imported here so accelerator hosts never load it
-
-  if not _lapack_loaded:
-    jax.block_until_ready(jnp.linalg.cholesky(jnp.eye(2, dtype=jnp.float32)))
-    _lapack_loaded = True
-  return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-
-
-def factorize(Hp, cfg: GPTQConfig, name: str = "layer"):
-  """U for the first damping in ``damp_percent + j * damp_auto_increment < 1`` that works.
-
-  Returns ``(U, damp)``, or ``(None, damp)`` when every damping failed.
-  """
-  damp = cfg.damp_percent
-  while True:
-    with _lapack_single_threaded():
-      U, ok = _inverse_factor(Hp, jnp.float32(damp))
-      ok = bool(ok)  # waits for the factorization inside the thread limit
-    if ok:
-      if damp != cfg.damp_percent:
-        warnings.warn(f"GPTQ {name}: the Hessian was not positive definite at damp_percent="
-                      f"{cfg.damp_percent}; succeeded with damp_percent={damp:.5f}", UserWarning,
-                      stacklevel=3)
-      return U, damp
-    nxt = damp + cfg.damp_auto_increment
-    if cfg.damp_auto_increment == 0 or nxt >= 1:
-      return None, damp
-    damp = nxt
-
-
 def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = False,
                     name: str = "layer", cross=None):
   """GPTQ-quantize one linear layer (GPTAQ when ``cfg.gptaq`` and ``cross`` is given).
@@ -387,15 +307,7 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
   """
   kernel, hessian = jnp.asarray(kernel), jnp.asarray(hessian)
   _validate(kernel, hessian)
-  if getattr(cfg, "gptaq", False):
-    if cross is None:
-      raise ValueError(f"GPTQ {name}: cfg.gptaq=True needs the cross-term cross=(X_float - X)^T X "
-                       "(hessian.CrossState / the driver's GPTAQ capture)")
-    cross = jnp.asarray(cross)
-    if cross.shape != hessian.shape:
-      raise ValueError(f"cross must be [in, in] = {tuple(hessian.shape)}, got {cross.shape}")
-  else:
-    cross = None
+  cross = gptaq.check_cross(cfg, cross, hessian, name)  # None unless cfg.gptaq
   st = _static_of(cfg)
   Wp, Hp, Cp, perm = _prepare(kernel, hessian, st, cross)
   U, damp = factorize(Hp, cfg, name)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax.config import GPTQConfig
-from gptq_jax.core import gptq
+from gptq_jax.core import factor, gptq
 from gptq_jax.core.weights import QuantizedWeight
 
 
@@ -52,7 +52,7 @@ def quantize_shared(kernels: Sequence, hessian, cfg: GPTQConfig, names: Sequence
   st = gptq._static_of(cfg)
   prepared = gptq._prepare(kernel, hessian, st)  # (Wp, Hp[, cross], perm)
   Wp, Hp, perm = prepared[0], prepared[1], prepared[-1]
-  U, damp = gptq.factorize(Hp, cfg, joint)
+  U, damp = factor.factorize(Hp, cfg, joint)
   if U is None:
     warnings.warn(f"GPTQ {joint}: the Hessian is not positive definite for any damp_percent < 1; "
                   "these layers fall back to round-to-nearest", UserWarning, stacklevel=2)

@@ -24,15 +24,19 @@ instead would need a second stream kept alive through the whole model; on the qu
 block learns to reproduce the float block's function where it is actually used, and memory stays
 one block's inputs and targets (plus the minibatch's activations for the gradient).
 
-**Which step is kept.** The last ``max(1, n // 8)`` calibration samples are held out of the
-optimisation (with one sample, it is used for both). Every ``max(1, steps // 4)`` steps, inside the
-jitted loop, the block's error on the held-out samples is measured and the parameters of the best
-step so far are carried; step 0 is GPTQ's own result, so the kept parameters never have a higher
-held-out error than GPTQ alone — the decision is made per block. Each step uses
-``cfg.refine_batch`` training samples chosen by a seeded permutation (deterministic with
-``cfg.seed``). The whole loop (steps, held-out checks, best-step selection) is one compiled call
-with no host round trip; the float block's targets are computed once per block. The data is
-gathered on one device (refinement is not data-parallel).
+**What it trains on, and which step is kept.** The last ``max(1, n // 8)`` calibration samples
+are held out of the optimisation (with one sample, it is used for both). Training uses only the
+first ``cfg.refine_seqlen`` tokens of each other sample: a causal block's outputs there depend on
+those tokens alone, so the cut is exact (the same outputs as in the whole window) and a step costs
+``refine_seqlen / seqlen`` of a whole-window step. Every ``max(1, steps // 4)`` steps, inside the
+jitted loop, the block's error on the held-out samples (whole windows) is measured and the
+parameters of the best step so far are carried; step 0 is GPTQ's own result, so the kept
+parameters never have a higher held-out error than GPTQ alone — the decision is made per block.
+Each step uses ``cfg.refine_batch`` training samples chosen by a seeded permutation
+(deterministic with ``cfg.seed``). The whole loop (steps, held-out checks, best-step selection) is
+one compiled call with no host round trip; the float block's targets are computed once per block,
+on the cut training samples and the held-out windows only. The data is gathered on one device
+(refinement is not data-parallel).
 """
 
 from __future__ import annotations
@@ -147,12 +151,11 @@ def _compiled(adapter: DecoderAdapter, st: _Static):
             for p in st.paths}
 
   @jax.jit
-  def train(theta, frozen, block, hidden, ctx, mask, y, order, held):
-    """``order: [steps, batch]`` training sample indices, ``held: [h]`` held-out ones. Returns
-    (the best step's ``theta``, its held-out MSE, GPTQ's held-out MSE, the best step)."""
+  def train(theta, frozen, block, hidden, ctx, mask, y, order, h_args):
+    """``hidden, ctx, mask, y``: the training samples; ``order: [steps, batch]`` indices into
+    them; ``h_args = (hidden, ctx, mask, y)`` of the held-out samples. Returns (the best step's
+    ``theta``, its held-out MSE, GPTQ's held-out MSE, the best step)."""
     take = lambda idx: lambda a: jnp.take(a, idx, axis=0)
-    hp = take(held)
-    h_args = (hp(hidden), jax.tree.map(hp, ctx), hp(mask), hp(y))
 
     def held_mse(th):
       sq, _ = _block_sq_err(adapter, block, _kernels(th, frozen, st, ste=False), *h_args)
@@ -260,28 +263,36 @@ def refine_block(adapter: DecoderAdapter, float_block: Any, qblock: Any, hidden,
   packed = {p: get_path(qblock, p)["kernel"] for p in paths}
   frozen = put({p: _frozen(packed[p].unpack(), get_path(float_block, p)["kernel"].astype(
       jnp.float32)) for p in paths})
-  n = hidden.shape[0]
-  batch = min(int(cfg.refine_batch), n)
-  held = jnp.arange(n - max(1, n // 8), n) if n > 1 else jnp.arange(1)  # held-out samples
-  n_train = n - held.shape[0] if n > 1 else 1
+  n, seq = hidden.shape[:2]
+  n_held = max(1, n // 8)
+  n_train = n - n_held if n > 1 else 1
+  batch = min(int(cfg.refine_batch), n_train)
+  length = min(int(cfg.refine_seqlen) or seq, seq)  # training tokens per sample (a causal prefix)
   run = jax.jit(adapter.run_block)
-  chunk = max(batch, 8)  # the float targets, a few samples per call
-  y = jnp.concatenate([run(float_block, hidden[a:a + chunk], jax.tree.map(
-      lambda x: x[a:a + chunk], ctx)) for a in range(0, n, chunk)])
+
+  def samples(a, b, t):
+    """Inputs of samples ``a:b`` cut to their first ``t`` tokens (every ``[n, seq, ...]`` leaf),
+    and the float block's outputs on them (the targets), a few samples per call."""
+    cut = lambda x: x[a:b, :t] if x.ndim >= 2 and x.shape[:2] == (n, seq) else x[a:b]
+    h, c, m = cut(hidden), jax.tree.map(cut, ctx), cut(mask)
+    y = jnp.concatenate([run(float_block, h[k:k + 8], jax.tree.map(lambda x: x[k:k + 8], c))
+                         for k in range(0, b - a, 8)])
+    return h, c, m, y
+
+  train_set = samples(0, n_train, length)
+  held_set = samples(n - n_held, n, seq)  # held out of the optimisation, whole windows
 
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), index),
                           -(-st.steps * batch // n_train))
   order = jnp.concatenate([jax.random.permutation(k, n_train) for k in keys])
   order = order[:st.steps * batch].reshape(st.steps, batch)  # [steps, batch] sample indices
   theta0 = _init_theta(frozen, st)
-  theta, mse1, mse0, best_step = train(theta0, frozen, float_block, hidden, ctx, mask, y, order,
-                                       held)
+  theta, mse1, mse0, best_step = train(theta0, frozen, float_block, *train_set, order, held_set)
   best_step = int(best_step)  # the one host round trip of the loop
   kept = best_step > 0
-  hp = lambda a: jnp.take(a, held, axis=0)
-  h_args = (float_block, hp(hidden), jax.tree.map(hp, ctx), hp(mask), hp(y))
-  _, layer0 = _measure(evaluate, theta0, frozen, *h_args, held.shape[0])
-  layer1 = _measure(evaluate, theta, frozen, *h_args, held.shape[0])[1] if kept else layer0
+  h_args = (float_block, *held_set)
+  _, layer0 = _measure(evaluate, theta0, frozen, *h_args, n_held)
+  layer1 = _measure(evaluate, theta, frozen, *h_args, n_held)[1] if kept else layer0
   if kept:
     kernels = jax.jit(functools.partial(_final, st=st))(theta, frozen)
     for p in paths:

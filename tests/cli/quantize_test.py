@@ -205,10 +205,12 @@ def test_quality_flags_reach_the_config(tmp_path):
 
   args = _parser().parse_args(["--output", str(tmp_path / "q"), "--mse", "2.4", "--mse-weight",
                                "hessian", "--refine-steps", "7", "--refine-lr", "0.01",
-                               "--refine-rounding", "--desc-act", "--gptaq", "--gptaq-alpha",
-                               "0.5", "--rotation", "hadamard"])
+                               "--refine-rounding", "--refine-batch", "3", "--refine-seqlen",
+                               "64", "--desc-act", "--gptaq", "--gptaq-alpha", "0.5",
+                               "--rotation", "hadamard"])
   cfg = _config(args)
   assert (cfg.gptaq, cfg.gptaq_alpha, cfg.rotation) == (True, 0.5, "hadamard")
+  assert (cfg.refine_batch, cfg.refine_seqlen) == (3, 64)
   assert (cfg.mse, cfg.mse_weight, cfg.refine_steps, cfg.refine_lr, cfg.refine_rounding) == (
       2.4, "hessian", 7, 0.01, True)
   assert (cfg.desc_act, cfg.act_group_aware) == (True, False)

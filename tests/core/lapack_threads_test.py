@@ -20,9 +20,9 @@ def test_first_factorization_of_a_fresh_process_is_single_threaded():
       import json
       import jax.numpy as jnp
       import threadpoolctl
-      from gptq_jax.core import gptq
+      from gptq_jax.core import factor
 
-      with gptq._lapack_single_threaded():
+      with factor._lapack_single_threaded():
         jnp.linalg.cholesky(4.0 * jnp.eye(64)).block_until_ready()  # as factorize() does
         inside = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()
                   if i["user_api"] == "blas"]

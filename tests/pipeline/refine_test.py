@@ -60,7 +60,7 @@ def _calib32():
 def test_refinement_lowers_each_blocks_heldout_error(tiny):
   cfg, params, _ = tiny
   batches = _calib32()
-  q, report = _run(tiny, batches, refine_steps=25)
+  q, report = _run(tiny, batches, refine_steps=25, refine_seqlen=0)  # whole windows
   plain, _ = _run(tiny, batches)
   hs = _inputs(cfg, params, batches)
   for i in range(cfg.num_hidden_layers):
@@ -83,7 +83,8 @@ def test_refinement_lowers_each_blocks_heldout_error(tiny):
     hs = [(_block_forward(refined, cfg, h, pos, mask), pos, mask) for h, pos, mask in hs]
 
 
-@pytest.mark.parametrize("kw", [dict(refine_lr=30.0), dict(refine_lr=30.0, refine_rounding=True)])
+@pytest.mark.parametrize("kw", [dict(refine_lr=30.0, refine_seqlen=0),
+                                dict(refine_lr=30.0, refine_rounding=True, refine_seqlen=8)])
 def test_kept_step_never_has_a_higher_heldout_error_than_gptq(tiny, kw):
   """A learning rate that wrecks the scales: every check is worse than GPTQ, so each block keeps
   GPTQ's parameters (bit for bit) and reports its held-out error unchanged."""
@@ -209,7 +210,8 @@ def test_smollm2_refinement_lowers_heldout_perplexity(smollm2, smollm2_tokenizer
   ppl = {}
   for steps in (0, 30):
     report = []
-    q = quantize(params, calib, qcfg.replace(refine_steps=steps, refine_lr=5e-3, refine_batch=2),
+    q = quantize(params, calib, qcfg.replace(refine_steps=steps, refine_lr=5e-3, refine_batch=2,
+                                             refine_seqlen=0),
                  adapter=adapter, mesh=None, progress=False, report=report)
     dense = {k: dense_block(v) if k.startswith("layers_") else v for k, v in q.items()}
     ppl[steps] = evaluation.perplexity(dense, cfg, heldout, seqlen=256, max_windows=6,
