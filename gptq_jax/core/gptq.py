@@ -19,7 +19,6 @@ boundaries: every group that starts inside a block is therefore fitted at the bl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from typing import NamedTuple
@@ -29,11 +28,11 @@ import jax.numpy as jnp
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import gptaq, quantizer
+from gptq_jax.core.factor import _inverse_factor, _lapack_single_threaded, factorize  # noqa: F401
 from gptq_jax.core.weights import QuantizedWeight
 
 HIGHEST = jax.lax.Precision.HIGHEST
 _SUB = 16  # columns per rank-1-update sub-block inside a block (the rest of the block: a matmul)
-_TRI_LEAF = 512  # triangular inverses up to this size use one triangular solve
 
 
 class GPTQInfo(NamedTuple):
@@ -133,34 +132,6 @@ def _fixed_grids(kernel, H, st: _Static, col_weight=None):
   return (scale0, zero0), st.fit(jnp.swapaxes(Wg, 1, 2), col_weight)  # [groups, rows]
 
 
-def _upper_inverse(R):
-  """``R^-1`` for an upper-triangular ``R`` ``[n, n]``, by recursive 2x2 blocking:
-  ``[[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]`` (matmuls: ~n^3/3 multiply-adds)."""
-  n = R.shape[0]
-  if n <= _TRI_LEAF:
-    return jax.lax.linalg.triangular_solve(R, jnp.eye(n, dtype=R.dtype), left_side=True,
-                                           lower=False)
-  h = (n // 2 + 127) // 128 * 128
-  Ai, Ci = _upper_inverse(R[:h, :h]), _upper_inverse(R[h:, h:])
-  X = -jnp.matmul(jnp.matmul(Ai, R[:h, h:], precision=HIGHEST), Ci, precision=HIGHEST)
-  return jnp.block([[Ai, X], [jnp.zeros((n - h, h), R.dtype), Ci]])
-
-
-@jax.jit
-def _inverse_factor(H, damp):
-  """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U); NaN if not PD.
-
-  The references factorize, invert and factorize again. With ``Hd = R R^T``, ``R`` upper
-  triangular (the lower Cholesky factor of the index-reversed ``Hd``, reversed), ``Hd^-1 =
-  (R^-1)^T R^-1``, so ``U = R^-1``: one factorization and one triangular inverse (~4x fewer flops).
-  """
-  n = H.shape[0]
-  Hd = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
-  R = jnp.linalg.cholesky(Hd[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]
-  U = _upper_inverse(R)
-  return U, jnp.all(jnp.isfinite(U))
-
-
 def _column_grids(st: _Static, i1, Wt, u_diag, perm, carry, grids0, sgrids, cols: int):
   """(scale, zero) for each of the block's columns: ``[B, rows]`` each."""
   B, gs = st.block_size, st.group_size
@@ -187,8 +158,10 @@ def _column_grids(st: _Static, i1, Wt, u_diag, perm, carry, grids0, sgrids, cols
 
 @functools.partial(jax.jit, static_argnums=5)
 def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
-  """The column loop. Returns codes, scales and zeros per processed column, and the loss of
-  each row ``[rows]`` (rows are independent: several layers sharing H can be solved as one).
+  """The column loop. Returns the codes per processed column ``[cols, rows]``, the grid of each
+  group ``[groups, rows]`` (scales, zeros; group ``g`` starts at processed column ``g *
+  group_size``: only the group starts' grids are kept, not one per column) and the loss of each
+  row ``[rows]`` (rows are independent: several layers sharing H can be solved as one).
 
   With GPTAQ's correction ``P`` (``core/gptaq.py``, strictly upper triangular), column ``i``
   also adds ``w_i P[i, j]`` to every later column ``j``: inside a block ``w_i`` is the column's
@@ -206,17 +179,27 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
   cp = nblocks * B
   slack = 2 * gs if gs > 0 else 0  # lets group slices near the end stay in bounds
   Wt = jnp.pad(Wp, ((0, cp - cols + slack), (0, 0)))
-  Up = jnp.pad(U, ((0, cp - cols), (0, cp - cols))) + jnp.diag(
-      (jnp.arange(cp) >= cols).astype(jnp.float32))
+  Up = U if cp == cols else jnp.pad(U, ((0, cp - cols), (0, cp - cols))) + jnp.diag(
+      (jnp.arange(cp) >= cols).astype(jnp.float32))  # no [cols, cols] copy when none is padded
   sub = _SUB if B % _SUB == 0 else B
   u_diag = jnp.pad(jnp.diag(Up), (0, slack), constant_values=1.0)  # [cp + slack]
   gptaq = P is not None
   Pp = jnp.pad(P, ((0, cp - cols), (0, cp - cols))) if gptaq else None
+  gsx = cols if gs == -1 else gs  # processed columns 0, gsx, 2 gsx, ... start the groups
+  groups, per_block = -(-cols // gsx), -(-B // gsx)  # at most per_block group starts per block
+
+  def keep_group_grids(S, Z, i1, s_blk, z_blk):
+    starts = (i1 + gsx - 1) // gsx * gsx + gsx * jnp.arange(per_block)
+    g = jnp.where((starts < i1 + B) & (starts < cols), starts // gsx, groups)  # groups: dropped
+    at = jnp.clip(starts - i1, 0, B - 1)
+    return (S.at[g].set(s_blk[at], mode="drop"),
+            Z.at[g].set(z_blk[at].astype(jnp.int32), mode="drop"))
 
   def block(carry, b):
-    Wt, grid_carry, loss = carry
+    Wt, grid_carry, loss, S, Z = carry
     i1 = b * B
     s_blk, z_blk = _column_grids(st, i1, Wt, u_diag, perm, grid_carry, grids0, sgrids, cols)
+    S, Z = keep_group_grids(S, Z, i1, s_blk, z_blk)
     W1 = jax.lax.dynamic_slice(Wt, (i1, 0), (B, rows))
     U1 = jax.lax.dynamic_slice(Up, (i1, i1), (B, B))
     P1 = jax.lax.dynamic_slice(Pp, (i1, i1), (B, B)) if gptaq else None
@@ -270,18 +253,18 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
       return jax.lax.dynamic_update_slice(Wt, Wc, (j, 0))
 
     Wt = jax.lax.fori_loop(0, nblocks - 1 - b, lazy, Wt)
-    out = (Q1.astype(jnp.uint8), s_blk, z_blk.astype(jnp.int32))
-    return (Wt, (s_blk[-1], z_blk[-1]), loss), out
+    return (Wt, (s_blk[-1], z_blk[-1]), loss, S, Z), Q1.astype(jnp.uint8)
 
-  init = (Wt, grids0, jnp.zeros((rows,), jnp.float32))
-  (_, _, loss), (q, s, z) = jax.lax.scan(block, init, jnp.arange(nblocks))
-  flat = lambda a: a.reshape(cp, rows)[:cols]
-  return flat(q), flat(s), flat(z), loss
+  init = (Wt, grids0, jnp.zeros((rows,), jnp.float32), jnp.zeros((groups, rows), jnp.float32),
+          jnp.zeros((groups, rows), jnp.int32))
+  (_, _, loss, S, Z), q = jax.lax.scan(block, init, jnp.arange(nblocks))
+  return q.reshape(cp, rows)[:cols], S, Z, loss
 
 
 @functools.partial(jax.jit, static_argnums=5)
-def _assemble(q, s, z, perm, sgrids, st: _Static):
-  """Undo the column order; collect one grid per group in the stored group order; build g_idx."""
+def _assemble(q, S, Z, perm, sgrids, st: _Static):
+  """Undo the column order; put the grids of the processed groups (``S``, ``Z`` ``[groups,
+  rows]``, from ``_gptq_blocks``) in the stored group order; build g_idx."""
   cols = q.shape[0]
   gs = cols if st.group_size == -1 else st.group_size
   groups = -(-cols // gs)
@@ -295,8 +278,8 @@ def _assemble(q, s, z, perm, sgrids, st: _Static):
     slot = perm[starts] // gs  # the natural group each processed group consists of
   else:
     slot = jnp.arange(groups)
-  scales = jnp.zeros((groups, q.shape[1]), s.dtype).at[slot].set(s[starts])
-  zeros = jnp.zeros((groups, q.shape[1]), jnp.int32).at[slot].set(z[starts])
+  scales = jnp.zeros((groups, q.shape[1]), S.dtype).at[slot].set(S)
+  zeros = jnp.zeros((groups, q.shape[1]), jnp.int32).at[slot].set(Z)
   g_idx = natural_gidx[inv] if st.order == "desc" else natural_gidx
   return codes, scales, zeros, g_idx
 
@@ -318,51 +301,6 @@ def _validate(kernel, hessian) -> None:
     if bad:
       raise ValueError(f"{name} has {bad} NaN/Inf value(s); GPTQ needs finite weights and a "
                        "finite Hessian (check the calibration activations for overflow)")
-
-
-_lapack_loaded = False
-
-
-def _lapack_single_threaded():
-  """On CPU, XLA runs Cholesky and triangular solves through OpenBLAS's LAPACK, whose worker
-  threads spin against XLA's own pool: a 576x576 factorization then takes anywhere from 7 ms to
-  0.5 s (measured on 2 cores). One BLAS thread makes it steady (and no slower at 4096).
-
-  jaxlib loads that OpenBLAS at the process's first decomposition, and threadpoolctl only limits
-  libraries already loaded: a tiny Cholesky first, or the first layer of a process would run with
-  every thread and round differently from the rest (same inputs, different codes).
-  """
-  global _lapack_loaded
-  if jax.default_backend() != "cpu":
-    return contextlib.nullcontext()
-  import threadpoolctl  # a dependency; imported here so accelerator hosts never load it
-
-  if not _lapack_loaded:
-    jax.block_until_ready(jnp.linalg.cholesky(jnp.eye(2, dtype=jnp.float32)))
-    _lapack_loaded = True
-  return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-
-
-def factorize(Hp, cfg: GPTQConfig, name: str = "layer"):
-  """U for the first damping in ``damp_percent + j * damp_auto_increment < 1`` that works.
-
-  Returns ``(U, damp)``, or ``(None, damp)`` when every damping failed.
-  """
-  damp = cfg.damp_percent
-  while True:
-    with _lapack_single_threaded():
-      U, ok = _inverse_factor(Hp, jnp.float32(damp))
-      ok = bool(ok)  # waits for the factorization inside the thread limit
-    if ok:
-      if damp != cfg.damp_percent:
-        warnings.warn(f"GPTQ {name}: the Hessian was not positive definite at damp_percent="
-                      f"{cfg.damp_percent}; succeeded with damp_percent={damp:.5f}", UserWarning,
-                      stacklevel=3)
-      return U, damp
-    nxt = damp + cfg.damp_auto_increment
-    if cfg.damp_auto_increment == 0 or nxt >= 1:
-      return None, damp
-    damp = nxt
 
 
 def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = False,
@@ -398,7 +336,9 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
     cross = None
   st = _static_of(cfg)
   Wp, Hp, Cp, perm = _prepare(kernel, hessian, st, cross)
-  U, damp = factorize(Hp, cfg, name)
+  # Hp is consumed (donated) by the factorization; made again only if a damping retry needs it
+  U, damp = factorize(Hp, cfg, name, rebuild=lambda: _prepare(kernel, hessian, st, cross)[1])
+  del Hp
   if U is None:
     warnings.warn(f"GPTQ {name}: the Hessian is not positive definite for any damp_percent < 1 "
                   f"(tried {cfg.damp_percent} upward in steps of {cfg.damp_auto_increment}); "
