@@ -48,8 +48,10 @@ def save_checkpoint(path: str, *, source, dtype: str, blocks_dir: str, qhead: di
 
 
 def export_hf(folder: str, checkpoint_path: str, *, model_config, quant_config, tokenizer,
-              calibration_source) -> None:
-  """``--save-hf``: the HF GPTQ folder from the finished checkpoint, one shard per part."""
+              calibration_source, write: bool = True) -> None:
+  """``--save-hf``: the HF GPTQ folder from the finished checkpoint, one shard per part. Under
+  ``jax.distributed`` every process calls it (orbax's reads meet at barriers) and the one with
+  ``write`` writes the folder."""
   from gptq_jax.checkpoint import read_tree  # noqa: PLC0415
   from gptq_jax.checkpoint_parts import PARTS  # noqa: PLC0415
   from gptq_jax.interop.hf_gptq import FolderWriter, block_tensors, nonlayer_tensors  # noqa: PLC0415
@@ -61,18 +63,22 @@ def export_hf(folder: str, checkpoint_path: str, *, model_config, quant_config, 
     if sub == "nonlayer":
       nonlayer[key] = read_tree(os.path.join(checkpoint_path, sub), step)[0][key]
   writer = FolderWriter(folder, model_config, quant_config, tokenizer=tokenizer,
-                        calibration_source=calibration_source)
-  writer.add(nonlayer_tensors(model_config, nonlayer, cfg=quant_config))
+                        calibration_source=calibration_source) if write else None
+  if writer is not None:
+    writer.add(nonlayer_tensors(model_config, nonlayer, cfg=quant_config))
   del nonlayer
   for i in range(model_config.num_hidden_layers):
     sub, step, _ = parts[f"layers_{i}"]
     block, _ = read_tree(os.path.join(checkpoint_path, sub), step)
-    writer.add(block_tensors(model_config, i, block, quant_config))
-  writer.finish()
+    if writer is not None:
+      writer.add(block_tensors(model_config, i, block, quant_config))
+  if writer is not None:
+    writer.finish()
 
 
 def load_for_sample(checkpoint_path: str):
-  """The finished checkpoint's params on the device (for the sample generation after)."""
+  """The finished checkpoint's params on the device (for the sample generation after; every
+  process calls it under ``jax.distributed``: orbax's reads meet at barriers)."""
   from gptq_jax import checkpoint  # noqa: PLC0415
 
   return jax.device_put(checkpoint.read(checkpoint_path).params)

@@ -252,13 +252,14 @@ def run(args) -> dict:
   if pid == 0:
     state.finish()
   _say(f"saved {args.output}")
-  if args.save_hf and pid == 0:
+  if args.save_hf:  # every process reads (orbax's barriers), process 0 writes
     from gptq_jax.interop.calibration import describe_default
 
     output.export_hf(args.save_hf, args.output, model_config=model_config, quant_config=cfg,
                      tokenizer=tokenizer,
                      calibration_source=None if cfg.dataset else describe_default(cfg.nsamples,
-                                                                                  cfg.seqlen))
+                                                                                  cfg.seqlen),
+                     write=pid == 0)
     _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
   timing["write"] = time.perf_counter() - t0
   if eval_tokens is not None and pid == 0:
@@ -266,10 +267,10 @@ def run(args) -> dict:
     print(f"perplexity on held-out text ({len(windows)} windows of {cfg.seqlen} tokens"
           f"{', each starting with <bos>' if bos is not None else ''}): "
           f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
+  qparams = output.load_for_sample(args.output) if args.sample_prompt else None  # collective
   if args.sample_prompt and pid == 0:
     t0 = time.perf_counter()
-    result["sample"] = _sample(evaluation, output.load_for_sample(args.output), model_config,
-                               tokenizer, args.sample_prompt)
+    result["sample"] = _sample(evaluation, qparams, model_config, tokenizer, args.sample_prompt)
     timing["sample_after"] = time.perf_counter() - t0
     print(f"sample generation (greedy, {SAMPLE_TOKENS} tokens at most) of {args.sample_prompt!r}:"
           f"\n  float:     {result.get('sample_before')!r}\n  quantized: {result['sample']!r}",
