@@ -25,7 +25,9 @@ With `--cli`, the whole `scripts/quantize_llama.py` process (start, load, calibr
 orbax checkpoint and `--save-hf` folder; no evaluation, no sample) is timed from outside against
 GPTQModel's load + quantize + save, and the CLI's `--breakdown` is printed: seconds per phase
 (embedding, reads, Hessian passes, solves, propagation, writes, compilation) and the block forwards
-per block against the true-sequential minimum.
+per block against the true-sequential minimum. With `--cli-only --repeat N` the two processes
+alternate N times (GPTQModel, ours, GPTQModel, ours, ...) and each round's ratio, the load average
+around it and the median are printed: on a shared machine one pair is not a fair figure.
 Last line: one JSON object with the figures, the perplexity increases and the ratios.
 """
 
@@ -34,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -123,6 +127,8 @@ def run_cli(workdir: str, desc_act: bool, args) -> dict:
 
   tag = "on" if desc_act else "off"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for old in (f"cli_{tag}", f"cli_hf_{tag}"):  # an earlier --repeat round's outputs
+    shutil.rmtree(os.path.join(workdir, old), ignore_errors=True)
   report = os.path.join(workdir, f"cli_{tag}.json")
   cmd = [sys.executable, os.path.join(root, "scripts", "quantize_llama.py"),
          "--model", getattr(args, "model", None) or "smollm2-135m",
@@ -146,6 +152,13 @@ def run_cli(workdir: str, desc_act: bool, args) -> dict:
           "breakdown": rep["breakdown"]}
 
 
+def _fresh(workdir: str, name: str) -> str:
+  """``workdir/name`` with an earlier --repeat round's output removed."""
+  path = os.path.join(workdir, name)
+  shutil.rmtree(path, ignore_errors=True)
+  return path
+
+
 def run_case(workdir: str, desc_act: bool, args) -> dict:
   tag = "on" if desc_act else "off"
   ours = None
@@ -155,16 +168,19 @@ def run_case(workdir: str, desc_act: bool, args) -> dict:
                     ["--side", "ours", "--workdir", workdir, "--desc-act", tag, "--seqlen",
                      args.seqlen, "--batch-size", args.batch_size, "--model", args.model])
   base = None
+  loads = {"before_baseline": os.getloadavg()}
   if not args.no_baseline:
     log(f"desc_act {tag}: GPTQModel ...")
     base = run_json(GPTQMODEL_PYTHON, os.path.join(BASELINES, "gptqmodel_pipeline.py"),
                     [os.path.join(workdir, "hf"), os.path.join(workdir, "calib.npy"),
-                     os.path.join(workdir, "eval.npy"), os.path.join(workdir, f"gptqmodel_{tag}"),
+                     os.path.join(workdir, "eval.npy"), _fresh(workdir, f"gptqmodel_{tag}"),
                      "--seqlen", args.seqlen, "--desc-act", int(desc_act), "--damp", DAMP,
                      "--batch-size", args.batch_size], env=GPTQMODEL_ENV)
   if args.cli:
     log(f"desc_act {tag}: quantize_llama.py ...")
+  loads["before_cli"] = os.getloadavg()
   cli = run_cli(workdir, desc_act, args) if args.cli else None
+  loads["after_cli"] = os.getloadavg()
   inc = lambda q, f: q / f - 1  # noqa: E731  (relative perplexity increase)
   if ours is None:  # --cli-only: the whole processes, no evaluation on our side
     case = {"cli": cli, "baseline": base}
@@ -172,6 +188,7 @@ def run_case(workdir: str, desc_act: bool, args) -> dict:
       base_total = base["load_s"] + base["quantize_s"] + base["save_s"]
       case.update(baseline_load_quantize_save_s=base_total,
                   cli_wall_ratio=ratio(cli["wall_s"], base_total))
+    case["loadavg"] = loads
     return case
   case = {"ours": ours, "cli": cli, "ppl_increase": inc(ours["ppl_gptq"], ours["ppl_float"]),
           "rtn_ppl_increase": inc(ours["ppl_rtn"], ours["ppl_float"])}
@@ -206,6 +223,9 @@ def main() -> None:
                        "quantize + save) and print its breakdown")
   ap.add_argument("--cli-only", action="store_true",
                   help="with --cli: skip the in-process gptq_jax side (and its evaluation)")
+  ap.add_argument("--repeat", type=int, default=1,
+                  help="with --cli-only: alternate GPTQModel and quantize_llama.py this many "
+                       "times (the spread of the ratio on a shared machine)")
   ap.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)
   ap.add_argument("--workdir", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -223,8 +243,11 @@ def main() -> None:
   with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as workdir:
     prepare(workdir, args)
     n_eval = np.load(os.path.join(workdir, "eval.npy")).shape[0]
+    rounds = args.repeat if args.cli_only else 1
     for desc_act in cases:
-      results["desc_act_" + ("on" if desc_act else "off")] = run_case(workdir, desc_act, args)
+      for r in range(rounds):
+        name = "desc_act_" + ("on" if desc_act else "off") + (f"_round{r + 1}" if rounds > 1 else "")
+        results[name] = run_case(workdir, desc_act, args)
 
   rows = []
   for name, c in results.items():
@@ -253,10 +276,18 @@ def main() -> None:
       print(f"{name}: quantize_llama.py process {c['cli']['wall_s']:.1f} s wall (peak RSS "
             f"{c['cli']['peak_rss_mb']:.0f} MiB)"
             + (f" vs GPTQModel load + quantize + save {c['baseline_load_quantize_save_s']:.1f} s"
-               f" = {c['cli_wall_ratio']:.3f}x" if "cli_wall_ratio" in c else ""))
+               f" = {c['cli_wall_ratio']:.3f}x" if "cli_wall_ratio" in c else "")
+            + ("; load average (1 min) before GPTQModel {:.1f}, before ours {:.1f}, after ours "
+               "{:.1f}".format(c["loadavg"]["before_baseline"][0], c["loadavg"]["before_cli"][0],
+                               c["loadavg"]["after_cli"][0]) if "loadavg" in c else ""))
       print("  breakdown (s): " + ", ".join(f"{k} {v:.2f}" for k, v in b["seconds"].items()))
       print(f"  block forwards per block: {b['block_forwards_per_block']:.2f} (true-sequential "
             f"minimum {b['minimum_block_forwards_per_block']})")
+  wall_ratios = [c["cli_wall_ratio"] for c in results.values() if c.get("cli_wall_ratio")]
+  if len(wall_ratios) > 1:
+    print(f"quantize_llama.py / GPTQModel over {len(wall_ratios)} alternating rounds: median "
+          f"{statistics.median(wall_ratios):.3f}x, min {min(wall_ratios):.3f}x, max "
+          f"{max(wall_ratios):.3f}x")
   emit_json({"bench": "pipeline", "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
              "eval_windows": n_eval, "batch_size": args.batch_size, "bits": 4, "group_size": 128,
              "sym": True, "damp_percent": DAMP, "mse": 0.0, "true_sequential": True,

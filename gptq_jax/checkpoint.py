@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptq_jax.checkpoint_parts import PARTS, read_parts
 from gptq_jax.core.weights import PackedWeight
 from gptq_jax.integrity import DamagedFileError, verify_checksums, write_checksums
 from gptq_jax.models.params import ModelParams, plain
@@ -120,6 +121,15 @@ def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
   return join_packed(tree, meta.get("packed", {})), meta
 
 
+def read_meta(path: str, step: int) -> dict:
+  """The JSON ``meta`` of step ``step`` alone (no array is read)."""
+  mngr = _manager(path, read_only=True)
+  try:
+    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  finally:
+    mngr.close()
+
+
 def steps(path: str) -> list[int]:
   """The finished steps under ``path`` (none when it does not exist)."""
   if not os.path.isdir(path):
@@ -203,6 +213,8 @@ def read(path: str) -> Checkpoint:
   if not is_checkpoint(path):
     raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside)")
   params, meta = read_tree(os.path.join(path, "orbax"))
+  if PARTS in meta:  # written a part at a time (the streamed CLI): put the parts back in place
+    params = read_parts(path, params, meta)
   model_config = ModelConfig.from_hf_dict(meta["model_config"]).replace(
       dtype=meta.get("compute_dtype", "float32"))
   qc = meta.get("quant_config")

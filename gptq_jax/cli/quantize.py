@@ -6,7 +6,8 @@ open the model lazily (weights stay memory-mapped on the host), build the calibr
 quantize block by block with one block at a time on the devices — each finished block saved under
 ``<output>.partial`` so ``--resume`` continues a killed run, and the held-out windows carried
 through the float and the quantized block in the same pass for the perplexity before / after —
-then write the orbax checkpoint (and a Hugging Face GPTQ folder with ``--save-hf``), print a sample
+then write the orbax checkpoint from those saved blocks, a part at a time (``cli/output.py``;
+and a Hugging Face GPTQ folder with ``--save-hf``), print a sample
 generation, and write the ``--report`` JSON (and a PNG plot of the loss per layer beside it).
 Under ``jax.distributed`` every process feeds its share of the calibration samples and process 0
 writes the files.
@@ -71,37 +72,6 @@ def init_distributed(args) -> None:
     jax.distributed.initialize()
 
 
-def save_checkpoint(path: str, params, *, model_config, quant_config, tokenizer, extra) -> None:
-  """``checkpoint.save`` on one process. Under ``jax.distributed`` the orbax save is collective
-  (every process calls it; orbax's primary process writes the files and they meet at barriers),
-  and process 0 alone writes the tokenizer and moves the finished folder into place."""
-  import jax
-
-  from gptq_jax import checkpoint
-
-  if jax.process_count() == 1:
-    checkpoint.save(path, params, model_config=model_config, quant_config=quant_config,
-                    tokenizer=tokenizer, extra=extra)
-    return
-  import shutil
-
-  from jax.experimental import multihost_utils
-
-  path, primary = os.path.abspath(path), jax.process_index() == 0
-  tmp = path + ".saving"
-  if primary and os.path.exists(tmp):
-    shutil.rmtree(tmp)  # a save that was killed midway
-  multihost_utils.sync_global_devices("gptq_jax save: start")
-  meta = {"model_config": model_config.to_hf_dict(),  # as checkpoint.save writes it
-          "compute_dtype": getattr(model_config, "dtype", "float32"),
-          "quant_config": quant_config.to_dict(), **extra}
-  checkpoint.write_tree(os.path.join(tmp, "orbax"), 0, params, meta)
-  if primary and tokenizer is not None:
-    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    os.rename(tmp, path)
-  multihost_utils.sync_global_devices("gptq_jax save: done")
-
-
 SAMPLE_BEFORE_MAX_BYTES = 2 << 30  # the float sample needs the whole float model: small ones only
 
 
@@ -140,15 +110,6 @@ def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
           "quant_config": qc, "calibration": calibration_digest(samples)}
 
 
-def _host(tree):
-  """A pytree's arrays copied to host numpy (PackedWeight nodes kept): copies, so that no view
-  keeps a device buffer alive."""
-  import jax
-  import numpy as np
-
-  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
-
-
 def _breakdown(stats, eval_seconds: dict, timing: dict, total: float, nblocks: int,
                skipped: int) -> dict:
   """Where the run's time went (seconds per phase) and how many block forwards it ran."""
@@ -181,8 +142,8 @@ def run(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from gptq_jax import checkpoint, data, eval as evaluation
-  from gptq_jax.cli import report as report_lib
+  from gptq_jax import data, eval as evaluation
+  from gptq_jax.cli import output, report as report_lib
   from gptq_jax.cli.stream import EvalStream, ModelSource, StreamedRun, eval_windows
   from gptq_jax.models import load_tokenizer
   from gptq_jax.pipeline import quantize
@@ -243,8 +204,8 @@ def run(args) -> dict:
     _say(f"sample before: skipped (the float model is {nbytes / 2**30:.1f} GiB; only the "
          "quantized model's continuation is printed)")
 
-  done = {i: block for i, block, _ in state.completed()}
-  records = [r for _, _, recs in state.completed() for r in recs] if done else []
+  done = state.saved()  # each block read back from the resume state only when it is used
+  records = list(done.records)
   if done:
     _say(f"resuming after block {len(done) - 1} ({len(done)}/{model_config.num_hidden_layers} "
          "blocks already quantized)")
@@ -254,12 +215,10 @@ def run(args) -> dict:
     windows = eval_windows(eval_tokens, cfg.seqlen, args.eval_windows, bos)
     evals = tuple(EvalStream(ModelAdapter.for_config(model_config), embed_params, windows)
                   for _ in range(2))
-  host_blocks = dict(done)
-
-  def sink(i, block):
-    host_blocks[i] = _host(block)
-
-  adapter = StreamedRun(source, model_config, jnp.dtype(dtype), sink, done=done, evals=evals)
+  # Nothing of a finished block stays in memory: on_block_done saves it (the resume state), and
+  # the outputs are assembled from those saves (cli/output.py).
+  adapter = StreamedRun(source, model_config, jnp.dtype(dtype), lambda i, block: None, done=done,
+                        evals=evals)
   stats = PipelineStats(sync=args.breakdown)
   t_q = time.perf_counter()
   head_params = source.nonlayer(dtype) if cfg.lm_head else embed_params
@@ -286,24 +245,21 @@ def run(args) -> dict:
   timing["final norm, logits"] = time.perf_counter() - t0
   adapter_eval_seconds = adapter.eval_seconds
   del embed_params, evals, adapter
-  qparams = source.nonlayer_host(dtype)  # host copies, read once from the files
-  for i in range(model_config.num_hidden_layers):
-    qparams[f"layers_{i}"] = host_blocks.pop(i)
-  qparams.update(qhead)
   t0 = time.perf_counter()
-  save_checkpoint(args.output, qparams, model_config=model_config, quant_config=cfg,
-                  tokenizer=tokenizer, extra={"records": records})
+  output.save_checkpoint(args.output, source=source, dtype=dtype, blocks_dir=state.blocks_dir,
+                         qhead=qhead, model_config=model_config, quant_config=cfg,
+                         tokenizer=tokenizer, records=records)
   if pid == 0:
     state.finish()
   _say(f"saved {args.output}")
-  if args.save_hf and pid == 0:
-    from gptq_jax.interop import export_hf
-
+  if args.save_hf:  # every process reads (orbax's barriers), process 0 writes
     from gptq_jax.interop.calibration import describe_default
 
-    export_hf(args.save_hf, qparams, model_config, cfg, tokenizer=tokenizer,
-              calibration_source=None if cfg.dataset else describe_default(cfg.nsamples,
-                                                                             cfg.seqlen))
+    output.export_hf(args.save_hf, args.output, model_config=model_config, quant_config=cfg,
+                     tokenizer=tokenizer,
+                     calibration_source=None if cfg.dataset else describe_default(cfg.nsamples,
+                                                                                  cfg.seqlen),
+                     write=pid == 0)
     _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
   timing["write"] = time.perf_counter() - t0
   if eval_tokens is not None and pid == 0:
@@ -311,10 +267,10 @@ def run(args) -> dict:
     print(f"perplexity on held-out text ({len(windows)} windows of {cfg.seqlen} tokens"
           f"{', each starting with <bos>' if bos is not None else ''}): "
           f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
+  qparams = output.load_for_sample(args.output) if args.sample_prompt else None  # collective
   if args.sample_prompt and pid == 0:
     t0 = time.perf_counter()
-    result["sample"] = _sample(evaluation, jax.device_put(qparams), model_config, tokenizer,
-                               args.sample_prompt)
+    result["sample"] = _sample(evaluation, qparams, model_config, tokenizer, args.sample_prompt)
     timing["sample_after"] = time.perf_counter() - t0
     print(f"sample generation (greedy, {SAMPLE_TOKENS} tokens at most) of {args.sample_prompt!r}:"
           f"\n  float:     {result.get('sample_before')!r}\n  quantized: {result['sample']!r}",

@@ -4,8 +4,9 @@
 dequantized one at a time) and reads one decoder block, or the embedding, on demand.
 ``StreamedRun`` is the ``DecoderAdapter`` the driver quantizes through: ``get_block(i)`` reads
 block ``i`` from the source (the memory maps are closed again right after, so no page stays
-resident), ``set_block(i, q)`` hands the quantized block to the run's sink (saved for resume at
-once, kept on the host packed) and keeps nothing on the devices. When perplexity is wanted, two
+resident), ``set_block(i, q)`` hands the quantized block to the run's sink and keeps nothing (the
+driver's ``on_block_done`` saves it for resume at once; the outputs are assembled from those
+saves, ``cli/output.py``). When perplexity is wanted, two
 ``EvalStream``s ride along: the held-out windows carried through each float block as it is read
 (before) and through each quantized block as it is done (after), so the before / after perplexity
 needs no second pass over the weights and never the whole model on a device.
@@ -88,7 +89,7 @@ class ModelSource:
              s[0][0] in only]
     return self._read(specs, dtype)
 
-  def nonlayer_host(self, dtype: Any) -> dict:
+  def nonlayer_host(self, dtype: Any, only: tuple[str, ...] | None = None) -> dict:
     """``nonlayer`` as host numpy arrays (what the checkpoint stores), each tensor copied once."""
     import ml_dtypes  # noqa: F401,PLC0415 (bfloat16 for numpy)
 
@@ -96,6 +97,8 @@ class ModelSource:
     np_dtype = np.dtype(jnp.dtype(dtype))
     try:
       for path, name, shape in hf_lib.nonlayer_tensor_specs(self.config):
+        if only is not None and path[0] not in only:
+          continue
         value = self.ckpt.get(name, shape)
         value = np.array(value.T if path[-1] == "kernel" else value, dtype=np_dtype, order="C")
         node = out
@@ -188,6 +191,18 @@ def eval_windows(tokens: np.ndarray, seqlen: int, max_windows: int,
 
 # ----- the adapter the driver quantizes through -------------------------------------------------
 
+def _trim_heap() -> None:
+  """glibc's ``malloc_trim(0)``: return the free pages inside the heap to the system (freed
+  blocks' buffers otherwise stay resident, fragmented between live allocations). No-op
+  elsewhere."""
+  try:
+    import ctypes  # noqa: PLC0415
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 Sink = Callable[[int, Any], None]
 
 
@@ -229,6 +244,7 @@ class StreamedRun(ModelAdapter):
                         is_leaf=quantized)
 
   def get_block(self, params, i):
+    _trim_heap()  # the previous block's buffers are free: give their pages back first
     if self.release_embedding and "embed_tokens" in params:
       # The calibration and evaluation windows are embedded once, before block 0: the embedding
       # is not needed on the devices after that (the driver's params are this dict).

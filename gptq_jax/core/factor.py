@@ -1,12 +1,15 @@
-"""The inverse-Hessian factor GPTQ's column loop needs (``core/gptq.py``, ``core/shared.py``):
-``U``, the upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, with GPTQ's damping
-escalation, and the single-threaded LAPACK it runs under on CPU.
+"""The inverse-Hessian factor of GPTQ: ``U`` with ``(H + damp I)^-1 = U^T U`` (U upper triangular).
+
+One Cholesky factorization of the index-reversed damped H and one triangular inverse (recursive
+2x2 blocking, matmuls), with automatic damping escalation (``factorize``). LAPACK runs with one
+BLAS thread on CPU (``_lapack_single_threaded``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +33,7 @@ def _upper_inverse(R):
   return jnp.block([[Ai, X], [jnp.zeros((n - h, h), R.dtype), Ci]])
 
 
-@jax.jit
-def _inverse_factor(H, damp):
+def _inverse_factor_impl(H, damp):
   """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (H^-1 = U^T U); NaN if not PD.
 
   The references factorize, invert and factorize again. With ``Hd = R R^T``, ``R`` upper
@@ -43,6 +45,10 @@ def _inverse_factor(H, damp):
   R = jnp.linalg.cholesky(Hd[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]
   U = _upper_inverse(R)
   return U, jnp.all(jnp.isfinite(U))
+
+
+_inverse_factor = jax.jit(_inverse_factor_impl)
+_inverse_factor_donated = jax.jit(_inverse_factor_impl, donate_argnums=0)
 
 
 _lapack_loaded = False
@@ -68,15 +74,22 @@ def _lapack_single_threaded():
   return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
-def factorize(Hp, cfg: GPTQConfig, name: str = "layer"):
+def factorize(Hp, cfg: GPTQConfig, name: str = "layer", rebuild: Callable[[], Any] | None = None):
   """U for the first damping in ``damp_percent + j * damp_auto_increment < 1`` that works.
 
+  With ``rebuild`` (a function that makes ``Hp`` again), ``Hp`` is donated to the factorization
+  (its ``[n, n]`` buffer reused: one fewer alive at the peak; the caller must not use it after)
+  and made again by ``rebuild()`` only when a larger damping has to be tried.
   Returns ``(U, damp)``, or ``(None, damp)`` when every damping failed.
   """
   damp = cfg.damp_percent
   while True:
     with _lapack_single_threaded():
-      U, ok = _inverse_factor(Hp, jnp.float32(damp))
+      if rebuild is None:
+        U, ok = _inverse_factor(Hp, jnp.float32(damp))
+      else:
+        U, ok = _inverse_factor_donated(Hp if Hp is not None else rebuild(), jnp.float32(damp))
+        Hp = None
       ok = bool(ok)  # waits for the factorization inside the thread limit
     if ok:
       if damp != cfg.damp_percent:

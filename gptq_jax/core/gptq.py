@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import gptaq, quantizer
-from gptq_jax.core.factor import factorize
+from gptq_jax.core.factor import _inverse_factor, _lapack_single_threaded, factorize  # noqa: F401
 from gptq_jax.core.weights import QuantizedWeight
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -158,8 +158,10 @@ def _column_grids(st: _Static, i1, Wt, u_diag, perm, carry, grids0, sgrids, cols
 
 @functools.partial(jax.jit, static_argnums=5)
 def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
-  """The column loop. Returns codes, scales and zeros per processed column, and the loss of
-  each row ``[rows]`` (rows are independent: several layers sharing H can be solved as one).
+  """The column loop. Returns the codes per processed column ``[cols, rows]``, the grid of each
+  group ``[groups, rows]`` (scales, zeros; group ``g`` starts at processed column ``g *
+  group_size``: only the group starts' grids are kept, not one per column) and the loss of each
+  row ``[rows]`` (rows are independent: several layers sharing H can be solved as one).
 
   With GPTAQ's correction ``P``, the loop also applies the steps of ``core/gptaq.py``.
 
@@ -174,17 +176,27 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
   cp = nblocks * B
   slack = 2 * gs if gs > 0 else 0  # lets group slices near the end stay in bounds
   Wt = jnp.pad(Wp, ((0, cp - cols + slack), (0, 0)))
-  Up = jnp.pad(U, ((0, cp - cols), (0, cp - cols))) + jnp.diag(
-      (jnp.arange(cp) >= cols).astype(jnp.float32))
+  Up = U if cp == cols else jnp.pad(U, ((0, cp - cols), (0, cp - cols))) + jnp.diag(
+      (jnp.arange(cp) >= cols).astype(jnp.float32))  # no [cols, cols] copy when none is padded
   sub = _SUB if B % _SUB == 0 else B
   u_diag = jnp.pad(jnp.diag(Up), (0, slack), constant_values=1.0)  # [cp + slack]
   with_p = P is not None
   Pp = jnp.pad(P, ((0, cp - cols), (0, cp - cols))) if with_p else None
+  gsx = cols if gs == -1 else gs  # processed columns 0, gsx, 2 gsx, ... start the groups
+  groups, per_block = -(-cols // gsx), -(-B // gsx)  # at most per_block group starts per block
+
+  def keep_group_grids(S, Z, i1, s_blk, z_blk):
+    starts = (i1 + gsx - 1) // gsx * gsx + gsx * jnp.arange(per_block)
+    g = jnp.where((starts < i1 + B) & (starts < cols), starts // gsx, groups)  # groups: dropped
+    at = jnp.clip(starts - i1, 0, B - 1)
+    return (S.at[g].set(s_blk[at], mode="drop"),
+            Z.at[g].set(z_blk[at].astype(jnp.int32), mode="drop"))
 
   def block(carry, b):
-    Wt, grid_carry, loss = carry
+    Wt, grid_carry, loss, S, Z = carry
     i1 = b * B
     s_blk, z_blk = _column_grids(st, i1, Wt, u_diag, perm, grid_carry, grids0, sgrids, cols)
+    S, Z = keep_group_grids(S, Z, i1, s_blk, z_blk)
     W1 = jax.lax.dynamic_slice(Wt, (i1, 0), (B, rows))
     U1 = jax.lax.dynamic_slice(Up, (i1, i1), (B, B))
     P1 = jax.lax.dynamic_slice(Pp, (i1, i1), (B, B)) if with_p else None
@@ -235,18 +247,18 @@ def _gptq_blocks(Wp, U, perm, grids0, sgrids, st: _Static, P=None):
       return jax.lax.dynamic_update_slice(Wt, Wc, (j, 0))
 
     Wt = jax.lax.fori_loop(0, nblocks - 1 - b, lazy, Wt)
-    out = (Q1.astype(jnp.uint8), s_blk, z_blk.astype(jnp.int32))
-    return (Wt, (s_blk[-1], z_blk[-1]), loss), out
+    return (Wt, (s_blk[-1], z_blk[-1]), loss, S, Z), Q1.astype(jnp.uint8)
 
-  init = (Wt, grids0, jnp.zeros((rows,), jnp.float32))
-  (_, _, loss), (q, s, z) = jax.lax.scan(block, init, jnp.arange(nblocks))
-  flat = lambda a: a.reshape(cp, rows)[:cols]
-  return flat(q), flat(s), flat(z), loss
+  init = (Wt, grids0, jnp.zeros((rows,), jnp.float32), jnp.zeros((groups, rows), jnp.float32),
+          jnp.zeros((groups, rows), jnp.int32))
+  (_, _, loss, S, Z), q = jax.lax.scan(block, init, jnp.arange(nblocks))
+  return q.reshape(cp, rows)[:cols], S, Z, loss
 
 
 @functools.partial(jax.jit, static_argnums=5)
-def _assemble(q, s, z, perm, sgrids, st: _Static):
-  """Undo the column order; collect one grid per group in the stored group order; build g_idx."""
+def _assemble(q, S, Z, perm, sgrids, st: _Static):
+  """Undo the column order; put the grids of the processed groups (``S``, ``Z`` ``[groups,
+  rows]``, from ``_gptq_blocks``) in the stored group order; build g_idx."""
   cols = q.shape[0]
   gs = cols if st.group_size == -1 else st.group_size
   groups = -(-cols // gs)
@@ -260,8 +272,8 @@ def _assemble(q, s, z, perm, sgrids, st: _Static):
     slot = perm[starts] // gs  # the natural group each processed group consists of
   else:
     slot = jnp.arange(groups)
-  scales = jnp.zeros((groups, q.shape[1]), s.dtype).at[slot].set(s[starts])
-  zeros = jnp.zeros((groups, q.shape[1]), jnp.int32).at[slot].set(z[starts])
+  scales = jnp.zeros((groups, q.shape[1]), S.dtype).at[slot].set(S)
+  zeros = jnp.zeros((groups, q.shape[1]), jnp.int32).at[slot].set(Z)
   g_idx = natural_gidx[inv] if st.order == "desc" else natural_gidx
   return codes, scales, zeros, g_idx
 
@@ -310,7 +322,9 @@ def quantize_weight(kernel, hessian, cfg: GPTQConfig, *, return_info: bool = Fal
   cross = gptaq.check_cross(cfg, cross, hessian, name)  # None unless cfg.gptaq
   st = _static_of(cfg)
   Wp, Hp, Cp, perm = _prepare(kernel, hessian, st, cross)
-  U, damp = factorize(Hp, cfg, name)
+  # Hp is consumed (donated) by the factorization; made again only if a damping retry needs it
+  U, damp = factorize(Hp, cfg, name, rebuild=lambda: _prepare(kernel, hessian, st, cross)[1])
+  del Hp
   if U is None:
     warnings.warn(f"GPTQ {name}: the Hessian is not positive definite for any damp_percent < 1 "
                   f"(tried {cfg.damp_percent} upward in steps of {cfg.damp_auto_increment}); "

@@ -51,8 +51,11 @@ def quantize_shared(kernels: Sequence, hessian, cfg: GPTQConfig, names: Sequence
   joint = "+".join(names)
   st = gptq._static_of(cfg)
   prepared = gptq._prepare(kernel, hessian, st)  # (Wp, Hp[, cross], perm)
-  Wp, Hp, perm = prepared[0], prepared[1], prepared[-1]
-  U, damp = factor.factorize(Hp, cfg, joint)
+  Wp, perm = prepared[0], prepared[-1]
+  Hp = prepared[1]
+  del prepared  # Hp is donated to the factorization (made again only for a damping retry)
+  U, damp = factor.factorize(Hp, cfg, joint, rebuild=lambda: gptq._prepare(kernel, hessian, st)[1])
+  del Hp
   if U is None:
     warnings.warn(f"GPTQ {joint}: the Hessian is not positive definite for any damp_percent < 1; "
                   "these layers fall back to round-to-nearest", UserWarning, stacklevel=2)

@@ -49,6 +49,7 @@ class HessianCapture:
     self.targets = targets
     self.alias: dict[LinearPath, LinearPath] = {}  # path -> the path whose Hessian it shares
     self.states: dict[LinearPath, hessian.HessianState] | None = None
+    self._final: dict[LinearPath, jax.Array] = {}  # H of each input, once finalized
 
     def local(block_params, hidden, ctx, mask):
       reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets)
@@ -76,6 +77,7 @@ class HessianCapture:
   def reset(self) -> None:
     """Forget the sums (the compiled step stays: every block of a model has the same shapes)."""
     self.states = None
+    self._final: dict[LinearPath, jax.Array] = {}
 
   def add(self, block_params: Any, hidden: jax.Array, ctx: Any, mask: jax.Array) -> None:
     block_params = self._replicate(block_params)
@@ -86,11 +88,19 @@ class HessianCapture:
 
   def hessian(self, path: LinearPath) -> jax.Array:
     """The finalized H on one local device (the solver runs there; a replicated H would make it
-    compile again for that sharding)."""
-    h = hessian.finalize(self.states[self.alias[path]])
-    # H is replicated: take this process's first copy as a plain single-device array (with
-    # jax.distributed the global array is not addressable as a whole).
-    return jax.device_put(h.addressable_data(0), jax.local_devices()[0])
+    compile again for that sharding). The running sum is dropped once H is made from it (no
+    more ``add`` until ``reset``): one copy of each H is alive, not two."""
+    rep = self.alias[path]
+    if rep not in self._final:
+      h = hessian.finalize(self.states.pop(rep))
+      # H is replicated: take this process's first copy as a plain single-device array (with
+      # jax.distributed the global array is not addressable as a whole).
+      self._final[rep] = jax.device_put(h.addressable_data(0), jax.local_devices()[0])
+    return self._final[rep]
+
+  def release(self, path: LinearPath) -> None:
+    """Drop the finalized H of ``path``'s input (its solves are done)."""
+    self._final.pop(self.alias.get(path, path), None)
 
 
 def block_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: str = "data"):

@@ -134,7 +134,9 @@ def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: 
                        "folder, a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
     if configs[k] is None:  # a "-:" rule
       records.append({"block": i, "layer": names[k], "shape": list(kernel.shape), "skipped": True})
-  for ks in _solve_sets(capture, group, names, configs):
+  sets = _solve_sets(capture, group, names, configs)
+  rep = lambda k: capture.alias.get(group[k], group[k])  # noqa: E731 (whose H layer k reads)
+  for n_set, ks in enumerate(sets):
     t0 = time.perf_counter()
     kernels = [get_path(block, group[k])["kernel"] for k in ks]
     c0 = configs[ks[0]]
@@ -144,6 +146,9 @@ def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: 
                                  name=names[ks[0]], cross=capture.cross(path0))]
     else:
       results = solve_shared(kernels, capture.hessian(group[ks[0]]), c0, [names[k] for k in ks])
+      if hasattr(capture, "release") and all(rep(k) != rep(ks[0]) for later in sets[n_set + 1:]
+                                             for k in later):
+        capture.release(group[ks[0]])  # no later solve reads this H: free it now
     seconds = (time.perf_counter() - t0) / len(ks)
     for k, kernel, (qw, info) in zip(ks, kernels, results):
       path, c = group[k], configs[k]
@@ -262,6 +267,9 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
       if on_block_done is not None:
         on_block_done(i, block, records)
         st.mark("write blocks", t)
+    # nothing of block i stays referenced while block i + 1 is read (a streamed model holds
+    # one block's weights at a time)
+    block = work = float_work = None
   if cfg.lm_head:  # after the last block, on the final norm's outputs (pipeline/dynamic.py)
     params = dynamic.quantize_lm_head(adapter.config, params, stream.hidden, stream.masks, cfg,
                                       report)

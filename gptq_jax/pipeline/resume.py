@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -102,6 +103,20 @@ class ResumableRun:
       out.append((i, tree, meta.get("records", [])))
     return out
 
+  def saved(self) -> "SavedBlocks":
+    """``completed()`` without reading the blocks: a mapping ``i -> block`` that reads block
+    ``i`` from disk each time it is asked for (nothing held in memory), and the records."""
+    if not self.resuming:
+      return SavedBlocks(self.blocks_dir, 0, [])
+    n = 0
+    for i in checkpoint.steps(self.blocks_dir):
+      if i != n:
+        break
+      n += 1
+    records = [r for i in range(n) for r in checkpoint.read_meta(self.blocks_dir, i).get(
+        "records", [])]
+    return SavedBlocks(self.blocks_dir, n, records)
+
   def save_block(self, i: int, block: Any, records: list[dict]) -> None:
     if not os.path.exists(self.fp_file) and jax.process_index() == 0:
       # first save: the fingerprint goes first, atomically (one writer under jax.distributed;
@@ -115,3 +130,21 @@ class ResumableRun:
 
   def finish(self) -> None:
     shutil.rmtree(self.partial, ignore_errors=True)
+
+
+class SavedBlocks(Mapping):
+  """Blocks ``0 .. count - 1`` of an interrupted run, read from ``blocks_dir`` on access."""
+
+  def __init__(self, blocks_dir: str, count: int, records: list[dict]):
+    self.blocks_dir, self.count, self.records = blocks_dir, count, records
+
+  def __getitem__(self, i: int) -> Any:
+    if not (isinstance(i, int) and 0 <= i < self.count):
+      raise KeyError(i)
+    return checkpoint.read_tree(self.blocks_dir, i)[0]
+
+  def __iter__(self):
+    return iter(range(self.count))
+
+  def __len__(self) -> int:
+    return self.count

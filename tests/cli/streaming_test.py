@@ -22,10 +22,13 @@ from tests.cli.quantize_test import full_run  # noqa: F401 (the float32 run, a m
 EVAL_WINDOWS = 3
 
 
-def _device_bytes() -> dict:
-  """Bytes of live device arrays per device (a replicated array counts on every device)."""
+def _device_bytes(before: frozenset = frozenset()) -> dict:
+  """Bytes of live device arrays per device (a replicated array counts on every device), except
+  the arrays whose ids are in ``before`` (alive before the run: other tests' fixtures)."""
   out: dict = {}
   for x in jax.live_arrays():
+    if id(x) in before:
+      continue
     for shard in x.addressable_shards:
       out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
   return out
@@ -37,11 +40,14 @@ def bf16_run(tiny_hf_dir, tmp_path_factory):
   from gptq_jax.pipeline import driver
 
   samples = []
-  baseline = _device_bytes()
+  # Only the arrays the run creates are counted: whatever earlier tests left alive is excluded
+  # by id (and kept referenced until the run ends, so that no id is reused by a new array).
+  earlier = jax.live_arrays()
+  before = frozenset(id(x) for x in earlier)
 
   def sample(where):
-    now = _device_bytes()
-    samples.append((where, max(now.get(d, 0) - baseline.get(d, 0) for d in now)))
+    now = _device_bytes(before)
+    samples.append((where, max(now.values(), default=0)))
 
   mp = pytest.MonkeyPatch()
   get_block, set_block = stream.StreamedRun.get_block, stream.StreamedRun.set_block
@@ -62,6 +68,7 @@ def bf16_run(tiny_hf_dir, tmp_path_factory):
     assert main(args) == 0
   finally:
     mp.undo()
+  del earlier
   return out, samples
 
 

@@ -1,0 +1,130 @@
+"""A checkpoint written piece by piece: large subtrees stored as their own orbax steps.
+
+``checkpoint.save`` writes the whole parameter tree in one orbax save, which holds the tree (and
+orbax's serialization buffers, about as much again) in host memory at once. For a model that
+never fits in memory whole (the streamed CLI), ``PartsWriter`` writes the same checkpoint folder
+a subtree at a time:
+
+    <path>/orbax/0/           params: what is left (the final norm, a packed lm_head, ...);
+                              meta: the configs, and ``parts``: {top-level key: [folder, step,
+                              SHA-256 of that step's checksum table]}
+    <path>/blocks/<i>/        the decoder blocks, one orbax step each: linked (hard links, else
+                              copies) from the resume state's per-block saves, never re-read
+    <path>/nonlayer/<k>/      other large subtrees (the float embedding, lm_head), one each
+
+``read_parts`` puts the parts back in place when the checkpoint is read (``checkpoint.read``):
+the reloaded tree is the tree a single save would have written. Every step has its own checksum
+table (``integrity.py``) and the top step records each part's table's digest, so a part that is
+missing, damaged or swapped for another run's is named on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from typing import Any
+
+import jax
+
+from gptq_jax.integrity import CHECKSUMS, DamagedFileError
+
+PARTS = "parts"  # the meta key
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _table_digest(step_dir: str) -> str:
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.isfile(path):
+    raise DamagedFileError(step_dir, "missing checkpoint part (no checksum table)")
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _link_tree(src: str, dst: str) -> None:
+  """``dst`` as a copy of the folder ``src`` made of hard links (a copy where links fail)."""
+  def link(a, b):
+    try:
+      os.link(a, b)
+    except OSError:
+      shutil.copy2(a, b)
+
+  shutil.copytree(src, dst, copy_function=link)
+
+
+class PartsWriter:
+  """Writes a checkpoint folder at ``path`` a part at a time; ``finish`` makes it appear.
+
+  Under ``jax.distributed`` every process calls every method (the orbax saves are collective);
+  process 0 alone links, writes the tokenizer and renames.
+  """
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(path)
+    if os.path.exists(self.path):
+      raise FileExistsError(f"{self.path!r} already exists: choose another output folder "
+                            "(nothing was overwritten)")
+    self.tmp = self.path + ".saving"
+    self.primary = jax.process_index() == 0
+    if self.primary:
+      if os.path.exists(self.tmp):
+        shutil.rmtree(self.tmp)  # a save that was killed midway: never a finished checkpoint
+      os.makedirs(self.tmp)
+    _sync("gptq_jax parts: start")
+    self.parts: dict[str, list] = {}
+
+  def add(self, key: str, tree: Any) -> None:
+    """Save ``tree`` as the top-level subtree ``key`` (its own step under ``nonlayer/``)."""
+    from gptq_jax.checkpoint import write_tree  # noqa: PLC0415
+
+    step = sum(1 for v in self.parts.values() if v[0] == "nonlayer")
+    write_tree(os.path.join(self.tmp, "nonlayer"), step, {key: tree}, {"key": key})
+    self.parts[key] = ["nonlayer", step]
+
+  def link_blocks(self, blocks_dir: str, keys: dict[str, int]) -> None:
+    """Take finished steps of another orbax manager (``{top-level key: step}``), e.g. the resume
+    state's per-block saves, as parts: linked, not read."""
+    for key, step in keys.items():
+      if self.primary:
+        _link_tree(os.path.join(blocks_dir, str(step)), os.path.join(self.tmp, "blocks", str(step)))
+      self.parts[key] = ["blocks", step, None]
+    _sync("gptq_jax parts: linked")
+
+  def finish(self, rest: Any, meta: dict, tokenizer: Any = None) -> str:
+    """Write ``rest`` (the tree without the parts) and ``meta`` as the top step; move into place."""
+    from gptq_jax.checkpoint import write_tree  # noqa: PLC0415
+
+    parts = {}
+    for key, (folder, step, *_) in self.parts.items():
+      step_dir = os.path.join(self.tmp, folder, str(step))
+      parts[key] = [folder, step, _table_digest(step_dir)]
+    write_tree(os.path.join(self.tmp, "orbax"), 0, rest, {**meta, PARTS: parts})
+    if self.primary:
+      if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(self.tmp, "tokenizer"))
+      os.rename(self.tmp, self.path)
+    _sync("gptq_jax parts: done")
+    return self.path
+
+
+def read_parts(folder: str, params: dict, meta: dict) -> dict:
+  """``params`` (the top step's tree) with every part of ``meta`` read back into place."""
+  from gptq_jax.checkpoint import read_tree  # noqa: PLC0415
+
+  for key, (sub, step, digest) in sorted(meta.get(PARTS, {}).items()):
+    step_dir = os.path.join(folder, sub, str(step))
+    if not os.path.isdir(step_dir):
+      raise DamagedFileError(step_dir, f"missing checkpoint part ({key}, listed in the "
+                             "checkpoint's meta)")
+    if _table_digest(step_dir) != digest:
+      raise DamagedFileError(step_dir, f"checkpoint part {key} is not the one this checkpoint "
+                             "was saved with (its checksum table changed)")
+    tree, _ = read_tree(os.path.join(folder, sub), step)
+    params[key] = tree[key] if sub == "nonlayer" else tree
+  return params
