@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import gptaq, quantizer
-from gptq_jax.core.factor import _inverse_factor, _lapack_single_threaded, factorize  # noqa: F401
+from gptq_jax.core.factor import factorize
 from gptq_jax.core.weights import QuantizedWeight
 
 HIGHEST = jax.lax.Precision.HIGHEST
