@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.core.reference_gptq import F32, Quantizer, prepare
+from tests.core.reference_gptq import F32, Quantizer, assemble, prepare
 
 
 def fasterquant_gptaq(kernel, H, dXXT, *, bits, alpha=0.25, group_size=128, sym=True,
@@ -59,16 +59,4 @@ def fasterquant_gptaq(kernel, H, dXXT, *, bits, alpha=0.25, group_size=128, sym=
       Err1[:, i] = err1
     W[:, i2:] -= (Err1 @ U[i1:i2, i2:] - W1 @ P[i1:i2, i2:]).astype(F32)
 
-  inv = np.argsort(perm)
-  codes = Q[:, inv]
-  gsz = cols if gs == -1 else gs
-  ngroups = -(-cols // gsz)
-  scale = np.zeros((ngroups, rows), F32)
-  zero = np.zeros((ngroups, rows), F32)
-  g_idx = np.zeros(cols, np.int64)
-  for j in range(cols):
-    col = perm[j]
-    g = col // gsz if (static_groups or not actorder) else j // gsz
-    g_idx[col] = g
-    scale[g], zero[g] = used[j]
-  return codes, scale, zero, g_idx, float(loss)
+  return (*assemble(Q, used, perm, cols, rows, gs, actorder, static_groups), float(loss))

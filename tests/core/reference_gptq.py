@@ -154,6 +154,12 @@ def fasterquant(kernel, H, *, bits, group_size=128, sym=True, percdamp=0.1, bloc
       Err1[:, i] = err1
     W[:, i2:] -= (Err1 @ U[i1:i2, i2:]).astype(F32)
 
+  return (*assemble(Q, used, perm, cols, rows, gs, actorder, static_groups), float(loss))
+
+
+def assemble(Q, used, perm, cols, rows, gs, actorder, static_groups):
+  """Processed-order codes ``Q [rows, cols]`` and per-column grids ``used`` -> (codes in the
+  original column order, scale, zero ``[groups, rows]``, g_idx)."""
   inv = np.argsort(perm)
   codes = Q[:, inv]
   gsz = cols if gs == -1 else gs
@@ -169,7 +175,7 @@ def fasterquant(kernel, H, *, bits, group_size=128, sym=True, percdamp=0.1, bloc
       g = j // gsz
     g_idx[col] = g
     scale[g], zero[g] = used[j]
-  return codes, scale, zero, g_idx, float(loss)
+  return codes, scale, zero, g_idx
 
 
 def dequantize(codes, scale, zero, g_idx):
