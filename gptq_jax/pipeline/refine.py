@@ -93,15 +93,19 @@ def _ste_round(x):
 
 
 def _frozen(qw: QuantizedWeight, w_float) -> dict[str, jax.Array]:
+  groups = qw.scales.shape[0]
   return {"codes": qw.codes.astype(jnp.float32), "scales": qw.scales.astype(jnp.float32),
-          "zeros": qw.zeros.astype(jnp.float32), "g_idx": qw.g_idx, "w": w_float}
+          "zeros": qw.zeros.astype(jnp.float32), "g_idx": qw.g_idx, "w": w_float,
+          "onehot": (qw.g_idx[:, None] == jnp.arange(groups)).astype(jnp.float32)}
 
 
 def _grid(theta_p, frozen_p):
-  """Per-row scale and zero, ``[in, out]`` each, for the current parameters."""
+  """Per-row scale and zero, ``[in, out]`` each, for the current parameters. The scales' rows are
+  picked by a one-hot matmul (exact: one nonzero term per sum), whose gradient is a matmul too;
+  a gather's gradient is a scatter-add, slow on CPU."""
   s = frozen_p["scales"] * jnp.exp(theta_p["log_scale"])  # [groups, out]
-  return jnp.take(s, frozen_p["g_idx"], axis=0), jnp.take(frozen_p["zeros"], frozen_p["g_idx"],
-                                                           axis=0)
+  rows = jnp.matmul(frozen_p["onehot"], s, precision=HIGHEST)
+  return rows, jnp.take(frozen_p["zeros"], frozen_p["g_idx"], axis=0)
 
 
 def _codes(theta_p, frozen_p, st: _Static, ste: bool):
