@@ -8,7 +8,7 @@ import pytest
 import gptq_jax as gj
 from gptq_jax import checkpoint
 from gptq_jax.models import block_forward, default_positions, embed
-from gptq_jax.pipeline import LLAMA_GROUPS, LlamaAdapter, dense_block, quantize
+from gptq_jax.pipeline import LLAMA_GROUPS, LlamaAdapter, dense_block, quantize, rtn_model
 from gptq_jax.pipeline.refine import refine_block
 
 PATHS = sum(LLAMA_GROUPS, ())
@@ -221,3 +221,25 @@ def test_smollm2_refinement_lowers_heldout_perplexity(smollm2, smollm2_tokenizer
       assert any(r["refine_kept"] for r in report)
   float_ppl = evaluation.perplexity(params, cfg, heldout, seqlen=256, max_windows=6, batch_size=6)
   assert float_ppl < ppl[30] < ppl[0], (float_ppl, ppl)
+
+
+def test_refining_a_second_block_of_the_same_type_compiles_nothing(tiny):
+  """Every program refinement runs (the loop, the targets' block run, the measure, the final codes)
+  is compiled for the first block of a layer type and reused by the next one."""
+  cfg, params, batches = tiny
+  qcfg = gj.GPTQConfig(4, group_size=32, refine_steps=2)
+  q = rtn_model(params, qcfg, model_config=cfg)  # packed kernels, as GPTQ's (refinement's input)
+  h, pos, mask = _inputs(cfg, params, batches[:1])[0]
+  ctx = {"positions": pos, "attention_mask": mask}
+  adapter = LlamaAdapter.for_config(cfg)
+  compiles = []
+  for i in range(2):
+    if i == 1:
+      jax.monitoring.register_event_duration_secs_listener(
+          lambda event, secs, **kw: compiles.append(event)
+          if event == "/jax/core/compile/backend_compile_duration" else None)
+    try:
+      refine_block(adapter, params[f"layers_{i}"], q[f"layers_{i}"], h, ctx, mask, qcfg, index=i)
+    finally:
+      jax.monitoring.clear_event_listeners()
+  assert compiles == []
