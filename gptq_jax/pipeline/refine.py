@@ -149,7 +149,8 @@ def _block_sq_err(adapter, block, kernels, h, ctx, mask, y, w_float=None):
 
 @functools.lru_cache(maxsize=16)
 def _compiled(adapter: DecoderAdapter, st: _Static):
-  """(train, evaluate) jitted for one adapter and setting; reused by every block of a model."""
+  """(train, evaluate, the block run for the targets, the final codes), jitted for one adapter
+  (layer type) and setting; reused by every block of that type."""
   scale_opt = optax.adam(optax.linear_schedule(st.lr, 0.0, st.steps))
   round_opt = optax.sign_sgd(optax.linear_schedule(2.0 / st.steps, 0.0, st.steps))
   every = max(1, st.steps // st.checks)
