@@ -275,7 +275,8 @@ def main() -> None:
   ap.add_argument("--eval-windows", type=int, default=40)
   ap.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
   ap.add_argument("--ours", default="nat,gar,act+mse_h,act+mse_h+refine,nat+gptaq,gptaq,"
-                  "act+mse_h+gptaq,rot,rot+gptaq,rot+act+mse_h+gptaq,rot+act+mse_h+refine")
+                  "act+mse_h+gptaq,rot,rot+gptaq,rot+act+mse_h+gptaq,rot+act+mse_h+refine,"
+                  "rot+act+mse_h+gptaq+refine")
   ap.add_argument("--theirs", default="nat,gar,act+mse,gptaq")
   ap.add_argument("--refine-steps", type=int, default=32)
   ap.add_argument("--no-baseline", action="store_true")
