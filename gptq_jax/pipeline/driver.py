@@ -150,7 +150,7 @@ def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: 
                                  name=names[ks[0]], cross=capture.cross(path0))]
     else:
       results = solve_shared(kernels, capture.hessian(group[ks[0]]), c0, [names[k] for k in ks],
-                             mesh=spread)
+                             **({} if spread is None else {"mesh": spread}))
       if hasattr(capture, "release") and all(rep(k) != rep(ks[0]) for later in sets[n_set + 1:]
                                              for k in later):
         capture.release(group[ks[0]])  # no later solve reads this H: free it now

@@ -16,7 +16,8 @@ The first subset's input is never kept (only norms precede it). A subset is kept
 (all micro-batches, per device) fit the budget left by the earlier kept subsets; otherwise its
 input is recomputed, as before. The budget (``quantize(..., stash_bytes=)``): by default half of a
 device's free memory where the device reports it (TPU, GPU), else half of the host's available
-memory shared among the local devices (CPU), taken once per run; 0 turns keeping off. The plan
+memory shared among the local devices (CPU), taken once per run (under ``jax.distributed`` the
+smallest over the processes, so that all run the same programs); 0 turns keeping off. The plan
 (which subsets are kept, how many bytes) is decided at the first quantized block and reported in
 ``PipelineStats`` and the CLI's breakdown. GPTAQ keeps nothing (its passes also run the float
 block); with block refinement the propagation recomputes the block (refinement changes every
@@ -35,6 +36,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from jax._src import core as jax_core
 from jax._src.interpreters import partial_eval as pe
 
@@ -69,6 +71,10 @@ class StashPlan:
 
   def __init__(self, budget: int | None, mesh, ndevices: int):
     self.budget = default_budget(mesh) if budget is None else int(budget)
+    if jax.process_count() > 1:  # every process must run the same programs: the smallest budget
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      self.budget = int(multihost_utils.process_allgather(np.int64(self.budget)).min())
     self.ndevices = ndevices
     self.keep: dict[int, bool] = {}  # subset index -> kept
     self.bytes: dict[int, int] = {}  # subset index -> bytes per device (all micro-batches)
