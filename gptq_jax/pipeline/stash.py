@@ -137,6 +137,8 @@ def forward_work(adapter, block_params, hidden, ctx, targets=None, given=None) -
   key = (adapter, targets, tuple(sorted(given)),
          _shape_key((block_params, hidden, ctx, given)))
   if key not in _work_cache:
+    if len(_work_cache) >= 256:  # bounded like the compiled-step caches (it holds adapters)
+      _work_cache.clear()
     if targets is None:
       fn = functools.partial(run_given, adapter)
     else:
