@@ -24,8 +24,8 @@ Each side runs in its own process so its wall time and peak RSS are its own:
 With `--cli`, the whole `scripts/quantize_llama.py` process (start, load, calibration, quantize,
 orbax checkpoint and `--save-hf` folder; no evaluation, no sample) is timed from outside against
 GPTQModel's load + quantize + save, and the CLI's `--breakdown` is printed: seconds per phase
-(embedding, reads, Hessian passes, solves, propagation, writes, compilation) and the block forwards
-per block against the true-sequential minimum. With `--cli-only --repeat N` the two processes
+(embedding, reads, Hessian passes, solves, propagation, writes, compilation) and the work of the
+passes per block, as matmul FLOPs in block forwards (1 = every matmul of a block once). With `--cli-only --repeat N` the two processes
 alternate N times (GPTQModel, ours, GPTQModel, ours, ...) and each round's ratio, the load average
 around it and the median are printed: on a shared machine one pair is not a fair figure.
 Last line: one JSON object with the figures, the perplexity increases and the ratios.
@@ -281,8 +281,10 @@ def main() -> None:
                "{:.1f}".format(c["loadavg"]["before_baseline"][0], c["loadavg"]["before_cli"][0],
                                c["loadavg"]["after_cli"][0]) if "loadavg" in c else ""))
       print("  breakdown (s): " + ", ".join(f"{k} {v:.2f}" for k, v in b["seconds"].items()))
-      print(f"  block forwards per block: {b['block_forwards_per_block']:.2f} (true-sequential "
-            f"minimum {b['minimum_block_forwards_per_block']})")
+      print(f"  block forwards per block, as matmul work: {b['block_forwards_per_block']:.2f} "
+            f"(every matmul once: {b['minimum_block_forwards_per_block']:.0f}), in "
+            f"{b.get('passes_per_block', float('nan')):.2f} passes; kept inputs: "
+            f"{b.get('stash')}")
   wall_ratios = [c["cli_wall_ratio"] for c in results.values() if c.get("cli_wall_ratio")]
   if len(wall_ratios) > 1:
     print(f"quantize_llama.py / GPTQModel over {len(wall_ratios)} alternating rounds: median "

@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
                  help="dtype of the weights and the calibration forward (default: the "
                       "checkpoint's own; Hessians are always accumulated in float32)")
   p.add_argument("--no-progress", action="store_true", help="no progress line")
+  p.add_argument("--stash-mb", type=float, default=None,
+                 help="MiB per device for the linear inputs kept between a block's passes (so "
+                      "each pass does not rerun the block from its input); default: half the "
+                      "free device (or host) memory; 0: recompute")
+  p.add_argument("--spread-solves", default="auto", choices=("auto", "on", "off"),
+                 help="split each GPTQ solve's output rows over this process's devices (same "
+                      "codes); auto: on with several TPUs/GPUs, off on CPU")
   p.add_argument("--breakdown", action="store_true",
                  help="time each phase exactly (waits for the devices at each phase's end) and "
                       "print where the time went")

@@ -131,11 +131,19 @@ def _breakdown(stats, eval_seconds: dict, timing: dict, total: float, nblocks: i
   seconds["of which compilation"] = s["compile_seconds"]
   n = max(1, s["counts"].get("blocks quantized", 0))
   passes = s["counts"].get("hessian passes", 0) + s["counts"].get("propagation passes", 0)
-  return {"seconds": seconds, "counts": s["counts"],
-          "block_forwards_per_block": passes / n,
-          # one pass per subset whose input depends on an earlier subset (o, gate/up, down) and
-          # one propagation that can carry the next block's first subset (q/k/v).
-          "minimum_block_forwards_per_block": 4}
+  return {"seconds": seconds, "counts": s["counts"], "passes_per_block": passes / n,
+          # the matmul work of the passes and the propagation, in block forwards (stash.py);
+          # running every matmul of a block once is 1
+          "block_forwards_per_block": s["forward_work_per_block"] or 0.0,
+          "minimum_block_forwards_per_block": 1.0, "stash": s["stash"]}
+
+
+def _stash_text(stash: dict) -> str:
+  if not stash:
+    return "none"
+  return (f"subsets {stash['kept_subsets']} ({stash['kept_bytes_per_device'] / 2**20:.0f} MiB per "
+          f"device of a {stash['budget_bytes_per_device'] / 2**20:.0f} MiB budget), recomputed "
+          f"{[g for g in stash['recomputed_subsets'] if g]}")
 
 
 def run(args) -> dict:
@@ -222,8 +230,10 @@ def run(args) -> dict:
   stats = PipelineStats(sync=args.breakdown)
   t_q = time.perf_counter()
   head_params = source.nonlayer(dtype) if cfg.lm_head else embed_params
+  stash_mb = getattr(args, "stash_mb", None)
   qhead = quantize(head_params, calib_batches, cfg, adapter=adapter, batch_size=args.batch_size,
-           stats=stats,
+           stats=stats, stash_bytes=None if stash_mb is None else int(stash_mb * 2**20),
+           spread_solves=getattr(args, "spread_solves", "auto"),
            progress=not args.no_progress and pid == 0, report=records, start_block=len(done),
            on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
@@ -285,8 +295,9 @@ def run(args) -> dict:
   if args.breakdown and pid == 0:
     b = result["breakdown"]
     print("breakdown (s): " + ", ".join(f"{k} {v:.2f}" for k, v in b["seconds"].items())
-          + f"; block forwards per block: {b['block_forwards_per_block']:.2f} (minimum for "
-          f"true-sequential: {b['minimum_block_forwards_per_block']})", flush=True)
+          + f"; block forwards per block (matmul work): {b['block_forwards_per_block']:.2f} "
+          f"(minimum {b['minimum_block_forwards_per_block']:.0f}) in {b['passes_per_block']:.2f} "
+          f"passes; kept inputs: {_stash_text(b['stash'])}", flush=True)
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if args.report and pid == 0:
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)

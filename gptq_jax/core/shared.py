@@ -8,16 +8,24 @@ output axis, H is factorized once, one column loop quantizes all rows, and the r
 back into one ``QuantizedWeight`` per layer — with exactly the codes of separate solves, for about
 a third of the factorization work and one compiled call instead of three.
 
+With a ``mesh`` the column loop is spread over devices: its rows (the concatenated outputs) are
+split over a ``"rows"`` axis with ``jax.shard_map`` (H's factor and the permutation replicated;
+no collective is needed, as no step mixes rows), over the largest number of the mesh's devices that
+divides the rows. The codes are those of one solve on one device (``tests/core/shared_test.py``).
+
 ``quantize_weight``'s contract is unchanged; this is an addition beside it.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import factor, gptq
@@ -29,15 +37,63 @@ def can_share(cfg: GPTQConfig) -> bool:
   return not getattr(cfg, "gptaq", None)
 
 
-def quantize_shared(kernels: Sequence, hessian, cfg: GPTQConfig, names: Sequence[str] = ()
-                    ) -> list[tuple[QuantizedWeight, gptq.GPTQInfo]]:
+def solve_mesh(spread: str | Mesh | None = "auto") -> Mesh | None:
+  """The devices a solve is spread over: ``"auto"`` (this process's devices when there are several
+  and they are TPUs or GPUs; on CPU the devices share the host's cores and the split costs more
+  than it gives, see docs/scale.md), ``"on"`` (this process's devices, any platform), ``"off"`` /
+  None, or a ``Mesh`` with a ``"rows"`` axis."""
+  if isinstance(spread, Mesh) or spread in (None, "off"):
+    return spread if isinstance(spread, Mesh) else None
+  if spread not in ("auto", "on"):
+    raise ValueError(f"spread={spread!r}: one of 'auto', 'on', 'off' or a Mesh")
+  devices = jax.local_devices()
+  if len(devices) < 2 or (spread == "auto" and devices[0].platform == "cpu"):
+    return None
+  return Mesh(np.array(devices), ("rows",))
+
+
+def _rows_mesh(mesh: Mesh | None, rows: int) -> Mesh | None:
+  """The first d devices of ``mesh``, d the largest divisor of ``rows`` it has (None: d < 2)."""
+  if mesh is None:
+    return None
+  devices = list(mesh.devices.flat)
+  d = max(k for k in range(1, len(devices) + 1) if rows % k == 0)
+  return Mesh(np.array(devices[:d]), ("rows",)) if d > 1 else None
+
+
+@functools.lru_cache(maxsize=32)
+def _spread_loop(mesh: Mesh, st):
+  r = P(None, "rows")
+  loop = lambda W, U, perm, g0, sg: gptq._gptq_blocks(W, U, perm, g0, sg, st)  # noqa: E731
+  # no collective: rows never mix (check_vma off: the loop makes its carries from constants)
+  return jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=(r, P(), P(), P("rows"), r),
+                               out_specs=(r, r, r, P("rows")), check_vma=False))
+
+
+def _column_loop(Wp, U, perm, grids0, sgrids, st, mesh: Mesh | None):
+  """``gptq._gptq_blocks``, its rows split over ``mesh`` when given; results on U's device."""
+  mesh = _rows_mesh(mesh, int(Wp.shape[1]))
+  if mesh is None:
+    return gptq._gptq_blocks(Wp, U, perm, grids0, sgrids, st)
+  put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))  # noqa: E731
+  home = next(iter(U.devices()))
+  out = _spread_loop(mesh, st)(put(Wp, None, "rows"), put(U), put(perm),
+                               tuple(put(g, "rows") for g in grids0),
+                               tuple(put(g, None, "rows") for g in sgrids))
+  return jax.device_put(out, home)
+
+
+def quantize_shared(kernels: Sequence, hessian, cfg: GPTQConfig, names: Sequence[str] = (),
+                    mesh: Mesh | None = None) -> list[tuple[QuantizedWeight, gptq.GPTQInfo]]:
   """GPTQ-quantize ``kernels`` (each ``[in, out_k]``, Flax layout) that share ``hessian``.
 
   Returns one ``(QuantizedWeight, GPTQInfo)`` per kernel, equal to ``quantize_weight(kernel,
   hessian, cfg, return_info=True)`` for each (the loss is each layer's own rows' loss).
+  ``mesh`` (``solve_mesh()``): spread the column loop's rows over its devices (a single kernel
+  too).
   """
   names = list(names) or [f"layer{k}" for k in range(len(kernels))]
-  if len(kernels) == 1 or not can_share(cfg):
+  if (len(kernels) == 1 and mesh is None) or not can_share(cfg):
     return [gptq.quantize_weight(k, hessian, cfg, return_info=True, name=n)
             for k, n in zip(kernels, names)]
   kernels = [jnp.asarray(k) for k in kernels]
@@ -65,7 +121,7 @@ def quantize_shared(kernels: Sequence, hessian, cfg: GPTQConfig, names: Sequence
   if st.group_size == -1 or st.static_groups:
     col_weight = st.clip_weight(jnp.diag(U)[jnp.argsort(perm)])
   grids0, sgrids = gptq._fixed_grids(kernel, hessian, st, col_weight)
-  q, s, z, loss = gptq._gptq_blocks(Wp, U, perm, grids0, sgrids, st)
+  q, s, z, loss = _column_loop(Wp, U, perm, grids0, sgrids, st, mesh)
   codes, scales, zeros, g_idx = gptq._assemble(q, s, z, perm, sgrids, st)
   row_loss = np.asarray(loss, np.float64)  # [sum out_k]: the one host sync of the solve
   out, start = [], 0

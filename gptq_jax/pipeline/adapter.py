@@ -11,6 +11,10 @@ and is the example to follow for another decoder:
 * ``run_block(block_params, hidden, ctx, capture)``: run a block; when ``capture`` is given, call
   ``capture(path, x)`` with the input ``x: [..., in]`` of every linear as it is applied. Layers that
   share an input (q/k/v, gate/up) may pass the same array: the driver computes its Hessian once.
+  When ``capture`` returns an array, the linear is applied to it instead of ``x``: the driver feeds
+  back an input it kept from an earlier pass (the same values), so the jitted pass no longer needs
+  what only produced ``x`` and XLA drops it (pipeline/stash.py). An adapter that ignores the
+  return value stays correct, only slower.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import flax.linen as nn
 import jax
 
 LinearPath = tuple[str, ...]
-Capture = Callable[[LinearPath, jax.Array], None]
+Capture = Callable[[LinearPath, jax.Array], "jax.Array | None"]
 
 # The built-in families' true-sequential groups (gptq_jax.models.families.SEQUENTIAL_GROUPS).
 LLAMA_GROUPS: tuple[tuple[LinearPath, ...], ...] = (
@@ -135,7 +139,9 @@ class ModelAdapter:
 
     def interceptor(next_fun, args, kwargs, context):
       if isinstance(context.module, self._linear) and context.method_name == "__call__":
-        capture(tuple(context.module.path), args[0])
+        given = capture(tuple(context.module.path), args[0])
+        if given is not None:  # a kept input: what only fed args[0] becomes dead code
+          args = (given,) + tuple(args[1:])
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):

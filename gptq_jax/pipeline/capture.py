@@ -20,8 +20,13 @@ from gptq_jax.pipeline import multihost
 from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath
 
 
-def linear_inputs(adapter, block_params, hidden, ctx, targets):
-  """``({path: x}, {path: representative path})``: one input per distinct traced array."""
+def linear_inputs(adapter, block_params, hidden, ctx, targets, given=None):
+  """``({path: x}, {path: representative path})``: one input per distinct traced array.
+
+  ``given`` (``{path: array}``): inputs kept from earlier passes, applied to those linears in place
+  of what the block computes (the same values; what only fed them becomes dead code).
+  """
+  given = given or {}
   by_input: dict[int, LinearPath] = {}
   reps: dict[LinearPath, jax.Array] = {}
   alias: dict[LinearPath, LinearPath] = {}
@@ -32,6 +37,7 @@ def linear_inputs(adapter, block_params, hidden, ctx, targets):
       alias[path] = rep
       if rep == path:
         reps[path] = x
+    return given.get(path)
 
   adapter.run_block(block_params, hidden, ctx, capture)
   missing = [p for p in targets if p not in alias]
@@ -42,7 +48,12 @@ def linear_inputs(adapter, block_params, hidden, ctx, targets):
 
 
 class HessianCapture:
-  """Accumulates ``X^T X`` for the linears ``targets`` of a block over micro-batches."""
+  """Accumulates ``X^T X`` for the linears ``targets`` of a block over micro-batches.
+
+  ``add(..., given=, keep=)``: ``given`` are inputs of earlier subsets' linears kept from their
+  passes (``{path: array}``, sharded like ``hidden``); with ``keep`` the step also returns this
+  subset's inputs (``{representative path: x}``) for the later passes (pipeline/stash.py).
+  """
 
   def __init__(self, adapter: DecoderAdapter, targets: tuple[LinearPath, ...],
                mesh: Mesh | None = None, axis_name: str = "data"):
@@ -51,25 +62,27 @@ class HessianCapture:
     self.states: dict[LinearPath, hessian.HessianState] | None = None
     self._final: dict[LinearPath, jax.Array] = {}  # H of each input, once finalized
 
-    def local(block_params, hidden, ctx, mask):
-      reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets)
+    def local(block_params, hidden, ctx, mask, given):
+      reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets, given)
       self.alias = alias  # fixed at trace time: the same for every call of the compiled step
       out = {}
       for path, x in reps.items():
         out[path] = hessian._xtx(x, mask)
         if mesh is not None:
           out[path] = jax.lax.psum(out[path], axis_name)
-      return out
+      return out, reps
 
     if mesh is not None:
-      local = jax.shard_map(local, mesh=mesh, out_specs=P(),
-                            in_specs=(P(), P(axis_name), P(axis_name), P(axis_name)))
+      local = jax.shard_map(local, mesh=mesh, out_specs=(P(), P(axis_name)),
+                            in_specs=(P(), P(axis_name), P(axis_name), P(axis_name),
+                                      P(axis_name)))
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(states, block_params, hidden, ctx, mask):
-      new = local(block_params, hidden, ctx, mask)
-      return {p: hessian.HessianState(xtx=states[p].xtx + xtx, count=states[p].count + n)
-              for p, (xtx, n) in new.items()}
+    @functools.partial(jax.jit, donate_argnums=0, static_argnums=6)
+    def step(states, block_params, hidden, ctx, mask, given, keep):
+      new, reps = local(block_params, hidden, ctx, mask, given)
+      states = {p: hessian.HessianState(xtx=states[p].xtx + xtx, count=states[p].count + n)
+                for p, (xtx, n) in new.items()}
+      return states, (reps if keep else None)
 
     self._local, self._step = local, step
     self._replicate = functools.partial(multihost.replicate, mesh) if mesh else (lambda t: t)
@@ -79,12 +92,21 @@ class HessianCapture:
     self.states = None
     self._final: dict[LinearPath, jax.Array] = {}
 
-  def add(self, block_params: Any, hidden: jax.Array, ctx: Any, mask: jax.Array) -> None:
-    block_params = self._replicate(block_params)
+  def input_shapes(self, block_params: Any, hidden: jax.Array, ctx: Any, mask: jax.Array,
+                   given: dict | None = None) -> dict:
+    """``{representative path: ShapeDtypeStruct}`` of the inputs ``keep`` would return (traced,
+    not run)."""
+    return jax.eval_shape(self._local, block_params, hidden, ctx, mask, given or {})[1]
+
+  def add(self, block_params: Any, hidden: jax.Array, ctx: Any, mask: jax.Array,
+          given: dict | None = None, keep: bool = False) -> dict | None:
+    """Add one micro-batch; -> this subset's inputs on it when ``keep``, else None."""
+    block_params, given = self._replicate(block_params), given or {}
     if self.states is None:
-      shapes = jax.eval_shape(self._local, block_params, hidden, ctx, mask)
+      shapes = jax.eval_shape(self._local, block_params, hidden, ctx, mask, given)[0]
       self.states = self._replicate({p: hessian.init(s[0].shape[0]) for p, s in shapes.items()})
-    self.states = self._step(self.states, block_params, hidden, ctx, mask)
+    self.states, kept = self._step(self.states, block_params, hidden, ctx, mask, given, keep)
+    return kept
 
   def hessian(self, path: LinearPath) -> jax.Array:
     """The finalized H on one local device (the solver runs there; a replicated H would make it
@@ -103,15 +125,25 @@ class HessianCapture:
     self._final.pop(self.alias.get(path, path), None)
 
 
+def run_given(adapter: DecoderAdapter, block_params, hidden, ctx, given=None):
+  """The block's output, with the linears in ``given`` (``{path: input}``) applied to those."""
+  if not given:
+    return adapter.run_block(block_params, hidden, ctx)
+  return adapter.run_block(block_params, hidden, ctx, lambda path, x: given.get(path))
+
+
 def block_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: str = "data"):
-  """A jitted ``(block_params, hidden, ctx) -> hidden``, data-parallel over ``mesh`` if given."""
-  run = lambda block_params, hidden, ctx: adapter.run_block(block_params, hidden, ctx)
+  """A jitted ``(block_params, hidden, ctx, given=None) -> hidden``, data-parallel over ``mesh``
+  if given. ``given``: kept linear inputs (``run_given``)."""
+  run = functools.partial(run_given, adapter)
   if mesh is None:
-    return jax.jit(run)
-  run = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
+    run = jax.jit(run)
+    return lambda block_params, hidden, ctx, given=None: run(block_params, hidden, ctx, given or {})
+  run = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name),
+                                                        P(axis_name)),
                               out_specs=P(axis_name)))
-  return lambda block_params, hidden, ctx: run(multihost.replicate(mesh, block_params), hidden,
-                                               ctx)
+  return lambda block_params, hidden, ctx, given=None: run(
+      multihost.replicate(mesh, block_params), hidden, ctx, given or {})
 
 
 @functools.lru_cache(maxsize=64)

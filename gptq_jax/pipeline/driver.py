@@ -21,7 +21,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import quantize_weight  # noqa: F401 (re-exported for callers)
-from gptq_jax.core.shared import can_share, quantize_shared as solve_shared
+from gptq_jax.core.shared import can_share, quantize_shared as solve_shared, solve_mesh
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.pipeline import calib, dynamic, multihost
 from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
@@ -31,6 +31,7 @@ from gptq_jax.pipeline.gptaq import cross_capture_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
 from gptq_jax.pipeline.rotation import check_rotated
+from gptq_jax.pipeline.stash import StashPlan, forward_work, given_for
 from gptq_jax.pipeline.stats import PipelineStats
 
 BlockDone = Callable[[int, Any, list[dict]], None]
@@ -93,9 +94,11 @@ class _Stream:
     """The block's parameters on every device of the mesh, once (not once per micro-batch)."""
     return block_params if self.mesh is None else multihost.replicate(self.mesh, block_params)
 
-  def propagate(self, run, block_params) -> None:
+  def propagate(self, run, block_params, given=None) -> None:
+    """The block's outputs; ``given[k]``: micro-batch k's kept linear inputs (stash.py)."""
     block_params = self.replicate(block_params)
-    self.hidden = [run(block_params, h, c) for h, c in zip(self.hidden, self.ctx)]
+    given = given or [None] * len(self.hidden)
+    self.hidden = [run(block_params, h, c, g) for h, c, g in zip(self.hidden, self.ctx, given)]
 
 
 LayerConfig = Callable[[str], "GPTQConfig | None"]
@@ -115,11 +118,12 @@ def _solve_sets(capture: HessianCapture, group, names, configs) -> list[list[int
 
 def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: GPTQConfig,
                     i: int, progress: BlockProgress, records: list[dict],
-                    layer_config: LayerConfig | None = None):
+                    layer_config: LayerConfig | None = None, spread: Mesh | None = None):
   """Quantize the linears ``group`` of block ``i`` from the Hessians in ``capture``.
 
   Layers sharing a Hessian and a config are solved in one call (``core.shared``: H factorized
-  once, the codes those of separate solves). ``layer_config(name)`` gives a layer's own settings
+  once, the codes those of separate solves; their rows spread over ``spread``'s devices when
+  given). ``layer_config(name)`` gives a layer's own settings
   (None: leave it unquantized); default: ``cfg`` for every layer.
   """
   names = [f"layers.{i}." + ".".join(path) for path in group]
@@ -145,7 +149,8 @@ def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: 
       results = [quantize_weight(kernels[0], capture.hessian(path0), c0, return_info=True,
                                  name=names[ks[0]], cross=capture.cross(path0))]
     else:
-      results = solve_shared(kernels, capture.hessian(group[ks[0]]), c0, [names[k] for k in ks])
+      results = solve_shared(kernels, capture.hessian(group[ks[0]]), c0, [names[k] for k in ks],
+                             **({} if spread is None else {"mesh": spread}))
       if hasattr(capture, "release") and all(rep(k) != rep(ks[0]) for later in sets[n_set + 1:]
                                              for k in later):
         capture.release(group[ks[0]])  # no later solve reads this H: free it now
@@ -168,7 +173,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
              report: list[dict] | None = None, start_block: int = 0,
              on_block_done: BlockDone | None = None,
              layer_config: LayerConfig | None = None,
-             stats: PipelineStats | None = None) -> Any:
+             stats: PipelineStats | None = None, stash_bytes: int | None = None,
+             spread_solves: str | Mesh | None = "auto") -> Any:
   """GPTQ-quantize every decoder block's linears; returns params with packed kernels.
 
   Args:
@@ -191,6 +197,10 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
       settings (None leaves it float); default ``cfg`` for all. Layers sharing a Hessian and a
       config are solved together.
     stats: a ``PipelineStats`` that collects where the time goes (``pipeline/stats.py``).
+    stash_bytes: bytes per device for the subsets' inputs kept between passes (``pipeline/
+      stash.py``; None: half the free memory, 0: recompute every pass from the block's input).
+    spread_solves: split each solve's rows over this process's devices (``core.shared.solve_mesh``:
+      "auto" on several TPUs / GPUs, "on", "off"; the codes are the same).
 
   Returns:
     ``params`` with each quantized linear's ``"kernel"`` a ``PackedWeight`` in ``cfg.format``.
@@ -222,6 +232,9 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
                   "already quantized blocks' outputs", UserWarning, stacklevel=2)
   bar = BlockProgress(nblocks, enabled=progress)
   bar.skip(start_block)
+  spread = solve_mesh(spread_solves)
+  plan = StashPlan(stash_bytes, mesh, mesh.devices.size if mesh is not None else 1)
+  kept = out = None
   for i in range(nblocks):
     blk = block_adapter(adapter, i)  # one per layer type: its compiled functions are shared
     run = runner_for(blk, mesh, axis_name)
@@ -234,18 +247,30 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     float_work = work if cfg.gptaq else None  # GPTAQ: block i still float (dequantized if resumed)
     if i >= start_block:
       records: list[dict] = []
-      for group, capture in zip(groups, captures):
+      st.work("one block forward", len(stream.hidden) * forward_work(
+          blk, work, stream.hidden[0], stream.ctx[0]))
+      kept = [{} for _ in stream.hidden]  # per micro-batch: {path: kept input} (stash.py)
+      for g, (group, capture) in enumerate(zip(groups, captures)):
         capture.reset()
         replicated = stream.replicate(work)
         for k, (h, ctx, mask) in enumerate(zip(stream.hidden, stream.ctx, stream.masks)):
-          extra = {} if float_hidden is None else dict(float_params=float_work,
-                                                        float_hidden=float_hidden[k])
-          capture.add(replicated, h, ctx, mask, **extra)
+          if float_hidden is not None:  # GPTAQ: the float block's inputs too; nothing kept
+            if k == 0:
+              st.work("hessian passes", 2 * len(kept) * forward_work(blk, work, h, ctx, group))
+            capture.add(replicated, h, ctx, mask, float_params=float_work,
+                        float_hidden=float_hidden[k])
+            continue
+          if k == 0:
+            keep = plan.decide(g, capture, (replicated, h, ctx, mask), kept[0], len(kept))
+            st.work("hessian passes", len(kept) * forward_work(blk, work, h, ctx, group, kept[0]))
+          out = capture.add(replicated, h, ctx, mask, given=kept[k], keep=keep)
+          if keep:
+            kept[k] = {**kept[k], **given_for(capture, group, out)}
         del replicated
         t = st.mark("hessian passes", t, capture.states)
         st.count("hessian passes")
         block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records,
-                                      layer_config)
+                                      layer_config, spread)
         t = st.mark("solves", t, work)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
@@ -256,7 +281,12 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         report.extend(records)
     t = time.perf_counter()
     if i + 1 < nblocks or cfg.lm_head:  # the last block's outputs feed only lm_head
-      stream.propagate(run, work)
+      if kept is None or cfg.refine_steps or not any(kept):  # the block from its input
+        kept = None
+      stream.propagate(run, work, kept)
+      if i >= start_block:
+        st.work("propagation", len(stream.ctx) * forward_work(
+            blk, work, stream.hidden[0], stream.ctx[0], None, kept[0] if kept else None))
       if float_hidden is not None:
         float_hidden = [run(float_work, h, c) for h, c in zip(float_hidden, stream.ctx)]
       t = st.mark("propagation", t, stream.hidden)
@@ -269,7 +299,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         st.mark("write blocks", t)
     # nothing of block i stays referenced while block i + 1 is read (a streamed model holds
     # one block's weights at a time)
-    block = work = float_work = None
+    block = work = float_work = kept = out = None
+  st.stash = plan.summary()
   if cfg.lm_head:  # after the last block, on the final norm's outputs (pipeline/dynamic.py)
     params = dynamic.quantize_lm_head(adapter.config, params, stream.hidden, stream.masks, cfg,
                                       report)

@@ -6,11 +6,10 @@ time would land in whichever later phase first reads a result), at the cost of a
 synchronisations per block. Compilation time is collected from JAX's own monitoring events (it is
 spent inside the phases, so it is reported as "of which").
 
-Block forwards: each Hessian pass runs the block over all calibration micro-batches up to the last
-linear it captures (XLA drops the rest: the pass returns only the Hessians), and the propagation
-runs the whole block. True-sequential GPTQ needs, per block, one pass per subset whose inputs
-depend on an earlier subset's quantized weights — and the first subset's input is the block's own
-input, so its pass can ride along the previous block's propagation.
+Block work: each Hessian pass runs the part of the block its subset's inputs need (XLA drops what
+lies after them, and with kept inputs what lies before: pipeline/stash.py), and the propagation
+the rest. The driver charges each pass the matmul FLOPs left in it after dead-code elimination
+(``work``), counted in block forwards: 1.0 would be every matmul of the block run once.
 """
 
 from __future__ import annotations
@@ -43,6 +42,8 @@ class PipelineStats:
     self.seconds: dict[str, float] = collections.defaultdict(float)
     self.counts: dict[str, int] = collections.defaultdict(int)
     self.compile_seconds = 0.0
+    self.flops: dict[str, int] = collections.defaultdict(int)  # dot FLOPs run, by phase
+    self.stash: dict = {}  # which subsets' inputs were kept between passes (pipeline/stash.py)
     if not _registered:
       jax.monitoring.register_event_duration_secs_listener(_on_event)
       _registered = True
@@ -63,6 +64,19 @@ class PipelineStats:
   def count(self, what: str, n: int = 1) -> None:
     self.counts[what] += n
 
+  def work(self, phase: str, flops: int) -> None:
+    """Charge ``flops`` (matmul FLOPs after dead-code elimination, stash.forward_work) to
+    ``phase``; "one block forward" is the unit the forward work per block is counted in."""
+    self.flops[phase] += int(flops)
+
+  def forwards_per_block(self) -> float | None:
+    """The block work the Hessian passes and the propagation ran, in block forwards."""
+    unit = self.flops.get("one block forward", 0)
+    if not unit:
+      return None
+    return (self.flops.get("hessian passes", 0) + self.flops.get("propagation", 0)) / unit
+
   def summary(self) -> dict:
     return {"seconds": dict(self.seconds), "counts": dict(self.counts),
-            "compile_seconds": self.compile_seconds}
+            "compile_seconds": self.compile_seconds, "flops": dict(self.flops),
+            "forward_work_per_block": self.forwards_per_block(), "stash": dict(self.stash)}

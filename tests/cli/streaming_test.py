@@ -59,7 +59,7 @@ def bf16_run(tiny_hf_dir, tmp_path_factory):
   mp.setattr(stream.EvalStream, "advance",
              lambda self, run, b: advance(self, run, b) or sample("eval"))
   mp.setattr(driver, "solve_shared",
-             lambda ks, h, c, n: sample(f"solve {n[0]}") or solve(ks, h, c, n))
+             lambda ks, h, c, n, **kw: sample(f"solve {n[0]}") or solve(ks, h, c, n, **kw))
   out = str(tmp_path_factory.mktemp("bf16") / "q")
   args = ["--model", tiny_hf_dir, "--output", out, *FAST, "--dtype", "bfloat16"]
   args[args.index("--eval-text"):args.index("--eval-text") + 2] = ["--eval-windows",
@@ -86,6 +86,8 @@ def test_device_memory_is_embedding_two_blocks_and_activations(bf16_run, tiny_hf
   nsamples, seqlen, h = 4, 32, cfg.hidden_size
   activations = (nsamples * seqlen * (h * bf16 + 2 * 4)  # calibration hidden, mask, positions
                  + 2 * EVAL_WINDOWS * seqlen * (h * bf16 + 2 * 4)  # before / after eval streams
+                 # the inputs kept between passes (o's, gate/up's, down's: pipeline/stash.py)
+                 + nsamples * seqlen * (2 * h + cfg.intermediate_size) * bf16
                  + 2 * max(h, cfg.intermediate_size) ** 2 * 4)  # a group's Hessians (float32)
   budget = embed + 2 * block + activations
   assert len(samples) > 4 * LAYERS and {w for w, _ in samples} >= {f"read {LAYERS - 1}", "eval"}

@@ -34,3 +34,26 @@ def test_shared_solve_equals_one_solve_per_layer(kw, hessian=H):
     assert qw.shape == kernel.shape and (qw.bits, qw.group_size) == (cfg.bits, cfg.group_size)
     assert info.damp == want_info.damp and not info.fallback
     np.testing.assert_allclose(info.loss, want_info.loss, rtol=1e-4)
+
+
+def test_solve_spread_over_devices_equals_one_solve():
+  """The column loop's rows split over the test devices (36 rows: over 6 of the 8, the largest
+  divisor) give one device's codes."""
+  import jax  # noqa: PLC0415
+
+  from gptq_jax.core.shared import _rows_mesh, solve_mesh  # noqa: PLC0415
+
+  mesh = solve_mesh("on")
+  assert mesh is not None and mesh.devices.size == jax.local_device_count() == 8
+  assert solve_mesh("auto") is None  # CPU: not spread unless asked
+  cfg = gj.GPTQConfig(4, group_size=32, desc_act=True)
+  kernels = [KERNELS[2], KERNELS[0][:, :4]]  # 32 + 4 rows
+  assert _rows_mesh(mesh, 36).devices.size == 6
+  one = quantize_shared(kernels, H, cfg)
+  spread = quantize_shared(kernels, H, cfg, mesh=mesh)
+  for (qa, ia), (qb, ib) in zip(one, spread):
+    for field in ("codes", "scales", "zeros", "g_idx"):
+      np.testing.assert_array_equal(np.asarray(getattr(qb, field)),
+                                    np.asarray(getattr(qa, field)), err_msg=field)
+    assert len(qb.codes.devices()) == 1
+    np.testing.assert_allclose(ib.loss, ia.loss, rtol=1e-5)

@@ -31,12 +31,12 @@ hessians = {}
 solve = driver.solve_shared
 
 
-def recording_solve(kernels, hessian, cfg_, names):
+def recording_solve(kernels, hessian, cfg_, names, **kw):
   """Test-only spy: keeps the Hessian the driver hands to the solver for each layer (q/k/v and
   gate/up share one solve, so one Hessian serves several names)."""
   for name in names:
     hessians[name] = np.asarray(hessian)
-  return solve(kernels, hessian, cfg_, names)
+  return solve(kernels, hessian, cfg_, names, **kw)
 
 
 driver.solve_shared = recording_solve
