@@ -221,6 +221,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     raise ValueError(f"start_block={start_block} must be in [0, {nblocks}]")
 
   st = stats or PipelineStats(sync=False)
+  # block work is counted (each pass traced once per shape) only for a caller who reads the stats
+  work_of = forward_work if stats is not None else (lambda *args: 0)
   t = time.perf_counter()
   stream = _Stream(adapter, params, batches, mesh, axis_name)
   t = st.mark("embedding", t, stream.hidden)
@@ -247,7 +249,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     float_work = work if cfg.gptaq else None  # GPTAQ: block i still float (dequantized if resumed)
     if i >= start_block:
       records: list[dict] = []
-      st.work("one block forward", len(stream.hidden) * forward_work(
+      st.work("one block forward", len(stream.hidden) * work_of(
           blk, work, stream.hidden[0], stream.ctx[0]))
       kept = [{} for _ in stream.hidden]  # per micro-batch: {path: kept input} (stash.py)
       for g, (group, capture) in enumerate(zip(groups, captures)):
@@ -256,13 +258,13 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         for k, (h, ctx, mask) in enumerate(zip(stream.hidden, stream.ctx, stream.masks)):
           if float_hidden is not None:  # GPTAQ: the float block's inputs too; nothing kept
             if k == 0:
-              st.work("hessian passes", 2 * len(kept) * forward_work(blk, work, h, ctx, group))
+              st.work("hessian passes", 2 * len(stream.hidden) * work_of(blk, work, h, ctx, group))
             capture.add(replicated, h, ctx, mask, float_params=float_work,
                         float_hidden=float_hidden[k])
             continue
           if k == 0:
             keep = plan.decide(g, capture, (replicated, h, ctx, mask), kept[0], len(kept))
-            st.work("hessian passes", len(kept) * forward_work(blk, work, h, ctx, group, kept[0]))
+            st.work("hessian passes", len(kept) * work_of(blk, work, h, ctx, group, kept[0]))
           out = capture.add(replicated, h, ctx, mask, given=kept[k], keep=keep)
           if keep:
             kept[k] = {**kept[k], **given_for(capture, group, out)}
@@ -285,7 +287,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         kept = None
       stream.propagate(run, work, kept)
       if i >= start_block:
-        st.work("propagation", len(stream.ctx) * forward_work(
+        st.work("propagation", len(stream.ctx) * work_of(
             blk, work, stream.hidden[0], stream.ctx[0], None, kept[0] if kept else None))
       if float_hidden is not None:
         float_hidden = [run(float_work, h, c) for h, c in zip(float_hidden, stream.ctx)]

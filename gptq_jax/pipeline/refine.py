@@ -71,7 +71,7 @@ class _Static(NamedTuple):
   steps: int
   lr: float
   rounding: bool
-  checks: int = 2  # held-out checks in the loop (the last one at the last step)
+  checks: int = HELD_CHECKS  # held-out checks in the loop (the last one at the last step)
 
 
 class RefineInfo(NamedTuple):
@@ -267,7 +267,7 @@ def refine_block(adapter: DecoderAdapter, float_block: Any, qblock: Any, hidden,
     if not isinstance(get_path(qblock, p)["kernel"], PackedWeight):
       raise ValueError(f"refine_block: {p} is not a PackedWeight; quantize the block first")
   st = _Static(paths, 2**cfg.bits - 1, int(cfg.refine_steps), float(cfg.refine_lr),
-               bool(cfg.refine_rounding), HELD_CHECKS)
+               bool(cfg.refine_rounding))
   train, evaluate, run, final = _compiled(adapter, st)
   dev = jax.local_devices()[0]
   put = lambda t: jax.device_put(t, dev)
