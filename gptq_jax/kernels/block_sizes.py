@@ -1,20 +1,25 @@
-"""Block sizes for the Pallas kernels: a small table per platform, fitted to each shape.
+"""Block sizes for the Pallas kernels: a small table per platform (and TPU generation), fitted to
+each shape.
 
 ``bm`` rows of activations, ``bn`` output columns, ``bk`` K-rows per grid step (TPU; on GPU one
 program walks all of K), ``bkc`` K-rows per inner chunk (one unpack + one dot). The table gives the
 preferred sizes per regime (decode: few rows, the weight bytes dominate, so big weight tiles; prefill:
 MXU / tensor-core sized tiles); ``choose`` shrinks them to the largest sizes the shape and the
 platform's rules allow, or returns the reason there are none (``can_use_kernel`` reports it).
+
+TPU sizes are kept per generation (``TPU_TABLE``: v4, v5e, v5p, v6e), chosen by compiling
+candidates with the TPU compiler for each generation (``benchmarks/tune_block_sizes.py`` writes the
+table and says how it chooses). The generation is the local TPU's (``tpu_generation``), or the
+one a caller compiling for another slice names with ``for_generation`` (``scripts/plan.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from gptq_jax.core.packing import run_shape
 from gptq_jax.kernels.layout import effective_group_size, groups_per_chunk
-
-VMEM_BUDGET = 12 * 2**20  # bytes of VMEM a TPU grid step may use (v5e's scoped default is 16 MiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,13 +31,61 @@ class BlockSizes:
 
 
 # (max rows M, preferred sizes); bm=0 means "all rows, padded to the sublane tile".
-TABLE = {
-    "tpu": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
+# --- TPU_TABLE: written by benchmarks/tune_block_sizes.py (do not edit by hand) ---
+TPU_TABLE = {
+    "v4": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
+           (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
+    "v5e": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
             (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
+    "v5p": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
+            (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
+    "v6e": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
+            (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
+}
+# --- end of TPU_TABLE ---
+TABLE = {
     "gpu": ((16, BlockSizes(bm=16, bn=64, bk=0, bkc=128)),
             (64, BlockSizes(bm=64, bn=64, bk=0, bkc=64)),
             (None, BlockSizes(bm=128, bn=128, bk=0, bkc=32))),
 }
+# Bytes of VMEM a grid step may use by our own estimate (``_tpu_vmem``), per generation: a safety
+# margin under the compiler's scoped VMEM limit, which is what decides (the tuner compiles).
+VMEM_BUDGET = {"v4": 12 * 2**20, "v5e": 12 * 2**20, "v5p": 12 * 2**20, "v6e": 24 * 2**20}
+DEFAULT_GENERATION = "v5e"  # when no TPU is attached and none is named (lowering on CPU)
+# jax's device_kind of each generation's devices
+DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
+                "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+_named: list[str] = []  # the generation named by for_generation (innermost last)
+
+
+def generation_of(device_kind: str) -> str | None:
+  """"v4" / "v5e" / "v5p" / "v6e" for a jax ``device_kind``, None for anything else."""
+  return DEVICE_KINDS.get(device_kind)
+
+
+def tpu_generation() -> str:
+  """The TPU generation block sizes are chosen for: the one named by ``for_generation``, else the
+  attached TPU's, else ``DEFAULT_GENERATION``."""
+  if _named:
+    return _named[-1]
+  import jax  # noqa: PLC0415 (kept out of the module's import: the table is plain data)
+
+  device = jax.devices()[0]
+  return (generation_of(device.device_kind) if device.platform == "tpu" else None) or \
+      DEFAULT_GENERATION
+
+
+@contextlib.contextmanager
+def for_generation(generation: str):
+  """Choose TPU block sizes for ``generation`` while tracing inside (compiling for a slice that
+  is not attached)."""
+  if generation not in TPU_TABLE:
+    raise ValueError(f"generation={generation!r}: block sizes are kept for {tuple(TPU_TABLE)}")
+  _named.append(generation)
+  try:
+    yield
+  finally:
+    _named.pop()
 
 
 def _round_up(a: int, b: int) -> int:
@@ -43,8 +96,9 @@ def _pow2(a: int) -> bool:
   return a > 0 and a & (a - 1) == 0
 
 
-def preferred(platform: str, m: int) -> BlockSizes:
-  for max_m, sizes in TABLE[platform]:
+def preferred(platform: str, m: int, generation: str | None = None) -> BlockSizes:
+  rows = TPU_TABLE[generation or tpu_generation()] if platform == "tpu" else TABLE[platform]
+  for max_m, sizes in rows:
     if max_m is None or m <= max_m:
       return sizes
   raise AssertionError("the last table row has max_m=None")
@@ -65,7 +119,7 @@ def _tpu_vmem(b: BlockSizes, bits: int, gc: int, x_bytes: int) -> int:
 
 
 def choose_tpu(m: int, k: int, n: int, bits: int, group_size: int,
-               x_bytes: int) -> BlockSizes | str:
+               x_bytes: int, generation: str | None = None) -> BlockSizes | str:
   """Mosaic block sizes, or why there are none. Rules: block last dims multiples of (8, 128) or
   full; each chunk's word rows (bkc / nvals) a multiple of 8 (aligned slices and merges); a chunk
   holding several groups needs each group's word rows a multiple of 8 too."""
@@ -74,7 +128,9 @@ def choose_tpu(m: int, k: int, n: int, bits: int, group_size: int,
             "unpack")
   nvals, _ = run_shape(bits)
   gs = effective_group_size(group_size, k)
-  pref = preferred("tpu", m)
+  generation = generation or tpu_generation()
+  budget = VMEM_BUDGET[generation]
+  pref = preferred("tpu", m, generation)
   sub = 8 if x_bytes == 4 else 16
   bm = _round_up(m, sub) if pref.bm == 0 else min(pref.bm, _round_up(m, sub))
   if group_size != -1 and (gs % nvals or (gs // nvals) % 8):
@@ -94,7 +150,7 @@ def choose_tpu(m: int, k: int, n: int, bits: int, group_size: int,
   bk = _largest(tiles, pref.bk)
   gc = groups_per_chunk(bkc, gs)
   sizes = BlockSizes(bm=bm, bn=bn, bk=bk, bkc=bkc)
-  while _tpu_vmem(sizes, bits, gc, x_bytes) > VMEM_BUDGET:
+  while _tpu_vmem(sizes, bits, gc, x_bytes) > budget:
     smaller_bk = [t for t in tiles if t < sizes.bk]
     smaller_bn = [c for c in bns if c < sizes.bn]
     if smaller_bk:
@@ -103,7 +159,7 @@ def choose_tpu(m: int, k: int, n: int, bits: int, group_size: int,
       sizes = dataclasses.replace(sizes, bn=max(smaller_bn))
     else:
       return (f"no tiling of a {k}x{n} weight with {sizes.bm} activation rows fits in "
-              f"{VMEM_BUDGET >> 20} MiB of VMEM")
+              f"{budget >> 20} MiB of VMEM ({generation})")
   return sizes
 
 

@@ -68,6 +68,15 @@ def matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array
   else:  # the whole step lies inside one group
     lb, s_step, s_index = 1, 0, lambda i, j, kk: (lax.div(kk * bk, gs), 0, 0, j)
   kernel = functools.partial(_kernel, bits=bits, nc=nc, rc=rc, s_step=s_step)
+  # What the kernel does, for XLA's cost model (cost_analysis() of a program holding it): the
+  # dot's multiply-adds, and each operand read once per pass over the other (x once per column
+  # tile, the packed words and grids once per row tile), the output written once.
+  row_tiles, col_tiles = m_pad // bm, n // bn
+  cost = pl.CostEstimate(
+      flops=2 * m_pad * k * n, transcendentals=0,
+      bytes_accessed=(xs.size * xs.dtype.itemsize * col_tiles
+                      + (qweight.size * 4 + (s4.size + z4.size) * s4.dtype.itemsize) * row_tiles
+                      + m_pad * n * x.dtype.itemsize))
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m_pad, n), x.dtype),
@@ -83,6 +92,7 @@ def matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      cost_estimate=cost,
       name=f"gptq_matmul_tpu_{bits}bit",
   )(xs, qweight, s4, z4)
   return out[:m] if m_pad != m else out

@@ -56,8 +56,10 @@ def _check_backend(backend) -> str:
   return b.lower()
 
 
-def _plan(platform: str, m: int, w, dtype) -> block_sizes.BlockSizes | str:
-  """Block sizes for the kernel of ``platform`` ("tpu" | "gpu"), or the reason it cannot run."""
+def _plan(platform: str, m: int, w, dtype, generation: str | None = None
+          ) -> block_sizes.BlockSizes | str:
+  """Block sizes for the kernel of ``platform`` ("tpu" | "gpu"), or the reason it cannot run
+  (TPU: for ``generation``, default ``block_sizes.tpu_generation()``)."""
   dtype = jnp.dtype(dtype)
   if dtype not in [jnp.dtype(d) for d in _KERNEL_DTYPES[platform]]:
     names = ", ".join(jnp.dtype(d).name for d in _KERNEL_DTYPES[platform])
@@ -65,6 +67,8 @@ def _plan(platform: str, m: int, w, dtype) -> block_sizes.BlockSizes | str:
   if not jnp.issubdtype(w.scales.dtype, jnp.floating):
     return f"scales of dtype {w.scales.dtype}: the kernel needs floating-point scales"
   k, n = w.shape
+  if platform == "tpu":
+    return block_sizes.choose_tpu(m, k, n, w.bits, w.group_size, dtype.itemsize, generation)
   return block_sizes.choose(platform, m, k, n, w.bits, w.group_size, dtype.itemsize)
 
 
@@ -102,10 +106,10 @@ def _xla(x: jax.Array, w: PreparedWeight) -> jax.Array:
   return reference.xla_matmul(x, w).astype(x.dtype)
 
 
-def _kernel_or_xla(platform: str, interpret: bool, loud: bool):
+def _kernel_or_xla(platform: str, interpret: bool, loud: bool, generation: str):
   """The branch for one platform: its kernel if it can take the weight, else the XLA path."""
   def branch(x, w):
-    plan = _plan(platform, x.shape[0], w, x.dtype)
+    plan = _plan(platform, x.shape[0], w, x.dtype, generation)
     if isinstance(plan, str):
       if loud:
         _log_once(logging.WARNING, f"gptq_jax: {w.shape[0]}x{w.shape[1]} {w.bits}-bit "
@@ -118,12 +122,13 @@ def _kernel_or_xla(platform: str, interpret: bool, loud: bool):
   return branch
 
 
-def _contiguous_matmul(x: jax.Array, w: PreparedWeight, backend: str) -> jax.Array:
+def _contiguous_matmul(x: jax.Array, w: PreparedWeight, backend: str, generation: str
+                       ) -> jax.Array:
   """``x [M, K]`` in ``w``'s row order -> ``[M, N]`` in ``x.dtype``."""
   if backend == "xla":
     return _xla(x, w)
   if backend == "pallas_interpret":
-    return _kernel_or_xla("tpu", interpret=True, loud=True)(x, w)
+    return _kernel_or_xla("tpu", True, True, generation)(x, w)
   here = jax.default_backend()
   if backend == "pallas" and here not in ("tpu", "gpu"):
     _log_once(logging.WARNING, f"gptq_jax: backend='pallas' on {here}: there is no Pallas kernel "
@@ -132,18 +137,18 @@ def _contiguous_matmul(x: jax.Array, w: PreparedWeight, backend: str) -> jax.Arr
   loud = backend == "pallas"
   return lax.platform_dependent(
       x, w,
-      tpu=_kernel_or_xla("tpu", False, loud or here == "tpu"),
-      cuda=_kernel_or_xla("gpu", False, loud or here == "gpu"),
+      tpu=_kernel_or_xla("tpu", False, loud or here == "tpu", generation),
+      cuda=_kernel_or_xla("gpu", False, loud or here == "gpu", generation),
       default=_xla)
 
 
-def _matmul_2d(x: jax.Array, w, backend: str, g_idx_mode: str) -> jax.Array:
+def _matmul_2d(x: jax.Array, w, backend: str, g_idx_mode: str, generation: str) -> jax.Array:
   """x [M, K] -> [M, N]. g_idx_mode (PackedWeight only): "natural", "act_order" or "runtime"."""
   if isinstance(w, PreparedWeight):
     if w.perm is not None:
       x = jnp.take(x, w.perm, axis=1)
-    return _contiguous_matmul(x, w, backend)
-  fast = lambda x, w: _contiguous_matmul(x, _as_contiguous(w), backend)  # noqa: E731
+    return _contiguous_matmul(x, w, backend, generation)
+  fast = lambda x, w: _contiguous_matmul(x, _as_contiguous(w), backend, generation)  # noqa: E731
   slow = lambda x, w: reference.gather_matmul(x, w).astype(x.dtype)  # noqa: E731
   if g_idx_mode == "natural":
     return fast(x, w)
@@ -152,11 +157,12 @@ def _matmul_2d(x: jax.Array, w, backend: str, g_idx_mode: str) -> jax.Array:
   return lax.cond(trivial_g_idx(w.g_idx, w.group_size), fast, slow, x, w)
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "g_idx_mode"))
-def _quantized_matmul(x: jax.Array, w, backend: str, g_idx_mode: str) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("backend", "g_idx_mode", "generation"))
+def _quantized_matmul(x: jax.Array, w, backend: str, g_idx_mode: str, generation: str
+                      ) -> jax.Array:
   k, n = w.shape
   lead = x.shape[:-1]
-  y = _matmul_2d(x.reshape(-1, k), w, backend, g_idx_mode)
+  y = _matmul_2d(x.reshape(-1, k), w, backend, g_idx_mode, generation)
   return y.reshape(*lead, n)
 
 
@@ -191,4 +197,5 @@ def quantized_matmul(x: jax.Array, w: PackedWeight | PreparedWeight, *,
       _log_once(logging.INFO, "gptq_jax: PackedWeight with a traced g_idx: act-order is checked at "
                 "run time (lax.cond); prepare_for_kernel(w) at load avoids the check and the "
                 "per-call zero unpacking")
-  return _quantized_matmul(x, w, backend, mode)
+  # the TPU generation is static: lowering for another one (block_sizes.for_generation) traces anew
+  return _quantized_matmul(x, w, backend, mode, block_sizes.tpu_generation())

@@ -138,12 +138,26 @@ def block_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: s
   run = functools.partial(run_given, adapter)
   if mesh is None:
     run = jax.jit(run)
-    return lambda block_params, hidden, ctx, given=None: run(block_params, hidden, ctx, given or {})
-  run = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name),
-                                                        P(axis_name)),
-                              out_specs=P(axis_name)))
-  return lambda block_params, hidden, ctx, given=None: run(
-      multihost.replicate(mesh, block_params), hidden, ctx, given or {})
+    call = lambda block_params, hidden, ctx, given=None: run(  # noqa: E731
+        block_params, hidden, ctx, given or {})
+  else:
+    run = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name),
+                                                          P(axis_name)),
+                                out_specs=P(axis_name)))
+    call = lambda block_params, hidden, ctx, given=None: run(  # noqa: E731
+        multihost.replicate(mesh, block_params), hidden, ctx, given or {})
+  call.jitted = run  # (block_params, hidden, ctx, given): what scripts/plan.py compiles
+  return call
+
+
+def embed_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: str = "data"):
+  """A jitted ``(params, input_ids, attention_mask) -> (hidden, ctx)``: the first block's input,
+  data-parallel over ``mesh`` if given."""
+  embed = lambda p, ids, mask: adapter.embed(p, ids, mask)  # noqa: E731
+  if mesh is not None:
+    embed = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
+                          out_specs=P(axis_name))
+  return jax.jit(embed)
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,7 +17,7 @@ import warnings
 from typing import Any, Callable
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import quantize_weight  # noqa: F401 (re-exported for callers)
@@ -26,7 +26,7 @@ from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.pipeline import calib, dynamic, multihost
 from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
                                        set_path)
-from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
+from gptq_jax.pipeline.capture import HessianCapture, capture_for, embed_runner, runner_for
 from gptq_jax.pipeline.gptaq import cross_capture_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
@@ -77,11 +77,7 @@ class _Stream:
   def __init__(self, adapter, params, batches, mesh, axis_name):
     self.mesh, self.axis = mesh, axis_name
     put = functools.partial(multihost.put_batch, mesh, axis_name)  # this process's rows
-    embed = lambda p, ids, mask: adapter.embed(p, ids, mask)
-    if mesh is not None:
-      embed = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
-                            out_specs=P(axis_name))
-    embed = jax.jit(embed)
+    embed = embed_runner(adapter, mesh, axis_name)
     self.masks, self.hidden, self.ctx = [], [], []
     for b in batches:
       ids, mask = put(b.input_ids), put(b.attention_mask)
