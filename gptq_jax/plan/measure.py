@@ -1,0 +1,129 @@
+"""One compiled program and what the compiler says about it.
+
+``measure(name, fn, args)`` traces, lowers and compiles a jitted function for the devices its
+``ShapeDtypeStruct`` arguments are sharded over (a TPU slice from libtpu's compile-only client, or
+the attached devices), and keeps the compiler's own figures, per chip: ``memory_analysis()``
+(argument, output, aliased and temporary bytes, generated code) and ``cost_analysis()`` (FLOPs and
+bytes accessed of one call). XLA's cost analysis counts the body of a loop once (a ``scan`` or
+``fori_loop`` of 100 matmuls costs as one): ``loops`` says how many while-loops the compiled
+program holds, so a time built on those figures is known to be a lower bound there.
+
+Programs that lower to the same module (layers of the same shapes, another block of the same
+type) are compiled once per process (``_memo``, keyed by the lowered text and the devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+_memo: dict[str, dict] = {}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Program:
+  """A compiled program of the run, its compiler figures per chip, and how often it runs.
+
+  ``beside``: bytes the run keeps alive on the busiest chip beside the program's own arguments,
+  outputs and temporaries (the calibration activations, the block on its home device, ...: the
+  plan's accounting, listed in ``beside_parts``).
+  """
+
+  name: str
+  phase: str
+  calls: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  flops: float
+  bytes_accessed: float
+  loops: int
+  beside_parts: tuple[tuple[str, int], ...] = ()
+
+  @property
+  def hbm_bytes(self) -> int:
+    """The program's own footprint on a chip: arguments + outputs - donated + temporaries +
+    its code (memory_analysis)."""
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  @property
+  def beside(self) -> int:
+    return sum(b for _, b in self.beside_parts)
+
+  @property
+  def peak_bytes(self) -> int:
+    return self.hbm_bytes + self.beside
+
+  def seconds(self, chip) -> float:
+    """All calls at the chip's roofline."""
+    return self.calls * chip.roofline_seconds(self.flops, self.bytes_accessed)
+
+  def with_beside(self, parts: Sequence[tuple[str, int]], calls: int | None = None) -> "Program":
+    return dataclasses.replace(self, beside_parts=tuple((k, int(v)) for k, v in parts if v),
+                               calls=self.calls if calls is None else calls)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["beside_parts"] = dict(self.beside_parts)
+    d.update(hbm_bytes=self.hbm_bytes, peak_bytes=self.peak_bytes)
+    return d
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per module
+    cost = cost[0] if cost else {}
+  return cost or {}
+
+
+def _devices_of(args: Sequence[Any]) -> str:
+  for leaf in jax.tree.leaves(args):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None:
+      return ",".join(f"{d.platform}:{d.id}:{d.device_kind}" for d in sharding.device_set)
+  return "default"
+
+
+def compile_figures(fn, args: Sequence[Any]) -> dict:
+  """The compiler's figures for ``fn(*args)`` (``fn`` jitted; static arguments given in place)."""
+  lowered = fn.trace(*args).lower()
+  key = hashlib.sha256((lowered.as_text() + _devices_of(args)).encode()).hexdigest()
+  if key not in _memo:
+    compiled = lowered.compile()
+    mem, cost = compiled.memory_analysis(), _cost(compiled)
+    text = compiled.as_text() or ""
+    _memo[key] = dict(
+        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+        code_bytes=int(mem.generated_code_size_in_bytes),
+        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        loops=text.count(" while("), hlo=text)
+  return _memo[key]
+
+
+def measure(name: str, phase: str, fn, args: Sequence[Any], *, calls: int = 1) -> Program:
+  fig = {k: v for k, v in compile_figures(fn, args).items() if k != "hlo"}
+  return Program(name=name, phase=phase, calls=calls, **fig)
+
+
+def nbytes(tree: Any) -> int:
+  """Bytes of every array (or ShapeDtypeStruct) in ``tree``, counted on one device: a leaf sharded
+  over devices counts its shard; a leaf found twice (one input kept for two linears) once."""
+  total, seen = 0, set()
+  for leaf in jax.tree.leaves(tree):
+    if id(leaf) in seen:
+      continue
+    seen.add(id(leaf))
+    shape = tuple(leaf.shape)
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None and hasattr(sharding, "shard_shape"):
+      shape = tuple(sharding.shard_shape(shape))
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total

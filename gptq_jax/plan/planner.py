@@ -1,0 +1,196 @@
+"""A run's plan on a slice: every program compiled, HBM per chip, host memory, time at the roofline.
+
+Per chip, a program's peak is the compiler's footprint (``memory_analysis``: arguments + outputs -
+donated + temporaries + code) plus what the run keeps alive beside it on the busiest chip (process
+0's first device, where the embedding, the block's own copy and the solves live): the calibration
+activations of every micro-batch (split over the chips), the inputs kept between passes, the block,
+the evaluation windows, the solve's other buffers. The run fits when the largest peak fits the
+chip's HBM. Programs are the same for every block of a layer type: each is compiled once and its
+calls multiplied (the driver compiles them once too).
+
+Time: each program's calls at the chip's roofline (``Chip.roofline_seconds`` of the compiler's
+FLOPs and bytes), per block and in total. A lower bound: loops count their body once (``loops``),
+collectives and host transfers are not counted.
+
+Host memory (per host, beyond the process itself): counted, not compiled — the calibration tokens,
+the largest tensor read from the checkpoint and its staging copy (the embedding, or one of a
+block's), and a finished block fetched for its save (orbax's copy beside it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+from gptq_jax.kernels import block_sizes
+from gptq_jax.models.families import layer_tensor_specs, nonlayer_tensor_specs
+from gptq_jax.plan import refinement, serving as serving_lib
+from gptq_jax.plan.layout import Layout, RunSettings
+from gptq_jax.plan.measure import Program, nbytes
+from gptq_jax.plan.passes import Passes, embedding, kernel_shape
+from gptq_jax.plan.slices import Slice
+from gptq_jax.plan.solves import solve
+
+GiB = 2**30
+
+
+def _packed_bytes(lay: Layout, shapes) -> int:
+  bits, gs = lay.cfg.bits, lay.cfg.group_size
+  total = 0
+  for k, n in shapes:
+    groups = 1 if gs == -1 else -(-k // gs)
+    total += k * n * bits // 8 + groups * n * (4 + bits / 8) + k * 4
+  return int(total)
+
+
+def _solve_sets(lay: Layout, passes: Passes, group) -> list[list]:
+  if lay.cfg.gptaq:
+    return [[p] for p in group]
+  sets: dict = {}
+  for p in group:
+    sets.setdefault(passes.alias.get(p, p), []).append(p)
+  return list(sets.values())
+
+
+def block_programs(lay: Layout, layer_type: str | None, budget: int, common: list) -> dict:
+  """Every program of one block of ``layer_type``, each with what lies beside it."""
+  passes = Passes(lay, layer_type, budget)
+  block = lay.block(layer_type, lay.home)
+  block_home = nbytes(block)
+  stream = lay.nbatches * nbytes(lay.stream_batch()) * (2 if lay.cfg.gptaq else 1)
+  batch = nbytes(lay.stream_batch()) * (2 if lay.cfg.gptaq else 1)
+  progs: list[Program] = []
+  done: list = []  # kernel shapes quantized so far
+  kept = passes.kept_bytes + [lay.nbatches * nbytes(passes.kept)]
+  for g, (group, pas) in enumerate(zip(passes.groups, passes.programs)):
+    home = block_home + _packed_bytes(lay, done)
+    progs.append(pas.with_beside(common + [
+        ("calibration activations", stream - batch), ("kept inputs", kept[g] - kept[g] // max(
+            1, lay.nbatches)), ("block on its home chip", home)]))
+    for paths in _solve_sets(lay, passes, group):
+      shapes = [kernel_shape(block, p) for p in paths]
+      name = "+".join(p[-1] for p in paths)
+      for prog, live in solve(lay, name, shapes, lay.cfg.gptaq):
+        progs.append(prog.with_beside(common + [
+            ("calibration activations", stream), ("kept inputs", kept[g + 1]),
+            ("block on its home chip", home), ("solve buffers", live)]))
+      done += shapes
+  home = block_home + _packed_bytes(lay, done)
+  if lay.cfg.refine_steps:
+    refine_progs, gathered = refinement.programs(lay, layer_type)
+    progs += [p.with_beside(common + [("calibration activations", stream),
+                                      ("kept inputs", kept[-1]),
+                                      ("stream gathered for refinement", gathered),
+                                      ("quantized block", _packed_bytes(lay, done))])
+              for p in refine_progs]
+  prop = passes.propagation()
+  prop_kept = 0 if lay.cfg.refine_steps else kept[-1]
+  prop = prop.with_beside(common + [("calibration activations", stream - batch),
+                                    ("kept inputs", prop_kept - prop_kept // max(1, lay.nbatches)),
+                                    ("block on its home chip", home)])
+  return {"programs": progs, "propagation": prop}
+
+
+def plan_quantization(run: RunSettings, sl: Slice, *, with_serving: bool = True) -> dict:
+  lay = Layout(run, sl)
+  model, chip = run.model, sl.chip
+  tpu = sl.devices[0].platform == "tpu"
+  ctx = block_sizes.for_generation(chip.generation) if tpu else contextlib.nullcontext()
+  with ctx:
+    embed_home = model.vocab_size * model.hidden_size * lay.dtype.itemsize
+    hidden, ctx_b, mask = lay.stream_batch(1, lay.seqlen, lay.home)
+    evals = 2 * run.eval_windows * nbytes([hidden, ctx_b])
+    common = [("embedding (home chip)", embed_home), ("evaluation windows", evals)]
+    stream = lay.nbatches * nbytes(lay.stream_batch()) * (2 if lay.cfg.gptaq else 1)
+    budget = (run.stash_bytes if run.stash_bytes is not None
+              else int(0.5 * (chip.hbm_bytes - embed_home - evals - stream)))
+    emb = embedding(lay).with_beside([("calibration activations", stream)] + common[1:])
+    kinds = model.distinct_layer_types if len(model.distinct_layer_types) > 1 else (None,)
+    per_type = {}
+    for kind in kinds:
+      per_type[kind or model.layer_types[0]] = block_programs(lay, kind, budget, common)
+    serve = (serving_lib.serving(model, run.cfg, chip, sl.local[0], run.seqlen)
+             if with_serving and tpu else None)
+  return _summarize(lay, emb, per_type, serve)
+
+
+def _summarize(lay: Layout, emb: Program, per_type: dict, serve) -> dict:
+  run, sl, chip, model = lay.run, lay.slice, lay.slice.chip, lay.model
+  everything = [emb] + [p for t in per_type.values() for p in t["programs"] + [t["propagation"]]]
+  worst = max(everything, key=lambda p: p.peak_bytes)
+  per_block = {kind: sum(p.seconds(chip) for p in t["programs"]) + t["propagation"].seconds(chip)
+               for kind, t in per_type.items()}
+  counts = {kind: model.layer_types.count(kind) for kind in per_type}
+  last = model.layer_types[-1]
+  total = emb.seconds(chip) + sum(counts[k] * s for k, s in per_block.items()) - (
+      per_type[last]["propagation"].seconds(chip) if not lay.cfg.lm_head else 0.0)
+  host = host_bytes(lay)
+  fits = worst.peak_bytes <= chip.hbm_bytes
+  out = {
+      "topology": sl.name, "generation": chip.generation, "chips": sl.chips,
+      "num_hosts": sl.num_hosts, "model_type": model.model_type,
+      "num_hidden_layers": model.num_hidden_layers,
+      "settings": {"nsamples": run.nsamples, "seqlen": run.seqlen, "batch_size": run.batch_size,
+                   "micro_batch": lay.batch, "micro_batches": lay.nbatches,
+                   "dtype": model.dtype, "bits": lay.cfg.bits, "group_size": lay.cfg.group_size,
+                   "desc_act": lay.cfg.desc_act, "gptaq": lay.cfg.gptaq,
+                   "refine_steps": lay.cfg.refine_steps, "eval_windows": run.eval_windows},
+      "fits": fits, "hbm_peak_bytes_per_chip": worst.peak_bytes,
+      "hbm_bytes_per_chip": chip.hbm_bytes, "peak_program": worst.name,
+      "peak_parts": dict(worst.beside_parts + (("the program itself", worst.hbm_bytes),)),
+      "host_peak_bytes": host["peak"], "host_parts": host["parts"],
+      "est_seconds": total, "est_seconds_per_block": per_block,
+      "blocks_per_type": counts,
+      "programs": [p.to_dict() for p in everything],
+      "programs_with_loops": sorted({p.name for p in everything if p.loops}),
+      "serving": serve,
+  }
+  out["refusal"] = None if fits else refusal(lay, worst)
+  return out
+
+
+def host_bytes(lay: Layout) -> dict:
+  run, model = lay.run, lay.model
+  item = lay.dtype.itemsize
+  tokens = 2 * run.nsamples * run.seqlen * 4 * 2  # the samples and their micro-batch copies
+  layer = [math.prod(s) for _, _, s in layer_tensor_specs(model, 0)]
+  nonlayer = [math.prod(s) for _, _, s in nonlayer_tensor_specs(model)]
+  block_params = sum(layer)
+  kernels = [tuple(s[::-1]) for p, _, s in layer_tensor_specs(model, 0) if p[-1] == "kernel"]
+  packed = _packed_bytes(lay, kernels) + (block_params - sum(k * n for k, n in kernels)) * 4
+  parts = {"calibration tokens": tokens,
+           "largest tensor read and staged": 2 * max(layer + nonlayer) * item,
+           "a finished block fetched for its save (and orbax's copy)": 2 * packed}
+  peak = tokens + max(parts["largest tensor read and staged"],
+                      2 * max(layer) * item + parts[
+                          "a finished block fetched for its save (and orbax's copy)"])
+  return {"peak": int(peak), "parts": {k: int(v) for k, v in parts.items()}}
+
+
+def refusal(lay: Layout, worst: Program) -> str:
+  """One line: what does not fit, and the setting to change."""
+  chip, parts = lay.slice.chip, dict(worst.beside_parts)
+  data = parts.get("calibration activations", 0) + parts.get("kept inputs", 0)
+  head = (f"the run needs {worst.peak_bytes / GiB:.1f} GiB per chip ('{worst.name}') and a "
+          f"{chip.generation} chip has {chip.hbm_bytes / GiB:.1f} GiB: ")
+  if worst.phase == "refinement":
+    return head + ("use --refine-steps 0 (refinement gathers the calibration set and float32 "
+                   "copies of the block on one chip), or fewer --nsamples / a shorter --seqlen")
+  if data > worst.peak_bytes / 2:
+    return head + (f"use more chips (the calibration activations, {data / GiB:.1f} GiB per chip, "
+                   "are split over them), or fewer --nsamples / a shorter --seqlen"
+                   + (", or --stash-mb 0" if parts.get("kept inputs", 0) > data / 4 else ""))
+  if worst.phase in ("hessian passes", "propagation", "embedding"):
+    if lay.batch > lay.slice.chips:
+      return head + (f"use --batch-size {lay.slice.chips} (micro-batches of {lay.batch} samples "
+                     f"make this program {worst.hbm_bytes / GiB:.1f} GiB), or a shorter --seqlen")
+    return head + "use a shorter --seqlen, or more chips"
+  return head + ("use a chip with more HBM (a layer's solve runs on one chip: its Hessian, "
+                 f"inverse factor and weights take {worst.hbm_bytes / GiB:.1f} GiB there)")
+
+
+def fmt_bytes(n: float) -> str:
+  return f"{n / GiB:.2f} GiB"
+
+
+__all__ = ["RunSettings", "plan_quantization", "refusal", "host_bytes", "fmt_bytes"]
