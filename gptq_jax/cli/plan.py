@@ -21,7 +21,12 @@ import sys
 
 from gptq_jax.config import GPTQConfig
 
-GiB = 2**30
+
+
+def _b(n: float) -> str:
+  from gptq_jax.plan.planner import fmt_bytes  # noqa: PLC0415
+
+  return fmt_bytes(n)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,16 +93,16 @@ def report_text(plan: dict) -> str:
            f"{s['bits']}-bit g{s['group_size']}"
            + (", desc_act" if s["desc_act"] else "") + (", GPTAQ" if s["gptaq"] else "")
            + (f", refine {s['refine_steps']} steps" if s["refine_steps"] else ""),
-           f"HBM per chip (compiler): peak {plan['hbm_peak_bytes_per_chip'] / GiB:.2f} GiB of "
-           f"{plan['hbm_bytes_per_chip'] / GiB:.2f} GiB at '{plan['peak_program']}' -> "
+           f"HBM per chip (compiler): peak {_b(plan['hbm_peak_bytes_per_chip'])} of "
+           f"{_b(plan['hbm_bytes_per_chip'])} at '{plan['peak_program']}' -> "
            + ("fits" if plan["fits"] else "DOES NOT FIT"),
-           "  at the peak: " + ", ".join(f"{k} {v / GiB:.2f} GiB"
+           "  at the peak: " + ", ".join(f"{k} {_b(v)}"
                                          for k, v in plan["peak_parts"].items() if v),
-           f"host memory per host (counted): {plan['host_peak_bytes'] / GiB:.2f} GiB ("
-           + ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan["host_parts"].items()) + ")",
+           f"host memory per host (counted): {_b(plan['host_peak_bytes'])} ("
+           + ", ".join(f"{k} {_b(v)}" for k, v in plan["host_parts"].items()) + ")",
            "time at the roofline (compiler FLOPs and bytes over the chip's peak; a lower bound): "
-           + ", ".join(f"{v:.2f} s per {k} block" for k, v in plan["est_seconds_per_block"].items())
-           + f", {plan['est_seconds'] / 60:.1f} min in total"]
+           + ", ".join(f"{v:.3g} s per {k} block" for k, v in plan["est_seconds_per_block"].items())
+           + f", {plan['est_seconds'] / 60:.3g} min in total"]
   if plan["programs_with_loops"]:
     lines.append(f"  ({len(plan['programs_with_loops'])} programs hold loops whose bodies the "
                  "compiler's cost counts once: the solves' column loops"
@@ -106,8 +111,8 @@ def report_text(plan: dict) -> str:
     q, f = row["packed"], row["bf16"]
     lines.append(f"decode batch {row['batch']:>2}: packed {q['tokens_per_s_per_chip']:,.0f} "
                  f"tokens/s per chip vs bf16 {f['tokens_per_s_per_chip']:,.0f} "
-                 f"({row['speedup']:.2f}x; weights {q['weight_bytes'] / GiB:.2f} vs "
-                 f"{f['weight_bytes'] / GiB:.2f} GiB) at the roofline")
+                 f"({row['speedup']:.2f}x; weights {_b(q['weight_bytes'])} vs "
+                 f"{_b(f['weight_bytes'])}) at the roofline")
   if plan["refusal"]:
     lines.append(plan["refusal"])
   return "\n".join(lines)

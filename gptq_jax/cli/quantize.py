@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 
-from gptq_jax.cli import compile_cache
+from gptq_jax.cli import compile_cache, preflight
 from gptq_jax.cli.args import _check_args, _config, _parser  # noqa: F401 (tests import them here)
 from gptq_jax.config import GPTQConfig
 from gptq_jax.data import DatasetUnavailable
@@ -171,6 +171,7 @@ def run(args) -> dict:
   source = ModelSource(rotated_dir or args.model)
   dtype = args.dtype or source.native_dtype()
   model_config = source.config.replace(dtype=dtype)
+  preflight.check_fits(args, cfg, model_config, dtype, _say)  # on TPU: refuses what will not fit
   tokenizer = _tokenizer(args, load_tokenizer)
   timing["open model and tokenizer"] = time.perf_counter() - t_start
   t0 = time.perf_counter()

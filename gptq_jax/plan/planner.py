@@ -168,29 +168,39 @@ def host_bytes(lay: Layout) -> dict:
 
 
 def refusal(lay: Layout, worst: Program) -> str:
-  """One line: what does not fit, and the setting to change."""
+  """One line: what does not fit, and the setting to change (by what takes most at the peak)."""
   chip, parts = lay.slice.chip, dict(worst.beside_parts)
+  parts["the program itself"] = worst.hbm_bytes
   data = parts.get("calibration activations", 0) + parts.get("kept inputs", 0)
-  head = (f"the run needs {worst.peak_bytes / GiB:.1f} GiB per chip ('{worst.name}') and a "
-          f"{chip.generation} chip has {chip.hbm_bytes / GiB:.1f} GiB: ")
-  if worst.phase == "refinement":
-    return head + ("use --refine-steps 0 (refinement gathers the calibration set and float32 "
-                   "copies of the block on one chip), or fewer --nsamples / a shorter --seqlen")
-  if data > worst.peak_bytes / 2:
-    return head + (f"use more chips (the calibration activations, {data / GiB:.1f} GiB per chip, "
-                   "are split over them), or fewer --nsamples / a shorter --seqlen"
-                   + (", or --stash-mb 0" if parts.get("kept inputs", 0) > data / 4 else ""))
-  if worst.phase in ("hessian passes", "propagation", "embedding"):
-    if lay.batch > lay.slice.chips:
-      return head + (f"use --batch-size {lay.slice.chips} (micro-batches of {lay.batch} samples "
-                     f"make this program {worst.hbm_bytes / GiB:.1f} GiB), or a shorter --seqlen")
-    return head + "use a shorter --seqlen, or more chips"
-  return head + ("use a chip with more HBM (a layer's solve runs on one chip: its Hessian, "
-                 f"inverse factor and weights take {worst.hbm_bytes / GiB:.1f} GiB there)")
+  what = max(parts, key=parts.get)
+  head = (f"the run needs {fmt_bytes(worst.peak_bytes)} per chip at '{worst.name}' and a "
+          f"{chip.generation} chip has {fmt_bytes(chip.hbm_bytes)}; most of it is {what} "
+          f"({fmt_bytes(parts[what])}): ")
+  if worst.phase == "refinement" or what == "stream gathered for refinement":
+    advice = ("use --refine-steps 0 (refinement gathers the calibration set and float32 copies "
+              "of the block on one chip), or fewer --nsamples / a shorter --seqlen")
+  elif what == "evaluation windows":
+    advice = "use fewer --eval-windows, or --eval-text none"
+  elif what in ("calibration activations", "kept inputs") or data >= parts[what]:
+    advice = (f"use more chips (the calibration activations, {fmt_bytes(data)} per chip, are "
+              "split over them), or fewer --nsamples / a shorter --seqlen"
+              + (", or --stash-mb 0" if parts.get("kept inputs", 0) else ""))
+  elif what == "the program itself" and worst.phase in ("hessian passes", "propagation",
+                                                          "embedding"):
+    advice = (f"use --batch-size {lay.slice.chips} (micro-batches of {lay.batch} samples), or a "
+              "shorter --seqlen" if lay.batch > lay.slice.chips else
+              "use a shorter --seqlen, or more chips (smaller micro-batches per chip)")
+  else:
+    advice = ("use a chip with more HBM: the embedding, a block and a layer's solve stay on one "
+              "chip whatever the number of chips")
+  return head + advice
 
 
 def fmt_bytes(n: float) -> str:
-  return f"{n / GiB:.2f} GiB"
+  for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(n) >= size:
+      return f"{n / size:.2f} {unit}"
+  return f"{int(n)} B"
 
 
 __all__ = ["RunSettings", "plan_quantization", "refusal", "host_bytes", "fmt_bytes"]
