@@ -32,3 +32,18 @@ if [ "${GPTQ_JAX_SKIP_GPTQMODEL:-0}" != 1 ]; then
       "be skipped" >&2
   fi
 fi
+# The TPU compiler's venv (.venv-tpu): jax[tpu] of .venv's jax version, for scripts/plan.py and the
+# TPU compile tests (tests/tpu: every kernel and pipeline program compiled for v4/v5e/v5p/v6e
+# slices with libtpu's compile-only client). About 1-2 minutes, 130 MB of libtpu. Under CI=true a
+# failed build fails setup (those tests fail, not skip, without it). GPTQ_JAX_SKIP_TPU=1 skips it.
+if [ "${GPTQ_JAX_SKIP_TPU:-0}" != 1 ]; then
+  if ! bash scripts/setup_tpu.sh; then
+    case "${CI:-}" in
+      true|TRUE|True|1|yes)
+        echo "setup.sh: error: scripts/setup_tpu.sh failed under CI=true; the TPU compile tests" \
+          "need .venv-tpu in CI" >&2
+        exit 1 ;;
+    esac
+    echo "setup.sh: warning: scripts/setup_tpu.sh failed; the TPU compile tests will be skipped" >&2
+  fi
+fi

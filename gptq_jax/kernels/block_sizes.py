@@ -42,15 +42,16 @@ TPU_TABLE = {
     "v6e": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
             (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
 }
+# Bytes of VMEM a grid step may use by our own estimate (``_tpu_vmem``), per generation: the
+# estimate of the largest tiles the compiler accepted (the compiler's scoped VMEM limit decides;
+# shapes the table does not fit are shrunk until they are under it).
+VMEM_BUDGET = {"v4": 12 * 2**20, "v5e": 12 * 2**20, "v5p": 12 * 2**20, "v6e": 24 * 2**20}
 # --- end of TPU_TABLE ---
 TABLE = {
     "gpu": ((16, BlockSizes(bm=16, bn=64, bk=0, bkc=128)),
             (64, BlockSizes(bm=64, bn=64, bk=0, bkc=64)),
             (None, BlockSizes(bm=128, bn=128, bk=0, bkc=32))),
 }
-# Bytes of VMEM a grid step may use by our own estimate (``_tpu_vmem``), per generation: a safety
-# margin under the compiler's scoped VMEM limit, which is what decides (the tuner compiles).
-VMEM_BUDGET = {"v4": 12 * 2**20, "v5e": 12 * 2**20, "v5p": 12 * 2**20, "v6e": 24 * 2**20}
 DEFAULT_GENERATION = "v5e"  # when no TPU is attached and none is named (lowering on CPU)
 # jax's device_kind of each generation's devices
 DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",

@@ -1,0 +1,146 @@
+"""Everything that runs on a TPU compiles for TPUs, here, with the TPU compiler (libtpu's
+compile-only client in .venv-tpu; Mosaic for the Pallas kernel), and the plan (scripts/plan.py)
+reports the compiler's own figures.
+
+One .venv-tpu subprocess compiles every case (tests/tpu/worker.py; libtpu starts once) and the
+tests read its results. The venv is built by scripts/setup_tpu.sh (called by scripts/setup.sh):
+without it these tests skip locally and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from gptq_jax.plan.chips import CHIPS
+from tests.interop.helpers import oracle_unavailable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TPU_PYTHON = os.environ.get("GPTQ_JAX_TPU_PYTHON", os.path.join(ROOT, ".venv-tpu", "bin", "python"))
+LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+                 hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                 max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 torch_dtype="bfloat16")
+# Llama-3-70B: the published sizes (hidden 8192, MLP 28672, 80 layers, 64 heads, 8 KV heads)
+LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64)
+
+
+def _tasks(folders: dict) -> list[str]:
+  return ["kernels|v5e", "kernels|v6e", "model_shapes|v4", "model_shapes|v5p", "pipeline",
+          f"big|{folders['8b']}|v5e:2x4", f"big|{folders['70b']}|v6e:2x4",
+          f"big|{folders['70b']}|v5e:2x2|--seqlen|8192|--batch-size|64"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+  if not os.path.isfile(TPU_PYTHON):
+    oracle_unavailable(f"the TPU compiler's venv is absent ({TPU_PYTHON}): build it with "
+                       "scripts/setup_tpu.sh")
+  tmp = tmp_path_factory.mktemp("tpu")
+  folders = {}
+  for name, cfg in (("8b", LLAMA3_8B), ("70b", LLAMA3_70B)):
+    folders[name] = str(tmp / name)
+    os.makedirs(folders[name])
+    with open(os.path.join(folders[name], "config.json"), "w") as f:
+      json.dump(cfg, f)
+  out = str(tmp / "compiled.json")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = ROOT
+  proc = subprocess.run([TPU_PYTHON, "-m", "tests.tpu.worker", out, *_tasks(folders)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=3600)
+  if proc.returncode != 0:
+    tail = proc.stderr[-2000:]
+    if "No module named" in tail:
+      oracle_unavailable(f"{TPU_PYTHON} cannot import what the worker needs: {tail[-400:]}")
+    raise AssertionError(f"the TPU compile worker failed (rc={proc.returncode}):\n{tail}")
+  with open(out) as f:
+    results = json.load(f)
+  results["_folders"] = folders
+  return results
+
+
+def _result(compiled: dict, task: str) -> dict:
+  key = next(k for k in compiled if k == task or k.startswith(task + "|") or task in k)
+  r = compiled[key]
+  assert "error" not in r, f"{key}:\n{r['error']}"
+  return r
+
+
+@pytest.mark.parametrize("gen", ["v5e", "v6e"])
+def test_kernel_compiles_with_mosaic_wherever_can_use_kernel_accepts(compiled, gen):
+  r = _result(compiled, f"kernels|{gen}")
+  assert "failed" not in r, r.get("failed")
+  # every accepted configuration is one Mosaic call in the compiled program
+  assert r["accepted_calls"] == len(r["accepted"]) > 30
+  # every refused one compiled too, on the XLA path: no Mosaic call
+  assert r["refused_calls"] == 0 and len(r["refused"]) > 0
+  # the TPU kernel's rule (docs/format.md): 2/4/8 bits, and a group of a multiple of 8 word rows
+  def refused(name: str) -> bool:
+    bits, gs = int(name.split("bit")[0]), int(name.split(" g")[1].split()[0])
+    return bits == 3 or (gs != -1 and gs % (256 // bits) != 0)
+
+  assert all(refused(n) for n in r["refused"]) and not any(refused(n) for n in r["accepted"])
+
+
+@pytest.mark.parametrize("gen", ["v4", "v5p"])
+def test_model_shapes_take_the_kernel_on_v4_and_v5p(compiled, gen):
+  r = _result(compiled, f"model_shapes|{gen}")
+  assert r["calls"] == r["accepted"] == r["cases"] == 4, r
+
+
+def _programs(plan: dict) -> dict:
+  return {p["name"]: p for p in plan["programs"]}
+
+
+def test_every_per_block_program_compiles_on_a_2x2_slice(compiled):
+  plan = _result(compiled, "pipeline")["plan"]
+  phases = {p["phase"] for p in plan["programs"]}
+  assert phases == {"embedding", "hessian passes", "solves", "propagation", "refinement"}
+  names = _programs(plan)
+  for prefix in ("hessian pass 0", "hessian pass 3", "q_proj+k_proj+v_proj: column loop",
+                 "down_proj: inverse-Hessian factor", "refinement: training loop", "propagation"):
+    assert any(n.startswith(prefix) for n in names), (prefix, sorted(names))
+  assert all(p["hbm_bytes"] > 0 for p in plan["programs"])
+  assert plan["fits"] and plan["refusal"] is None
+
+
+def test_the_plan_holds_the_compilers_own_figures(compiled):
+  """Per program, the plan's HBM and FLOPs equal memory_analysis() / cost_analysis() of the same
+  program compiled directly; the peak and the time are built from them as documented."""
+  r = _result(compiled, "pipeline")
+  plan, names = r["plan"], _programs(r["plan"])
+  for name, direct in r["direct"].items():
+    assert names[name]["hbm_bytes"] == direct["hbm_bytes"], name
+    assert names[name]["flops"] == direct["flops"] > 0, name
+  progs = plan["programs"]
+  assert plan["hbm_peak_bytes_per_chip"] == max(p["hbm_bytes"] + sum(p["beside_parts"].values())
+                                                for p in progs)
+  chip = CHIPS[plan["generation"]]
+  per_block = sum(p["calls"] * max(p["flops"] / chip.peak_flops,
+                                   p["bytes_accessed"] / chip.hbm_bytes_per_s)
+                  for p in progs if p["phase"] != "embedding")
+  assert plan["est_seconds_per_block"]["full_attention"] == pytest.approx(per_block, rel=1e-9)
+  serving = {row["batch"]: row for row in plan["serving"]}
+  assert set(serving) == {1, 8, 64}
+  assert all(row["packed"]["weight_bytes"] < row["bf16"]["weight_bytes"] for row in serving.values())
+
+
+@pytest.mark.parametrize("task,gen,chips", [("8b", "v5e", 8), ("70b|v6e", "v6e", 8)])
+def test_real_size_plans_run(compiled, task, gen, chips):
+  plan = _result(compiled, f"{compiled['_folders'][task.split('|')[0]]}|{gen}")
+  assert plan["generation"] == gen and plan["chips"] == chips
+  assert plan["fits"], plan["refusal"]
+  assert 0 < plan["hbm_peak_bytes_per_chip"] <= plan["hbm_bytes_per_chip"]
+  assert plan["est_seconds"] > 0 and plan["host_peak_bytes"] > 0
+
+
+def test_a_setting_that_cannot_fit_is_refused_with_the_setting_to_change(compiled):
+  plan = _result(compiled, "--seqlen|8192|--batch-size|64")
+  assert not plan["fits"]
+  assert plan["hbm_peak_bytes_per_chip"] > plan["hbm_bytes_per_chip"]
+  assert plan["refusal"].startswith("the run needs ") and " use " in plan["refusal"]
