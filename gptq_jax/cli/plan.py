@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--stash-mb", type=float, default=None, help="as quantize_llama.py's")
   p.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True,
                  help="also plan packed decode at batch 1 / 8 / 64 against bf16")
+  p.add_argument("--figures", default=None, metavar="FILE.json",
+                 help="keep the compiler's figures of each program here across runs (looked up "
+                      "by the program's lowered text, the slice and the compiler version; default "
+                      "<cache>/plan_figures.json; '' keeps none)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
   return p
 
@@ -119,8 +123,12 @@ def report_text(plan: dict) -> str:
 
 
 def run(args) -> dict:
-  from gptq_jax.plan import planner, slices  # noqa: PLC0415
+  from gptq_jax.models.embedded import cache_dir  # noqa: PLC0415
+  from gptq_jax.plan import measure, planner, slices  # noqa: PLC0415
 
+  figures = args.figures if args.figures is not None else os.path.join(cache_dir(),
+                                                                        "plan_figures.json")
+  measure.use_figures_file(figures or None)
   model_config, native = read_model_config(args.model)
   cfg = GPTQConfig(args.bits, group_size=args.group_size, desc_act=args.desc_act,
                    act_group_aware=not args.desc_act, gptaq=args.gptaq,

@@ -9,19 +9,58 @@ bytes accessed of one call). XLA's cost analysis counts the body of a loop once 
 program holds, so a time built on those figures is known to be a lower bound there.
 
 Programs that lower to the same module (layers of the same shapes, another block of the same
-type) are compiled once per process (``_memo``, keyed by the lowered text and the devices).
+type) are compiled once per process (``_memo``, keyed by the lowered text and the devices). A
+figures file (``use_figures_file``; ``scripts/plan.py --figures``) keeps them across processes:
+a program is looked up by the SHA-256 of its lowered module, the devices' kind and count, and the
+jax and libtpu versions, so a changed program, slice or compiler is compiled again, never served
+stale figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 _memo: dict[str, dict] = {}
+_FIELDS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes", "flops",
+           "bytes_accessed", "loops")
+_figures: dict = {"path": None, "table": {}}
+
+
+def use_figures_file(path: str | None) -> None:
+  """Read (and write back) compiler figures from ``path`` (None: none kept across processes).
+  Forgets the figures of programs compiled so far in this process."""
+  _memo.clear()
+  _figures["path"], _figures["table"] = path, {}
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      _figures["table"] = json.load(f)
+
+
+def _versions() -> str:
+  try:
+    import libtpu  # noqa: PLC0415
+
+    tpu = getattr(libtpu, "__version__", "")
+  except ImportError:
+    tpu = ""
+  return f"jax {jax.__version__} libtpu {tpu}"
+
+
+def _save_figures() -> None:
+  path = _figures["path"]
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(_figures["table"], f, indent=0, sort_keys=True)
+    os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,14 +126,18 @@ def _devices_of(args: Sequence[Any]) -> str:
   for leaf in jax.tree.leaves(args):
     sharding = getattr(leaf, "sharding", None)
     if sharding is not None:
-      return ",".join(f"{d.platform}:{d.id}:{d.device_kind}" for d in sharding.device_set)
+      devices = sorted(sharding.device_set, key=lambda d: d.id)
+      return f"{devices[0].platform} {devices[0].device_kind} x{len(devices)} " + ",".join(
+          str(d.id) for d in devices)
   return "default"
 
 
 def compile_figures(fn, args: Sequence[Any]) -> dict:
   """The compiler's figures for ``fn(*args)`` (``fn`` jitted; static arguments given in place)."""
   lowered = fn.trace(*args).lower()
-  key = hashlib.sha256((lowered.as_text() + _devices_of(args)).encode()).hexdigest()
+  key = hashlib.sha256((lowered.as_text() + _devices_of(args) + _versions()).encode()).hexdigest()
+  if key not in _memo and key in _figures["table"]:
+    _memo[key] = dict(_figures["table"][key], hlo="")
   if key not in _memo:
     compiled = lowered.compile()
     mem, cost = compiled.memory_analysis(), _cost(compiled)
@@ -105,6 +148,9 @@ def compile_figures(fn, args: Sequence[Any]) -> dict:
         code_bytes=int(mem.generated_code_size_in_bytes),
         flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         loops=text.count(" while("), hlo=text)
+    if _figures["path"]:
+      _figures["table"][key] = {k: _memo[key][k] for k in _FIELDS}
+      _save_figures()
   return _memo[key]
 
 

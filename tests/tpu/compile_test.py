@@ -5,12 +5,21 @@ reports the compiler's own figures.
 One .venv-tpu subprocess compiles every case (tests/tpu/worker.py; libtpu starts once) and the
 tests read its results. The venv is built by scripts/setup_tpu.sh (called by scripts/setup.sh):
 without it these tests skip locally and fail under CI=true.
+
+The real-size plans (Llama-3-8B, -70B) lower every program and read the compiler's figures from
+``compiler_figures.json`` beside this file (``gptq_jax/plan/measure.py``: keyed by the SHA-256 of
+the lowered module, the slice and the jax / libtpu versions), compiling whatever it does not hold:
+a changed program, slice or compiler is compiled, never served stale figures. Compiling those
+programs costs minutes of CPU; refresh the file after a change with
+``GPTQ_JAX_PLAN_FIGURES=tests/tpu/compiler_figures.json .venv-tpu/bin/python -m tests.tpu.worker
+/tmp/out.json "big|<folder>|<topology>" ...`` (the folders hold the configs below).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -19,6 +28,7 @@ from gptq_jax.plan.chips import CHIPS
 from tests.interop.helpers import oracle_unavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compiler_figures.json")
 TPU_PYTHON = os.environ.get("GPTQ_JAX_TPU_PYTHON", os.path.join(ROOT, ".venv-tpu", "bin", "python"))
 LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
                  hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -51,6 +61,10 @@ def compiled(tmp_path_factory) -> dict:
   out = str(tmp / "compiled.json")
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["PYTHONPATH"] = ROOT
+  figures = str(tmp / "compiler_figures.json")  # a copy: what it lacks is compiled and added
+  if os.path.isfile(FIGURES):
+    shutil.copy(FIGURES, figures)
+  env["GPTQ_JAX_PLAN_FIGURES"] = figures
   proc = subprocess.run([TPU_PYTHON, "-m", "tests.tpu.worker", out, *_tasks(folders)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=3600)
   if proc.returncode != 0:

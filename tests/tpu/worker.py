@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import traceback
 
@@ -123,7 +124,7 @@ def pipeline() -> dict:
       ("hessian pass 0 [q_proj, k_proj, v_proj]", cap._step,
        (state, block, hidden, ctx, mask, {}, False)),
       ("propagation", runner_for(adapter, lay.mesh, "data").jitted,
-       (block, hidden, ctx, plan_kept(lay)))):
+       (block, hidden, ctx, {}))):  # with refinement the propagation reruns the whole block
     c = fn.trace(*args).lower().compile()
     m, cost = c.memory_analysis(), c.cost_analysis()
     direct[name] = {"hbm_bytes": m.argument_size_in_bytes + m.output_size_in_bytes
@@ -132,18 +133,13 @@ def pipeline() -> dict:
   return {"plan": plan, "direct": direct}
 
 
-def plan_kept(lay):
-  """The propagation's kept inputs as the plan lays them out (Passes decides which)."""
-  from gptq_jax.plan.passes import Passes
-  return Passes(lay, None, budget=10**12).kept
-
-
 def big(model: str, topology: str, *argv: str) -> dict:
   """scripts/plan.py's plan (no serving) of a real-size model, with extra flags ``argv``."""
   from gptq_jax.cli import plan as cli_plan
 
+  figures = os.environ.get("GPTQ_JAX_PLAN_FIGURES", "")  # the recorded figures (compile_test.py)
   args = cli_plan._parser().parse_args(["--model", model, "--topology", topology, "--no-serving",
-                                        *argv])
+                                        "--figures", figures, *argv])
   plan = cli_plan.run(args)
   plan.pop("programs")
   return plan
@@ -153,8 +149,11 @@ TASKS = {"kernels": kernels, "model_shapes": model_shapes, "pipeline": pipeline,
 
 
 def main(out_path: str, *tasks: str) -> None:
+  from gptq_jax.plan import measure
+
   results = {}
   for task in tasks:
+    measure.use_figures_file(None)  # every task but "big" compiles everything
     name, *args = task.split("|")
     try:
       results[task] = TASKS[name](*args)
