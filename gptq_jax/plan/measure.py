@@ -4,7 +4,7 @@
 ``ShapeDtypeStruct`` arguments are sharded over (a TPU slice from libtpu's compile-only client, or
 the attached devices), and keeps the compiler's own figures, per chip: ``memory_analysis()``
 (argument, output, aliased and temporary bytes, generated code) and ``cost_analysis()`` (FLOPs and
-bytes accessed of one call). XLA's cost analysis counts the body of a loop once (a ``scan`` or
+bytes accessed of one call), and how many Mosaic kernel calls it holds. XLA's cost analysis counts the body of a loop once (a ``scan`` or
 ``fori_loop`` of 100 matmuls costs as one): ``loops`` says how many while-loops the compiled
 program holds, so a time built on those figures is known to be a lower bound there.
 
@@ -29,7 +29,7 @@ import numpy as np
 
 _memo: dict[str, dict] = {}
 _FIELDS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes", "flops",
-           "bytes_accessed", "loops")
+           "bytes_accessed", "loops", "kernel_calls")
 _figures: dict = {"path": None, "table": {}}
 
 
@@ -83,6 +83,7 @@ class Program:
   flops: float
   bytes_accessed: float
   loops: int
+  kernel_calls: int = 0  # Mosaic (Pallas) kernel calls in the compiled program
   beside_parts: tuple[tuple[str, int], ...] = ()
 
   @property
@@ -147,7 +148,7 @@ def compile_figures(fn, args: Sequence[Any]) -> dict:
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
         flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        loops=text.count(" while("), hlo=text)
+        loops=text.count(" while("), kernel_calls=text.count('"tpu_custom_call"'), hlo=text)
     if _figures["path"]:
       _figures["table"][key] = {k: _memo[key][k] for k in _FIELDS}
       _save_figures()

@@ -141,7 +141,12 @@ def test_the_plan_holds_the_compilers_own_figures(compiled):
   assert plan["est_seconds_per_block"]["full_attention"] == pytest.approx(per_block, rel=1e-9)
   serving = {row["batch"]: row for row in plan["serving"]}
   assert set(serving) == {1, 8, 64}
-  assert all(row["packed"]["weight_bytes"] < row["bf16"]["weight_bytes"] for row in serving.values())
+  for row in serving.values():
+    assert row["packed"]["weight_bytes"] < row["bf16"]["weight_bytes"]
+    layer = next(p for p in row["packed"]["programs"] if p["name"].startswith("decode layer"))
+    assert layer["kernel_calls"] == 7  # q, k, v, o, gate, up, down: the Mosaic kernel
+    layer = next(p for p in row["bf16"]["programs"] if p["name"].startswith("decode layer"))
+    assert layer["kernel_calls"] == 0
 
 
 @pytest.mark.parametrize("task,gen,chips", [("8b", "v5e", 8), ("70b|v6e", "v6e", 8)])

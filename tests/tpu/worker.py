@@ -21,7 +21,7 @@ from gptq_jax.kernels import PreparedWeight, block_sizes, can_use_kernel, quanti
 S = jax.ShapeDtypeStruct
 CALL = 'custom_call_target="tpu_custom_call"'
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=256,
-            hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 
 
@@ -94,7 +94,7 @@ def _tiny_settings(**cfg_kw):
   from gptq_jax.plan.layout import RunSettings
 
   return RunSettings(model=ModelConfig.from_hf_dict(TINY).replace(dtype="bfloat16"),
-                     cfg=GPTQConfig(4, group_size=32, **cfg_kw), nsamples=16, seqlen=32,
+                     cfg=GPTQConfig(4, group_size=64, **cfg_kw), nsamples=16, seqlen=32,
                      batch_size=8)
 
 
