@@ -108,9 +108,11 @@ def report_text(plan: dict) -> str:
            + ", ".join(f"{v:.3g} s per {k} block" for k, v in plan["est_seconds_per_block"].items())
            + f", {plan['est_seconds'] / 60:.3g} min in total"]
   if plan["programs_with_loops"]:
+    steps = ", ".join(f"{v:,}" for v in plan["column_steps_per_block"].values())
     lines.append(f"  ({len(plan['programs_with_loops'])} programs hold loops whose bodies the "
                  "compiler's cost counts once: the solves' column loops"
-                 + (", refinement's steps" if s["refine_steps"] else "") + ")")
+                 + (", refinement's steps" if s["refine_steps"] else "")
+                 + f"; the column loops take {steps} sequential column steps per block)")
   for row in plan.get("serving") or ():
     q, f = row["packed"], row["bf16"]
     lines.append(f"decode batch {row['batch']:>2}: packed {q['tokens_per_s_per_chip']:,.0f} "

@@ -61,6 +61,7 @@ def block_programs(lay: Layout, layer_type: str | None, budget: int, common: lis
   batch = nbytes(lay.stream_batch()) * (2 if lay.cfg.gptaq else 1)
   progs: list[Program] = []
   done: list = []  # kernel shapes quantized so far
+  steps = 0  # sequential column steps of the solves' column loops
   kept = passes.kept_bytes + [lay.nbatches * nbytes(passes.kept)]
   for g, (group, pas) in enumerate(zip(passes.groups, passes.programs)):
     home = block_home + _packed_bytes(lay, done)
@@ -69,6 +70,7 @@ def block_programs(lay: Layout, layer_type: str | None, budget: int, common: lis
             1, lay.nbatches)), ("block on its home chip", home)]))
     for paths in _solve_sets(lay, passes, group):
       shapes = [kernel_shape(block, p) for p in paths]
+      steps += shapes[0][0]
       name = "+".join(p[-1] for p in paths)
       for prog, live in solve(lay, name, shapes, lay.cfg.gptaq):
         progs.append(prog.with_beside(common + [
@@ -88,7 +90,7 @@ def block_programs(lay: Layout, layer_type: str | None, budget: int, common: lis
   prop = prop.with_beside(common + [("calibration activations", stream - batch),
                                     ("kept inputs", prop_kept - prop_kept // max(1, lay.nbatches)),
                                     ("block on its home chip", home)])
-  return {"programs": progs, "propagation": prop}
+  return {"programs": progs, "propagation": prop, "column_steps": steps}
 
 
 def plan_quantization(run: RunSettings, sl: Slice, *, with_serving: bool = True) -> dict:
@@ -141,6 +143,9 @@ def _summarize(lay: Layout, emb: Program, per_type: dict, serve) -> dict:
       "host_peak_bytes": host["peak"], "host_parts": host["parts"],
       "est_seconds": total, "est_seconds_per_block": per_block,
       "blocks_per_type": counts,
+      # the solves' column loops step through a layer's input columns one at a time: latency the
+      # roofline does not see
+      "column_steps_per_block": {k: t["column_steps"] for k, t in per_type.items()},
       "programs": [p.to_dict() for p in everything],
       "programs_with_loops": sorted({p.name for p in everything if p.loops}),
       "serving": serve,
