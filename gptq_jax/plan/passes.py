@@ -43,7 +43,7 @@ def _states(lay: Layout, shapes: dict, cross: bool) -> dict:
     if cross:
       return hessian.CrossState(xtx=sq, dxxt=sq, count=count)
     return hessian.HessianState(xtx=sq, count=count)
-  return {p: state(int(s[0].shape[0] if not cross else s[0].shape[0])) for p, s in shapes.items()}
+  return {p: state(int(s[0].shape[0])) for p, s in shapes.items()}  # s[0]: the X^T X sum
 
 
 class Passes:
