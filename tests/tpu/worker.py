@@ -51,10 +51,9 @@ def kernels(gen: str) -> dict:
                                                 else f"{gen}:2x2x1").devices[0])
   accepted, refused = [], []
   with block_sizes.for_generation(gen):
-    for bits, gs, m, dtype, act in itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (1, 256),
-                                                     (jnp.float32, jnp.bfloat16), (False, True)):
-      if act and m != 1:  # the act-order permutation is applied outside the kernel: once
-        continue
+    for bits, gs, m, dtype in itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (1, 256),
+                                                (jnp.float32, jnp.bfloat16)):
+      act = m == 1 and dtype == jnp.float32  # the act-order permutation (outside the kernel)
       case = {"x": (m, 512), "dtype": dtype, "w": _weight(512, 256, bits, gs, sh, act),
               "name": f"{bits}bit g{gs} m{m} {jnp.dtype(dtype).name}{' act' if act else ''}"}
       ok, why = can_use_kernel(S(case["x"], dtype), case["w"], platform="tpu")
