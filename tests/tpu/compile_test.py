@@ -40,10 +40,26 @@ LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidd
                   num_attention_heads=64)
 
 
+BIG_ENV = "GPTQ_JAX_TPU_BIG"  # =1: plan the real-size models even without recorded figures
+
+
+def _big() -> bool:
+  return os.path.isfile(FIGURES) or os.environ.get(BIG_ENV) == "1"
+
+
 def _tasks(folders: dict) -> list[str]:
-  return ["kernels|v5e", "kernels|v6e", "model_shapes|v4", "model_shapes|v5p", "pipeline",
-          f"big|{folders['8b']}|v5e:2x4", f"big|{folders['70b']}|v6e:2x4",
-          f"big|{folders['70b']}|v5e:2x2|--seqlen|8192|--batch-size|64"]
+  tasks = ["kernels|v5e", "kernels|v6e", "model_shapes|v4", "model_shapes|v5p", "pipeline"]
+  if _big():
+    tasks += [f"big|{folders['8b']}|v5e:2x4", f"big|{folders['70b']}|v6e:2x4",
+              f"big|{folders['70b']}|v5e:2x2|--seqlen|8192|--batch-size|64"]
+  return tasks
+
+
+def _needs_big() -> None:
+  if not _big():
+    oracle_unavailable(f"the recorded compiler figures {FIGURES} are absent: compiling the "
+                       "real-size plans takes about half an hour of CPU; record them once (module "
+                       f"docstring) or set {BIG_ENV}=1")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +167,7 @@ def test_the_plan_holds_the_compilers_own_figures(compiled):
 
 @pytest.mark.parametrize("task,gen,chips", [("8b", "v5e", 8), ("70b|v6e", "v6e", 8)])
 def test_real_size_plans_run(compiled, task, gen, chips):
+  _needs_big()
   plan = _result(compiled, f"{compiled['_folders'][task.split('|')[0]]}|{gen}")
   assert plan["generation"] == gen and plan["chips"] == chips
   assert plan["fits"], plan["refusal"]
@@ -159,6 +176,7 @@ def test_real_size_plans_run(compiled, task, gen, chips):
 
 
 def test_a_setting_that_cannot_fit_is_refused_with_the_setting_to_change(compiled):
+  _needs_big()
   plan = _result(compiled, "--seqlen|8192|--batch-size|64")
   assert not plan["fits"]
   assert plan["hbm_peak_bytes_per_chip"] > plan["hbm_bytes_per_chip"]
