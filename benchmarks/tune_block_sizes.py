@@ -59,6 +59,7 @@ def compiles(gen: str, device, sizes: BlockSizes, m: int) -> bool:
   """True when every representative shape compiles to the Mosaic kernel with ``sizes`` as the
   preferred tile (the shape's own divisors clamp it, as for any model)."""
   sh = SingleDeviceSharding(device)
+  jax.clear_caches()  # the jitted matmul's trace holds the previous candidate's block sizes
   saved = block_sizes.TPU_TABLE[gen], block_sizes.VMEM_BUDGET[gen]
   block_sizes.TPU_TABLE[gen] = ((None, sizes),)
   block_sizes.VMEM_BUDGET[gen] = 1 << 40  # the compiler decides
