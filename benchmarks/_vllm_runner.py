@@ -1,6 +1,7 @@
 """The vLLM side of benchmarks/serve_vllm.py, run with .venv-vllm's python (never imported).
 
   python _vllm_runner.py JOB.json OUT.json
+  python _vllm_runner.py rules JOB.json OUT.json   (vLLM's verdict on GPTQ configs, CPU path)
 
 JOB: {"folder", "dtype", "prompt_ids", "new_tokens", "windows": [[ids...], ...]}. Serves the folder
 with vLLM's offline LLM (in-process engine) and writes {"kernel", "tokens", "token_logprobs",
@@ -95,6 +96,37 @@ def main(job_path, out_path):
                "stand_in": note, "kernels": kernels}, f)
 
 
+def rules(job_path, out_path):
+  """vLLM's own verdict on GPTQ configs for its CPU path: AutoGPTQConfig.from_config (bits / sym /
+  desc_act), AutoGPTQLinearMethod (verify_marlin_supported) and CPUWNA16LinearKernel.can_implement
+  on each [in, out] shape. (The loader's K // group_size is seen by serving, not here.)"""
+  import torch
+  from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+  from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+  from vllm.model_executor.layers.quantization.auto_gptq import (AutoGPTQConfig,
+                                                                 AutoGPTQLinearMethod)
+
+  with open(job_path) as f:
+    job = json.load(f)
+  verdicts = {}
+  for name, case in job["cases"].items():
+    try:
+      cfg = AutoGPTQConfig.from_config(case["quantization_config"])
+      AutoGPTQLinearMethod(cfg)
+      why = None
+      for k, n in case["shapes"]:
+        ok, why = CPUWNA16LinearKernel.can_implement(MPLinearLayerConfig(
+            full_weight_shape=(k, n), partition_weight_shape=(k, n), weight_type=cfg.quant_type,
+            act_type=torch.bfloat16, group_size=cfg.group_size, zero_points=False))
+        if not ok:
+          break
+    except (ValueError, NotImplementedError) as e:
+      why = str(e).splitlines()[0]
+    verdicts[name] = why
+  with open(out_path, "w") as f:
+    json.dump(verdicts, f)
+
+
 def _modules(llm):
   try:
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
@@ -105,4 +137,7 @@ def _modules(llm):
 
 if __name__ == "__main__":
   os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-  main(sys.argv[1], sys.argv[2])
+  if sys.argv[1] == "rules":
+    rules(sys.argv[2], sys.argv[3])
+  else:
+    main(sys.argv[1], sys.argv[2])

@@ -125,16 +125,57 @@ def vllm(folder: str, prompt_ids, new, windows, work) -> dict:
                "new_tokens": new, "windows": windows, "max_model_len": 1024}, f)
   if os.path.exists(out):
     os.remove(out)
-  env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-             VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-             XLA_FLAGS="", PYTHONPATH="")
-  proc = subprocess.run([VLLM_PYTHON, RUNNER, job, out], capture_output=True, text=True, env=env,
-                        timeout=1800)
+  proc = subprocess.run([VLLM_PYTHON, RUNNER, job, out], capture_output=True, text=True,
+                        env=_vllm_env(), timeout=1800)
   if proc.returncode != 0:
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
     return {"error": (errors[-1] if errors else proc.stderr[-300:]).strip()[:300]}
   with open(out) as f:
     return json.load(f)
+
+
+RULE_CASES = {  # GPTQConfig fields: every SmolLM2 input size divides these groups
+    "4-bit g64": dict(bits=4, group_size=64), "4-bit g32": dict(bits=4, group_size=32),
+    "4-bit per-row": dict(bits=4, group_size=-1), "4-bit g192": dict(bits=4, group_size=192),
+    "asym": dict(bits=4, group_size=64, sym=False, format="gptq_v2"),
+    "3-bit": dict(bits=3, group_size=64), "8-bit": dict(bits=8, group_size=64),
+    "act-order": dict(bits=4, group_size=64, desc_act=True),
+    "act-order static": dict(bits=4, group_size=64, desc_act=True, static_groups=True),
+}
+
+
+def check_rules(work: str) -> list[list]:
+  """Our vLLM CPU row against vLLM's own config and kernel checks, on SmolLM2's shapes."""
+  import gptq_jax as gj
+  from gptq_jax.interop import engines
+  from gptq_jax.interop.hf_gptq import quantization_config
+  from gptq_jax.models.hf import load_hf_config
+
+  model_config = load_hf_config(os.path.join(work, "gptq_g64"))
+  cases, ours = {}, {}
+  for name, kw in RULE_CASES.items():
+    cfg = gj.GPTQConfig(act_group_aware=False, **kw)
+    facts = engines.facts_for(model_config, cfg)
+    cases[name] = {"quantization_config": quantization_config(cfg),
+                   "shapes": sorted({(x.in_features, x.out_features) for x in facts.linears})}
+    ours[name] = engines.vllm_cpu(facts)
+  job, out = os.path.join(work, "rules_job.json"), os.path.join(work, "rules_out.json")
+  with open(job, "w") as f:
+    json.dump({"cases": cases}, f)
+  subprocess.run([VLLM_PYTHON, RUNNER, "rules", job, out], check=True, env=_vllm_env(),
+                 capture_output=True, text=True, timeout=900)
+  with open(out) as f:
+    theirs = json.load(f)
+  return [[name, "runs" if theirs[name] is None else "refuses",
+           "runs" if ours[name] is None else "refuses",
+           "agree" if (theirs[name] is None) == (ours[name] is None) else "DISAGREE",
+           (theirs[name] or "")[:90]] for name in RULE_CASES]
+
+
+def _vllm_env() -> dict:
+  return dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+              VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+              XLA_FLAGS="", PYTHONPATH="")
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -156,7 +197,12 @@ def main(argv=None) -> int:
   p.add_argument("--seqlen", type=int, default=512)
   p.add_argument("--windows", type=int, default=4, help="held-out windows of 256 tokens")
   p.add_argument("--new-tokens", type=int, default=16)
+  p.add_argument("--rules-only", action="store_true", help="only the rule check (needs --work "
+                 "from an earlier run)")
   args = p.parse_args(argv)
+  if args.rules_only:
+    print(table(["config", "vLLM", "engines.py", "", "vLLM's reason"], check_rules(args.work)))
+    return 0
   t0 = time.perf_counter()
   ensure_venv()
   os.makedirs(args.work, exist_ok=True)
@@ -181,9 +227,13 @@ def main(argv=None) -> int:
                "ppl vLLM (bf16)", "mean |dlogp| windows"], rows))
   for note in sorted(notes):
     print("note: " + note)
-  print(f"{args.windows} held-out windows of 256 tokens (SOTU 2016-2021); prompt {PROMPT!r}; "
-        f"{time.perf_counter() - t0:.0f} s")
-  print(json.dumps({"rows": rows}))
+  print(f"{args.windows} held-out windows of 256 tokens (SOTU 2016-2021); prompt {PROMPT!r}")
+  rules = check_rules(args.work)
+  print("\nengines.py's 'vLLM CPU' row against vLLM's own checks (AutoGPTQConfig.from_config, "
+        "AutoGPTQLinearMethod, CPUWNA16LinearKernel.can_implement) on SmolLM2's shapes:")
+  print(table(["config", "vLLM", "engines.py", "", "vLLM's reason"], rules))
+  print(f"{time.perf_counter() - t0:.0f} s")
+  print(json.dumps({"rows": rows, "rules": rules}))
   return 0
 
 

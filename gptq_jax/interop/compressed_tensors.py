@@ -268,9 +268,10 @@ def gptq_config(qc: dict[str, Any], model_config: ModelConfig) -> GPTQConfig:
   recorded = (qc.get("gptq_jax") or {}).get("gptq_config")
   if recorded:
     return GPTQConfig.from_dict(recorded)
-  base = module_weights(qc, f"model.layers.0.{'self_attn'}.q_proj")
-  if base is None:
-    raise ValueError("compressed-tensors folder without a scheme for its linear layers")
+  groups = list((qc.get("config_groups") or {}).values())
+  if not groups:
+    raise ValueError("compressed-tensors folder without config_groups: nothing is quantized")
+  base = next((g for g in groups if LINEAR_TARGET in g.get("targets", [])), groups[0])["weights"]
 
   def settings(args):
     group = -1 if args.get("strategy") == "channel" else int(args["group_size"])
