@@ -31,18 +31,27 @@ def _nibbles(words, torch):
   return (words.unsqueeze(-1) >> shifts) & 0xF
 
 
-def cpu_gemm_wna16(input, q_weight, output, scales, zeros, bias, pack_factor, isa_hint):
+_DEQUANTIZED = {}  # (q_weight, scales, zeros) storage -> [K, N] float32: weights never change
+
+
+def _dequantize(k, q_weight, scales, zeros):
   import torch
 
-  assert pack_factor == 8, pack_factor
-  k = input.shape[-1]
   groups, n = scales.shape
   q = _nibbles(q_weight.view(n // 16, k, 2), torch)  # [N/16, K, 2, 8]
   q = q.permute(1, 0, 2, 3).reshape(k, n).float()  # output 16b + 8h + j
   g = torch.arange(k) // (k // groups)
   z = 8.0 if zeros is None else _nibbles(zeros, torch).reshape(groups, n).float()[g]
-  w = (q - z) * scales.float()[g]
-  out = input.float() @ w
+  return (q - z) * scales.float()[g]
+
+
+def cpu_gemm_wna16(input, q_weight, output, scales, zeros, bias, pack_factor, isa_hint):
+  assert pack_factor == 8, pack_factor
+  k = input.shape[-1]
+  key = (q_weight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr())
+  if key not in _DEQUANTIZED:
+    _DEQUANTIZED[key] = _dequantize(k, q_weight, scales, zeros)
+  out = input.float() @ _DEQUANTIZED[key]
   if bias is not None:
     out = out + bias.float()
   output.copy_(out.to(output.dtype))

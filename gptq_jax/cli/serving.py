@@ -44,21 +44,21 @@ def apply(args, cfg, model_config, say):
   """``cfg`` checked against ``--target`` / ``--hf-format`` (and its group size picked with
   ``auto``) once the model's config is known, before any work. Raises one line naming the
   setting to change."""
-  from gptq_jax.interop import engines, formats  # noqa: PLC0415
+  from gptq_jax.interop import formats, targets  # noqa: PLC0415
 
-  hf_format = args.hf_format or engines.GPTQ
+  hf_format = args.hf_format or targets.GPTQ
   if args.group_size == "auto":
-    cfg = cfg.replace(group_size=engines.auto_group_size(model_config, cfg, args.target,
+    cfg = cfg.replace(group_size=targets.auto_group_size(model_config, cfg, args.target,
                                                          hf_format))
-    say(f"--group-size auto: {cfg.group_size} (the largest of {engines.AUTO_GROUP_SIZES} that "
+    say(f"--group-size auto: {cfg.group_size} (the largest of {targets.AUTO_GROUP_SIZES} that "
         f"--target {args.target} runs)")
   if args.save_hf:
     formats.get(hf_format).check(model_config, cfg)
   if args.target:
-    why = engines.target_refusal(model_config, cfg, args.target, hf_format)
+    why = targets.target_refusal(model_config, cfg, args.target, hf_format)
     if why:
-      fix = engines.suggest(model_config, cfg, args.target, hf_format)
+      fix = targets.suggest(model_config, cfg, args.target, hf_format)
       raise ValueError(f"--target {args.target}: {why}" + (f" (change: {fix})" if fix else ""))
-    say(f"--target {args.target}: {', '.join(engines.TARGETS[args.target][hf_format])} can run "
+    say(f"--target {args.target}: {', '.join(targets.TARGETS[args.target][hf_format])} can run "
         f"the {hf_format} export of these settings")
   return cfg

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gptq_jax as gj
-from gptq_jax.interop import engines
+from gptq_jax.interop import engines, targets
 from gptq_jax.models.config import ModelConfig
 from tests.interop.helpers import oracle_unavailable
 
@@ -97,16 +97,16 @@ def test_table_matches_the_engines_rules(case):
 
 def test_default_export_runs_on_no_vllm_kernel_and_auto_picks_64():
   cfg = gj.GPTQConfig(4)  # the CLI default: group 128 on SmolLM2's 576 inputs
-  why = engines.target_refusal(SMOLLM2, cfg, "vllm")
+  why = targets.target_refusal(SMOLLM2, cfg, "vllm")
   assert "576 // 128 = 4 groups, the file holds 5" in why
-  assert engines.suggest(SMOLLM2, cfg, "vllm") == "--group-size 64"
-  assert engines.auto_group_size(SMOLLM2, cfg, "vllm") == 64
-  assert engines.suggest(SMOLLM2, gj.GPTQConfig(4, sym=False, **G64), "vllm") == "--sym"
-  assert engines.suggest(SMOLLM2, gj.GPTQConfig(4, desc_act=True, **G64), "vllm") == \
+  assert targets.suggest(SMOLLM2, cfg, "vllm") == "--group-size 64"
+  assert targets.auto_group_size(SMOLLM2, cfg, "vllm") == 64
+  assert targets.suggest(SMOLLM2, gj.GPTQConfig(4, sym=False, **G64), "vllm") == "--sym"
+  assert targets.suggest(SMOLLM2, gj.GPTQConfig(4, desc_act=True, **G64), "vllm") == \
       "--no-desc-act"
-  assert engines.target_refusal(SMOLLM2, gj.GPTQConfig(4, **G64), "tpu-inference")
+  assert targets.target_refusal(SMOLLM2, gj.GPTQConfig(4, **G64), "tpu-inference")
   with pytest.raises(ValueError, match="no group size in"):
-    engines.auto_group_size(SMOLLM2, gj.GPTQConfig(4), "tpu-inference")
+    targets.auto_group_size(SMOLLM2, gj.GPTQConfig(4), "tpu-inference")
 
 
 def test_gptqmodel_cpu_rule_is_torchs_int4_matmul():
