@@ -4,7 +4,7 @@
   python _vllm_runner.py rules JOB.json OUT.json   (vLLM's verdict on GPTQ configs, CPU path)
 
 JOB: {"folder", "dtype", "prompt_ids", "new_tokens", "windows": [[ids...], ...]}. Serves the folder
-with vLLM's offline LLM (in-process engine) and writes {"kernel", "tokens", "token_logprobs",
+with vLLM's offline LLM (in-process engine) and writes {"tokens", "token_logprobs",
 "window_logprobs", "stand_in"}: the greedy continuation of the prompt with each chosen token's
 log-prob, and the log-prob of every token of each window given the tokens before it.
 
@@ -96,13 +96,9 @@ def main(job_path, out_path):
   for ids in job["windows"]:
     res = llm.generate([TokensPrompt(prompt_token_ids=ids)], score)[0]
     windows.append([res.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0])
-  kernels = sorted({type(getattr(m, "quant_method", None)).__name__ + ":" +
-                    type(getattr(getattr(m, "quant_method", None), "kernel", None)).__name__
-                    for m in _modules(llm) if hasattr(m, "quant_method")
-                    and hasattr(getattr(m, "quant_method", None), "kernel")})
   with open(out_path, "w") as f:
     json.dump({"tokens": tokens, "token_logprobs": token_lp, "window_logprobs": windows,
-               "stand_in": note, "kernels": kernels}, f)
+               "stand_in": note}, f)
 
 
 def rules(job_path, out_path):
@@ -134,14 +130,6 @@ def rules(job_path, out_path):
     verdicts[name] = why
   with open(out_path, "w") as f:
     json.dump(verdicts, f)
-
-
-def _modules(llm):
-  try:
-    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    return list(model.modules())
-  except AttributeError:
-    return []
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,7 +132,10 @@ def vllm(folder: str, prompt_ids, new, windows, work) -> dict:
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
     return {"error": (errors[-1] if errors else proc.stderr[-300:]).strip()[:300]}
   with open(out) as f:
-    return json.load(f)
+    result = json.load(f)
+  logs = proc.stdout + proc.stderr  # vLLM logs "Using <Kernel> for <method>" once per kernel
+  result["kernels"] = sorted({f"{m}:{k}" for k, m in re.findall(r"Using (\w+) for (\w+)", logs)})
+  return result
 
 
 RULE_CASES = {  # GPTQConfig fields: every SmolLM2 input size divides these groups
