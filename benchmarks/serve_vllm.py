@@ -129,8 +129,11 @@ def vllm(folder: str, prompt_ids, new, windows, work) -> dict:
   proc = subprocess.run([VLLM_PYTHON, RUNNER, job, out], capture_output=True, text=True,
                         env=_vllm_env(), timeout=1800)
   if proc.returncode != 0:
+    log = os.path.join(work, os.path.basename(folder) + ".vllm.log")
+    with open(log, "w") as f:
+      f.write(proc.stdout + proc.stderr)
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
-    return {"error": (errors[-1] if errors else proc.stderr[-300:]).strip()[:300]}
+    return {"error": (errors[-1] if errors else proc.stderr[-300:]).strip()[:200] + f" ({log})"}
   with open(out) as f:
     result = json.load(f)
   logs = proc.stdout + proc.stderr  # vLLM logs "Using <Kernel> for <method>" once per kernel
