@@ -2,7 +2,8 @@
 
 Takes an orbax checkpoint folder (written by ``checkpoint.save`` / ``scripts/quantize_llama.py``),
 a Hugging Face GPTQ folder (``gptq`` v1 or ``gptq_v2``, e.g. an ``export_hf`` or a GPTQModel
-output), a Hugging Face float folder, a ``.gguf`` file, or an embedded model name. The format is
+output), a compressed-tensors pack-quantized folder (llm-compressor's layout), a Hugging Face float
+folder, a ``.gguf`` file, or an embedded model name. The format is
 decided from the files, never from the name, and said in one log line ("orbax checkpoint (gptq,
 4-bit g128)", "HF GPTQ folder (gptq_v2, 4-bit g128)", "HF float folder (llama)", ...).
 
@@ -23,6 +24,7 @@ log = logging.getLogger("gptq_jax")
 
 ORBAX = "orbax"
 HF_GPTQ = "hf_gptq"
+HF_CT = "hf_compressed_tensors"
 HF_FLOAT = "hf_float"
 GGUF = "gguf"
 
@@ -76,6 +78,10 @@ def detect(spec: str | os.PathLike) -> tuple[str, str]:
                             "nor a Hugging Face folder (no config.json)")
   if _gptq_config_dict(path) is not None:
     return HF_GPTQ, path
+  from gptq_jax.interop.compressed_tensors import read_ct_config  # noqa: PLC0415
+
+  if read_ct_config(path) is not None:
+    return HF_CT, path
   return HF_FLOAT, path
 
 
@@ -104,6 +110,12 @@ def open_model(spec: str | os.PathLike, dtype: Any = jnp.float32) -> LoadedModel
     config, params, qcfg = import_hf(path, dtype)
     loaded = LoadedModel(config, params, qcfg, kind,
                          f"HF GPTQ folder ({describe_quant(qcfg)})", path)
+  elif kind == HF_CT:
+    from gptq_jax.interop.compressed_tensors import import_ct  # noqa: PLC0415
+
+    config, params, qcfg = import_ct(path, dtype)
+    loaded = LoadedModel(config, params, qcfg, kind,
+                         f"HF compressed-tensors folder ({describe_quant(qcfg)})", path)
   else:
     from gptq_jax.models import load_model as load_float  # noqa: PLC0415
 

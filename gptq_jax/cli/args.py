@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from gptq_jax.cli import compile_cache
+from gptq_jax.cli import compile_cache, serving
 from gptq_jax.config import BACKENDS, FORMATS, MSE_WEIGHTS, GPTQConfig
 
 
@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="write a JSON report (and FILE.png: loss per layer)")
   g = p.add_argument_group("GPTQ settings (GPTQConfig fields)")
   g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
-  g.add_argument("--group-size", type=int, default=128, help="> 0, or -1 for per-row")
+  g.add_argument("--group-size", type=serving.group_size, default=128,
+                 help="> 0, -1 for per-row, or auto (the largest the --target engine runs)")
   g.add_argument("--damp-percent", type=float, default=0.1)
   g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False)
   g.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
@@ -93,11 +94,13 @@ def _parser() -> argparse.ArgumentParser:
   m.add_argument("--num-processes", type=int, help="how many processes take part")
   m.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
   compile_cache.add_flag(p)
+  serving.add_flags(p)
   return p
 
 
 def _config(args) -> GPTQConfig:
-  kw = dict(group_size=args.group_size, damp_percent=args.damp_percent, desc_act=args.desc_act,
+  group = 128 if args.group_size == "auto" else args.group_size  # auto: picked in serving.apply
+  kw = dict(group_size=group, damp_percent=args.damp_percent, desc_act=args.desc_act,
             sym=args.sym, true_sequential=args.true_sequential, static_groups=args.static_groups,
             format=args.format, backend=args.backend, mse=args.mse, mse_weight=args.mse_weight,
             block_size=args.block_size,
@@ -158,6 +161,7 @@ def _check_args(args) -> None:
                            ("--batch-size", args.batch_size, 1)):
     if value is not None and value < low:
       raise ValueError(f"{flag}={value} is invalid: expected an integer >= {low}")
+  serving.check_flags(args)
   if args.save_hf:
     try:
       import gptq_jax.interop  # noqa: F401,PLC0415 (optional: only --save-hf needs it)

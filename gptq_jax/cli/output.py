@@ -28,7 +28,8 @@ def _by_size(source) -> list[str]:
 
 
 def save_checkpoint(path: str, *, source, dtype: str, blocks_dir: str, qhead: dict,
-                    model_config, quant_config, tokenizer, records: list) -> None:
+                    model_config, quant_config, tokenizer, records: list,
+                    extra: dict | None = None) -> None:
   """Write the orbax checkpoint of a streamed run at ``path`` (every process calls it)."""
   from gptq_jax.checkpoint_parts import PartsWriter  # noqa: PLC0415
 
@@ -43,18 +44,19 @@ def save_checkpoint(path: str, *, source, dtype: str, blocks_dir: str, qhead: di
                                   for i in range(model_config.num_hidden_layers)})
   meta = {"model_config": model_config.to_hf_dict(),  # as checkpoint.save writes it
           "compute_dtype": getattr(model_config, "dtype", "float32"),
-          "quant_config": quant_config.to_dict(), "records": records}
+          "quant_config": quant_config.to_dict(), "records": records, **(extra or {})}
   writer.finish(rest, meta, tokenizer)
 
 
 def export_hf(folder: str, checkpoint_path: str, *, model_config, quant_config, tokenizer,
-              calibration_source, write: bool = True) -> None:
-  """``--save-hf``: the HF GPTQ folder from the finished checkpoint, one shard per part. Under
-  ``jax.distributed`` every process calls it (orbax's reads meet at barriers) and the one with
-  ``write`` writes the folder."""
+              calibration_source, write: bool = True, hf_format: str = "gptq") -> None:
+  """``--save-hf``: the HF folder (``hf_format``: gptq or compressed-tensors) from the finished
+  checkpoint, one shard per part. Under ``jax.distributed`` every process calls it (orbax's reads
+  meet at barriers) and the one with ``write`` writes the folder."""
   from gptq_jax.checkpoint import read_tree  # noqa: PLC0415
   from gptq_jax.checkpoint_parts import PARTS  # noqa: PLC0415
-  from gptq_jax.interop.hf_gptq import FolderWriter, block_tensors, nonlayer_tensors  # noqa: PLC0415
+  from gptq_jax.interop import formats  # noqa: PLC0415
+  from gptq_jax.interop.hf_gptq import block_tensors, nonlayer_tensors  # noqa: PLC0415
 
   rest, meta = read_tree(os.path.join(checkpoint_path, "orbax"))
   parts = meta[PARTS]
@@ -62,16 +64,18 @@ def export_hf(folder: str, checkpoint_path: str, *, model_config, quant_config, 
   for key, (sub, step, _) in parts.items():
     if sub == "nonlayer":
       nonlayer[key] = read_tree(os.path.join(checkpoint_path, sub), step)[0][key]
-  writer = FolderWriter(folder, model_config, quant_config, tokenizer=tokenizer,
-                        calibration_source=calibration_source) if write else None
+  linear = formats.get(hf_format).linear
+  writer = formats.writer(folder, model_config, quant_config, hf_format=hf_format,
+                          tokenizer=tokenizer, calibration_source=calibration_source
+                          ) if write else None
   if writer is not None:
-    writer.add(nonlayer_tensors(model_config, nonlayer, cfg=quant_config))
+    writer.add(nonlayer_tensors(model_config, nonlayer, cfg=quant_config, linear=linear))
   del nonlayer
   for i in range(model_config.num_hidden_layers):
     sub, step, _ = parts[f"layers_{i}"]
     block, _ = read_tree(os.path.join(checkpoint_path, sub), step)
     if writer is not None:
-      writer.add(block_tensors(model_config, i, block, quant_config))
+      writer.add(block_tensors(model_config, i, block, quant_config, linear=linear))
   if writer is not None:
     writer.finish()
 

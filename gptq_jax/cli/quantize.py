@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 
-from gptq_jax.cli import compile_cache, preflight
+from gptq_jax.cli import compile_cache, preflight, serving
 from gptq_jax.cli.args import _check_args, _config, _parser  # noqa: F401 (tests import them here)
 from gptq_jax.config import GPTQConfig
 from gptq_jax.data import DatasetUnavailable
@@ -171,6 +171,7 @@ def run(args) -> dict:
   source = ModelSource(rotated_dir or args.model)
   dtype = args.dtype or source.native_dtype()
   model_config = source.config.replace(dtype=dtype)
+  cfg = serving.apply(args, cfg, model_config, _say)  # --target / --hf-format, before any work
   preflight.check_fits(args, cfg, model_config, dtype, _say)  # on TPU: refuses what will not fit
   tokenizer = _tokenizer(args, load_tokenizer)
   timing["open model and tokenizer"] = time.perf_counter() - t_start
@@ -257,21 +258,23 @@ def run(args) -> dict:
   adapter_eval_seconds = adapter.eval_seconds
   del embed_params, evals, adapter
   t0 = time.perf_counter()
+  calibration_source = _calibration_source(cfg)
   output.save_checkpoint(args.output, source=source, dtype=dtype, blocks_dir=state.blocks_dir,
                          qhead=qhead, model_config=model_config, quant_config=cfg,
-                         tokenizer=tokenizer, records=records)
+                         tokenizer=tokenizer, records=records,
+                         extra={"calibration_source": calibration_source})
   if pid == 0:
     state.finish()
   _say(f"saved {args.output}")
   if args.save_hf:  # every process reads (orbax's barriers), process 0 writes
-    from gptq_jax.interop.calibration import describe_default
-
     output.export_hf(args.save_hf, args.output, model_config=model_config, quant_config=cfg,
-                     tokenizer=tokenizer,
-                     calibration_source=None if cfg.dataset else describe_default(cfg.nsamples,
-                                                                                  cfg.seqlen),
-                     write=pid == 0)
-    _say(f"exported a Hugging Face GPTQ folder to {args.save_hf}")
+                     tokenizer=tokenizer, calibration_source=calibration_source,
+                     write=pid == 0, hf_format=args.hf_format or "gptq")
+    _say(f"exported a Hugging Face {args.hf_format or 'gptq'} folder to {args.save_hf}")
+    if pid == 0:
+      from gptq_jax.cli import export as export_cli  # noqa: PLC0415
+
+      export_cli.report(args.save_hf, write=True)
   timing["write"] = time.perf_counter() - t0
   if eval_tokens is not None and pid == 0:
     b, a = result["ppl_before"], result["ppl_after"]
@@ -305,6 +308,15 @@ def run(args) -> dict:
     png = report_lib.write(args.report, result)
     _say(f"report: {args.report}" + (f" and {png}" if png else ""))
   return result
+
+
+def _calibration_source(cfg: GPTQConfig) -> dict:
+  """What the calibration data was (recorded in the checkpoint and the Hugging Face export)."""
+  from gptq_jax.interop import calibration  # noqa: PLC0415
+
+  if cfg.dataset is None:
+    return calibration.describe_default(cfg.nsamples, cfg.seqlen)
+  return calibration.describe(cfg.dataset, cfg.nsamples, cfg.seqlen)
 
 
 def _rotated_copy(model: str, cfg: GPTQConfig) -> str:

@@ -113,16 +113,24 @@ def _packed_tensors(w: PackedWeight, name: str, hf_shape: tuple[int, int]) -> di
           f"{name}.g_idx": np.asarray(w.g_idx, np.int32)}
 
 
-def _tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype) -> dict[str, np.ndarray]:
-  """HF-named tensors for ``specs`` from a params (sub)tree; quantized kernels packed."""
+def gptq_linear(w: PackedWeight | QuantizedWeight, cfg: GPTQConfig | None, name: str,
+                hf_shape: tuple[int, int], dtype: np.dtype) -> dict[str, np.ndarray]:
+  """The GPTQ tensors of one quantized linear ``name`` (``<name>.qweight`` ...)."""
+  del dtype  # GPTQ scales are float16 whatever the float tensors are
+  return _packed_tensors(_packed_in(w, cfg, name), name, hf_shape)
+
+
+def _tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype, linear=gptq_linear
+             ) -> dict[str, np.ndarray]:
+  """HF-named tensors for ``specs`` from a params (sub)tree; each quantized kernel written by
+  ``linear(weight, cfg, name, hf_shape, dtype)`` (the format's per-linear tensors)."""
   out: dict[str, np.ndarray] = {}
   for path, name, shape in specs:
     value = tree
     for key in path:
       value = value[key]
     if path[-1] == "kernel" and isinstance(value, (PackedWeight, QuantizedWeight)):
-      prefix = name[:-len(".weight")]
-      out.update(_packed_tensors(_packed_in(value, cfg, prefix), prefix, shape))
+      out.update(linear(value, cfg, name[:-len(".weight")], shape, dtype))
       continue
     value = np.asarray(value)
     if path[-1] == "kernel":
@@ -134,17 +142,17 @@ def _tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype) -> dict[str,
 
 
 def block_tensors(model_config: ModelConfig, i: int, block: Params, cfg: GPTQConfig,
-                  dtype: Any = "float16") -> dict[str, np.ndarray]:
+                  dtype: Any = "float16", linear=gptq_linear) -> dict[str, np.ndarray]:
   """The HF tensors of decoder block ``i`` (its params tree ``block``)."""
-  return _tensors(layer_tensor_specs(model_config, i), block, cfg, _float_dtype(dtype))
+  return _tensors(layer_tensor_specs(model_config, i), block, cfg, _float_dtype(dtype), linear)
 
 
 def nonlayer_tensors(model_config: ModelConfig, params: Params, dtype: Any = "float16",
-                     cfg: GPTQConfig | None = None) -> dict[str, np.ndarray]:
+                     cfg: GPTQConfig | None = None, linear=gptq_linear) -> dict[str, np.ndarray]:
   """embed_tokens, norm and (untied) lm_head as HF tensors; a quantized lm_head (``lm_head=True``)
   is written packed, as GPTQModel does (``lm_head.qweight`` ...), which needs ``cfg``."""
   model_config = untied(model_config, params)
-  return _tensors(nonlayer_tensor_specs(model_config), params, cfg, _float_dtype(dtype))
+  return _tensors(nonlayer_tensor_specs(model_config), params, cfg, _float_dtype(dtype), linear)
 
 
 # ----- writing ---------------------------------------------------------------------------------
@@ -159,7 +167,7 @@ class FolderWriter:
 
   def __init__(self, path: str | os.PathLike, model_config: ModelConfig, cfg: GPTQConfig, *,
                dtype: Any = "float16", tokenizer: Any = None,
-               calibration_source: dict | None = None):
+               calibration_source: dict | None = None, configs=None):
     self.path = os.path.abspath(os.fspath(path))
     if os.path.exists(self.path):
       raise FileExistsError(f"{self.path!r} already exists: choose another folder for the Hugging "
@@ -168,6 +176,7 @@ class FolderWriter:
       raise FileNotFoundError(f"the parent folder of {self.path!r} does not exist")
     self.model_config, self.cfg, self.tokenizer = model_config, cfg, tokenizer
     self.calibration_source = calibration_source
+    self.configs = configs or write_configs  # the format's config.json writer
     self.dtype = _float_dtype(dtype)
     self.tmp = self.path + ".partial"
     if os.path.exists(self.tmp):
@@ -194,28 +203,29 @@ class FolderWriter:
                "weight_map": dict(sorted(weight_map.items()))}
       with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
-    write_configs(self.tmp, self.model_config, self.cfg, self.dtype, self.tokenizer,
-                  calibration_source=self.calibration_source)
+    self.configs(self.tmp, self.model_config, self.cfg, self.dtype, self.tokenizer,
+                 calibration_source=self.calibration_source)
     os.rename(self.tmp, self.path)
     return self.path
 
 
 def export_hf(path: str | os.PathLike, qparams: Params, model_config: ModelConfig,
               cfg: GPTQConfig, tokenizer: Any = None, *, dtype: Any = "float16",
-              calibration_source: dict | None = None) -> str:
+              calibration_source: dict | None = None, linear=gptq_linear, configs=None) -> str:
   """Writes a Hugging Face GPTQ folder (transformers / GPTQModel / vLLM load it) from ``quantize``'s
   result. Packed kernels are written in ``cfg.format`` (repacked if they were packed in the other
-  format); the float tensors are cast to ``dtype``. Refuses to overwrite ``path``.
+  format); the float tensors are cast to ``dtype``. Refuses to overwrite ``path``. ``linear`` and
+  ``configs`` write another layout of the same folder (``interop/formats.py``).
   """
   if not isinstance(cfg, GPTQConfig):
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
   model_config = untied(model_config, qparams)  # a quantized lm_head is its own tensor
   writer = FolderWriter(path, model_config, cfg, dtype=dtype, tokenizer=tokenizer,
-                        calibration_source=calibration_source)
+                        calibration_source=calibration_source, configs=configs)
   try:
-    tensors = nonlayer_tensors(model_config, qparams, dtype, cfg)
+    tensors = nonlayer_tensors(model_config, qparams, dtype, cfg, linear)
     for i in range(model_config.num_hidden_layers):
-      tensors.update(block_tensors(model_config, i, qparams[f"layers_{i}"], cfg, dtype))
+      tensors.update(block_tensors(model_config, i, qparams[f"layers_{i}"], cfg, dtype, linear))
     writer.add(tensors)
     return writer.finish()
   except BaseException:

@@ -47,7 +47,7 @@ def load_model(spec: str | os.PathLike, dtype: Any = jnp.float32
   (packed kernels as PackedWeight)."""
   from gptq_jax import loading  # noqa: PLC0415 (the quantized formats live above models/)
 
-  if loading.detect(spec)[0] in (loading.ORBAX, loading.HF_GPTQ):
+  if loading.detect(spec)[0] in (loading.ORBAX, loading.HF_GPTQ, loading.HF_CT):
     return loading.load_model(spec, dtype)
   kind, path = resolve_model_spec(spec)
   if kind == "hf":

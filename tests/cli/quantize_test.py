@@ -233,3 +233,18 @@ def test_perplexity_script_reads_the_checkpoint(full_run, cli_env, tmp_path):
   got = json.loads(proc.stdout.strip().splitlines()[-1])
   assert got["windows"] == 3
   np.testing.assert_allclose(got["ppl"], want, rtol=1e-6)
+
+
+def test_export_script_writes_the_save_hf_folder(full_run, tmp_path, capsys):
+  """scripts/export.py on the run's orbax checkpoint: the --save-hf folder, file for file (the
+  GPTQ layout; the compressed-tensors one: tests/cli/export_test.py)."""
+  from gptq_jax.cli import export
+
+  out, _, _ = full_run
+  hf, again = os.path.join(os.path.dirname(os.path.dirname(out)), "hf"), str(tmp_path / "again")
+  assert export.main(["--model", out, "--output", again]) == 0
+  assert "serving engines for" in capsys.readouterr().out
+  want, got = _tree_snapshot(hf), _tree_snapshot(again)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    assert got[name] == want[name], name
