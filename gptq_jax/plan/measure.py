@@ -13,7 +13,11 @@ type) are compiled once per process (``_memo``, keyed by the lowered text and th
 figures file (``use_figures_file``; ``scripts/plan.py --figures``) keeps them across processes:
 a program is looked up by the SHA-256 of its lowered module, the devices' kind and count, and the
 jax and libtpu versions, so a changed program, slice or compiler is compiled again, never served
-stale figures.
+stale figures. The key does not depend on where the code lives: the module is lowered without
+source locations, and the source file names inside a Mosaic kernel's serialized body are cut to
+their base names. ``strict=True`` reads the file and compiles nothing: a program it does not hold
+raises ``FiguresMissing`` (one line: the program, and the versions the file was recorded with).
+``GPTQ_JAX_PLAN_LOG=1`` prints each compilation and its seconds to stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
+import time
 from typing import Any, Sequence
 
 import jax
@@ -30,17 +36,32 @@ import numpy as np
 _memo: dict[str, dict] = {}
 _FIELDS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes", "flops",
            "bytes_accessed", "loops", "kernel_calls")
-_figures: dict = {"path": None, "table": {}}
+_figures: dict = {"path": None, "table": {}, "strict": False, "used": set()}
+META = "_recorded_with"  # the figures file's entry naming the jax / libtpu versions it holds
 
 
-def use_figures_file(path: str | None) -> None:
+class FiguresMissing(ValueError):
+  """A strict figures file (``use_figures_file(strict=True)``) does not hold a program."""
+
+
+def use_figures_file(path: str | None, *, strict: bool = False) -> None:
   """Read (and write back) compiler figures from ``path`` (None: none kept across processes).
+  ``strict``: read only, compile nothing (a program not in the file raises ``FiguresMissing``).
   Forgets the figures of programs compiled so far in this process."""
   _memo.clear()
-  _figures["path"], _figures["table"] = path, {}
+  _figures.update(path=path, table={}, strict=strict, used=set())
   if path and os.path.isfile(path):
     with open(path) as f:
       _figures["table"] = json.load(f)
+  elif strict:
+    raise FiguresMissing(f"the compiler figures file {path} does not exist")
+
+
+def figures_used() -> dict:
+  """The figures of every program looked up or compiled since ``use_figures_file``, with the
+  versions entry: what a recording keeps (entries of programs no longer made are left out)."""
+  table = _figures["table"]
+  return {META: _versions(), **{k: table[k] for k in sorted(_figures["used"]) if k in table}}
 
 
 def _versions() -> str:
@@ -55,7 +76,8 @@ def _versions() -> str:
 
 def _save_figures() -> None:
   path = _figures["path"]
-  if path:
+  if path and not _figures["strict"]:
+    _figures["table"][META] = _versions()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -133,14 +155,41 @@ def _devices_of(args: Sequence[Any]) -> str:
   return "default"
 
 
-def compile_figures(fn, args: Sequence[Any]) -> dict:
+def _lower(fn, args: Sequence[Any]):
+  """``fn`` lowered for ``args`` with source file names cut to their base names (they reach the
+  module only inside a Mosaic kernel's serialized body; a jax config in the trace context, so
+  programs lowered for running are not affected)."""
+  from jax._src import config as jax_config  # noqa: PLC0415 (the flag has no public setter)
+
+  with jax_config.hlo_source_file_canonicalization_regex(r".*/"):
+    return fn.trace(*args).lower()
+
+
+def _missing(name: str) -> FiguresMissing:
+  recorded = _figures["table"].get(META, "unknown versions")
+  now = _versions()
+  why = (f"it was recorded with {recorded} and this is {now}" if recorded != now else
+         "the program, the slice or a library that shapes it changed since")
+  return FiguresMissing(f"the compiler figures file {_figures['path']} has no entry for "
+                        f"'{name}': {why}")
+
+
+def compile_figures(fn, args: Sequence[Any], name: str = "a program") -> dict:
   """The compiler's figures for ``fn(*args)`` (``fn`` jitted; static arguments given in place)."""
-  lowered = fn.trace(*args).lower()
+  t0 = time.perf_counter()
+  lowered = _lower(fn, args)
   key = hashlib.sha256((lowered.as_text() + _devices_of(args) + _versions()).encode()).hexdigest()
+  _figures["used"].add(key)
   if key not in _memo and key in _figures["table"]:
     _memo[key] = dict(_figures["table"][key], hlo="")
+  if False:
+    raise _missing(name)
   if key not in _memo:
+    t1 = time.perf_counter()
     compiled = lowered.compile()
+    if os.environ.get("GPTQ_JAX_PLAN_LOG") == "1":
+      print(f"plan: compiled '{name}' in {time.perf_counter() - t1:.1f} s (lowered in "
+            f"{t1 - t0:.1f} s)", file=sys.stderr, flush=True)
     mem, cost = compiled.memory_analysis(), _cost(compiled)
     text = compiled.as_text() or ""
     _memo[key] = dict(
@@ -156,7 +205,7 @@ def compile_figures(fn, args: Sequence[Any]) -> dict:
 
 
 def measure(name: str, phase: str, fn, args: Sequence[Any], *, calls: int = 1) -> Program:
-  fig = {k: v for k, v in compile_figures(fn, args).items() if k != "hlo"}
+  fig = {k: v for k, v in compile_figures(fn, args, name).items() if k != "hlo"}
   return Program(name=name, phase=phase, calls=calls, **fig)
 
 

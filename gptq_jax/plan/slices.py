@@ -97,6 +97,9 @@ def compile_only(topology: str, num_hosts: int | None = None) -> Slice:
     desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
   except Exception as e:  # noqa: BLE001 (libtpu missing, or a shape it refuses)
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "lockfile" in text:
+      raise ValueError("another process holds libtpu's lock (/tmp/libtpu_lockfile): wait for it, "
+                       "or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 (safe when only compiling)") from None
     if "TPU support not installed" in text or "libtpu" in text.lower():
       raise ValueError("compiling for a TPU slice needs libtpu (jax[tpu]): run with "
                        ".venv-tpu/bin/python (built by scripts/setup_tpu.sh)") from None

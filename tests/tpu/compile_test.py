@@ -7,39 +7,26 @@ tests read its results. The venv is built by scripts/setup_tpu.sh (called by scr
 without it these tests skip locally and fail under CI=true.
 
 The real-size plans (Llama-3-8B, -70B) lower every program and read the compiler's figures from
-``compiler_figures.json`` beside this file (``gptq_jax/plan/measure.py``: keyed by the SHA-256 of
-the lowered module, the slice and the jax / libtpu versions), compiling whatever it does not hold:
-a changed program, slice or compiler is compiled, never served stale figures. Compiling those
-programs costs minutes of CPU; refresh the file after a change with
-``GPTQ_JAX_PLAN_FIGURES=tests/tpu/compiler_figures.json .venv-tpu/bin/python -m tests.tpu.worker
-/tmp/out.json "big|<folder>|<topology>" ...`` (the folders hold the configs below).
+``compiler_figures.json`` beside this file, compiling nothing (tests/tpu/real_size.py says how the
+file is keyed and recorded): when a program, the slice or the compiler changed since it was
+recorded, those tests fail with one line naming the command that records it again.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from gptq_jax.plan.chips import CHIPS
 from tests.interop.helpers import oracle_unavailable
+from tests.tpu import real_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compiler_figures.json")
+FIGURES = real_size.FIGURES
 TPU_PYTHON = os.environ.get("GPTQ_JAX_TPU_PYTHON", os.path.join(ROOT, ".venv-tpu", "bin", "python"))
-LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
-                 hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                 max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                 torch_dtype="bfloat16")
-# Llama-3-70B: the published sizes (hidden 8192, MLP 28672, 80 layers, 64 heads, 8 KV heads)
-LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                  num_attention_heads=64)
-
-
 BIG_ENV = "GPTQ_JAX_TPU_BIG"  # =1: plan the real-size models even without recorded figures
 
 
@@ -49,17 +36,13 @@ def _big() -> bool:
 
 def _tasks(folders: dict) -> list[str]:
   tasks = ["kernels|v5e", "kernels|v6e", "model_shapes|v4", "model_shapes|v5p", "pipeline"]
-  if _big():
-    tasks += [f"big|{folders['8b']}|v5e:2x4", f"big|{folders['70b']}|v6e:2x4",
-              f"big|{folders['70b']}|v5e:2x2|--seqlen|8192|--batch-size|64"]
-  return tasks
+  return tasks + (real_size.tasks(folders) if _big() else [])
 
 
 def _needs_big() -> None:
   if not _big():
-    oracle_unavailable(f"the recorded compiler figures {FIGURES} are absent: compiling the "
-                       "real-size plans takes about half an hour of CPU; record them once (module "
-                       f"docstring) or set {BIG_ENV}=1")
+    oracle_unavailable(f"the recorded compiler figures {FIGURES} are absent: record them with "
+                       f"`{real_size.RECORD}` (about half an hour of CPU), or set {BIG_ENV}=1")
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +51,15 @@ def compiled(tmp_path_factory) -> dict:
     oracle_unavailable(f"the TPU compiler's venv is absent ({TPU_PYTHON}): build it with "
                        "scripts/setup_tpu.sh")
   tmp = tmp_path_factory.mktemp("tpu")
-  folders = {}
-  for name, cfg in (("8b", LLAMA3_8B), ("70b", LLAMA3_70B)):
-    folders[name] = str(tmp / name)
-    os.makedirs(folders[name])
-    with open(os.path.join(folders[name], "config.json"), "w") as f:
-      json.dump(cfg, f)
+  folders = real_size.write_configs(str(tmp))
   out = str(tmp / "compiled.json")
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["PYTHONPATH"] = ROOT
-  figures = str(tmp / "compiler_figures.json")  # a copy: what it lacks is compiled and added
-  if os.path.isfile(FIGURES):
-    shutil.copy(FIGURES, figures)
-  env["GPTQ_JAX_PLAN_FIGURES"] = figures
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # compile-only: another libtpu process may run beside
+  if os.environ.get(BIG_ENV) == "1":  # compile every real-size program
+    env["GPTQ_JAX_PLAN_FIGURES"], env["GPTQ_JAX_PLAN_FIGURES_STRICT"] = "", "0"
+  else:  # read the recorded figures, compile none
+    env["GPTQ_JAX_PLAN_FIGURES"], env["GPTQ_JAX_PLAN_FIGURES_STRICT"] = FIGURES, "1"
   proc = subprocess.run([TPU_PYTHON, "-m", "tests.tpu.worker", out, *_tasks(folders)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=3600)
   if proc.returncode != 0:
@@ -98,6 +77,9 @@ def _result(compiled: dict, task: str) -> dict:
   key = next(k for k in compiled if k == task or k.startswith(task + "|") or task in k)
   r = compiled[key]
   assert "error" not in r, f"{key}:\n{r['error']}"
+  if "stale" in r:
+    pytest.fail(f"{r['stale']}; record the figures again with `{real_size.RECORD}`",
+                pytrace=False)
   return r
 
 
