@@ -14,7 +14,7 @@ overwritten.
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 import logging
 import os
 import shutil
@@ -24,13 +24,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptq_jax.checkpoint_parts import PARTS, read_parts
 from gptq_jax.core.weights import PackedWeight
-from gptq_jax.integrity import DamagedFileError, verify_checksums, write_checksums
-from gptq_jax.models.params import ModelParams, plain
+from gptq_jax.integrity import CHECKSUMS, DamagedFileError, verify_checksums, write_checksums
+from gptq_jax.models.params import ModelParams, plain, untied
 
 PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 FORMAT_VERSION = 1
+PARTS = "parts"  # the meta key of a checkpoint written a part at a time (checkpoint_parts.py)
 
 
 def _path_str(path) -> str:
@@ -140,6 +140,30 @@ def steps(path: str) -> list[int]:
   return sorted(out)
 
 
+def table_digest(step_dir: str) -> str:
+  """SHA-256 of a step's checksum table (``integrity.py``): how the top step names its parts."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.isfile(path):
+    raise DamagedFileError(step_dir, "missing checkpoint part (no checksum table)")
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_parts(folder: str, params: dict, meta: dict) -> dict:
+  """``params`` (the top step's tree) with every part of ``meta`` read back into place."""
+  for key, (sub, step, digest) in sorted(meta.get(PARTS, {}).items()):
+    step_dir = os.path.join(folder, sub, str(step))
+    if not os.path.isdir(step_dir):
+      raise DamagedFileError(step_dir, f"missing checkpoint part ({key}, listed in the "
+                             "checkpoint's meta)")
+    if table_digest(step_dir) != digest:
+      raise DamagedFileError(step_dir, f"checkpoint part {key} is not the one this checkpoint "
+                             "was saved with (its checksum table changed)")
+    tree, _ = read_tree(os.path.join(folder, sub), step)
+    params[key] = tree[key] if sub == "nonlayer" else tree
+  return params
+
+
 class Checkpoint(NamedTuple):
   params: Any
   model_config: Any  # ModelConfig
@@ -172,8 +196,6 @@ def save(path: str, params: Any, *, model_config: Any, quant_config: Any = None,
   tmp = path + ".saving"
   if os.path.exists(tmp):
     shutil.rmtree(tmp)  # a save that was killed midway: never a finished checkpoint
-  from gptq_jax.pipeline.dynamic import untied  # noqa: PLC0415
-
   model_config = untied(model_config, params)  # lm_head=True: the projection is its own tensor
   meta = {
       "model_config": model_config.to_hf_dict(),
@@ -192,17 +214,10 @@ def is_checkpoint(path: str) -> bool:
 
 
 def load(path: str) -> Checkpoint:
-  """Read a model in any format ``gptq_jax.load_model`` takes: a folder written by ``save``, an HF
-  GPTQ folder, an HF float folder, a .gguf file or an embedded name (see ``gptq_jax.loading``).
-  For the formats other than ours, ``meta`` holds ``{"source": <what was found>}`` and
-  ``tokenizer_dir`` the folder or file the tokenizer loads from."""
-  if is_checkpoint(path):
-    return read(path)
-  from gptq_jax.loading import open_model  # noqa: PLC0415
-
-  loaded = open_model(path)
-  return Checkpoint(loaded.params, loaded.config, loaded.quant_config,
-                    {"source": loaded.description}, loaded.tokenizer_source)
+  """Read a folder written by ``save`` (or by the CLI, a part at a time). Every other format (HF
+  GPTQ or float folders, .gguf files, embedded names) is read by ``gptq_jax.open_model`` /
+  ``gptq_jax.load_model`` (``gptq_jax/loading.py``)."""
+  return read(path)
 
 
 def read(path: str) -> Checkpoint:
@@ -211,7 +226,8 @@ def read(path: str) -> Checkpoint:
   from gptq_jax.models import ModelConfig
 
   if not is_checkpoint(path):
-    raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside)")
+    raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside); "
+                            "gptq_jax.load_model reads every other model format")
   params, meta = read_tree(os.path.join(path, "orbax"))
   if PARTS in meta:  # written a part at a time (the streamed CLI): put the parts back in place
     params = read_parts(path, params, meta)
@@ -224,7 +240,3 @@ def read(path: str) -> Checkpoint:
   tok = os.path.join(path, "tokenizer")
   params = ModelParams(params, model_config)  # they carry their config, as loaded params do
   return Checkpoint(params, model_config, quant_config, meta, tok if os.path.isdir(tok) else None)
-
-
-def to_json(obj: Any) -> str:
-  return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -90,7 +90,7 @@ def test_save_never_overwrites(quantized, tmp_path):
     checkpoint.save(str(tmp_path / "taken"), qparams, model_config=cfg, quant_config=qcfg)
   assert (tmp_path / "taken" / "x").read_text() == "keep"
   assert sorted(os.listdir(tmp_path)) == ["taken"]
-  with pytest.raises(FileNotFoundError, match="neither a gptq_jax checkpoint folder"):
+  with pytest.raises(FileNotFoundError, match="is not a gptq_jax checkpoint folder"):
     checkpoint.load(str(tmp_path / "taken"))
 
 

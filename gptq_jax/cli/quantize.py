@@ -101,7 +101,7 @@ def _tokenizer(args, load_tokenizer):
 
 def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
   from gptq_jax.cli.stream import source_digest
-  from gptq_jax.pipeline.resume import calibration_digest
+  from gptq_jax.resume import calibration_digest
 
   qc = cfg.to_dict()
   qc.pop("backend", None)  # how the result is run later does not change it
@@ -157,7 +157,7 @@ def run(args) -> dict:
   from gptq_jax.pipeline import quantize
   from gptq_jax.pipeline.adapter import ModelAdapter
   from gptq_jax.pipeline.calib import normalize
-  from gptq_jax.pipeline.resume import ResumableRun
+  from gptq_jax.resume import ResumableRun
   from gptq_jax.pipeline.stats import PipelineStats
 
   t_start = time.perf_counter()

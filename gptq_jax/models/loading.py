@@ -5,6 +5,7 @@ design: hub model ids are refused with a clear message.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Literal
@@ -39,16 +40,31 @@ def resolve_model_spec(spec: str | os.PathLike) -> tuple[Literal["hf", "gguf"], 
   raise ValueError(f"model {spec!r} is a file but not a .gguf: {_WHAT_TO_PASS}")
 
 
+def _refuse_quantized(spec: str | os.PathLike) -> None:
+  folder = os.fspath(spec)
+  if not os.path.isdir(folder):
+    return
+  what = None
+  if os.path.isdir(os.path.join(folder, "orbax")):
+    what = "a gptq_jax checkpoint"
+  elif os.path.isfile(os.path.join(folder, "quantize_config.json")):
+    what = "a quantized Hugging Face folder"
+  elif os.path.isfile(os.path.join(folder, "config.json")):
+    with open(os.path.join(folder, "config.json")) as f:
+      if "quantization_config" in json.load(f):
+        what = "a quantized Hugging Face folder"
+  if what:
+    raise ValueError(f"{folder!r} is {what}: gptq_jax.models.load_model reads float models only; "
+                     "gptq_jax.load_model reads every format (packed kernels as PackedWeight)")
+
+
 def load_model(spec: str | os.PathLike, dtype: Any = jnp.float32
                ) -> tuple[ModelConfig, ModelParams]:
   """(config, float params) from an HF folder, a .gguf file or an embedded name; params in
   `dtype`, a `ModelParams` carrying the config (so `gptq_jax.quantize(params, calib, cfg)` needs
-  nothing else). An orbax checkpoint or an HF GPTQ folder is read by `gptq_jax.load_model`
-  (packed kernels as PackedWeight)."""
-  from gptq_jax import loading  # noqa: PLC0415 (the quantized formats live above models/)
-
-  if loading.detect(spec)[0] in (loading.ORBAX, loading.HF_GPTQ):
-    return loading.load_model(spec, dtype)
+  nothing else). An orbax checkpoint or an HF GPTQ folder is refused: `gptq_jax.load_model` reads
+  those (packed kernels as PackedWeight)."""
+  _refuse_quantized(spec)
   kind, path = resolve_model_spec(spec)
   if kind == "hf":
     cfg, params = load_hf_folder(path, dtype)

@@ -3,7 +3,6 @@
 import numpy as np
 
 import gptq_jax as gj
-from gptq_jax.core import gptaq
 from gptq_jax.models import block_forward, default_positions, embed
 from gptq_jax.pipeline import LLAMA_GROUPS, quantize
 from tests.pipeline.driver_test import _codes, _linear_inputs
@@ -34,7 +33,7 @@ def _by_hand(cfg, params, batches, qcfg):
         x, xf = (np.concatenate(a[p]).astype(np.float64) for a in (X, XF))
         H = (2.0 / len(x) * x.T @ x).astype(np.float32)
         D = (2.0 / len(x) * (xf - x).T @ x).astype(np.float32)
-        qw = gaq = gptaq.quantize_weight(block[p[0]][p[1]]["kernel"], H, D, qcfg)
+        qw = gaq = gj.quantize_weight(block[p[0]][p[1]]["kernel"], H, qcfg, cross=D)
         codes[(i,) + p] = np.asarray(gaq.codes)
         block = {**block, p[0]: {**block[p[0]], p[1]: {"kernel": qw.dequantize()}}}
     hs = [(block_forward(block, cfg, h, pos, mask), pos, mask) for h, pos, mask in hs]
