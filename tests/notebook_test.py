@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+from tests.interop.helpers import importorskip
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 
@@ -18,8 +20,8 @@ def _text(cell) -> str:
 
 @pytest.mark.slow
 def test_quickstart_notebook_runs(monkeypatch, tmp_path):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
+  nbformat = importorskip("nbformat")
+  nbclient = importorskip("nbclient")
   monkeypatch.setenv("XLA_FLAGS", "")  # the kernel sees the CPU as a user would: one device
   monkeypatch.chdir(tmp_path)
   nb = nbformat.read(NOTEBOOK, as_version=4)
