@@ -92,7 +92,7 @@ def _tokenizer(args, load_tokenizer):
     return load_tokenizer(args.model)
   except ValueError as e:
     needless = ((args.dataset or "").endswith(".npy") and not args.sample_prompt
-                and (args.eval_text or "").lower() == "none")
+                and args.eval_text.lower() == "none")
     if not needless:
       raise
     _say(f"no tokenizer ({e}); not needed with token ids from {args.dataset}: going on without")
@@ -193,8 +193,8 @@ def run(args) -> dict:
     _say(f"--resume: no interrupted run of {args.output!r} to continue; starting from block 0")
 
   eval_tokens = None
-  if (args.eval_text or "").lower() != "none":
-    text = data.sotu_texts("eval") if args.eval_text is None else data.read_text(args.eval_text)
+  if args.eval_text.lower() != "none":
+    text = data.read_text(args.eval_text)
     eval_tokens = data.tokenize_text(text, tokenizer)
   result: dict = {"model": args.model, "config": cfg.to_dict(), "output": args.output,
                   "calibration": args.dataset or CALIB_DEFAULT, "dtype": dtype,

@@ -29,9 +29,11 @@ def resolve_model_spec(spec: str | os.PathLike) -> tuple[Literal["hf", "gguf"], 
   if not os.path.exists(spec):
     if embedded_model(spec) is not None:
       return "gguf", embedded_model(spec).gguf_path()
-    if _HUB_ID.match(spec):
-      raise ValueError(f"{spec!r} looks like a Hugging Face hub id, but the hub is unreachable "
-                       f"offline (and gptq_jax never downloads): {_WHAT_TO_PASS}")
+    if _HUB_ID.match(spec):  # a mistyped local path first; then why the hub is no way either
+      raise FileNotFoundError(f"model {spec!r} not found: no such local path "
+                              f"({os.path.abspath(spec)}); as a Hugging Face hub id it cannot be "
+                              "fetched either: the hub is unreachable offline (and gptq_jax never "
+                              f"downloads): {_WHAT_TO_PASS}")
     raise FileNotFoundError(f"model {spec!r} not found: {_WHAT_TO_PASS}")
   if os.path.isdir(spec):
     return "hf", spec

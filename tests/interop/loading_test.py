@@ -72,3 +72,16 @@ def test_perplexity_same_on_checkpoint_and_its_export(tiny_llama, quantized, tmp
   # The export stores scales and float tensors in float16: equal up to that rounding.
   assert abs(ppl["hf"] / ppl["orbax"] - 1) < 1e-3, ppl
   assert abs(ppl["float"] / ppl["orbax"] - 1) > 1e-2, ppl  # a quantized model, not the float one
+
+
+def test_perplexity_script_checks_its_text_before_the_model(tmp_path):
+  """A missing --text fails at once, naming it, though the model would fail too (and is never
+  opened); --text sotu-eval names the bundled held-out addresses."""
+  main = _perplexity_main()
+  with pytest.raises(FileNotFoundError, match=r"--text '.*nope.txt' does not exist .*'sotu-eval'"):
+    main(["--model", str(tmp_path / "no-model"), "--text", str(tmp_path / "nope.txt"),
+          "--seqlen", "8"])
+  with pytest.raises(ValueError, match="--seqlen=1 is invalid"):
+    main(["--model", str(tmp_path / "no-model"), "--text", "sotu-eval", "--seqlen", "1"])
+  with pytest.raises(FileNotFoundError, match="no-model"):  # the text passed: now the model
+    main(["--model", str(tmp_path / "no-model"), "--text", "sotu-eval", "--seqlen", "8"])
