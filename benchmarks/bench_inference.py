@@ -169,7 +169,7 @@ def bench_model(name: str, batches, new_tokens: int, bf16_tokens: int, prompt_le
 def bench_cli(name: str, bits: int, group_size: int, work: str) -> dict:
   """scripts/generate.py twice on a packed orbax checkpoint (12 new tokens): wall seconds."""
   from gptq_jax import GPTQConfig, checkpoint  # noqa: PLC0415
-  from gptq_jax.generate import load_for_generation  # noqa: PLC0415
+  from gptq_jax.cli.generate import load_for_generation  # noqa: PLC0415
   from gptq_jax.models import load_tokenizer  # noqa: PLC0415
 
   cfg, params, _ = load_for_generation(name)

@@ -14,23 +14,25 @@ overwritten.
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 import logging
 import os
 import shutil
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptq_jax.checkpoint_parts import PARTS, read_parts
 from gptq_jax.core.weights import PackedWeight
-from gptq_jax.integrity import DamagedFileError, verify_checksums, write_checksums
-from gptq_jax.models.params import ModelParams, plain
+from gptq_jax.integrity import CHECKSUMS, DamagedFileError, verify_checksums, write_checksums
+from gptq_jax.models.params import ModelParams, plain, untied
 
 PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 FORMAT_VERSION = 1
+PARTS = "parts"  # the meta key of a checkpoint written a part at a time (checkpoint_parts.py)
+SHAPES = "shapes"  # the meta key of every saved array's [shape, dtype] (the restore's target)
 
 
 def _path_str(path) -> str:
@@ -81,7 +83,8 @@ def write_tree(path: str, step: int, tree: Any, meta: dict) -> None:
   """Save ``tree`` (PackedWeights allowed) and JSON ``meta`` as step ``step`` under ``path``."""
   arrays, packed = split_packed(plain(tree))  # ModelParams -> dict: orbax sees plain dicts
   arrays = jax.tree.map(np.asarray, arrays)
-  meta = {**meta, "packed": packed, "gptq_jax_checkpoint": FORMAT_VERSION}
+  meta = {**meta, "packed": packed, "gptq_jax_checkpoint": FORMAT_VERSION,
+          SHAPES: jax.tree.map(lambda a: [list(a.shape), a.dtype.name], arrays)}
   mngr = _manager(path)
   mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(arrays),
                                           meta=ocp.args.JsonSave(meta)))
@@ -104,21 +107,31 @@ def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{path!r} holds no finished checkpoint (an interrupted save?)")
-    verify_checksums(os.path.join(os.path.abspath(path), str(step)))  # names a damaged file
+    step_dir = os.path.join(os.path.abspath(path), str(step))
+    verify_checksums(step_dir)  # names a damaged file (before orbax reads it)
     try:
-      out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                       meta=ocp.args.JsonRestore()))
+      meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+      params = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_target(meta.get(SHAPES)))))["params"]
     except (ValueError, OSError, RuntimeError, KeyError) as e:  # tensorstore / orbax read errors
       if isinstance(e, DamagedFileError):
         raise
       first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise DamagedFileError(os.path.join(os.path.abspath(path), str(step)),
-                             f"damaged orbax checkpoint ({first})") from None
+      raise DamagedFileError(step_dir, f"damaged orbax checkpoint ({first})") from None
   finally:
     mngr.close()
-  meta = dict(out["meta"])
-  tree = jax.tree.map(np.asarray, out["params"])
+  tree = jax.tree.map(np.asarray, params)
   return join_packed(tree, meta.get("packed", {})), meta
+
+
+def _target(shapes: Any) -> Any:
+  """Host arrays of the saved shapes and dtypes (``meta[SHAPES]``), or None for a step written
+  without them. Given the target, orbax reads no per-array metadata: about a third of the
+  restore time of a model's ~900 arrays."""
+  if shapes is None:
+    return None
+  is_spec = lambda x: isinstance(x, list) and len(x) == 2 and isinstance(x[1], str)  # noqa: E731
+  return jax.tree.map(lambda s: np.empty(s[0], jnp.dtype(s[1])), shapes, is_leaf=is_spec)
 
 
 def read_meta(path: str, step: int) -> dict:
@@ -138,6 +151,30 @@ def steps(path: str) -> list[int]:
   out = list(mngr.all_steps())
   mngr.close()
   return sorted(out)
+
+
+def table_digest(step_dir: str) -> str:
+  """SHA-256 of a step's checksum table (``integrity.py``): how the top step names its parts."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.isfile(path):
+    raise DamagedFileError(step_dir, "missing checkpoint part (no checksum table)")
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_parts(folder: str, params: dict, meta: dict) -> dict:
+  """``params`` (the top step's tree) with every part of ``meta`` read back into place."""
+  for key, (sub, step, digest) in sorted(meta.get(PARTS, {}).items()):
+    step_dir = os.path.join(folder, sub, str(step))
+    if not os.path.isdir(step_dir):
+      raise DamagedFileError(step_dir, f"missing checkpoint part ({key}, listed in the "
+                             "checkpoint's meta)")
+    if table_digest(step_dir) != digest:
+      raise DamagedFileError(step_dir, f"checkpoint part {key} is not the one this checkpoint "
+                             "was saved with (its checksum table changed)")
+    tree, _ = read_tree(os.path.join(folder, sub), step)
+    params[key] = tree[key] if sub == "nonlayer" else tree
+  return params
 
 
 class Checkpoint(NamedTuple):
@@ -161,19 +198,39 @@ def _load_tokenizer(folder: str) -> Any:
   return load_tokenizer(folder)
 
 
-def save(path: str, params: Any, *, model_config: Any, quant_config: Any = None,
-         tokenizer: Any = None, extra: dict | None = None) -> None:
-  """Write a loadable checkpoint folder at ``path``; refuses to overwrite anything."""
+def check_output(path: str) -> None:
+  """Raise now what ``save(path, ...)`` would raise after the work: ``path`` exists (nothing is
+  ever overwritten), or a file or an unwritable folder stands where it would be created. Call it
+  before quantizing, so a bad output folder fails in a second, not after minutes."""
   path = os.path.abspath(path)
   if os.path.exists(path):
     raise FileExistsError(f"{path!r} already exists: choose another output folder (nothing was "
                           "overwritten)")
+  check_creatable(path)
+
+
+def check_creatable(path: str) -> None:
+  """The nearest existing folder above ``path`` (missing ones are created when written) must be a
+  writable folder: one clear error otherwise."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(f"{path!r}: {parent!r} is a file, not a folder")
+  if not os.access(parent, os.W_OK):
+    raise PermissionError(f"{path!r}: the folder {parent!r} is not writable")
+
+
+def save(path: str, params: Any, *, model_config: Any, quant_config: Any = None,
+         tokenizer: Any = None, extra: dict | None = None) -> None:
+  """Write a loadable checkpoint folder at ``path``; refuses to overwrite anything (the same
+  checks as ``check_output``, which callers run before the work)."""
+  path = os.path.abspath(path)
+  check_output(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".saving"
   if os.path.exists(tmp):
     shutil.rmtree(tmp)  # a save that was killed midway: never a finished checkpoint
-  from gptq_jax.pipeline.dynamic import untied  # noqa: PLC0415
-
   model_config = untied(model_config, params)  # lm_head=True: the projection is its own tensor
   meta = {
       "model_config": model_config.to_hf_dict(),
@@ -192,17 +249,10 @@ def is_checkpoint(path: str) -> bool:
 
 
 def load(path: str) -> Checkpoint:
-  """Read a model in any format ``gptq_jax.load_model`` takes: a folder written by ``save``, an HF
-  GPTQ folder, an HF float folder, a .gguf file or an embedded name (see ``gptq_jax.loading``).
-  For the formats other than ours, ``meta`` holds ``{"source": <what was found>}`` and
-  ``tokenizer_dir`` the folder or file the tokenizer loads from."""
-  if is_checkpoint(path):
-    return read(path)
-  from gptq_jax.loading import open_model  # noqa: PLC0415
-
-  loaded = open_model(path)
-  return Checkpoint(loaded.params, loaded.config, loaded.quant_config,
-                    {"source": loaded.description}, loaded.tokenizer_source)
+  """Read a folder written by ``save`` (or by the CLI, a part at a time). Every other format (HF
+  GPTQ or float folders, .gguf files, embedded names) is read by ``gptq_jax.open_model`` /
+  ``gptq_jax.load_model`` (``gptq_jax/loading.py``)."""
+  return read(path)
 
 
 def read(path: str) -> Checkpoint:
@@ -211,7 +261,8 @@ def read(path: str) -> Checkpoint:
   from gptq_jax.models import ModelConfig
 
   if not is_checkpoint(path):
-    raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside)")
+    raise FileNotFoundError(f"{path!r} is not a gptq_jax checkpoint folder (no orbax/ inside); "
+                            "gptq_jax.load_model reads every other model format")
   params, meta = read_tree(os.path.join(path, "orbax"))
   if PARTS in meta:  # written a part at a time (the streamed CLI): put the parts back in place
     params = read_parts(path, params, meta)
@@ -224,7 +275,3 @@ def read(path: str) -> Checkpoint:
   tok = os.path.join(path, "tokenizer")
   params = ModelParams(params, model_config)  # they carry their config, as loaded params do
   return Checkpoint(params, model_config, quant_config, meta, tok if os.path.isdir(tok) else None)
-
-
-def to_json(obj: Any) -> str:
-  return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -12,24 +12,21 @@ a subtree at a time:
                               copies) from the resume state's per-block saves, never re-read
     <path>/nonlayer/<k>/      other large subtrees (the float embedding, lm_head), one each
 
-``read_parts`` puts the parts back in place when the checkpoint is read (``checkpoint.read``):
-the reloaded tree is the tree a single save would have written. Every step has its own checksum
+``checkpoint.read`` puts the parts back in place (``checkpoint.read_parts``): the reloaded tree is
+the tree a single save would have written. Every step has its own checksum
 table (``integrity.py``) and the top step records each part's table's digest, so a part that is
 missing, damaged or swapped for another run's is named on load.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from typing import Any
 
 import jax
 
-from gptq_jax.integrity import CHECKSUMS, DamagedFileError
-
-PARTS = "parts"  # the meta key
+from gptq_jax.checkpoint import PARTS, table_digest, write_tree
 
 
 def _sync(name: str) -> None:
@@ -37,14 +34,6 @@ def _sync(name: str) -> None:
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     multihost_utils.sync_global_devices(name)
-
-
-def _table_digest(step_dir: str) -> str:
-  path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.isfile(path):
-    raise DamagedFileError(step_dir, "missing checkpoint part (no checksum table)")
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 def _link_tree(src: str, dst: str) -> None:
@@ -81,8 +70,6 @@ class PartsWriter:
 
   def add(self, key: str, tree: Any) -> None:
     """Save ``tree`` as the top-level subtree ``key`` (its own step under ``nonlayer/``)."""
-    from gptq_jax.checkpoint import write_tree  # noqa: PLC0415
-
     step = sum(1 for v in self.parts.values() if v[0] == "nonlayer")
     write_tree(os.path.join(self.tmp, "nonlayer"), step, {key: tree}, {"key": key})
     self.parts[key] = ["nonlayer", step]
@@ -98,12 +85,10 @@ class PartsWriter:
 
   def finish(self, rest: Any, meta: dict, tokenizer: Any = None) -> str:
     """Write ``rest`` (the tree without the parts) and ``meta`` as the top step; move into place."""
-    from gptq_jax.checkpoint import write_tree  # noqa: PLC0415
-
     parts = {}
     for key, (folder, step, *_) in self.parts.items():
       step_dir = os.path.join(self.tmp, folder, str(step))
-      parts[key] = [folder, step, _table_digest(step_dir)]
+      parts[key] = [folder, step, table_digest(step_dir)]
     write_tree(os.path.join(self.tmp, "orbax"), 0, rest, {**meta, PARTS: parts})
     if self.primary:
       if tokenizer is not None:
@@ -112,19 +97,3 @@ class PartsWriter:
     _sync("gptq_jax parts: done")
     return self.path
 
-
-def read_parts(folder: str, params: dict, meta: dict) -> dict:
-  """``params`` (the top step's tree) with every part of ``meta`` read back into place."""
-  from gptq_jax.checkpoint import read_tree  # noqa: PLC0415
-
-  for key, (sub, step, digest) in sorted(meta.get(PARTS, {}).items()):
-    step_dir = os.path.join(folder, sub, str(step))
-    if not os.path.isdir(step_dir):
-      raise DamagedFileError(step_dir, f"missing checkpoint part ({key}, listed in the "
-                             "checkpoint's meta)")
-    if _table_digest(step_dir) != digest:
-      raise DamagedFileError(step_dir, f"checkpoint part {key} is not the one this checkpoint "
-                             "was saved with (its checksum table changed)")
-    tree, _ = read_tree(os.path.join(folder, sub), step)
-    params[key] = tree[key] if sub == "nonlayer" else tree
-  return params

@@ -31,6 +31,9 @@ import numpy as np
 NAMED_DATASETS = ("wikitext2", "c4", "c4-new")
 SOTU_DIR = os.path.join(os.path.dirname(__file__), "assets", "sotu")
 _SOTU_EVAL_FROM = 2016
+# The name of the bundled held-out text (the 2016-2021 addresses) where a text file is asked for:
+# scripts/perplexity.py --text, scripts/quantize_llama.py --eval-text (its default).
+SOTU_EVAL = "sotu-eval"
 _HUB_HOST = "huggingface.co"
 
 Batch = dict[str, np.ndarray]
@@ -62,9 +65,7 @@ def _read_texts(files: Sequence[str]) -> str:
   return "\n\n".join(texts)
 
 
-def read_text(path: str | os.PathLike) -> str:
-  """A .txt file, or every .txt file of a folder (sorted by name, joined with blank lines)."""
-  path = os.fspath(path)
+def _read_text_path(path: str) -> str:
   if os.path.isdir(path):
     files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
     if not files:
@@ -73,6 +74,25 @@ def read_text(path: str | os.PathLike) -> str:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"text file {path!r} does not exist")
   return _read_texts([path])
+
+
+def check_text(path: str, flag: str, also: str = "") -> None:
+  """``path`` names a text ``read_text`` takes (or ``SOTU_EVAL``): one clear error otherwise
+  (``also``: another choice the caller accepts, said in the message)."""
+  if path != SOTU_EVAL and not os.path.exists(path):
+    choices = ["a .txt file", "a folder of .txt files",
+               f"{SOTU_EVAL!r} for the bundled 2016-2021 addresses"] + ([also] if also else [])
+    raise FileNotFoundError(f"{flag} {path!r} does not exist (pass {', '.join(choices[:-1])}, or "
+                            f"{choices[-1]})")
+
+
+def read_text(path: str | os.PathLike) -> str:
+  """A .txt file, every .txt file of a folder (sorted by name, joined with blank lines), or for
+  ``"sotu-eval"`` the bundled held-out addresses (2016-2021)."""
+  path = os.fspath(path)
+  if path == SOTU_EVAL:
+    return sotu_texts("eval")
+  return _read_text_path(path)
 
 
 def tokenize_text(text: str, tokenizer: Any) -> np.ndarray:

@@ -2,11 +2,13 @@
 
   python scripts/perplexity.py --model <orbax checkpoint | HF GPTQ folder | HF float folder | .gguf
                                        | smollm2-135m>
-      (--text FILE | --tokens FILE.npy)
+      (--text FILE | --text sotu-eval | --tokens FILE.npy)
       --seqlen N [--max-windows N] [--batch-size N] [--dtype float32|bfloat16] [--json]
 
-`--text` takes a .txt file or a folder of .txt files (the bundled SOTU eval text:
-gptq_jax/assets/sotu). With `--json` the last line is one JSON object with at least {"ppl": ...}.
+`--text` takes a .txt file, a folder of .txt files, or `sotu-eval`: the bundled held-out State of
+the Union addresses (2016-2021), the text scripts/quantize_llama.py reports on by default. Where
+the tokenizer asks for `<bos>` (Gemma), every window starts with it, as in quantize_llama.py. With
+`--json` the last line is one JSON object with at least {"ppl": ...}.
 """
 
 from __future__ import annotations
@@ -33,14 +35,28 @@ def load_model(spec: str):
   return loaded.config, params, loaded.tokenizer
 
 
-def load_tokens(args, tokenizer_loader) -> np.ndarray:
-  if args.tokens is not None:
-    if not os.path.isfile(args.tokens):
-      raise FileNotFoundError(f"--tokens {args.tokens!r} does not exist")
-    return np.load(args.tokens, allow_pickle=False).reshape(-1)
-  from gptq_jax.data import read_text, tokenize_text
+def check_args(args) -> None:
+  """What can be checked before loading the model."""
+  from gptq_jax.data import check_text
 
-  return tokenize_text(read_text(args.text), tokenizer_loader())
+  if args.tokens is not None and not os.path.isfile(args.tokens):
+    raise FileNotFoundError(f"--tokens {args.tokens!r} does not exist")
+  if args.text is not None:
+    check_text(args.text, "--text")
+  for flag, value, low in (("--seqlen", args.seqlen, 2), ("--max-windows", args.max_windows, 1),
+                           ("--batch-size", args.batch_size, 1)):
+    if value is not None and value < low:
+      raise ValueError(f"{flag}={value} is invalid: expected an integer >= {low}")
+
+
+def load_tokens(args, tokenizer_loader) -> tuple[np.ndarray, int | None]:
+  """(token ids, the id every window starts with or None)."""
+  if args.tokens is not None:
+    return np.load(args.tokens, allow_pickle=False).reshape(-1), None
+  from gptq_jax.data import bos_token_id, read_text, tokenize_text
+
+  tokenizer = tokenizer_loader()
+  return tokenize_text(read_text(args.text), tokenizer), bos_token_id(tokenizer)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
                       help="orbax checkpoint, HF GPTQ folder, HF float folder, .gguf file, or an "
                       "embedded name (smollm2-135m)")
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--text", help="a .txt file or a folder of .txt files")
+  source.add_argument("--text", help="a .txt file, a folder of .txt files, or 'sotu-eval' (the "
+                      "bundled 2016-2021 addresses)")
   source.add_argument("--tokens", help="a .npy int array of token ids (flattened)")
   parser.add_argument("--seqlen", type=int, required=True)
   parser.add_argument("--max-windows", type=int, default=None)
@@ -61,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   compile_cache.add_flag(parser)
   args = parser.parse_args(argv)
+  check_args(args)  # a missing text fails before the model loads
   compile_cache.from_args(args)
 
   from gptq_jax.eval import window_nll
@@ -68,10 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
   start = time.time()
   cfg, params, tokenizer_loader = load_model(args.model)
   cfg = cfg.replace(dtype=args.dtype)
-  tokens = load_tokens(args, tokenizer_loader)
+  tokens, bos = load_tokens(args, tokenizer_loader)
   loaded = time.time()
   nll, count, windows = window_nll(params, cfg, tokens, seqlen=args.seqlen,
-                                   max_windows=args.max_windows, batch_size=args.batch_size)
+                                   max_windows=args.max_windows, batch_size=args.batch_size,
+                                   bos_token_id=bos)
   result = {"ppl": float(np.exp(nll / count)), "nll": nll / count, "windows": windows,
             "scored_tokens": count, "seqlen": args.seqlen, "model": args.model,
             "dtype": args.dtype, "load_seconds": round(loaded - start, 2),

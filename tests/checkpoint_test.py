@@ -90,7 +90,14 @@ def test_save_never_overwrites(quantized, tmp_path):
     checkpoint.save(str(tmp_path / "taken"), qparams, model_config=cfg, quant_config=qcfg)
   assert (tmp_path / "taken" / "x").read_text() == "keep"
   assert sorted(os.listdir(tmp_path)) == ["taken"]
-  with pytest.raises(FileNotFoundError, match="neither a gptq_jax checkpoint folder"):
+  # check_output raises the same before any work; a file in the way is named; a new path passes
+  with pytest.raises(FileExistsError, match="already exists"):
+    checkpoint.check_output(str(tmp_path / "taken"))
+  with pytest.raises(NotADirectoryError, match="'.*x' is a file, not a folder"):
+    checkpoint.check_output(str(tmp_path / "taken" / "x" / "new" / "ckpt"))
+  checkpoint.check_output(str(tmp_path / "new" / "ckpt"))
+  assert sorted(os.listdir(tmp_path)) == ["taken"]  # nothing created
+  with pytest.raises(FileNotFoundError, match="is not a gptq_jax checkpoint folder"):
     checkpoint.load(str(tmp_path / "taken"))
 
 

@@ -6,6 +6,7 @@ import warnings
 import pytest
 
 from gptq_jax import GPTQConfig
+from tests.interop.helpers import importorskip
 
 
 def test_defaults_are_optimums():
@@ -104,7 +105,7 @@ def test_hf_dict_round_trip():
 
 
 def test_from_transformers_quantization_config():
-  transformers = pytest.importorskip("transformers")
+  transformers = importorskip("transformers")
   hf = transformers.GPTQConfig(bits=4, group_size=32, desc_act=True, sym=False,
                                format="gptq_v2").to_dict()
   c = GPTQConfig.from_dict(hf)

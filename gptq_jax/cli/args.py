@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from gptq_jax import data
 from gptq_jax.cli import compile_cache, serving
 from gptq_jax.config import BACKENDS, FORMATS, MSE_WEIGHTS, GPTQConfig
 
@@ -69,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument("--seqlen", type=int, default=2048)
   d.add_argument("--seed", type=int, default=0)
   d.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward")
-  d.add_argument("--eval-text", default=None,
-                 help="text for perplexity before/after (default: the bundled 2016-2021 "
-                      "addresses, held out from calibration); 'none' to skip")
+  d.add_argument("--eval-text", default="sotu-eval",
+                 help="text for perplexity before/after: a .txt file or folder (default "
+                      "'sotu-eval': the bundled 2016-2021 addresses, held out from "
+                      "calibration); 'none' to skip")
   d.add_argument("--eval-windows", type=int, default=16, help="windows of --seqlen to score")
   d.add_argument("--sample-prompt", default="The state of the union is",
                  help="prompt for a sample generation after quantization ('' to skip)")
@@ -127,13 +129,12 @@ def _config(args) -> GPTQConfig:
 def _check_creatable(flag: str, path: str) -> None:
   """Missing parent folders are created when the run writes; the nearest existing one must be a
   writable folder."""
-  parent = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise NotADirectoryError(f"{flag} {path!r}: {parent!r} is a file, not a folder")
-  if not os.access(parent, os.W_OK):
-    raise PermissionError(f"{flag} {path!r}: the folder {parent!r} is not writable")
+  from gptq_jax.checkpoint import check_creatable  # noqa: PLC0415
+
+  try:
+    check_creatable(path)
+  except (NotADirectoryError, PermissionError) as e:
+    raise type(e)(f"{flag} {e}") from None
 
 
 def _check_args(args) -> None:
@@ -154,9 +155,8 @@ def _check_args(args) -> None:
   if args.report and not args.report.endswith(".json"):
     raise ValueError(f"--report {args.report!r} must end with .json (the plot goes beside it "
                      "as .png)")
-  if (args.eval_text or "none").lower() != "none" and not os.path.exists(args.eval_text):
-    raise FileNotFoundError(f"--eval-text {args.eval_text!r} does not exist (pass a .txt file or "
-                            "a folder of .txt files, or 'none' to skip perplexity)")
+  if args.eval_text.lower() != "none":
+    data.check_text(args.eval_text, "--eval-text", also="'none' to skip perplexity")
   for flag, value, low in (("--seqlen", args.seqlen, 2), ("--eval-windows", args.eval_windows, 1),
                            ("--batch-size", args.batch_size, 1)):
     if value is not None and value < low:

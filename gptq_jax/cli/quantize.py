@@ -92,7 +92,7 @@ def _tokenizer(args, load_tokenizer):
     return load_tokenizer(args.model)
   except ValueError as e:
     needless = ((args.dataset or "").endswith(".npy") and not args.sample_prompt
-                and (args.eval_text or "").lower() == "none")
+                and args.eval_text.lower() == "none")
     if not needless:
       raise
     _say(f"no tokenizer ({e}); not needed with token ids from {args.dataset}: going on without")
@@ -101,7 +101,7 @@ def _tokenizer(args, load_tokenizer):
 
 def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
   from gptq_jax.cli.stream import source_digest
-  from gptq_jax.pipeline.resume import calibration_digest
+  from gptq_jax.resume import calibration_digest
 
   qc = cfg.to_dict()
   qc.pop("backend", None)  # how the result is run later does not change it
@@ -157,7 +157,7 @@ def run(args) -> dict:
   from gptq_jax.pipeline import quantize
   from gptq_jax.pipeline.adapter import ModelAdapter
   from gptq_jax.pipeline.calib import normalize
-  from gptq_jax.pipeline.resume import ResumableRun
+  from gptq_jax.resume import ResumableRun
   from gptq_jax.pipeline.stats import PipelineStats
 
   t_start = time.perf_counter()
@@ -195,8 +195,8 @@ def run(args) -> dict:
     _say(f"--resume: no interrupted run of {args.output!r} to continue; starting from block 0")
 
   eval_tokens = None
-  if (args.eval_text or "").lower() != "none":
-    text = data.sotu_texts("eval") if args.eval_text is None else data.read_text(args.eval_text)
+  if args.eval_text.lower() != "none":
+    text = data.read_text(args.eval_text)
     eval_tokens = data.tokenize_text(text, tokenizer)
   result: dict = {"model": args.model, "config": cfg.to_dict(), "output": args.output,
                   "calibration": args.dataset or CALIB_DEFAULT, "dtype": dtype,

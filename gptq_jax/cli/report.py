@@ -58,7 +58,7 @@ def plot_losses(path: str, layers: list[dict]) -> None:
     ax.plot(xs, ys, marker=".", label=name)
   ax.set_yscale("log")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.set_xlabel("block")
+  ax.set_xlabel("block (model.layers.N)")
   ax.set_ylabel("GPTQ loss (sum of (w - q)^2 / Hinv_ii^2 / 2)")
   ax.set_title("GPTQ loss per layer")
   ax.legend(fontsize=7, ncol=2)

@@ -74,11 +74,3 @@ def lazy_step(Wc, Pp, i1, j, D1):
   B = D1.shape[0]
   return Wc + jnp.matmul(jax.lax.dynamic_slice(Pp, (i1, j), (B, B)).T, D1, precision=HIGHEST)
 
-
-def quantize_weight(kernel, hessian, cross, cfg, **kwargs):
-  """GPTAQ for one linear: ``core.gptq.quantize_weight`` with ``cfg.gptaq`` set and ``cross``."""
-  from gptq_jax.core import gptq  # noqa: PLC0415 (gptq imports this module)
-
-  if not cfg.gptaq:
-    cfg = cfg.replace(gptaq=True)
-  return gptq.quantize_weight(kernel, hessian, cfg, cross=cross, **kwargs)

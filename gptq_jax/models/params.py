@@ -81,7 +81,9 @@ def plain(tree: Any) -> Any:
   return tree
 
 
-def config_of(params: Any) -> ModelConfig | None:
-  """The config that `params` carry, or None for a bare dict."""
-  cfg = getattr(params, "config", None)
-  return cfg if isinstance(cfg, ModelConfig) else None
+def untied(model_config: Any, params: Any) -> Any:
+  """`model_config` with `tie_word_embeddings=False` when `params` hold their own lm_head (a
+  quantized output projection of a tied model, `GPTQConfig(lm_head=True)`)."""
+  if getattr(model_config, "tie_word_embeddings", False) and "lm_head" in params:
+    return model_config.replace(tie_word_embeddings=False)
+  return model_config

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gptq_jax.config import GPTQConfig, module_config
+from gptq_jax.models.params import untied
 
 LM_HEAD = "lm_head"
 
@@ -40,13 +41,6 @@ def resolve(cfg: GPTQConfig, name: str) -> GPTQConfig | None:
         return None
       return module_config(cfg, dict(overrides)) if overrides else cfg
   return cfg
-
-
-def untied(model_config: Any, params: Any) -> Any:
-  """``model_config`` with ``tie_word_embeddings=False`` when ``params`` hold their own lm_head."""
-  if getattr(model_config, "tie_word_embeddings", False) and LM_HEAD in params:
-    return model_config.replace(tie_word_embeddings=False)
-  return model_config
 
 
 @jax.jit

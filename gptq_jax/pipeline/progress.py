@@ -16,8 +16,9 @@ def _fmt(seconds: float) -> str:
 
 
 class BlockProgress:
-  """A line per block, e.g. ``[block 3/30] ###----- 10% 12s elapsed ETA 1m48s | mlp.up_proj
-  loss 0.0123``.
+  """A line per block, e.g. ``[block 2/29] ###----- 10% 12s elapsed ETA 1m48s | mlp.up_proj
+  loss 0.0123``: blocks are numbered from 0, as in the tensor names (``model.layers.2``), the
+  report and its plot; the line shows the block over the last block's number.
 
   On a terminal the line is redrawn after each layer (the layer just quantized and its GPTQ loss)
   and kept when the block finishes; elsewhere (a log file, a pipe) one line per finished block is
@@ -65,7 +66,7 @@ class BlockProgress:
       pace = elapsed / worked if worked else None
     eta = "?" if pace is None else _fmt(pace * (self.total - self.done))
     filled = int(frac * self.width)
-    text = (f"[block {min(block + 1, self.total)}/{self.total}] "
+    text = (f"[block {min(block, self.total - 1)}/{self.total - 1}] "
             f"{'#' * filled}{'-' * (self.width - filled)} {frac:4.0%} "
             f"{_fmt(elapsed)} elapsed ETA {eta}")
     if finished and self.worst is not None:

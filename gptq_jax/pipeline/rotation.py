@@ -5,7 +5,7 @@ For a pre-norm decoder whose norms are RMSNorms, ``rms(x Q) = rms(x)`` for any o
 the model computes the same function when
 
 1. each norm's scale is folded into the linears it feeds (``K <- diag(w) K`` for q/k/v, gate/up
-   and the LM head) and the norm's weight is set to the identity (1, or 0 for ``(1 + w)`` norms);
+   and the LM head) and the norm's weight is set to the identity (1);
 2. the embedding is rotated (``E <- E Q``), every linear reading the residual stream is rotated on
    its input side (``K <- Q^T K``) and every linear writing to it on its output side (``K <- K Q``,
    bias ``b <- b Q``);
@@ -18,7 +18,7 @@ orbax, the Hugging Face export and transformers run unchanged: no online transfo
 is what low-bit grids need. Per-head norms after the projections (Qwen3's q/k norms) see unrotated
 values and are untouched. Gemma 3's post-attention / post-feedforward norms act on a block's
 output before the residual add, with a per-channel scale that does not commute with ``Q``: such
-"sandwich" models are refused.
+"sandwich" models are refused (and with them the ``(1 + w)`` norms only Gemma has).
 
 ``kind="hadamard"``: a randomized Hadamard matrix ``diag(signs) H / sqrt(n)``. ``n = 2^k`` uses
 Sylvester's construction; other sizes are Kronecker products with Paley Hadamard matrices of order
@@ -98,14 +98,12 @@ def orthogonal_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> np.ndarr
   return rng.choice([-1.0, 1.0], size=n)[:, None] * M
 
 
-def _norm_scale(norm_params, unit_offset: bool) -> np.ndarray:
-  w = np.asarray(norm_params["weight"], np.float64)
-  return 1.0 + w if unit_offset else w
+def _norm_scale(norm_params) -> np.ndarray:
+  return np.asarray(norm_params["weight"], np.float64)
 
 
-def _identity_norm(norm_params, unit_offset: bool):
-  w = np.asarray(norm_params["weight"])
-  return {**norm_params, "weight": np.zeros_like(w) if unit_offset else np.ones_like(w)}
+def _identity_norm(norm_params):
+  return {**norm_params, "weight": np.ones_like(np.asarray(norm_params["weight"]))}
 
 
 def _cast(a: np.ndarray, like) -> np.ndarray:
@@ -119,12 +117,12 @@ def rotate_model(config: Any, params: Any, kind: str = "hadamard", seed: int = 0
   ``tie_word_embeddings=False``. Raises for decoders whose norms cannot be folded (Gemma 3's
   sandwich norms) and for already quantized params.
   """
-  if getattr(config, "sandwich_norms", False):
+  if getattr(config, "sandwich_norms", False) or getattr(config, "norm_unit_offset", False):
     raise ValueError(f"rotation is not supported for model_type="
                      f"{getattr(config, 'model_type', '?')!r}: its post-attention and "
                      "post-feedforward norms scale the block's output per channel before the "
-                     "residual add, which no rotation of the residual stream commutes with")
-  unit = bool(getattr(config, "norm_unit_offset", False))
+                     "residual add (and its norms scale by 1 + w), which no rotation of the "
+                     "residual stream commutes with")
   n = config.hidden_size
   Q64 = orthogonal_matrix(n, kind, seed)
   Q = Q64.astype(np.float32)  # float32 products: the embedding and head are large (BLAS sgemm)
@@ -134,10 +132,10 @@ def rotate_model(config: Any, params: Any, kind: str = "hadamard", seed: int = 0
   for i in range(config.num_hidden_layers):
     block = params[f"layers_{i}"]
     new = dict(block)
-    scales = {"self_attn": _norm_scale(block["input_layernorm"], unit),
-              "mlp": _norm_scale(block["post_attention_layernorm"], unit)}
+    scales = {"self_attn": _norm_scale(block["input_layernorm"]),
+              "mlp": _norm_scale(block["post_attention_layernorm"])}
     for name in ("input_layernorm", "post_attention_layernorm"):
-      new[name] = _identity_norm(block[name], unit)
+      new[name] = _identity_norm(block[name])
     subs = {k: dict(block[k]) for k in ("self_attn", "mlp")}
     for a, b in _INPUT_SIDE:
       lin = block[a][b]
@@ -155,8 +153,8 @@ def rotate_model(config: Any, params: Any, kind: str = "hadamard", seed: int = 0
       subs[a][b] = {**lin, **rot}
     new.update(subs)
     out[f"layers_{i}"] = new
-  w_final = _norm_scale(params["norm"], unit)
-  out["norm"] = _identity_norm(params["norm"], unit)
+  w_final = _norm_scale(params["norm"])
+  out["norm"] = _identity_norm(params["norm"])
   if config.tie_word_embeddings:
     head = E.astype(np.float32).T  # [hidden, vocab]
     like = E
@@ -190,9 +188,8 @@ def _rewrap(params, out: dict, config):
 def check_rotated(params: Any, config: Any) -> None:
   """Raise unless the first block's norms are identities (``rotate_model`` was applied): a config
   asking for a rotation must not quantize an unrotated model silently."""
-  unit = bool(getattr(config, "norm_unit_offset", False))
   w = np.asarray(params["layers_0"]["input_layernorm"]["weight"], np.float64)
-  if not np.all(w == (0.0 if unit else 1.0)):
+  if not np.all(w == 1.0):
     raise ValueError("GPTQConfig.rotation is set but the model is not rotated: call "
                      "gptq_jax.pipeline.rotation.rotate_model(config, params, cfg.rotation, "
                      "seed=cfg.seed) first (the CLI does) and quantize the params it returns")

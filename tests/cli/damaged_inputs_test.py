@@ -97,8 +97,8 @@ def test_resume_from_a_damaged_block(tiny_hf_dir, cli_env, tmp_path):
   args.remove("--no-progress")  # the per-block lines tell when to kill
   proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=cli_env, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  for line in proc.stderr:  # "[block 3/6]" is written after block 2's solve, before its save
-    if line.startswith("[block 3/"):
+  for line in proc.stderr:  # "[block 2/5]" is written after block 2's solve, before its save
+    if line.startswith("[block 2/"):
       proc.send_signal(signal.SIGKILL)
       break
   proc.wait(timeout=60)

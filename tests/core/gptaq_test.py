@@ -53,7 +53,7 @@ def test_cross_term_matches_numpy():
 @pytest.mark.parametrize("c", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_matches_port_and_beats_gptq_on_float_targets(c):
   cfg = _cfg(c)
-  qw, info = gptaq.quantize_weight(KERNEL, H, DXXT, cfg, return_info=True)
+  qw, info = gj.quantize_weight(KERNEL, H, cfg, cross=DXXT, return_info=True)
   gar = c["act_group_aware"] and not c["desc_act"] and c["group_size"] != -1
   codes, scale, zero, g_idx, loss = ref.fasterquant_gptaq(
       KERNEL, H, DXXT, bits=c["bits"], alpha=0.25, group_size=c["group_size"],
@@ -77,7 +77,7 @@ def test_matches_port_and_beats_gptq_on_float_targets(c):
 
 def test_alpha_zero_is_gptq_and_cross_is_required():
   cfg = _cfg(CONFIGS[0])
-  a0 = gptaq.quantize_weight(KERNEL, H, DXXT, cfg.replace(gptaq_alpha=0.0))
+  a0 = gj.quantize_weight(KERNEL, H, cfg.replace(gptaq_alpha=0.0), cross=DXXT)
   plain = gj.quantize_weight(KERNEL, H, cfg.replace(gptaq=False))
   assert np.mean(np.asarray(a0.codes) == np.asarray(plain.codes)) > 0.999
   with pytest.raises(ValueError, match="cross"):

@@ -49,7 +49,7 @@ from gptq_jax.interop import export_hf, import_hf
 from gptq_jax.models import forward
 from gptq_jax.models.safetensors_io import SafetensorsFile
 from gptq_jax.models.testing import tiny_pair, torch_logits
-from gptq_jax.pipeline.resume import ResumableRun, fingerprint
+from gptq_jax.resume import ResumableRun, fingerprint
 from gptq_jax.pipeline.calib import normalize
 from tests.interop.helpers import (ROOT, oracle_logits, run_oracle, tiny_tokenizer,
                                    transformers_logits)
@@ -281,7 +281,7 @@ class _Stop(Exception):
 
 
 def test_resume_after_the_first_block_equals_an_uninterrupted_run(runs, tmp_path):
-  """Through the library pieces the CLI uses (pipeline.resume): a run stopped once block 0 is
+  """Through the library pieces the CLI uses (resume.py): a run stopped once block 0 is
   saved, resumed from its partial state, gives the uninterrupted run's params and records (Llama
   and Gemma 3: the resume state is a family-independent params tree)."""
   for family in FRESH_PROCESS:

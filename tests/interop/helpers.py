@@ -7,6 +7,7 @@ its absence is a broken build, not a reason to pass (``oracle_unavailable`` deci
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -31,6 +32,19 @@ def oracle_unavailable(reason: str) -> None:
     pytest.fail(f"oracle unavailable under CI=true (a failure, not a skip): {reason}", pytrace=False)
   print(f"skipping: {reason}", file=sys.stderr)
   pytest.skip(reason)
+
+
+def importorskip(module: str):
+  """``pytest.importorskip`` that fails under ``CI=true`` (where every test dependency is part of
+  the setup, so a missing one is a broken build); usable at module level too."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    reason = f"{module} cannot be imported ({e})"
+    if in_ci():
+      pytest.fail(f"a test dependency is missing under CI=true (a failure, not a skip): {reason}",
+                  pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def tiny_tokenizer(vocab_size: int = 256):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gptq_jax
-from gptq_jax import checkpoint, loading
+from gptq_jax import checkpoint, loading, models
 from gptq_jax.core.weights import PackedWeight
 from gptq_jax.interop import export_hf
 from gptq_jax.models import save_hf_folder
@@ -44,7 +44,12 @@ def test_every_format_loads_and_says_what_it_is(tiny_llama, quantized, tmp_path,
     assert isinstance(kernel, PackedWeight) == (kind != "hf_float")
     config, _ = gptq_jax.load_model(spec)
     assert config.replace(backend="auto") == cfg
-    assert checkpoint.load(spec).model_config.replace(backend="auto") == cfg
+  assert checkpoint.load(orbax).model_config.replace(backend="auto") == cfg
+  with pytest.raises(FileNotFoundError, match="gptq_jax.load_model reads every other"):
+    checkpoint.load(v2)  # our own format only; gptq_jax.load_model reads the others
+  for spec in (orbax, v2):
+    with pytest.raises(ValueError, match="reads float models only"):
+      models.load_model(spec)
   assert loading.detect("smollm2-135m")[0] == "gguf"
   with pytest.raises(FileNotFoundError, match="neither a gptq_jax checkpoint"):
     loading.detect(str(tmp_path))
@@ -67,3 +72,16 @@ def test_perplexity_same_on_checkpoint_and_its_export(tiny_llama, quantized, tmp
   # The export stores scales and float tensors in float16: equal up to that rounding.
   assert abs(ppl["hf"] / ppl["orbax"] - 1) < 1e-3, ppl
   assert abs(ppl["float"] / ppl["orbax"] - 1) > 1e-2, ppl  # a quantized model, not the float one
+
+
+def test_perplexity_script_checks_its_text_before_the_model(tmp_path):
+  """A missing --text fails at once, naming it, though the model would fail too (and is never
+  opened); --text sotu-eval names the bundled held-out addresses."""
+  main = _perplexity_main()
+  with pytest.raises(FileNotFoundError, match=r"--text '.*nope.txt' does not exist .*'sotu-eval'"):
+    main(["--model", str(tmp_path / "no-model"), "--text", str(tmp_path / "nope.txt"),
+          "--seqlen", "8"])
+  with pytest.raises(ValueError, match="--seqlen=1 is invalid"):
+    main(["--model", str(tmp_path / "no-model"), "--text", "sotu-eval", "--seqlen", "1"])
+  with pytest.raises(FileNotFoundError, match="no-model"):  # the text passed: now the model
+    main(["--model", str(tmp_path / "no-model"), "--text", "sotu-eval", "--seqlen", "8"])

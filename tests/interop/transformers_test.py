@@ -69,3 +69,10 @@ def test_oracle_helper_fails_under_ci_and_skips_locally(monkeypatch, tmp_path):
   monkeypatch.delenv("CI")
   with pytest.raises(pytest.skip.Exception, match="timed out"):
     helpers.oracle_unavailable("the oracle timed out")
+  monkeypatch.setenv("CI", "1")  # a missing test dependency (torch, transformers, nbformat...)
+  with pytest.raises(pytest.fail.Exception, match="CI=true.*no_such_module cannot be imported"):
+    helpers.importorskip("no_such_module")
+  monkeypatch.delenv("CI")
+  with pytest.raises(pytest.skip.Exception, match="no_such_module cannot be imported"):
+    helpers.importorskip("no_such_module")
+  assert helpers.importorskip("json").dumps(1) == "1"

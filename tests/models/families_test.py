@@ -23,9 +23,10 @@ from gptq_jax.pipeline import dense_block, rtn_model
 from gptq_jax.models import ModelConfig, ModelParams, forward, load_model, save_hf_folder
 from gptq_jax.models.params import plain
 from gptq_jax.models.testing import FAMILY_NAMES, tiny_pair, torch_logits
+from tests.interop.helpers import importorskip
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = importorskip("torch")
+transformers = importorskip("transformers")
 
 SEQ = 40
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

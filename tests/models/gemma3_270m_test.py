@@ -5,10 +5,10 @@ and GPTQ (4-bit g128 act-order) against round-to-nearest."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+
+from tests.interop.helpers import in_ci
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +19,8 @@ def _gemma_path() -> str:
   try:
     return gemma3_gguf_path()
   except ValueError as e:
-    if os.environ.get("CI", "").lower() == "true":
-      pytest.fail(f"the embedded Gemma 3 270M is missing under CI: {e}")
+    if in_ci():
+      pytest.fail(f"the embedded Gemma 3 270M is missing under CI=true: {e}", pytrace=False)
     pytest.skip(str(e))
 
 

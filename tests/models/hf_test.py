@@ -180,8 +180,11 @@ def test_unsupported_architecture(hf_folder, tmp_path, change):
 
 
 def test_bad_specs(tmp_path):
-  with pytest.raises(ValueError, match="hub is unreachable offline.*local Hugging Face folder"):
+  with pytest.raises(FileNotFoundError, match="no such local path.*hub is unreachable offline.*"
+                     "local Hugging Face folder"):
     load_llama("meta-llama/Llama-3.2-1B")
+  with pytest.raises(FileNotFoundError, match="'out/nope' not found: no such local path"):
+    load_llama("out/nope")
   with pytest.raises(FileNotFoundError, match="not found"):
     load_llama(str(tmp_path / "nope"))
   (tmp_path / "w.bin").write_bytes(b"x")

@@ -1,16 +1,21 @@
-"""The driver's GPTAQ path against GPTAQ run by hand on the same two streams (float and quantized)."""
+"""The driver's GPTAQ path against GPTAQ run by hand on the same two streams (float and quantized):
+every linear solved by the NumPy port of the published update (tests/core/reference_gptaq.py)."""
 
 import numpy as np
 
 import gptq_jax as gj
-from gptq_jax.core import gptaq
 from gptq_jax.models import block_forward, default_positions, embed
 from gptq_jax.pipeline import LLAMA_GROUPS, quantize
+from tests.core import reference_gptaq as ref
 from tests.pipeline.driver_test import _codes, _linear_inputs
 
 
-def _by_hand(cfg, params, batches, qcfg):
-  """Float and quantized streams kept side by side; each subset's H and dXXT in NumPy."""
+def _by_hand(cfg, params, batches, qcfg, driven):
+  """Float and quantized streams kept side by side; each subset's H and dXXT in NumPy, each
+  linear quantized by the NumPy GPTAQ port (GAR on: the config's default without act-order).
+  The quantized stream runs on ``driven``'s weights (the driver's result), so every linear's
+  expectation comes from the same inputs as the driver's solve: rare code differences between
+  the port and the solver do not pile up over the layers."""
   hs, fs = [], []
   for b in batches:
     ids, mask = np.asarray(b["input_ids"]), np.asarray(b["attention_mask"])
@@ -34,9 +39,13 @@ def _by_hand(cfg, params, batches, qcfg):
         x, xf = (np.concatenate(a[p]).astype(np.float64) for a in (X, XF))
         H = (2.0 / len(x) * x.T @ x).astype(np.float32)
         D = (2.0 / len(x) * (xf - x).T @ x).astype(np.float32)
-        qw = gaq = gptaq.quantize_weight(block[p[0]][p[1]]["kernel"], H, D, qcfg)
-        codes[(i,) + p] = np.asarray(gaq.codes)
-        block = {**block, p[0]: {**block[p[0]], p[1]: {"kernel": qw.dequantize()}}}
+        kernel = np.asarray(block[p[0]][p[1]]["kernel"], np.float32)
+        c, *_ = ref.fasterquant_gptaq(
+            kernel, H, D, bits=qcfg.bits, alpha=qcfg.gptaq_alpha, group_size=qcfg.group_size,
+            percdamp=qcfg.damp_percent, gar=True)
+        codes[(i,) + p] = c.T  # [in, out], as the packed weight's codes
+        ours = driven[f"layers_{i}"][p[0]][p[1]]["kernel"].dequantize()
+        block = {**block, p[0]: {**block[p[0]], p[1]: {"kernel": ours}}}
     hs = [(block_forward(block, cfg, h, pos, mask), pos, mask) for h, pos, mask in hs]
     fs = [block_forward(fblock, cfg, hf, pos, mask) for hf, (_, pos, mask) in zip(fs, hs)]
   return codes
@@ -47,7 +56,7 @@ def test_driver_gptaq_equals_by_hand_and_differs_from_gptq(tiny):
   qcfg = gj.GPTQConfig(3, group_size=32, gptaq=True)
   report = []
   q = quantize(params, batches, qcfg, model_config=cfg, mesh=None, progress=False, report=report)
-  for (i, *path), codes in _by_hand(cfg, params, batches, qcfg).items():
+  for (i, *path), codes in _by_hand(cfg, params, batches, qcfg, q).items():
     got = _codes(q, i, tuple(path))
     assert np.mean(got == codes) >= 0.99, (i, path, np.mean(got == codes))
   plain = quantize(params, batches, qcfg.replace(gptaq=False), model_config=cfg, mesh=None,

