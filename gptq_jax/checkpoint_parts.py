@@ -10,7 +10,9 @@ a subtree at a time:
                               SHA-256 of that step's checksum table]}
     <path>/blocks/<i>/        the decoder blocks, one orbax step each: linked (hard links, else
                               copies) from the resume state's per-block saves, never re-read
-    <path>/nonlayer/<k>/      other large subtrees (the float embedding, lm_head), one each
+    <path>/nonlayer/<k>/      other large subtrees (the float embedding, lm_head), one each, or
+                              one per piece (``add_pieces``: consecutive row or column slices
+                              of one array, so the array is never in memory whole)
 
 ``read_parts`` puts the parts back in place when the checkpoint is read (``checkpoint.read``):
 the reloaded tree is the tree a single save would have written. Every step has its own checksum
@@ -23,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterable
 
 import jax
+import numpy as np
 
 from gptq_jax.integrity import CHECKSUMS, DamagedFileError
 
@@ -79,13 +82,33 @@ class PartsWriter:
     _sync("gptq_jax parts: start")
     self.parts: dict[str, list] = {}
 
+  def _next_step(self) -> int:
+    """The next free step under ``nonlayer/`` (a part saved in pieces uses one per piece)."""
+    return sum(len(v[3]["pieces"]) if len(v) > 3 else 1 for v in self.parts.values()
+               if v[0] == "nonlayer")
+
   def add(self, key: str, tree: Any) -> None:
     """Save ``tree`` as the top-level subtree ``key`` (its own step under ``nonlayer/``)."""
     from gptq_jax.checkpoint import write_tree  # noqa: PLC0415
 
-    step = sum(1 for v in self.parts.values() if v[0] == "nonlayer")
+    step = self._next_step()
     write_tree(os.path.join(self.tmp, "nonlayer"), step, {key: tree}, {"key": key})
     self.parts[key] = ["nonlayer", step]
+
+  def add_pieces(self, key: str, leaf: str, axis: int, pieces: Iterable[Any]) -> None:
+    """Save the array ``{key: {leaf: ...}}`` a piece at a time: each piece (consecutive slices
+    along ``axis``, e.g. an embedding's rows) is its own step, so the whole array is never in
+    memory; ``read_parts`` puts them back together."""
+    from gptq_jax.checkpoint import write_tree  # noqa: PLC0415
+
+    steps = []
+    for piece in pieces:
+      step = self._next_step()
+      write_tree(os.path.join(self.tmp, "nonlayer"), step, {key: {leaf: piece}},
+                 {"key": key, "piece": len(steps)})
+      steps.append([step, None, int(piece.shape[axis])])
+      self.parts[key] = ["nonlayer", steps[0][0], None,
+                         {"leaf": leaf, "axis": axis, "pieces": steps}]
 
   def link_blocks(self, blocks_dir: str, keys: dict[str, int]) -> None:
     """Take finished steps of another orbax manager (``{top-level key: step}``), e.g. the resume
@@ -101,9 +124,13 @@ class PartsWriter:
     from gptq_jax.checkpoint import write_tree  # noqa: PLC0415
 
     parts = {}
-    for key, (folder, step, *_) in self.parts.items():
+    for key, (folder, step, *more) in self.parts.items():
       step_dir = os.path.join(self.tmp, folder, str(step))
       parts[key] = [folder, step, _table_digest(step_dir)]
+      if len(more) > 1:  # a part saved in pieces: every piece's table digest too
+        pieces = [[s, _table_digest(os.path.join(self.tmp, folder, str(s))), n]
+                  for s, _, n in more[1]["pieces"]]
+        parts[key].append({**more[1], "pieces": pieces})
     write_tree(os.path.join(self.tmp, "orbax"), 0, rest, {**meta, PARTS: parts})
     if self.primary:
       if tokenizer is not None:
@@ -115,16 +142,45 @@ class PartsWriter:
 
 def read_parts(folder: str, params: dict, meta: dict) -> dict:
   """``params`` (the top step's tree) with every part of ``meta`` read back into place."""
+  for key, entry in sorted(meta.get(PARTS, {}).items()):
+    params[key] = read_part(folder, key, entry)
+  return params
+
+
+def _read_step(folder: str, key: str, sub: str, step: int, digest: str) -> Any:
   from gptq_jax.checkpoint import read_tree  # noqa: PLC0415
 
-  for key, (sub, step, digest) in sorted(meta.get(PARTS, {}).items()):
-    step_dir = os.path.join(folder, sub, str(step))
-    if not os.path.isdir(step_dir):
-      raise DamagedFileError(step_dir, f"missing checkpoint part ({key}, listed in the "
-                             "checkpoint's meta)")
-    if _table_digest(step_dir) != digest:
-      raise DamagedFileError(step_dir, f"checkpoint part {key} is not the one this checkpoint "
-                             "was saved with (its checksum table changed)")
-    tree, _ = read_tree(os.path.join(folder, sub), step)
-    params[key] = tree[key] if sub == "nonlayer" else tree
-  return params
+  step_dir = os.path.join(folder, sub, str(step))
+  if not os.path.isdir(step_dir):
+    raise DamagedFileError(step_dir, f"missing checkpoint part ({key}, listed in the "
+                           "checkpoint's meta)")
+  if _table_digest(step_dir) != digest:
+    raise DamagedFileError(step_dir, f"checkpoint part {key} is not the one this checkpoint "
+                           "was saved with (its checksum table changed)")
+  tree, _ = read_tree(os.path.join(folder, sub), step)
+  return tree[key] if sub == "nonlayer" else tree
+
+
+def read_part(folder: str, key: str, entry: list) -> Any:
+  """The subtree ``key`` of the checkpoint at ``folder`` from its ``parts`` entry (``[sub, step,
+  digest]``, or with a fourth item listing the pieces it was saved in: they are copied into one
+  array as they are read, so the array is held once)."""
+  sub, step, digest, *pieces = entry
+  if not pieces:
+    return _read_step(folder, key, sub, step, digest)
+  leaf, axis, listed = pieces[0]["leaf"], pieces[0]["axis"], pieces[0]["pieces"]
+  out, at = None, 0
+  for s, d, n in listed:
+    piece = np.asarray(_read_step(folder, key, sub, s, d)[leaf])
+    if piece.shape[axis] != n:
+      raise DamagedFileError(os.path.join(folder, sub, str(s)), f"checkpoint part {key}: a "
+                             f"piece of {piece.shape[axis]} slices where the meta lists {n}")
+    if out is None:
+      shape = list(piece.shape)
+      shape[axis] = sum(p[2] for p in listed)
+      out = np.empty(shape, piece.dtype)
+    index = [slice(None)] * out.ndim
+    index[axis] = slice(at, at + n)
+    out[tuple(index)] = piece
+    at += n
+  return {leaf: out}

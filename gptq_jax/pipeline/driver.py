@@ -209,7 +209,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
   adapter = resolve_adapter(params, model_config, adapter)
   if cfg.rotation != "none" and start_block == 0:  # rotation.rotate_model must come first
-    check_rotated(params, getattr(adapter, "config", None))
+    check_rotated(params, getattr(adapter, "config", None), getattr(adapter, "rotation", None),
+                  cfg.rotation)
   mesh = resolve_mesh(mesh, axis_name)
   ndev = mesh.shape[axis_name] if mesh is not None else 1
   samples, largest = calib.normalize(calib_batches)
@@ -305,5 +306,5 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   st.stash = plan.summary()
   if cfg.lm_head:  # after the last block, on the final norm's outputs (pipeline/dynamic.py)
     params = dynamic.quantize_lm_head(adapter.config, params, stream.hidden, stream.masks, cfg,
-                                      report)
+                                      report, getattr(adapter, "lm_head_slices", None))
   return params
