@@ -114,9 +114,10 @@ class ModelSource:
       self.close()
 
   def vocab_chunks(self) -> list[tuple[int, int]]:
-    """``[(lo, hi), ...]`` covering the vocabulary, each about ``ROW_CHUNK_BYTES`` in float32."""
+    """``[(lo, hi), ...]`` covering the vocabulary, each about ``ROW_CHUNK_BYTES`` in float32 and
+    a multiple of 32 rows (so a packed head splits at the same bounds, any bit width)."""
     v = self.config.vocab_size
-    step = max(1, ROW_CHUNK_BYTES // (4 * self.config.hidden_size))
+    step = max(32, ROW_CHUNK_BYTES // (4 * self.config.hidden_size) // 32 * 32)
     return [(lo, min(v, lo + step)) for lo in range(0, v, step)]
 
   def embedding_rows(self, ids: Any) -> np.ndarray:
