@@ -200,6 +200,7 @@ def run(args) -> dict:
   nbytes = source.float_bytes(dtype)
   if args.sample_prompt and nbytes <= SAMPLE_BEFORE_MAX_BYTES and jax.process_index() == 0:
     t0 = time.perf_counter()
+    _say(f"[sample] the float model's continuation ({SAMPLE_TOKENS} tokens at most) ...")
     float_params = source.params(dtype)  # the float model's continuation, beside the quantized
     result["sample_before"] = _sample(evaluation, float_params, model_config, tokenizer,
                                       args.sample_prompt)
@@ -277,6 +278,8 @@ def run(args) -> dict:
     print(f"perplexity on held-out text ({len(windows)} windows of {cfg.seqlen} tokens"
           f"{', each starting with <bos>' if bos is not None else ''}): "
           f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
+  if args.sample_prompt:
+    _say(f"[sample] the quantized model's continuation ({SAMPLE_TOKENS} tokens at most) ...")
   qparams = output.load_for_sample(args.output) if args.sample_prompt else None  # collective
   if args.sample_prompt and pid == 0:
     t0 = time.perf_counter()
