@@ -20,6 +20,7 @@ never held, nor the whole output projection.
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import time
 from typing import Any, Callable
@@ -154,6 +155,7 @@ def _trim_heap() -> None:
   """glibc's ``malloc_trim(0)``: return the free pages inside the heap to the system (freed
   blocks' buffers otherwise stay resident, fragmented between live allocations). No-op
   elsewhere."""
+  gc.collect()  # buffers held by reference cycles (found measuring: ~200 MiB after a block)
   try:
     import ctypes  # noqa: PLC0415
 
