@@ -84,10 +84,23 @@ def _calibration(args, cfg, tokenizer):
   return data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")
+
+
+def _has_tokenizer_files(model: str) -> None:
+  """Raise for a folder with no tokenizer file, before transformers is imported (its tokenizer
+  machinery imports torch: about 190 MiB resident that a folder without a tokenizer never uses)."""
+  if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, f))
+                                      for f in TOKENIZER_FILES):
+    raise ValueError(f"{model!r} has no tokenizer file (none of {', '.join(TOKENIZER_FILES)})")
+
+
 def _tokenizer(args, load_tokenizer):
   """The model's tokenizer; a folder without one still runs when nothing needs it (token ids from
   a .npy, no evaluation text, no sample): the outputs then carry no tokenizer files."""
   try:
+    _has_tokenizer_files(args.model)
     return load_tokenizer(args.model)
   except ValueError as e:
     needless = ((args.dataset or "").endswith(".npy") and not args.sample_prompt
