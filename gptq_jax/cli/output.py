@@ -60,7 +60,8 @@ def export_hf(folder: str, checkpoint_path: str, *, model_config, quant_config, 
   from gptq_jax.checkpoint import read_tree  # noqa: PLC0415
   from gptq_jax.checkpoint_parts import PARTS, read_part  # noqa: PLC0415
   from gptq_jax.cli.phases import Phase  # noqa: PLC0415
-  from gptq_jax.interop.hf_gptq import FolderWriter, block_tensors, nonlayer_tensors  # noqa: PLC0415
+  from gptq_jax.interop.hf_gptq import (FolderWriter, block_tensors,  # noqa: PLC0415
+                                        nonlayer_tensors)
 
   rest, meta = read_tree(os.path.join(checkpoint_path, "orbax"))
   parts = meta[PARTS]
@@ -90,5 +91,17 @@ def load_for_sample(checkpoint_path: str):
   """The finished checkpoint's params on the device (for the sample generation after; every
   process calls it under ``jax.distributed``: orbax's reads meet at barriers)."""
   from gptq_jax import checkpoint  # noqa: PLC0415
+  from gptq_jax.models.params import ModelParams  # noqa: PLC0415
 
-  return jax.device_put(checkpoint.read(checkpoint_path).params)
+  params = checkpoint.read(checkpoint_path).params
+  return ModelParams(_to_device(dict(params)), params.config)
+
+
+def _to_device(tree: dict) -> dict:
+  """Each leaf put on the device and dropped from the host tree at once: the host copy of the
+  model is never held whole beside the device copy."""
+  for key in list(tree):
+    node = tree.pop(key)
+    tree[key] = _to_device(node) if type(node) is dict else jax.device_put(node)
+    del node
+  return tree

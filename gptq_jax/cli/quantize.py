@@ -239,8 +239,8 @@ def run(args) -> dict:
                   for _ in range(2))
   # Nothing of a finished block stays in memory: on_block_done saves it (the resume state), and
   # the outputs are assembled from those saves (cli/output.py).
-  adapter = stream.StreamedRun(source, model_config, jnp.dtype(dtype), lambda i, block: None, done=done,
-                        evals=evals)
+  adapter = stream.StreamedRun(source, model_config, jnp.dtype(dtype), lambda i, block: None,
+                               done=done, evals=evals)
   stats = PipelineStats(sync=args.breakdown)
   t_q = time.perf_counter()
   head_params = dict(embed_params)
@@ -332,7 +332,7 @@ def _perplexities(source, evals, qhead: dict, model_config, dtype: str, show: bo
   from gptq_jax.core.weights import packed_columns  # noqa: PLC0415
 
   chunks = source.vocab_chunks()
-  float_head = lambda lo, hi: jnp.asarray(source.head_columns(lo, hi), dtype)  # noqa: E731
+  float_head = lambda lo, hi: source.head_slice(lo, hi, dtype)  # noqa: E731
   after = float_head
   if "lm_head" in qhead and hasattr(qhead["lm_head"]["kernel"], "qweight"):
     packed = qhead["lm_head"]["kernel"]

@@ -39,6 +39,14 @@ ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of one slice of the embedding / outp
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
+def to_device(x: Any, dtype: Any) -> jax.Array:
+  """A host array on the device in ``dtype``, cast on the host first: ``jnp.asarray(x, dtype)``
+  holds about three times the result while it converts (measured), ``device_put`` one copy."""
+  import ml_dtypes  # noqa: F401,PLC0415 (bfloat16 for numpy)
+
+  return jax.device_put(np.asarray(x, np.dtype(jnp.dtype(dtype))))
+
+
 class ModelSource:
   """A model read lazily from its files (module doc), optionally rotated on read."""
 
@@ -158,6 +166,10 @@ class ModelSource:
       self.final_norm()
     return rot.rotate_head(rows.T, self._q, self._w_final)
 
+  def head_slice(self, lo: int, hi: int, dtype: Any) -> jax.Array:
+    """``head_columns(lo, hi)`` on the device in ``dtype``."""
+    return to_device(self.head_columns(lo, hi), dtype)
+
   def nonlayer_pieces(self, dtype: Any, skip: tuple[str, ...] = ()) -> Iterator[tuple]:
     """``(key, leaf, axis, pieces)`` for the embedding and (untied) output projection, ``pieces``
     an iterator of host arrays in ``dtype`` (what the checkpoint stores), a slice at a time."""
@@ -175,9 +187,11 @@ class ModelSource:
   def nonlayer(self, dtype: Any) -> dict:
     """The embedding, final norm and (untied) output projection in ``dtype`` on the device, whole
     (small models only: the sample generation before)."""
-    out = {"norm": jax.tree.map(lambda x: jnp.asarray(x, dtype), self.final_norm())}
-    for key, leaf, axis, pieces in self.nonlayer_pieces(jnp.float32):
-      out[key] = {leaf: jnp.asarray(np.concatenate(list(pieces), axis=axis), dtype)}
+    v = self.config.vocab_size
+    out = {"norm": jax.tree.map(lambda x: to_device(x, dtype), self.final_norm()),
+           "embed_tokens": {"embedding": to_device(self.embedding_rows(np.arange(v)), dtype)}}
+    if not self.config.tie_word_embeddings:
+      out["lm_head"] = {"kernel": to_device(self.head_columns(0, v), dtype)}
     return out
 
   def params(self, dtype: Any) -> dict:

@@ -42,7 +42,7 @@ ModelSource, source_digest = source_lib.ModelSource, source_lib.source_digest  #
 def embedding_table(rows: np.ndarray, token_ids: np.ndarray, dtype: Any) -> dict:
   """The params the windows are embedded from: the embedding's rows of ``token_ids`` (sorted,
   unique; ``ModelSource.embedding_rows``) and the ids themselves, on the device."""
-  return {"embed_tokens": {"embedding": jnp.asarray(rows, dtype),
+  return {"embed_tokens": {"embedding": source_lib.to_device(rows, dtype),
                            "token_ids": jnp.asarray(token_ids, jnp.int32)}}
 
 
@@ -184,7 +184,7 @@ class StreamedRun(ModelAdapter):
     self.rotation = source.rotation  # applied on read (check_rotated asks)
     # --lm-head: the output projection a slice of the vocabulary at a time (dynamic.py)
     self.lm_head_slices = (source.vocab_chunks(),
-                           lambda lo, hi: jnp.asarray(source.head_columns(lo, hi), dtype))
+                           lambda lo, hi: source.head_slice(lo, hi, dtype))
     self.blocks_read = []  # the indices read from the source, in order (tests, the breakdown)
     # seconds spent carrying the evaluation windows inside get_block and inside set_block
     self.eval_seconds = {"get": 0.0, "set": 0.0}
