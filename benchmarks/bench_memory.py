@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_memory.py [--layers 12] [--hidden 2048] [--intermediate 5632]
         [--vocab 32000] [--nsamples 4] [--seqlen 64] [--workdir /tmp] [--keep]
+        [--rotation none|hadamard|random]
 
 1. Writes a synthetic float32 Llama (random weights, the shapes of a ~1B model; default about
    3 GB) as a sharded Hugging Face safetensors folder, one layer at a time (this process never
@@ -15,6 +16,10 @@
    alone) and after quantizing. It runs with glibc malloc told to return freed memory
    (``MALLOC_ENV`` below; ``--default-malloc`` to compare).
 3. Checks that the output folder imports (``import_hf``) with every linear packed.
+
+The CLI reads the embedding and the head by rows (a slice of the vocabulary at a time) and, with
+``--rotation``, rotates each piece as it reads it; an embedding-heavy model (``--layers 6 --vocab
+65536``: embedding and head are half of the model) is the case that measures it.
 
 The baseline is the model's own size: an in-memory ``quantize(params, ...)`` holds at least the
 whole float model (plus its quantized copy). Last line: one JSON object.
@@ -113,7 +118,7 @@ def child(src: str, out: str, ids_path: str) -> None:
              "out_bytes": out_bytes, "packed_linears": packed, "peak_after_block_mb": peaks})
 
 
-def child_cli(src: str, out: str, ids_path: str) -> None:
+def child_cli(src: str, out: str, ids_path: str, rotation: str = "none") -> None:
   """The measured process is scripts/quantize_llama.py itself (the streamed CLI path): run it and
   read its own peak RSS (its report's ru_maxrss) and wall time."""
   import subprocess
@@ -125,7 +130,7 @@ def child_cli(src: str, out: str, ids_path: str) -> None:
          "--output", out, "--dataset", ids_path, "--nsamples", str(len(ids)), "--seqlen",
          str(ids.shape[1]), "--bits", "4", "--group-size", "128", "--no-true-sequential",
          "--eval-text", "none", "--sample-prompt", "", "--no-progress", "--report", report,
-         "--dtype", "float32"]
+         "--dtype", "float32", "--rotation", rotation]
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, env=os.environ, capture_output=True, text=True)
   seconds = time.perf_counter() - t0
@@ -154,7 +159,10 @@ def main() -> None:
   p.add_argument("--via", default="cli", choices=("cli", "library"),
                  help="measure scripts/quantize_llama.py (default) or interop.quantize_folder")
   p.add_argument("--child", nargs=3, metavar=("SRC", "OUT", "IDS"), help=argparse.SUPPRESS)
-  p.add_argument("--child-cli", nargs=3, metavar=("SRC", "OUT", "IDS"), help=argparse.SUPPRESS)
+  p.add_argument("--rotation", default="none", choices=("none", "hadamard", "random"),
+                 help="--via cli: quantize with the residual stream rotated (rotated as read)")
+  p.add_argument("--child-cli", nargs=4, metavar=("SRC", "OUT", "IDS", "ROT"),
+                 help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     child(*args.child)
@@ -174,19 +182,24 @@ def main() -> None:
     rng = np.random.default_rng(1)
     np.save(ids_path, rng.integers(0, args.vocab, (args.nsamples, args.seqlen)).astype(np.int32))
     env = {"XLA_FLAGS": ""} if args.default_malloc else {"XLA_FLAGS": "", **MALLOC_ENV}
-    r = run_json(sys.executable, os.path.abspath(__file__),
-                 ["--child-cli" if args.via == "cli" else "--child", src, out, ids_path], env=env)
+    child_args = ["--child-cli", src, out, ids_path, args.rotation] if args.via == "cli" else [
+        "--child", src, out, ids_path]
+    if args.via == "library" and args.rotation != "none":
+      raise SystemExit("--rotation is measured through the CLI (--via cli)")
+    r = run_json(sys.executable, os.path.abspath(__file__), child_args, env=env)
     h, m = args.hidden, args.intermediate
     block_mb = (4 * h * h + 3 * h * m + 2 * h) * 4 / 2**20
     embed_mb = args.vocab * h * 4 / 2**20
     model_mb = model_bytes / 2**20
     rows = [["float model (safetensors)", model_mb], ["one float block", block_mb],
-            ["embedding (kept during the run)", embed_mb],
+            ["embedding (read by rows, not kept)", embed_mb],
             ["RSS after imports (JAX runtime)", r["rss_start_mb"]],
             ["peak RSS while quantizing", r["rss_peak_mb"]],
             ["GPTQ folder written", r["out_bytes"] / 2**20]]
     print(table(["what", "MiB"], rows))
-    print(f"via {args.via}: peak RSS / model size = {r['rss_peak_mb'] / model_mb:.3f}; quantized in "
+    emb = 2 * embed_mb / model_mb
+    print(f"via {args.via} (rotation {args.rotation}; embedding + head {emb:.0%} of the model): "
+          f"peak RSS / model size = {r['rss_peak_mb'] / model_mb:.3f}; quantized in "
           f"{r['seconds']:.0f} s; peak RSS after each block (MiB): "
           + " ".join(f"{v:.0f}" for v in r["peak_after_block_mb"]))
     emit_json({"model_mb": model_mb, "block_mb": block_mb, "embed_mb": embed_mb,
@@ -198,7 +211,8 @@ def main() -> None:
                "peak_after_block_mb": r["peak_after_block_mb"], "out_mb": r["out_bytes"] / 2**20,
                "layers": args.layers, "hidden": h, "intermediate": m, "vocab": args.vocab,
                "nsamples": args.nsamples, "seqlen": args.seqlen,
-               "malloc_env": {} if args.default_malloc else MALLOC_ENV, "via": args.via})
+               "malloc_env": {} if args.default_malloc else MALLOC_ENV, "via": args.via,
+               "rotation": args.rotation, "embedding_and_head_fraction": emb})
   finally:
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)

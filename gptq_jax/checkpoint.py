@@ -164,17 +164,46 @@ def table_digest(step_dir: str) -> str:
 
 def read_parts(folder: str, params: dict, meta: dict) -> dict:
   """``params`` (the top step's tree) with every part of ``meta`` read back into place."""
-  for key, (sub, step, digest) in sorted(meta.get(PARTS, {}).items()):
-    step_dir = os.path.join(folder, sub, str(step))
-    if not os.path.isdir(step_dir):
-      raise DamagedFileError(step_dir, f"missing checkpoint part ({key}, listed in the "
-                             "checkpoint's meta)")
-    if table_digest(step_dir) != digest:
-      raise DamagedFileError(step_dir, f"checkpoint part {key} is not the one this checkpoint "
-                             "was saved with (its checksum table changed)")
-    tree, _ = read_tree(os.path.join(folder, sub), step)
-    params[key] = tree[key] if sub == "nonlayer" else tree
+  for key, entry in sorted(meta.get(PARTS, {}).items()):
+    params[key] = read_part(folder, key, entry)
   return params
+
+
+def _read_step(folder: str, key: str, sub: str, step: int, digest: str) -> Any:
+  step_dir = os.path.join(folder, sub, str(step))
+  if not os.path.isdir(step_dir):
+    raise DamagedFileError(step_dir, f"missing checkpoint part ({key}, listed in the "
+                           "checkpoint's meta)")
+  if table_digest(step_dir) != digest:
+    raise DamagedFileError(step_dir, f"checkpoint part {key} is not the one this checkpoint "
+                           "was saved with (its checksum table changed)")
+  tree, _ = read_tree(os.path.join(folder, sub), step)
+  return tree[key] if sub == "nonlayer" else tree
+
+
+def read_part(folder: str, key: str, entry: list) -> Any:
+  """The subtree ``key`` of the checkpoint at ``folder`` from its ``parts`` entry (``[sub, step,
+  digest]``, or with a fourth item listing the pieces it was saved in: they are copied into one
+  array as they are read, so the array is held once)."""
+  sub, step, digest, *pieces = entry
+  if not pieces:
+    return _read_step(folder, key, sub, step, digest)
+  leaf, axis, listed = pieces[0]["leaf"], pieces[0]["axis"], pieces[0]["pieces"]
+  out, at = None, 0
+  for s, d, n in listed:
+    piece = np.asarray(_read_step(folder, key, sub, s, d)[leaf])
+    if piece.shape[axis] != n:
+      raise DamagedFileError(os.path.join(folder, sub, str(s)), f"checkpoint part {key}: a "
+                             f"piece of {piece.shape[axis]} slices where the meta lists {n}")
+    if out is None:
+      shape = list(piece.shape)
+      shape[axis] = sum(p[2] for p in listed)
+      out = np.empty(shape, piece.dtype)
+    index = [slice(None)] * out.ndim
+    index[axis] = slice(at, at + n)
+    out[tuple(index)] = piece
+    at += n
+  return {leaf: out}
 
 
 class Checkpoint(NamedTuple):

@@ -10,7 +10,9 @@ a subtree at a time:
                               SHA-256 of that step's checksum table]}
     <path>/blocks/<i>/        the decoder blocks, one orbax step each: linked (hard links, else
                               copies) from the resume state's per-block saves, never re-read
-    <path>/nonlayer/<k>/      other large subtrees (the float embedding, lm_head), one each
+    <path>/nonlayer/<k>/      other large subtrees (the float embedding, lm_head), one each, or
+                              one per piece (``add_pieces``: consecutive row or column slices
+                              of one array, so the array is never in memory whole)
 
 ``checkpoint.read`` puts the parts back in place (``checkpoint.read_parts``): the reloaded tree is
 the tree a single save would have written. Every step has its own checksum
@@ -22,9 +24,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterable
 
 import jax
+import numpy as np
 
 from gptq_jax.checkpoint import PARTS, table_digest, write_tree
 
@@ -68,11 +71,31 @@ class PartsWriter:
     _sync("gptq_jax parts: start")
     self.parts: dict[str, list] = {}
 
+  def _next_step(self) -> int:
+    """The next free step under ``nonlayer/`` (a part saved in pieces uses one per piece)."""
+    return sum(len(v[3]["pieces"]) if len(v) > 3 else 1 for v in self.parts.values()
+               if v[0] == "nonlayer")
+
   def add(self, key: str, tree: Any) -> None:
     """Save ``tree`` as the top-level subtree ``key`` (its own step under ``nonlayer/``)."""
-    step = sum(1 for v in self.parts.values() if v[0] == "nonlayer")
+    step = self._next_step()
     write_tree(os.path.join(self.tmp, "nonlayer"), step, {key: tree}, {"key": key})
     self.parts[key] = ["nonlayer", step]
+
+  def add_pieces(self, key: str, leaf: str, axis: int, pieces: Iterable[Any]) -> None:
+    """Save the array ``{key: {leaf: ...}}`` a piece at a time: each piece (consecutive slices
+    along ``axis``, e.g. an embedding's rows) is its own step, so the whole array is never in
+    memory; ``read_parts`` puts them back together."""
+    from gptq_jax.checkpoint import write_tree  # noqa: PLC0415
+
+    steps = []
+    for piece in pieces:
+      step = self._next_step()
+      write_tree(os.path.join(self.tmp, "nonlayer"), step, {key: {leaf: piece}},
+                 {"key": key, "piece": len(steps)})
+      steps.append([step, None, int(piece.shape[axis])])
+      self.parts[key] = ["nonlayer", steps[0][0], None,
+                         {"leaf": leaf, "axis": axis, "pieces": steps}]
 
   def link_blocks(self, blocks_dir: str, keys: dict[str, int]) -> None:
     """Take finished steps of another orbax manager (``{top-level key: step}``), e.g. the resume
@@ -86,9 +109,13 @@ class PartsWriter:
   def finish(self, rest: Any, meta: dict, tokenizer: Any = None) -> str:
     """Write ``rest`` (the tree without the parts) and ``meta`` as the top step; move into place."""
     parts = {}
-    for key, (folder, step, *_) in self.parts.items():
+    for key, (folder, step, *more) in self.parts.items():
       step_dir = os.path.join(self.tmp, folder, str(step))
       parts[key] = [folder, step, table_digest(step_dir)]
+      if len(more) > 1:  # a part saved in pieces: every piece's table digest too
+        pieces = [[s, table_digest(os.path.join(self.tmp, folder, str(s))), n]
+                  for s, _, n in more[1]["pieces"]]
+        parts[key].append({**more[1], "pieces": pieces})
     write_tree(os.path.join(self.tmp, "orbax"), 0, rest, {**meta, PARTS: parts})
     if self.primary:
       if tokenizer is not None:

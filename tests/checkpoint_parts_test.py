@@ -28,6 +28,7 @@ def _tree(seed: int) -> dict:
   block = lambda: {"mlp": {"down_proj": {"kernel": _packed(rng)}},  # noqa: E731
                    "input_layernorm": {"weight": rng.random(32, dtype=np.float32)}}
   return {"embed_tokens": {"embedding": rng.random((50, 32), dtype=np.float32)},
+          "lm_head": {"kernel": rng.random((32, 50), dtype=np.float32)},
           "norm": {"weight": rng.random(32, dtype=np.float32)},
           "layers_0": block(), "layers_1": block()}
 
@@ -41,6 +42,8 @@ def _write_parts(path: str, tree: dict, blocks_dir: str) -> None:
     checkpoint.write_tree(blocks_dir, i, tree[f"layers_{i}"], {"records": []})
   writer = PartsWriter(path)
   writer.add("embed_tokens", tree["embed_tokens"])
+  kernel = tree["lm_head"]["kernel"]  # in pieces of 20, 20 and 10 columns (add_pieces)
+  writer.add_pieces("lm_head", "kernel", 1, (kernel[:, lo:lo + 20] for lo in range(0, 50, 20)))
   writer.link_blocks(blocks_dir, {"layers_0": 0, "layers_1": 1})
   writer.finish({"norm": tree["norm"]}, {"model_config": CFG.to_hf_dict(), "quant_config": None})
 
@@ -89,6 +92,7 @@ def test_a_missing_or_foreign_part_is_named(written, tmp_path):
   other = str(tmp_path / "other")
   _write_parts(other, _tree(1), str(tmp_path / "other.partial" / "blocks"))
   victim = os.path.join(path, "blocks", "1")
+  shutil.copytree(victim, tmp_path / "block1")
   shutil.rmtree(victim)
   shutil.copytree(os.path.join(other, "blocks", "1"), victim)  # another run's block 1
   with pytest.raises(DamagedFileError, match="not the one this checkpoint was saved with") as e:
@@ -97,6 +101,13 @@ def test_a_missing_or_foreign_part_is_named(written, tmp_path):
   shutil.rmtree(victim)
   with pytest.raises(DamagedFileError, match="missing checkpoint part"):
     checkpoint.load(path)
+  shutil.copytree(tmp_path / "block1", victim)  # this run's own block 1 again
+  piece = os.path.join(path, "nonlayer", "2")  # the head's second piece, from the other run
+  shutil.rmtree(piece)
+  shutil.copytree(os.path.join(other, "nonlayer", "2"), piece)
+  with pytest.raises(DamagedFileError, match="not the one this checkpoint was saved with") as e:
+    checkpoint.load(path)
+  assert e.value.path == piece
 
 
 def test_a_damaged_part_is_named(written):

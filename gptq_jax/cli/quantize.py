@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import sys
 import time
 
@@ -85,10 +84,23 @@ def _calibration(args, cfg, tokenizer):
   return data.get_calib_batches(cfg.dataset, tokenizer, **sizes)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")
+
+
+def _has_tokenizer_files(model: str) -> None:
+  """Raise for a folder with no tokenizer file, before transformers is imported (its tokenizer
+  machinery imports torch: about 190 MiB resident that a folder without a tokenizer never uses)."""
+  if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, f))
+                                      for f in TOKENIZER_FILES):
+    raise ValueError(f"{model!r} has no tokenizer file (none of {', '.join(TOKENIZER_FILES)})")
+
+
 def _tokenizer(args, load_tokenizer):
   """The model's tokenizer; a folder without one still runs when nothing needs it (token ids from
   a .npy, no evaluation text, no sample): the outputs then carry no tokenizer files."""
   try:
+    _has_tokenizer_files(args.model)
     return load_tokenizer(args.model)
   except ValueError as e:
     needless = ((args.dataset or "").endswith(".npy") and not args.sample_prompt
@@ -105,7 +117,7 @@ def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
 
   qc = cfg.to_dict()
   qc.pop("backend", None)  # how the result is run later does not change it
-  return {"model": {"config": model_config.to_hf_dict(), "weights": source_digest(source.files),
+  return {"model": {"config": model_config.to_hf_dict(), "weights": source.digest(),
                     "dtype": dtype},
           "quant_config": qc, "calibration": calibration_digest(samples)}
 
@@ -152,7 +164,8 @@ def run(args) -> dict:
 
   from gptq_jax import data, eval as evaluation
   from gptq_jax.cli import output, report as report_lib
-  from gptq_jax.cli.stream import EvalStream, ModelSource, StreamedRun, eval_windows
+  from gptq_jax.cli import stream
+  from gptq_jax.cli.source import ModelSource
   from gptq_jax.models import load_tokenizer
   from gptq_jax.pipeline import quantize
   from gptq_jax.pipeline.adapter import ModelAdapter
@@ -165,10 +178,8 @@ def run(args) -> dict:
   _check_args(args)
   timing: dict[str, float] = {}
   _say(f"opening {args.model} (weights stay on the host; one block at a time on the devices) ...")
-  rotated_dir = None
-  if cfg.rotation != "none":  # rotate the float model once, then stream the rotated copy
-    rotated_dir = _rotated_copy(args.model, cfg)
-  source = ModelSource(rotated_dir or args.model)
+  # --rotation: each block, embedding row and head slice is rotated as it is read (cli/source.py)
+  source = ModelSource(args.model, cfg.rotation, cfg.seed)
   dtype = args.dtype or source.native_dtype()
   model_config = source.config.replace(dtype=dtype)
   cfg = serving.apply(args, cfg, model_config, _say)  # --target / --hf-format, before any work
@@ -205,6 +216,7 @@ def run(args) -> dict:
   nbytes = source.float_bytes(dtype)
   if args.sample_prompt and nbytes <= SAMPLE_BEFORE_MAX_BYTES and jax.process_index() == 0:
     t0 = time.perf_counter()
+    _say(f"[sample] the float model's continuation ({SAMPLE_TOKENS} tokens at most) ...")
     float_params = source.params(dtype)  # the float model's continuation, beside the quantized
     result["sample_before"] = _sample(evaluation, float_params, model_config, tokenizer,
                                       args.sample_prompt)
@@ -219,19 +231,24 @@ def run(args) -> dict:
   if done:
     _say(f"resuming after block {len(done) - 1} ({len(done)}/{model_config.num_hidden_layers} "
          "blocks already quantized)")
-  embed_params = source.nonlayer(dtype, only=("embed_tokens",))
+  windows = None if eval_tokens is None else stream.eval_windows(eval_tokens, cfg.seqlen,
+                                                                 args.eval_windows, bos)
+  # only the embedding's rows of the tokens the windows use, read from the files (cli/stream.py)
+  used = stream.used_tokens(*[ids for ids, _ in samples], *([] if windows is None else [windows]))
+  embed_params = stream.embedding_table(source.embedding_rows(used), used, dtype)
   evals = None
-  if eval_tokens is not None:
-    windows = eval_windows(eval_tokens, cfg.seqlen, args.eval_windows, bos)
-    evals = tuple(EvalStream(ModelAdapter.for_config(model_config), embed_params, windows)
+  if windows is not None:
+    evals = tuple(stream.EvalStream(ModelAdapter.for_config(model_config), embed_params, windows)
                   for _ in range(2))
   # Nothing of a finished block stays in memory: on_block_done saves it (the resume state), and
   # the outputs are assembled from those saves (cli/output.py).
-  adapter = StreamedRun(source, model_config, jnp.dtype(dtype), lambda i, block: None, done=done,
-                        evals=evals)
+  adapter = stream.StreamedRun(source, model_config, jnp.dtype(dtype), lambda i, block: None,
+                               done=done, evals=evals)
   stats = PipelineStats(sync=args.breakdown)
   t_q = time.perf_counter()
-  head_params = source.nonlayer(dtype) if cfg.lm_head else embed_params
+  head_params = dict(embed_params)
+  if cfg.lm_head:  # the final norm (the head is read a slice at a time: StreamedRun)
+    head_params["norm"] = jax.tree.map(lambda x: jnp.asarray(x, dtype), source.final_norm())
   stash_mb = getattr(args, "stash_mb", None)
   qhead = quantize(head_params, calib_batches, cfg, adapter=adapter, batch_size=args.batch_size,
            stats=stats, stash_bytes=None if stash_mb is None else int(stash_mb * 2**20),
@@ -249,11 +266,9 @@ def run(args) -> dict:
   result["layers"] = records
   stats.close()
   t0 = time.perf_counter()
-  if evals is not None:  # the final norm and the logits: on the device only for this
-    nonlayer = source.nonlayer(dtype)
-    result["ppl_before"] = evals[0].perplexity(nonlayer, model_config)
-    result["ppl_after"] = evals[1].perplexity(nonlayer, model_config)
-    del nonlayer
+  if evals is not None:  # the final norm and the logits, a slice of the vocabulary at a time
+    result["ppl_before"], result["ppl_after"] = _perplexities(source, evals, qhead, model_config,
+                                                              dtype, pid == 0)
   timing["final norm, logits"] = time.perf_counter() - t0
   adapter_eval_seconds = adapter.eval_seconds
   del embed_params, evals, adapter
@@ -261,7 +276,7 @@ def run(args) -> dict:
   calibration_source = _calibration_source(cfg)
   output.save_checkpoint(args.output, source=source, dtype=dtype, blocks_dir=state.blocks_dir,
                          qhead=qhead, model_config=model_config, quant_config=cfg,
-                         tokenizer=tokenizer, records=records,
+                         tokenizer=tokenizer, records=records, progress=pid == 0,
                          extra={"calibration_source": calibration_source})
   if pid == 0:
     state.finish()
@@ -269,7 +284,7 @@ def run(args) -> dict:
   if args.save_hf:  # every process reads (orbax's barriers), process 0 writes
     output.export_hf(args.save_hf, args.output, model_config=model_config, quant_config=cfg,
                      tokenizer=tokenizer, calibration_source=calibration_source,
-                     write=pid == 0, hf_format=args.hf_format or "gptq")
+                     write=pid == 0, hf_format=args.hf_format or "gptq", progress=pid == 0)
     _say(f"exported a Hugging Face {args.hf_format or 'gptq'} folder to {args.save_hf}")
     if pid == 0:
       from gptq_jax.cli import export as export_cli  # noqa: PLC0415
@@ -281,6 +296,8 @@ def run(args) -> dict:
     print(f"perplexity on held-out text ({len(windows)} windows of {cfg.seqlen} tokens"
           f"{', each starting with <bos>' if bos is not None else ''}): "
           f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
+  if args.sample_prompt:
+    _say(f"[sample] the quantized model's continuation ({SAMPLE_TOKENS} tokens at most) ...")
   qparams = output.load_for_sample(args.output) if args.sample_prompt else None  # collective
   if args.sample_prompt and pid == 0:
     t0 = time.perf_counter()
@@ -290,8 +307,6 @@ def run(args) -> dict:
           f"\n  float:     {result.get('sample_before')!r}\n  quantized: {result['sample']!r}",
           flush=True)
   source.close()
-  if rotated_dir is not None:
-    shutil.rmtree(rotated_dir, ignore_errors=True)
   result["seconds"] = time.perf_counter() - t_start
   result["timing"] = timing
   result["breakdown"] = _breakdown(stats, adapter_eval_seconds, timing, result["seconds"],
@@ -319,20 +334,27 @@ def _calibration_source(cfg: GPTQConfig) -> dict:
   return calibration.describe(cfg.dataset, cfg.nsamples, cfg.seqlen)
 
 
-def _rotated_copy(model: str, cfg: GPTQConfig) -> str:
-  """``--rotation``: the float model with its residual stream rotated (pipeline/rotation.py),
-  written once to a temporary HF folder that the streamed run then reads like any other."""
-  import tempfile  # noqa: PLC0415
+def _perplexities(source, evals, qhead: dict, model_config, dtype: str, show: bool):
+  """Before / after perplexity from the two streams' last hidden states: the final norm and the
+  output projection a slice of the vocabulary at a time (cli/stream.py, ``streamed_nll``); the
+  after stream reads the quantized head with ``--lm-head``."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
 
-  from gptq_jax.models import load_model, save_hf_folder  # noqa: PLC0415
-  from gptq_jax.pipeline.rotation import rotate_model  # noqa: PLC0415
+  from gptq_jax.cli.phases import Phase  # noqa: PLC0415
+  from gptq_jax.cli.stream import streamed_nll  # noqa: PLC0415
+  from gptq_jax.core.weights import packed_columns  # noqa: PLC0415
 
-  _say(f"rotating the residual stream ({cfg.rotation}) of {model} ...")
-  model_config, params = load_model(model)
-  model_config, params = rotate_model(model_config, params, cfg.rotation, seed=cfg.seed)
-  folder = tempfile.mkdtemp(prefix="gptq_jax_rotated_")
-  save_hf_folder(folder, model_config, params)
-  return folder
+  chunks = source.vocab_chunks()
+  float_head = lambda lo, hi: source.head_slice(lo, hi, dtype)  # noqa: E731
+  after = float_head
+  if "lm_head" in qhead and hasattr(qhead["lm_head"]["kernel"], "qweight"):
+    packed = qhead["lm_head"]["kernel"]
+    after = lambda lo, hi: jax.device_put(packed_columns(packed, lo, hi))  # noqa: E731
+  norm = jax.tree.map(lambda x: jnp.asarray(x, dtype), source.final_norm())
+  phase = Phase("evaluation", len(chunks), "slices of the vocabulary (final norm, logits)", show)
+  return streamed_nll(list(evals), [float_head, after], norm, model_config, chunks,
+                      progress=lambda k: phase.update(k + 1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,27 +1,27 @@
 """The CLI's streamed path: weights stay on the host, one block at a time goes to the devices.
 
-``ModelSource`` opens an HF folder (memory-mapped safetensors) or a GGUF file (tensors
-dequantized one at a time) and reads one decoder block, or the embedding, on demand.
-``StreamedRun`` is the ``DecoderAdapter`` the driver quantizes through: ``get_block(i)`` reads
-block ``i`` from the source (the memory maps are closed again right after, so no page stays
-resident), ``set_block(i, q)`` hands the quantized block to the run's sink and keeps nothing (the
+``ModelSource`` (``cli/source.py``) reads one decoder block, or a slice of the embedding or of the
+output projection, on demand (rotated on read with ``--rotation``). ``StreamedRun`` is the
+``DecoderAdapter`` the driver quantizes through: ``get_block(i)`` reads block ``i`` from the
+source, ``set_block(i, q)`` hands the quantized block to the run's sink and keeps nothing (the
 driver's ``on_block_done`` saves it for resume at once; the outputs are assembled from those
-saves, ``cli/output.py``). When perplexity is wanted, two
-``EvalStream``s ride along: the held-out windows carried through each float block as it is read
-(before) and through each quantized block as it is done (after), so the before / after perplexity
-needs no second pass over the weights and never the whole model on a device.
+saves, ``cli/output.py``). The windows are embedded from ``embedding_table``: only the rows of
+the tokens they use (``embed_rows`` maps the token ids into it). With ``--lm-head`` the driver
+quantizes the output projection a slice of the vocabulary at a time (``lm_head_slices``).
 
-``source_digest`` is the resume fingerprint of the weights: sizes, the safetensors headers and a
-few evenly spaced samples of each file's bytes — not every tensor.
+When perplexity is wanted, two ``EvalStream``s ride along: the held-out windows carried through
+each float block as it is read (before) and through each quantized block as it is done (after),
+so the before / after perplexity needs no second pass over the weights and never the whole model
+on a device. ``streamed_nll`` then applies the final norm and the output projection a slice of
+the vocabulary at a time (a running log-sum-exp): the logits ``[windows, seqlen, vocab]`` are
+never held, nor the whole output projection.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
+import gc
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -29,126 +29,92 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptq_jax.models import hf as hf_lib
+from gptq_jax.cli import source as source_lib
 from gptq_jax.pipeline.adapter import ModelAdapter, block_adapter
 from gptq_jax.pipeline.capture import runner_for
 
 DTYPES = ("bfloat16", "float32")
-_SAMPLES, _SAMPLE_BYTES = 16, 4096  # bytes sampled per weight file for the fingerprint
-
-
-class ModelSource:
-  """A model read lazily from its files: ``.config``, ``.block(i, dtype)``, ``.nonlayer(dtype)``."""
-
-  def __init__(self, spec: str):
-    from gptq_jax.models import GGUFCheckpoint, HFCheckpoint, resolve_model_spec
-
-    self.kind, self.path = resolve_model_spec(spec)
-    self.ckpt = HFCheckpoint(self.path) if self.kind == "hf" else GGUFCheckpoint(self.path)
-    self.config = self.ckpt.config
-
-  @property
-  def files(self) -> list[str]:
-    """Every file the weights are read from (config.json first for a folder)."""
-    if self.kind == "gguf":
-      return [self.path]
-    weights = sorted(set(getattr(self.ckpt, "_where", {}).values()))
-    return [os.path.join(self.path, "config.json"), *weights]
-
-  def native_dtype(self) -> str:
-    """The checkpoint's own float dtype as a ``--dtype`` choice: bfloat16 for a bf16 folder,
-    float32 otherwise (float16 calibration overflows; GGUF tensors dequantize to float32)."""
-    if self.kind != "hf":
-      return "float32"
-    with open(os.path.join(self.path, "config.json")) as f:
-      raw = json.load(f)
-    name = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
-    return "bfloat16" if "bfloat16" in name else "float32"
-
-  def float_bytes(self, dtype: str = "float32") -> int:
-    """Bytes of the whole float model in ``dtype`` (what it would take to hold it)."""
-    cfg, n = self.config, 0
-    specs = list(hf_lib.nonlayer_tensor_specs(cfg))
-    for i in range(cfg.num_hidden_layers):
-      specs += list(hf_lib.layer_tensor_specs(cfg, i))
-    for _, _, shape in specs:
-      n += math.prod(shape)
-    return n * jnp.dtype(dtype).itemsize
-
-  def _read(self, specs, dtype) -> dict:
-    try:
-      return hf_lib.params_from_tensors(specs, self.ckpt.get, dtype)
-    finally:
-      self.close()  # drop the memory maps: no page of the file stays resident
-
-  def block(self, i: int, dtype: Any) -> dict:
-    return self._read(hf_lib.layer_tensor_specs(self.config, i), dtype)
-
-  def nonlayer(self, dtype: Any, only: tuple[str, ...] | None = None) -> dict:
-    specs = [s for s in hf_lib.nonlayer_tensor_specs(self.config) if only is None or
-             s[0][0] in only]
-    return self._read(specs, dtype)
-
-  def nonlayer_host(self, dtype: Any, only: tuple[str, ...] | None = None) -> dict:
-    """``nonlayer`` as host numpy arrays (what the checkpoint stores), each tensor copied once."""
-    import ml_dtypes  # noqa: F401,PLC0415 (bfloat16 for numpy)
-
-    out: dict = {}
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    try:
-      for path, name, shape in hf_lib.nonlayer_tensor_specs(self.config):
-        if only is not None and path[0] not in only:
-          continue
-        value = self.ckpt.get(name, shape)
-        value = np.array(value.T if path[-1] == "kernel" else value, dtype=np_dtype, order="C")
-        node = out
-        for key in path[:-1]:
-          node = node.setdefault(key, {})
-        node[path[-1]] = value
-    finally:
-      self.close()
-    return out
-
-  def params(self, dtype: Any) -> dict:
-    """The whole float model (only for small models: the sample generation before)."""
-    out = self.nonlayer(dtype)
-    for i in range(self.config.num_hidden_layers):
-      out[f"layers_{i}"] = self.block(i, dtype)
-    return out
-
-  def close(self) -> None:
-    close = getattr(self.ckpt, "close", None)
-    if close is not None:
-      close()
-
-
-def source_digest(files: list[str]) -> str:
-  """A digest of the weight files that reads a few KiB of each: size, the safetensors header
-  (every tensor's name, dtype, shape and offsets) and ``_SAMPLES`` evenly spaced samples."""
-  h = hashlib.sha256()
-  for path in files:
-    size = os.path.getsize(path)
-    h.update(f"{os.path.basename(path)}:{size}".encode())
-    with open(path, "rb") as f:
-      if path.endswith(".safetensors") and size >= 8:
-        n = int.from_bytes(f.read(8), "little")
-        h.update(f.read(min(n, size - 8)))
-      for k in range(_SAMPLES):
-        f.seek(max(0, (size - _SAMPLE_BYTES) * k // max(1, _SAMPLES - 1)))
-        h.update(f.read(_SAMPLE_BYTES))
-  return h.hexdigest()[:32]
+ModelSource, source_digest = source_lib.ModelSource, source_lib.source_digest  # the old home
 
 
 # ----- perplexity through the blocks, one at a time ---------------------------------------------
 
+def embedding_table(rows: np.ndarray, token_ids: np.ndarray, dtype: Any) -> dict:
+  """The params the windows are embedded from: the embedding's rows of ``token_ids`` (sorted,
+  unique; ``ModelSource.embedding_rows``) and the ids themselves, on the device."""
+  return {"embed_tokens": {"embedding": source_lib.to_device(rows, dtype),
+                           "token_ids": jnp.asarray(token_ids, jnp.int32)}}
+
+
+def used_tokens(*arrays: Any) -> np.ndarray:
+  """The sorted distinct token ids of ``arrays``, with 0 (what padded calibration rows hold)."""
+  return np.unique(np.concatenate([np.zeros(1, np.int64)] +
+                                  [np.asarray(a, np.int64).reshape(-1) for a in arrays]))
+
+
+def embed_rows(adapter, params, input_ids, attention_mask):
+  """``adapter.embed`` for params from ``embedding_table`` (the ids mapped to their row; traced
+  ids are fine), or for a whole embedding."""
+  table = params["embed_tokens"]
+  if "token_ids" not in table:
+    return ModelAdapter.embed(adapter, params, input_ids, attention_mask)
+  ids = table["token_ids"]
+  rows = ModelAdapter.for_config(adapter.config.replace(vocab_size=ids.shape[0]))
+  return rows.embed({"embed_tokens": {"embedding": table["embedding"]}},
+                    jnp.clip(jnp.searchsorted(ids, input_ids), 0, ids.shape[0] - 1),
+                    attention_mask)
+
+
 @functools.partial(jax.jit, static_argnums=1)
-def _final_nll(final_params, cfg, hidden, windows):
-  """hidden [b, seqlen, h] after the last block -> summed NLL of tokens 1.. of each window [b]."""
+def _slice_update(head_params, cfg, hidden, windows, lo, carry):
+  """The running log-sum-exp over the vocabulary slice ``[lo, lo + cfg.vocab_size)`` and the
+  targets' logits that fall in it (hidden ``[b, seqlen, h]`` after the last block)."""
   from gptq_jax.models import final_logits
 
-  logits = final_logits(final_params, cfg, hidden)[:, :-1]
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0], axis=-1)
+  logits = final_logits(head_params, cfg, hidden)[:, :-1].astype(jnp.float32)  # [b, t-1, n]
+  top, total, picked = carry
+  new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+  total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[..., None]), axis=-1)
+  local = windows[:, 1:] - lo
+  inside = (local >= 0) & (local < logits.shape[-1])
+  at = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[..., None], -1)[..., 0]
+  return new_top, total, jnp.where(inside, at, picked)
+
+
+@jax.jit
+def _window_nll(carry):
+  top, total, picked = carry
+  return jnp.sum(jnp.log(total) + top - picked, axis=-1)  # [b]
+
+
+def streamed_nll(streams: list, heads: list, norm: dict, cfg, chunks, progress=None) -> list:
+  """Perplexity of each ``EvalStream`` from its hidden states, the output projection applied a
+  slice of the vocabulary at a time: ``heads[k](lo, hi)`` is stream k's kernel columns
+  ``lo:hi`` (dense ``[hidden, hi - lo]`` or packed); each distinct head is read once per slice.
+  ``progress(k)`` is called after slice k."""
+  carries = [[(jnp.full(w.shape[:1] + (w.shape[1] - 1,), -jnp.inf, jnp.float32),
+               jnp.zeros((w.shape[0], w.shape[1] - 1), jnp.float32),
+               jnp.zeros((w.shape[0], w.shape[1] - 1), jnp.float32)) for w in st.windows]
+             for st in streams]
+  for k, (lo, hi) in enumerate(chunks):
+    kernels: dict = {}
+    slice_cfg = cfg.replace(vocab_size=hi - lo, tie_word_embeddings=False)
+    for st, head, carry in zip(streams, heads, carries):
+      if id(head) not in kernels:
+        kernels[id(head)] = {"norm": norm, "lm_head": {"kernel": head(lo, hi)}}
+      params = kernels[id(head)]
+      for j, ((h, _), w) in enumerate(zip(st.state, st.windows)):
+        carry[j] = _slice_update(params, slice_cfg, h, jnp.asarray(w), jnp.int32(lo), carry[j])
+    jax.block_until_ready(carries)
+    del kernels
+    if progress is not None:
+      progress(k)
+  out = []
+  for st, carry in zip(streams, carries):
+    nll = sum(float(np.sum(np.asarray(_window_nll(c)), dtype=np.float64)) for c in carry)
+    tokens = sum(w.shape[0] * (w.shape[1] - 1) for w in st.windows)
+    out.append(math.exp(nll / tokens))
+  return out
 
 
 class EvalStream:
@@ -159,18 +125,12 @@ class EvalStream:
     self.state = []
     for w in self.windows:
       ids = jnp.asarray(w)
-      self.state.append(adapter.embed(embed_params, ids, jnp.ones_like(ids)))
+      self.state.append(embed_rows(adapter, embed_params, ids, jnp.ones_like(ids)))
     self.at = 0  # blocks applied so far
 
   def advance(self, run, block_params) -> None:
     self.state = [(run(block_params, h, ctx), ctx) for h, ctx in self.state]
     self.at += 1
-
-  def perplexity(self, final_params, cfg) -> float:
-    nll = sum(float(np.sum(np.asarray(_final_nll(final_params, cfg, h, jnp.asarray(w))),
-                           dtype=np.float64)) for (h, _), w in zip(self.state, self.windows))
-    tokens = sum(w.shape[0] * (w.shape[1] - 1) for w in self.windows)
-    return math.exp(nll / tokens)
 
 
 def eval_windows(tokens: np.ndarray, seqlen: int, max_windows: int,
@@ -195,6 +155,7 @@ def _trim_heap() -> None:
   """glibc's ``malloc_trim(0)``: return the free pages inside the heap to the system (freed
   blocks' buffers otherwise stay resident, fragmented between live allocations). No-op
   elsewhere."""
+  gc.collect()  # buffers held by reference cycles (found measuring: ~200 MiB after a block)
   try:
     import ctypes  # noqa: PLC0415
 
@@ -220,6 +181,10 @@ class StreamedRun(ModelAdapter):
     self.done = done or {}
     self.evals = evals
     self.release_embedding = True
+    self.rotation = source.rotation  # applied on read (check_rotated asks)
+    # --lm-head: the output projection a slice of the vocabulary at a time (dynamic.py)
+    self.lm_head_slices = (source.vocab_chunks(),
+                           lambda lo, hi: source.head_slice(lo, hi, dtype))
     self.blocks_read = []  # the indices read from the source, in order (tests, the breakdown)
     # seconds spent carrying the evaluation windows inside get_block and inside set_block
     self.eval_seconds = {"get": 0.0, "set": 0.0}
@@ -230,6 +195,9 @@ class StreamedRun(ModelAdapter):
     stream.advance(runner_for(block_adapter(self, i), None, "data"), block)
     jax.block_until_ready(stream.state)
     self.eval_seconds[where] += time.perf_counter() - t0
+
+  def embed(self, params, input_ids, attention_mask):
+    return embed_rows(self, params, input_ids, attention_mask)
 
   def __hash__(self):  # the driver caches compiled steps per adapter
     return id(self)

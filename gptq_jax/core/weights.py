@@ -134,3 +134,28 @@ class PackedWeight:
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     codes, zeros = _unpack(self.qweight, self.qzeros, self.bits, self.format)
     return _dequantize(codes, self.scales, zeros, self.g_idx, jnp.dtype(dtype))
+
+
+def packed_columns(w: PackedWeight, lo: int, hi: int) -> PackedWeight:
+  """Output columns ``lo:hi`` of a packed weight (both multiples of the packing run, e.g. 8 for
+  4 bits, 32 for 3 bits): the same codes, scales and zero points, still packed."""
+  nvals, nwords = packing.run_shape(w.bits)
+  if lo % nvals or (hi % nvals and hi != w.out_features):
+    raise ValueError(f"columns {lo}:{hi} of a {w.bits}-bit packed weight: the bounds must be "
+                     f"multiples of {nvals}")
+  return PackedWeight(qweight=w.qweight[:, lo:hi], qzeros=w.qzeros[:, lo // nvals * nwords:
+                                                                     -(-hi // nvals) * nwords],
+                      scales=w.scales[:, lo:hi], g_idx=w.g_idx, bits=w.bits,
+                      group_size=w.group_size, format=w.format)
+
+
+def concat_columns(pieces: list[PackedWeight]) -> PackedWeight:
+  """Packed weights of the same input rows and settings side by side (``packed_columns``'s
+  inverse; every piece but the last a whole number of packing runs wide)."""
+  import numpy as np  # noqa: PLC0415 (host arrays: the pieces may come from the host)
+
+  first = pieces[0]
+  cat = lambda f: np.concatenate([np.asarray(getattr(p, f)) for p in pieces], axis=1)  # noqa: E731
+  return PackedWeight(qweight=cat("qweight"), qzeros=cat("qzeros"), scales=cat("scales"),
+                      g_idx=np.asarray(first.g_idx), bits=first.bits,
+                      group_size=first.group_size, format=first.format)

@@ -22,6 +22,7 @@ What llama.cpp's converter (convert_hf_to_gguf.py) changes, and how it is undone
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from typing import Any, Callable
@@ -112,6 +113,13 @@ class _GGUFFile:
         raise ValueError(f"tensor {name!r} runs past the end of the file (truncated?)")
       data = self._buf[begin:begin + rows * row_bytes].reshape(rows, row_bytes)
       self.tensors.append(_Tensor(name, dims, qtype, data))
+
+  def release(self) -> None:
+    """Drop the pages of the file this process has touched (they stay in the page cache): a
+    streamed read of one block or one chunk does not stay resident."""
+    raw = getattr(self._buf, "_mmap", None)
+    if raw is not None and hasattr(raw, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+      raw.madvise(mmap.MADV_DONTNEED)
 
   def _take(self, n: int) -> np.ndarray:
     if self._pos + n > self._buf.shape[0]:
@@ -329,6 +337,24 @@ class GGUFCheckpoint:
       raise ValueError(f"GGUF tensor {t.name!r} ({name}) has shape {w.shape}, expected "
                        f"{tuple(expected_shape)} from the file's metadata")
     return w
+
+  def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of a 2-D tensor that needs no layout conversion (the embedding, the
+    output projection), dequantized to float32: only those rows are read."""
+    if name not in self._tensors:
+      raise ValueError(f"GGUF file {self.path!r} is missing the tensor for {name!r}")
+    shape = self._shape(name)
+    if len(shape) != 2 or ".self_attn." in name or name.endswith("norm.weight"):
+      raise ValueError(f"GGUF rows of {name!r}: only the embedding and the output projection")
+    t = self._tensors[name]
+    lo, hi = max(0, lo), min(hi, shape[0])
+    raw = np.asarray(t.data[lo:hi])
+    return self._gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32).reshape(
+        hi - lo, shape[1])
+
+  def close(self) -> None:
+    """Release the pages read so far (the map itself stays open)."""
+    self._reader.release()
 
   # ----- our model -----
 

@@ -149,6 +149,16 @@ class HFCheckpoint:
                        f"{tuple(expected_shape)} (checkpoint {self.folder!r})")
     return reader.get(name)
 
+  def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of an HF tensor (HF layout, its own dtype), read without mapping the rest
+    (safetensors; a PyTorch .bin tensor is sliced from its map)."""
+    if name not in self._where:
+      raise ValueError(f"checkpoint {self.folder!r} is missing tensor {name!r}")
+    reader = self._open(self._where[name])
+    if hasattr(reader, "rows"):
+      return reader.rows(name, lo, hi)
+    return np.array(reader.get(name)[lo:hi])
+
   def layer_params(self, i: int, dtype: Any = jnp.float32) -> Params:
     """The params of decoder layer `i` (reads only that layer's tensors)."""
     if not 0 <= i < self.config.num_hidden_layers:

@@ -65,6 +65,29 @@ class SafetensorsFile:
     raw = self._mmap[self._data_start + begin:self._data_start + end]
     return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
+  def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of a tensor (along its first axis), read with ``os.pread`` into a fresh
+    array: no page of the file is mapped, so reading a large embedding a chunk at a time never
+    holds more than the chunk."""
+    info = self._header[name]
+    if info["dtype"] not in _DTYPES:
+      raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    shape = info["shape"]
+    lo, hi = max(0, lo), min(hi, shape[0])
+    dtype = np.dtype(_DTYPES[info["dtype"]])
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    begin = self._data_start + info["data_offsets"][0] + lo * row
+    out = np.empty((max(0, hi - lo), *shape[1:]), dtype)
+    buf = out.reshape(-1).view(np.uint8)
+    with open(self.path, "rb", buffering=0) as f:
+      done = 0
+      while done < buf.size:
+        n = os.preadv(f.fileno(), [buf[done:]], begin + done)
+        if n <= 0:
+          raise OSError(f"{self.path}: short read of tensor {name!r}")
+        done += n
+    return out
+
   def close(self) -> None:
     self._mmap = None
 

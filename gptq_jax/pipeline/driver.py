@@ -47,6 +47,20 @@ def dense_block(block_params: Any) -> Any:
                       is_leaf=_is_quantized)
 
 
+def _float_dtype(block: Any) -> Any:
+  """The dtype of the block's float kernels (what its quantized kernels dequantize to)."""
+  leaves = jax.tree.leaves(block, is_leaf=_is_quantized)
+  return next((x.dtype for x in leaves if not _is_quantized(x) and getattr(x, "ndim", 0) == 2),
+              jax.numpy.float32)
+
+
+def _working_copy(block: Any, dtype: Any) -> Any:
+  """The block with its quantized kernels dequantized in ``dtype``: what the later passes and the
+  propagation run (``_quantize_group`` makes the same values one layer at a time)."""
+  return jax.tree.map(lambda x: x.dequantize(dtype) if _is_quantized(x) else x, block,
+                      is_leaf=_is_quantized)
+
+
 def resolve_adapter(params: Any, model_config: Any = None,
                     adapter: DecoderAdapter | None = None) -> DecoderAdapter:
   if adapter is not None:
@@ -155,11 +169,13 @@ def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: 
       path, c = group[k], configs[k]
       packed = qw.pack(c.format)
       block = set_path(block, path + ("kernel",), packed)
-      work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
+      if work is not None:
+        work = set_path(work, path + ("kernel",), packed.dequantize(kernel.dtype))
       records.append({"block": i, "layer": names[k], "shape": list(kernel.shape),
                       "loss": info.loss, "damp": info.damp, "fallback": info.fallback,
                       "seconds": seconds, "solved_with": len(ks)})
       progress.update(i, ".".join(path), info.loss)
+    kernels = results = kernel = qw = packed = None  # nothing of this set outlives its solve
   return block, work
 
 
@@ -205,7 +221,8 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
   adapter = resolve_adapter(params, model_config, adapter)
   if cfg.rotation != "none" and start_block == 0:  # rotation.rotate_model must come first
-    check_rotated(params, getattr(adapter, "config", None))
+    check_rotated(params, getattr(adapter, "config", None), getattr(adapter, "rotation", None),
+                  cfg.rotation)
   mesh = resolve_mesh(mesh, axis_name)
   ndev = mesh.shape[axis_name] if mesh is not None else 1
   samples, largest = calib.normalize(calib_batches)
@@ -267,8 +284,15 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         del replicated
         t = st.mark("hessian passes", t, capture.states)
         st.count("hessian passes")
-        block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records,
-                                      layer_config, spread)
+        # The solves read the float kernels of `block`, not `work`: its dequantized copies are
+        # dropped meanwhile (the solves' workspace is the block's host-memory peak) and made
+        # again after, the same values (_working_copy).
+        dtype, work = _float_dtype(block), None
+        handed = [block]  # _quantize_group holds the only reference: each float kernel is
+        del block         # freed once its layer is packed
+        block, _ = _quantize_group(capture, handed.pop(), None, group, cfg, i, bar, records,
+                                   layer_config, spread)
+        work = _working_copy(block, dtype)
         t = st.mark("solves", t, work)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)
@@ -301,5 +325,5 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   st.stash = plan.summary()
   if cfg.lm_head:  # after the last block, on the final norm's outputs (pipeline/dynamic.py)
     params = dynamic.quantize_lm_head(adapter.config, params, stream.hidden, stream.masks, cfg,
-                                      report)
+                                      report, getattr(adapter, "lm_head_slices", None))
   return params

@@ -64,24 +64,41 @@ def lm_head_hessian(model_config: Any, params: Any, hidden: list, masks: list) -
 
 
 def quantize_lm_head(model_config: Any, params: Any, hidden: list, masks: list, cfg: GPTQConfig,
-                     records: list[dict] | None = None) -> Any:
+                     records: list[dict] | None = None, slices: tuple | None = None) -> Any:
   """``params`` with ``lm_head.kernel`` GPTQ-quantized (packed in ``cfg.format``), or unchanged
-  when ``dynamic`` leaves ``lm_head`` in float. ``hidden``: the last block's outputs."""
+  when ``dynamic`` leaves ``lm_head`` in float. ``hidden``: the last block's outputs.
+
+  ``slices``: ``(chunks, columns)`` to read the projection a slice of the vocabulary at a time
+  (``columns(lo, hi) -> [hidden, hi - lo]``, a model streamed from disk): each slice is solved
+  on its own (GPTQ's output columns are independent given H, core/shared.py) and packed on the
+  host, so the float projection is never whole in memory. Default: ``params``' own kernel."""
   from gptq_jax.core.gptq import quantize_weight  # noqa: PLC0415
+  from gptq_jax.core.weights import concat_columns  # noqa: PLC0415
 
   head_cfg = resolve(cfg, LM_HEAD)
   if head_cfg is None:
     return params
-  if getattr(model_config, "tie_word_embeddings", False):
-    kernel = jnp.asarray(params["embed_tokens"]["embedding"]).T  # [hidden, vocab]
-  else:
-    kernel = params[LM_HEAD]["kernel"]
+  if slices is None:
+    if getattr(model_config, "tie_word_embeddings", False):
+      kernel = jnp.asarray(params["embed_tokens"]["embedding"]).T  # [hidden, vocab]
+    else:
+      kernel = params[LM_HEAD]["kernel"]
+    slices = ([(0, kernel.shape[1])], lambda lo, hi: kernel)
+  chunks, columns = slices
   H = lm_head_hessian(model_config, params, hidden, masks)
-  qw, info = quantize_weight(kernel, H, head_cfg, return_info=True, name=LM_HEAD)
+  pieces, loss, infos = [], 0.0, []
+  for lo, hi in chunks:
+    qw, info = quantize_weight(columns(lo, hi), H, head_cfg, return_info=True, name=LM_HEAD)
+    pieces.append(qw.pack(head_cfg.format) if len(chunks) == 1 else
+                  jax.device_get(qw.pack(head_cfg.format)))
+    loss, infos = loss + info.loss, infos + [info]
+  packed = pieces[0] if len(pieces) == 1 else concat_columns(pieces)
   if records is not None:
-    records.append({"block": model_config.num_hidden_layers, "layer": LM_HEAD, "shape": list(kernel.shape),
-                    "loss": info.loss, "damp": info.damp, "fallback": info.fallback})
-  out = {**params, LM_HEAD: {"kernel": qw.pack(head_cfg.format)}}
+    records.append({"block": model_config.num_hidden_layers, "layer": LM_HEAD,
+                    "shape": [H.shape[0], chunks[-1][1] - chunks[0][0]], "loss": loss,
+                    "damp": max(i.damp for i in infos),
+                    "fallback": any(i.fallback for i in infos)})
+  out = {**params, LM_HEAD: {"kernel": packed}}
   if hasattr(params, "with_config"):  # ModelParams: the config it carries is untied too
     return type(params)(out, untied(model_config, out))
   return out

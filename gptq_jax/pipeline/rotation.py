@@ -107,7 +107,8 @@ def _identity_norm(norm_params):
 
 
 def _cast(a: np.ndarray, like) -> np.ndarray:
-  return np.asarray(a, dtype=np.asarray(like).dtype)
+  dtype = getattr(like, "dtype", None)
+  return np.asarray(a, dtype=np.asarray(like).dtype if dtype is None else np.dtype(dtype))
 
 
 def rotate_model(config: Any, params: Any, kind: str = "hadamard", seed: int = 0):
@@ -115,57 +116,89 @@ def rotate_model(config: Any, params: Any, kind: str = "hadamard", seed: int = 0
 
   ``params`` are float (unquantized) params of the built-in decoder; ``config'`` has
   ``tie_word_embeddings=False``. Raises for decoders whose norms cannot be folded (Gemma 3's
-  sandwich norms) and for already quantized params.
+  sandwich norms) and for already quantized params. The pieces (``rotate_block``,
+  ``rotate_embedding``, ``rotate_head``) also serve a model streamed block by block
+  (``gptq_jax/cli/source.py``): each reads only its own tensors (and the final norm's scale).
   """
+  check_rotatable(config)
+  Q64 = orthogonal_matrix(config.hidden_size, kind, seed)
+  out = dict(params)
+  E = np.asarray(params["embed_tokens"]["embedding"])
+  out["embed_tokens"] = {**params["embed_tokens"], "embedding": rotate_embedding(E, Q64)}
+  for i in range(config.num_hidden_layers):
+    out[f"layers_{i}"] = rotate_block(params[f"layers_{i}"], Q64, f"layers_{i}")
+  w_final = _norm_scale(params["norm"])
+  out["norm"] = _identity_norm(params["norm"])
+  if config.tie_word_embeddings:
+    head, like = E.T, E  # [hidden, vocab]
+  else:
+    head = like = params["lm_head"]["kernel"]
+  out["lm_head"] = {**params.get("lm_head", {}), "kernel": rotate_head(head, Q64, w_final, like)}
+  new_config = dataclasses.replace(config, tie_word_embeddings=False)
+  out = {k: _to_jax(v) for k, v in out.items()}
+  return new_config, _rewrap(params, out, new_config)
+
+
+def check_rotatable(config: Any) -> None:
+  """Raise for decoders whose norms cannot be folded into the linears (Gemma 3)."""
   if getattr(config, "sandwich_norms", False) or getattr(config, "norm_unit_offset", False):
     raise ValueError(f"rotation is not supported for model_type="
                      f"{getattr(config, 'model_type', '?')!r}: its post-attention and "
                      "post-feedforward norms scale the block's output per channel before the "
                      "residual add (and its norms scale by 1 + w), which no rotation of the "
                      "residual stream commutes with")
-  n = config.hidden_size
-  Q64 = orthogonal_matrix(n, kind, seed)
-  Q = Q64.astype(np.float32)  # float32 products: the embedding and head are large (BLAS sgemm)
-  out = dict(params)
-  E = np.asarray(params["embed_tokens"]["embedding"])
-  out["embed_tokens"] = {**params["embed_tokens"], "embedding": _cast(E.astype(np.float32) @ Q, E)}
-  for i in range(config.num_hidden_layers):
-    block = params[f"layers_{i}"]
-    new = dict(block)
-    scales = {"self_attn": _norm_scale(block["input_layernorm"]),
-              "mlp": _norm_scale(block["post_attention_layernorm"])}
-    for name in ("input_layernorm", "post_attention_layernorm"):
-      new[name] = _identity_norm(block[name])
-    subs = {k: dict(block[k]) for k in ("self_attn", "mlp")}
-    for a, b in _INPUT_SIDE:
-      lin = block[a][b]
-      K = lin["kernel"]
-      if not hasattr(K, "shape") or np.asarray(K).ndim != 2:
-        raise ValueError(f"layers_{i}.{a}.{b} is not a float kernel: rotate before quantizing")
-      Kr = Q64.T @ (scales[a][:, None] * np.asarray(K, np.float64))
-      subs[a][b] = {**lin, "kernel": _cast(Kr, K)}
-    for a, b in _OUTPUT_SIDE:
-      lin = block[a][b]
-      K = lin["kernel"]
-      rot = {"kernel": _cast(np.asarray(K, np.float64) @ Q64, K)}
-      if lin.get("bias") is not None:
-        rot["bias"] = _cast(np.asarray(lin["bias"], np.float64) @ Q64, lin["bias"])
-      subs[a][b] = {**lin, **rot}
-    new.update(subs)
-    out[f"layers_{i}"] = new
-  w_final = _norm_scale(params["norm"])
-  out["norm"] = _identity_norm(params["norm"])
-  if config.tie_word_embeddings:
-    head = E.astype(np.float32).T  # [hidden, vocab]
-    like = E
-  else:
-    head = np.asarray(params["lm_head"]["kernel"], np.float32)
-    like = params["lm_head"]["kernel"]
-  Qw = (Q64.T * w_final[None, :]).astype(np.float32)  # Q^T diag(w_final)
-  out["lm_head"] = {**params.get("lm_head", {}), "kernel": _cast(Qw @ head, like)}
-  new_config = dataclasses.replace(config, tie_word_embeddings=False)
-  out = {k: _to_jax(v) for k, v in out.items()}
-  return new_config, _rewrap(params, out, new_config)
+
+
+def rotate_embedding(E: np.ndarray, Q64: np.ndarray) -> np.ndarray:
+  """Embedding rows ``[n, hidden]`` (all of them or any subset) -> ``E Q``, in ``E``'s dtype.
+  float32 products: the embedding is large (BLAS sgemm)."""
+  E = np.asarray(E)
+  return _cast(E.astype(np.float32) @ Q64.astype(np.float32), E)
+
+
+def rotate_head(head: Any, Q64: np.ndarray, w_final: np.ndarray, like: Any = None) -> np.ndarray:
+  """Output-projection columns ``[hidden, n]`` (all of them or any subset; a tied embedding's
+  ``E^T``) -> ``Q^T diag(w_final) head``, in ``like``'s dtype (default ``head``'s); float32
+  products."""
+  Qw = (Q64.T * np.asarray(w_final, np.float64)[None, :]).astype(np.float32)
+  return _cast(Qw @ np.asarray(head, np.float32), head if like is None else like)
+
+
+def final_norm_scale(norm_params: Any, config: Any) -> np.ndarray:
+  """The final norm's per-channel scale (what ``rotate_head`` folds into the head)."""
+  return _norm_scale(norm_params)
+
+
+def identity_norm(norm_params: Any, config: Any) -> dict:
+  """A norm's params with its scale set to the identity (the scale is folded elsewhere)."""
+  return _identity_norm(norm_params)
+
+
+def rotate_block(block: Any, Q64: np.ndarray, where: str = "block") -> dict:
+  """One float decoder block with its norms folded and the residual stream rotated (module doc:
+  steps 1 and 2); each array keeps its dtype."""
+  new = dict(block)
+  scales = {"self_attn": _norm_scale(block["input_layernorm"]),
+            "mlp": _norm_scale(block["post_attention_layernorm"])}
+  for name in ("input_layernorm", "post_attention_layernorm"):
+    new[name] = _identity_norm(block[name])
+  subs = {k: dict(block[k]) for k in ("self_attn", "mlp")}
+  for a, b in _INPUT_SIDE:
+    lin = block[a][b]
+    K = lin["kernel"]
+    if not hasattr(K, "shape") or np.asarray(K).ndim != 2:
+      raise ValueError(f"{where}.{a}.{b} is not a float kernel: rotate before quantizing")
+    Kr = Q64.T @ (scales[a][:, None] * np.asarray(K, np.float64))
+    subs[a][b] = {**lin, "kernel": _cast(Kr, K)}
+  for a, b in _OUTPUT_SIDE:
+    lin = block[a][b]
+    K = lin["kernel"]
+    rot = {"kernel": _cast(np.asarray(K, np.float64) @ Q64, K)}
+    if lin.get("bias") is not None:
+      rot["bias"] = _cast(np.asarray(lin["bias"], np.float64) @ Q64, lin["bias"])
+    subs[a][b] = {**lin, **rot}
+  new.update(subs)
+  return new
 
 
 def _to_jax(tree):
@@ -185,9 +218,18 @@ def _rewrap(params, out: dict, config):
     return out
 
 
-def check_rotated(params: Any, config: Any) -> None:
-  """Raise unless the first block's norms are identities (``rotate_model`` was applied): a config
-  asking for a rotation must not quantize an unrotated model silently."""
+def check_rotated(params: Any, config: Any, applied: str | None = None,
+                  kind: str | None = None) -> None:
+  """Raise unless the model is rotated: the first block's norms are identities (``rotate_model``
+  was applied), or, when ``params`` hold no blocks (a model streamed from disk), the adapter
+  rotates each block as it reads it (``applied``: its rotation kind, equal to ``kind``). A
+  config asking for a rotation must not quantize an unrotated model silently."""
+  if "layers_0" not in params:  # the blocks are read on demand: the adapter says what it applies
+    if applied is not None and applied != "none" and (kind is None or applied == kind):
+      return
+    raise ValueError(f"GPTQConfig.rotation is {kind!r} but the blocks are read by the adapter, "
+                     f"which applies rotation {applied!r}: open the streamed model with the same "
+                     "rotation (gptq_jax.cli.source.ModelSource(..., rotation=...))")
   w = np.asarray(params["layers_0"]["input_layernorm"]["weight"], np.float64)
   if not np.all(w == 1.0):
     raise ValueError("GPTQConfig.rotation is set but the model is not rotated: call "

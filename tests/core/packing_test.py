@@ -98,3 +98,30 @@ def test_shapes_that_cannot_pack_are_refused():
     packing.pack_rows(np.zeros((32, 4), np.int32), 5)
   with pytest.raises(ValueError, match="not a GPTQ checkpoint format"):
     packing.encode_zeros(np.ones((2, 8)), 4, "awq")
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_packed_columns_split_and_join_a_weight(bits):
+  """Slices of the output columns (a head read a slice of the vocabulary at a time) hold the
+  slices' codes and grids, and side by side they are the whole weight again."""
+  from gptq_jax.core.weights import concat_columns, packed_columns
+
+  rng = np.random.default_rng(bits)
+  k, n = 64, 96
+  qw = QuantizedWeight(codes=rng.integers(0, 2**bits, (k, n)).astype(np.uint8),
+                       scales=rng.random((2, n), dtype=np.float32) + 0.1,
+                       zeros=rng.integers(1, 2**bits, (2, n)).astype(np.int32),
+                       g_idx=rng.permutation(np.arange(k) // 32).astype(np.int32), bits=bits,
+                       group_size=32)
+  whole = qw.pack("gptq")
+  dense = np.asarray(whole.dequantize())
+  bounds = [(0, 32), (32, 64), (64, 96)]
+  pieces = [packed_columns(whole, lo, hi) for lo, hi in bounds]
+  for (lo, hi), p in zip(bounds, pieces):
+    np.testing.assert_array_equal(np.asarray(p.dequantize()), dense[:, lo:hi])
+    np.testing.assert_array_equal(np.asarray(p.unpack().codes), np.asarray(qw.codes)[:, lo:hi])
+  joined = concat_columns(pieces)
+  for f in ("qweight", "qzeros", "scales", "g_idx"):
+    np.testing.assert_array_equal(np.asarray(getattr(joined, f)), np.asarray(getattr(whole, f)))
+  with pytest.raises(ValueError, match="multiples of"):
+    packed_columns(whole, 4, 40)

@@ -258,6 +258,22 @@ def test_tiny_llama_gguf_loads_as_params(tmp_path):
   assert len(jax.tree.leaves(params)) == len(sd)
 
 
+def test_rows_read_a_slice_of_the_embedding_and_head(tmp_path):
+  """``rows`` (the streamed CLI's slices of the vocabulary) equals the slice of ``get``, quantized
+  rows included; tensors that need a layout conversion are refused."""
+  model = tiny_hf_model(tie_word_embeddings=False)
+  _write_llama_cpp_gguf(tmp_path / "tiny.gguf", model, "llama", Q.Q8_0)
+  ckpt = gguf_mod.GGUFCheckpoint(tmp_path / "tiny.gguf")
+  for name in ("model.embed_tokens.weight", "lm_head.weight"):
+    whole = ckpt.get(name)
+    np.testing.assert_array_equal(ckpt.rows(name, 37, 101), whole[37:101])
+    np.testing.assert_array_equal(ckpt.rows(name, 250, 300), whole[250:])
+  with pytest.raises(ValueError, match="only the embedding and the output projection"):
+    ckpt.rows("model.layers.0.self_attn.q_proj.weight", 0, 4)
+  ckpt.close()  # the pages read are released; the file reads on
+  np.testing.assert_array_equal(ckpt.rows("lm_head.weight", 0, 3), whole[:3])
+
+
 def test_unsupported_gguf_architecture(tmp_path):
   _write_llama_cpp_gguf(tmp_path / "g.gguf", _tiny_model("llama"), "llama", Q.F32)
   w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")

@@ -58,3 +58,31 @@ def test_cli_flags_reach_the_config(tmp_path):
                                         "--lm-head"]))
     assert cfg.dynamic_dict() == rules and cfg.lm_head and cfg.bits == 3
   assert not _config(_parser().parse_args(["--output", "x"])).lm_head
+
+
+def test_lm_head_in_vocabulary_slices_equals_one_solve():
+  """A head read a slice of the vocabulary at a time (the streamed CLI) quantizes to the codes of
+  one solve over the whole head: GPTQ's output columns are independent given H."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from gptq_jax.models.testing import tiny_pair
+  from gptq_jax.pipeline.dynamic import quantize_lm_head
+
+  _, model_config, params = tiny_pair(0, tie_word_embeddings=False)
+  rng = np.random.default_rng(0)
+  hidden = [jnp.asarray(rng.standard_normal((2, 16, 64)), jnp.float32) for _ in range(2)]
+  masks = [jnp.ones((2, 16), jnp.int32)] * 2
+  cfg = GPTQConfig(4, group_size=32, desc_act=True, lm_head=True)
+  kernel = np.asarray(params["lm_head"]["kernel"])
+  one, sliced = [], []
+  want = quantize_lm_head(model_config, params, hidden, masks, cfg, one)["lm_head"]["kernel"]
+  base = {"norm": params["norm"]}  # what the streamed run holds: no head, no embedding
+  got = quantize_lm_head(model_config, base, hidden, masks, cfg, sliced, slices=(
+      [(0, 96), (96, 192), (192, 256)], lambda lo, hi: jnp.asarray(kernel[:, lo:hi])))
+  got = got["lm_head"]["kernel"]
+  for f in ("qweight", "qzeros", "scales", "g_idx"):
+    np.testing.assert_array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(want, f)),
+                                  err_msg=f)
+  assert sliced[0]["shape"] == one[0]["shape"] == [64, 256]
+  np.testing.assert_allclose(sliced[0]["loss"], one[0]["loss"], rtol=1e-5)
