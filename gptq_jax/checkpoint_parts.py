@@ -27,7 +27,6 @@ import shutil
 from typing import Any, Iterable
 
 import jax
-import numpy as np
 
 from gptq_jax.checkpoint import PARTS, table_digest, write_tree
 

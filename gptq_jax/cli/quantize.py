@@ -112,7 +112,6 @@ def _tokenizer(args, load_tokenizer):
 
 
 def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
-  from gptq_jax.cli.stream import source_digest
   from gptq_jax.resume import calibration_digest
 
   qc = cfg.to_dict()
