@@ -19,8 +19,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from gptq_jax.config import GPTQConfig, module_config
+from gptq_jax.core import hessian
+from gptq_jax.pipeline import multihost
+from gptq_jax.pipeline.capture import local_copy, scan_samples
 
 LM_HEAD = "lm_head"
 
@@ -49,28 +53,39 @@ def untied(model_config: Any, params: Any) -> Any:
   return model_config
 
 
-@jax.jit
-def _xtx(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * mask.reshape(-1, 1).astype(jnp.float32)
-  return jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST), mask.sum()
-
-
-def lm_head_hessian(model_config: Any, params: Any, hidden: list, masks: list) -> jax.Array:
-  """``2/n X^T X`` of the final norm's outputs over the unmasked calibration tokens."""
+def lm_head_hessian(model_config: Any, params: Any, hidden: list, masks: list,
+                    mesh: Any = None, axis_name: str = "data") -> jax.Array:
+  """``2/n X^T X`` of the final norm's outputs over the unmasked calibration tokens (each sample's
+  product on its own, per device of ``mesh``'s data axis, as the blocks' Hessians:
+  core/hessian.py), on this process's first device."""
   from gptq_jax.models import model as model_lib  # noqa: PLC0415
 
-  norm = jax.jit(lambda p, h: model_lib.CausalLM(model_config).apply(
-      {"params": p}, h, method=lambda m, x: m.norm(x)))
-  params = {"norm": params["norm"]}  # all the final norm reads
-  H, n = 0.0, 0
+  norm = lambda p, h: model_lib.CausalLM(model_config).apply({"params": p}, h,
+                                                             method=lambda m, x: m.norm(x))
+
+  def local(state, p, h, mask):
+    mine = multihost.own(state) if mesh is not None else state
+    mine, _ = scan_samples(lambda st, hk, mk: (hessian.add(st, norm(p, hk), mk), None), mine, h,
+                           mask)
+    return multihost.stacked(mine) if mesh is not None else mine
+
+  state = hessian.init(model_config.hidden_size)
+  if mesh is not None:
+    data = P(axis_name)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(data, P(), data, data), out_specs=data)
+    state = multihost.per_device_zeros(mesh, axis_name, state)
+    final = multihost.replicate(mesh, {"norm": params["norm"]})
+  else:
+    final = {"norm": params["norm"]}  # all the final norm reads
+  step = jax.jit(local, donate_argnums=0)
   for h, mask in zip(hidden, masks):
-    xtx, count = _xtx(norm(params, h), mask)
-    H, n = H + xtx, n + count
-  return 2.0 * H / jnp.maximum(n, 1)
+    state = step(state, final, h, mask)
+  return local_copy(hessian.finalize(multihost.combined(mesh, axis_name, state)))
 
 
 def quantize_lm_head(model_config: Any, params: Any, hidden: list, masks: list, cfg: GPTQConfig,
-                     records: list[dict] | None = None) -> Any:
+                     records: list[dict] | None = None, mesh: Any = None,
+                     axis_name: str = "data") -> Any:
   """``params`` with ``lm_head.kernel`` GPTQ-quantized (packed in ``cfg.format``), or unchanged
   when ``dynamic`` leaves ``lm_head`` in float. ``hidden``: the last block's outputs."""
   from gptq_jax.core.gptq import quantize_weight  # noqa: PLC0415
@@ -82,7 +97,7 @@ def quantize_lm_head(model_config: Any, params: Any, hidden: list, masks: list, 
     kernel = jnp.asarray(params["embed_tokens"]["embedding"]).T  # [hidden, vocab]
   else:
     kernel = params[LM_HEAD]["kernel"]
-  H = lm_head_hessian(model_config, params, hidden, masks)
+  H = lm_head_hessian(model_config, params, hidden, masks, mesh, axis_name)
   qw, info = quantize_weight(kernel, H, head_cfg, return_info=True, name=LM_HEAD)
   if records is not None:
     records.append({"block": model_config.num_hidden_layers, "layer": LM_HEAD, "shape": list(kernel.shape),
