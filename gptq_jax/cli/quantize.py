@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 
-from gptq_jax.cli import compile_cache
+from gptq_jax.cli import compile_cache, peers
 from gptq_jax.cli.args import _check_args, _config, _parser  # noqa: F401 (tests import them here)
 from gptq_jax.config import GPTQConfig
 from gptq_jax.data import DatasetUnavailable
@@ -70,6 +70,9 @@ def init_distributed(args) -> None:
                                process_id=args.process_id, initialization_timeout=300)
   elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
     jax.distributed.initialize()
+  else:
+    return
+  peers.watch(jax.process_index(), jax.process_count(), args.output)  # a lost process: an error
 
 
 SAMPLE_BEFORE_MAX_BYTES = 2 << 30  # the float sample needs the whole float model: small ones only
@@ -230,6 +233,8 @@ def run(args) -> dict:
   stats = PipelineStats(sync=args.breakdown)
   t_q = time.perf_counter()
   head_params = source.nonlayer(dtype) if cfg.lm_head else embed_params
+  # --lm-head on a tied embedding reads the projection from the embedding after the last block
+  adapter.release_embedding = not (cfg.lm_head and model_config.tie_word_embeddings)
   stash_mb = getattr(args, "stash_mb", None)
   qhead = quantize(head_params, calib_batches, cfg, adapter=adapter, batch_size=args.batch_size,
            stats=stats, stash_bytes=None if stash_mb is None else int(stash_mb * 2**20),
@@ -325,11 +330,17 @@ def _rotated_copy(model: str, cfg: GPTQConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
+    _config(args)
+    _check_args(args)  # bad input fails here at once, before the processes meet
     init_distributed(args)
     compile_cache.from_args(args)  # on by default; --no-compile-cache turns it off
     run(args)
   except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
           DatasetUnavailable) as e:
+    peers.first_a_lost_peer()
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Exception:
+    peers.first_a_lost_peer()
+    raise
   return 0

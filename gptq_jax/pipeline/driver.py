@@ -314,5 +314,5 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   st.stash = plan.summary()
   if cfg.lm_head:  # after the last block, on the final norm's outputs (pipeline/dynamic.py)
     params = dynamic.quantize_lm_head(adapter.config, params, stream.hidden, stream.masks, cfg,
-                                      report, mesh, axis_name)
+                                      report, mesh, axis_name, float_hidden)
   return params

@@ -53,41 +53,59 @@ def untied(model_config: Any, params: Any) -> Any:
   return model_config
 
 
-def lm_head_hessian(model_config: Any, params: Any, hidden: list, masks: list,
-                    mesh: Any = None, axis_name: str = "data") -> jax.Array:
-  """``2/n X^T X`` of the final norm's outputs over the unmasked calibration tokens (each sample's
-  product on its own, per device of ``mesh``'s data axis, as the blocks' Hessians:
-  core/hessian.py), on this process's first device."""
+def lm_head_statistics(model_config: Any, params: Any, hidden: list, masks: list,
+                       mesh: Any = None, axis_name: str = "data",
+                       float_hidden: list | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """``(H, dXXT)`` of the final norm's outputs over the unmasked calibration tokens, on this
+  process's first device: ``H = 2/n X^T X`` (each sample's product on its own, per device of
+  ``mesh``'s data axis, as the blocks' Hessians: core/hessian.py) and, with ``float_hidden`` (the
+  float model's last block outputs: GPTAQ), ``dXXT = 2/n (X_float - X)^T X``, else None."""
   from gptq_jax.models import model as model_lib  # noqa: PLC0415
 
   norm = lambda p, h: model_lib.CausalLM(model_config).apply({"params": p}, h,
                                                              method=lambda m, x: m.norm(x))
+  cross = float_hidden is not None
 
-  def local(state, p, h, mask):
+  def local(state, p, h, mask, fh):
     mine = multihost.own(state) if mesh is not None else state
-    mine, _ = scan_samples(lambda st, hk, mk: (hessian.add(st, norm(p, hk), mk), None), mine, h,
-                           mask)
+    if cross:
+      body = lambda st, hk, mk, fk: (hessian.cross_add(st, norm(p, hk), norm(p, fk), mk), None)
+    else:
+      body = lambda st, hk, mk, fk: (hessian.add(st, norm(p, hk), mk), None)
+    mine, _ = scan_samples(body, mine, h, mask, fh)
     return multihost.stacked(mine) if mesh is not None else mine
 
-  state = hessian.init(model_config.hidden_size)
+  state = (hessian.cross_init if cross else hessian.init)(model_config.hidden_size)
   if mesh is not None:
     data = P(axis_name)
-    local = jax.shard_map(local, mesh=mesh, in_specs=(data, P(), data, data), out_specs=data)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(data, P(), data, data, data),
+                          out_specs=data)
     state = multihost.per_device_zeros(mesh, axis_name, state)
     final = multihost.replicate(mesh, {"norm": params["norm"]})
   else:
     final = {"norm": params["norm"]}  # all the final norm reads
   step = jax.jit(local, donate_argnums=0)
-  for h, mask in zip(hidden, masks):
-    state = step(state, final, h, mask)
-  return local_copy(hessian.finalize(multihost.combined(mesh, axis_name, state)))
+  for k, (h, mask) in enumerate(zip(hidden, masks)):
+    state = step(state, final, h, mask, float_hidden[k] if cross else h)
+  state = multihost.combined(mesh, axis_name, state)
+  if cross:
+    H, dxxt = hessian.finalize_cross(state)
+    return local_copy(H), local_copy(dxxt)
+  return local_copy(hessian.finalize(state)), None
+
+
+def lm_head_hessian(model_config: Any, params: Any, hidden: list, masks: list,
+                    mesh: Any = None, axis_name: str = "data") -> jax.Array:
+  """``2/n X^T X`` of the final norm's outputs (``lm_head_statistics``' H)."""
+  return lm_head_statistics(model_config, params, hidden, masks, mesh, axis_name)[0]
 
 
 def quantize_lm_head(model_config: Any, params: Any, hidden: list, masks: list, cfg: GPTQConfig,
                      records: list[dict] | None = None, mesh: Any = None,
-                     axis_name: str = "data") -> Any:
+                     axis_name: str = "data", float_hidden: list | None = None) -> Any:
   """``params`` with ``lm_head.kernel`` GPTQ-quantized (packed in ``cfg.format``), or unchanged
-  when ``dynamic`` leaves ``lm_head`` in float. ``hidden``: the last block's outputs."""
+  when ``dynamic`` leaves ``lm_head`` in float. ``hidden``: the last block's outputs; with GPTAQ,
+  ``float_hidden``: the float model's (its cross-term, as for every other linear)."""
   from gptq_jax.core.gptq import quantize_weight  # noqa: PLC0415
 
   head_cfg = resolve(cfg, LM_HEAD)
@@ -97,8 +115,9 @@ def quantize_lm_head(model_config: Any, params: Any, hidden: list, masks: list, 
     kernel = jnp.asarray(params["embed_tokens"]["embedding"]).T  # [hidden, vocab]
   else:
     kernel = params[LM_HEAD]["kernel"]
-  H = lm_head_hessian(model_config, params, hidden, masks, mesh, axis_name)
-  qw, info = quantize_weight(kernel, H, head_cfg, return_info=True, name=LM_HEAD)
+  H, cross = lm_head_statistics(model_config, params, hidden, masks, mesh, axis_name,
+                                float_hidden if head_cfg.gptaq else None)
+  qw, info = quantize_weight(kernel, H, head_cfg, return_info=True, name=LM_HEAD, cross=cross)
   if records is not None:
     records.append({"block": model_config.num_hidden_layers, "layer": LM_HEAD, "shape": list(kernel.shape),
                     "loss": info.loss, "damp": info.damp, "fallback": info.fallback})
