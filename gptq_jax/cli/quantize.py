@@ -108,9 +108,20 @@ def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
 
   qc = cfg.to_dict()
   qc.pop("backend", None)  # how the result is run later does not change it
-  return {"model": {"config": model_config.to_hf_dict(), "weights": source_digest(source.files),
-                    "dtype": dtype},
-          "quant_config": qc, "calibration": calibration_digest(samples)}
+  fp = {"model": {"config": model_config.to_hf_dict(), "weights": source_digest(source.files),
+                  "dtype": dtype},
+        "quant_config": qc, "calibration": calibration_digest(samples)}
+  return {**fp, **_refinement_devices(cfg)}
+
+
+def _refinement_devices(cfg) -> dict:
+  """Refinement draws its minibatches per device (pipeline/refine_rows.py): a run resumed on
+  another number of devices would train other minibatches than the interrupted one, so the
+  device count is part of the resume fingerprint then (everything else gives the same model on
+  any device and process count: core/hessian.py)."""
+  import jax  # noqa: PLC0415
+
+  return {"device count (refinement)": jax.device_count()} if cfg.refine_steps else {}
 
 
 def _breakdown(stats, eval_seconds: dict, timing: dict, total: float, nblocks: int,
@@ -242,6 +253,7 @@ def run(args) -> dict:
            progress=not args.no_progress and pid == 0, report=records, start_block=len(done),
            on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
+  float_config = model_config  # the "before" perplexity: the float model as it is
   if cfg.lm_head and "lm_head" in qhead:  # --lm-head (a tied embedding is untied)
     from gptq_jax.pipeline.dynamic import untied  # noqa: PLC0415
     model_config = untied(model_config, qhead)
@@ -254,8 +266,8 @@ def run(args) -> dict:
   t0 = time.perf_counter()
   if evals is not None:  # the final norm and the logits: on the device only for this
     nonlayer = source.nonlayer(dtype)
-    result["ppl_before"] = evals[0].perplexity(nonlayer, model_config)
-    result["ppl_after"] = evals[1].perplexity(nonlayer, model_config)
+    result["ppl_before"] = evals[0].perplexity(nonlayer, float_config)
+    result["ppl_after"] = evals[1].perplexity({**nonlayer, **qhead}, model_config)
     del nonlayer
   timing["final norm, logits"] = time.perf_counter() - t0
   adapter_eval_seconds = adapter.eval_seconds
