@@ -20,8 +20,9 @@ def _calib32():
   return np.random.default_rng(1).integers(0, 256, (32, 32)).astype(np.int32)
 
 
-def _run(tiny, devices, qcfg=QCFG, ids=None, **kw):
-  cfg, params, _ = tiny
+def _run(tiny, devices, qcfg=QCFG, ids=None, params=None, **kw):
+  cfg, tiny_params, _ = tiny
+  params = tiny_params if params is None else params
   mesh = None if devices == 1 else jax.make_mesh((devices,), ("data",),
                                                  devices=jax.devices()[:devices])
   report = []
@@ -112,3 +113,13 @@ def test_no_real_training_token_is_an_error(tiny):
   mask[:, :8] = 0
   with pytest.raises(ValueError, match="training calibration rows have no real token"):
     _refine0(tiny, ids, mask, refine_seqlen=8)
+
+
+def test_refined_run_resumed_at_block_1_equals_the_whole_run(tiny, one_device):
+  """Resume (blocks before ``start_block`` already done): the stream is carried through the saved
+  refined block and block 1 is refined on the same rows as in the whole run."""
+  cfg, params, _ = tiny
+  whole, _ = one_device
+  resumed, _ = _run(tiny, 1, start_block=1, params=params.replace(layers_0=whole["layers_0"]))
+  for a, b in zip(jax.tree.leaves(resumed["layers_1"]), jax.tree.leaves(whole["layers_1"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
