@@ -20,7 +20,7 @@ import resource
 import sys
 import time
 
-from gptq_jax.cli import compile_cache, preflight, serving
+from gptq_jax.cli import compile_cache, peers, preflight, serving
 from gptq_jax.cli.args import _check_args, _config, _parser  # noqa: F401 (tests import them here)
 from gptq_jax.config import GPTQConfig
 from gptq_jax.data import DatasetUnavailable
@@ -69,6 +69,9 @@ def init_distributed(args) -> None:
                                process_id=args.process_id, initialization_timeout=300)
   elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
     jax.distributed.initialize()
+  else:
+    return
+  peers.watch(jax.process_index(), jax.process_count(), args.output)  # a lost process: an error
 
 
 SAMPLE_BEFORE_MAX_BYTES = 2 << 30  # the float sample needs the whole float model: small ones only
@@ -116,9 +119,20 @@ def _fingerprint(source, model_config, cfg, samples, dtype: str) -> dict:
 
   qc = cfg.to_dict()
   qc.pop("backend", None)  # how the result is run later does not change it
-  return {"model": {"config": model_config.to_hf_dict(), "weights": source.digest(),
-                    "dtype": dtype},
-          "quant_config": qc, "calibration": calibration_digest(samples)}
+  fp = {"model": {"config": model_config.to_hf_dict(), "weights": source.digest(),
+                  "dtype": dtype},
+        "quant_config": qc, "calibration": calibration_digest(samples)}
+  return {**fp, **_refinement_devices(cfg)}
+
+
+def _refinement_devices(cfg) -> dict:
+  """Refinement draws its minibatches per device (pipeline/refine_rows.py): a run resumed on
+  another number of devices would train other minibatches than the interrupted one, so the
+  device count is part of the resume fingerprint then (everything else gives the same model on
+  any device and process count: core/hessian.py)."""
+  import jax  # noqa: PLC0415
+
+  return {"device count (refinement)": jax.device_count()} if cfg.refine_steps else {}
 
 
 def _breakdown(stats, eval_seconds: dict, timing: dict, total: float, nblocks: int,
@@ -256,7 +270,7 @@ def run(args) -> dict:
            on_block_done=state.save_block)
   result["quantize_seconds"] = time.perf_counter() - t_q
   if cfg.lm_head and "lm_head" in qhead:  # --lm-head (a tied embedding is untied)
-    from gptq_jax.pipeline.dynamic import untied  # noqa: PLC0415
+    from gptq_jax.models.params import untied  # noqa: PLC0415
     model_config = untied(model_config, qhead)
     qhead = {"lm_head": jax.device_get(qhead["lm_head"])}
   else:
@@ -359,11 +373,17 @@ def _perplexities(source, evals, qhead: dict, model_config, dtype: str, show: bo
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
+    _config(args)
+    _check_args(args)  # bad input fails here at once, before the processes meet
     init_distributed(args)
     compile_cache.from_args(args)  # on by default; --no-compile-cache turns it off
     run(args)
   except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
           DatasetUnavailable) as e:
+    peers.first_a_lost_peer()
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Exception:
+    peers.first_a_lost_peer()
+    raise
   return 0

@@ -232,6 +232,12 @@ class StreamedRun(ModelAdapter):
       return q
     return block
 
+  def get_float_block(self, params, i):
+    """Block ``i``'s float weights, also for a block already quantized (a resumed GPTAQ run
+    carries the float model's stream through it)."""
+    del params
+    return self.source.block(i, self.dtype)
+
   def set_block(self, params, i, block_params):
     if self.evals is not None and self.evals[1].at == i:
       self._advance(self.evals[1], self._dense(block_params), i, "set")

@@ -61,12 +61,26 @@ def check_length(n: int, bits: int, what: str) -> None:
         f"multiple of {nvals}")
 
 
+def check_range(values, bits: int, what: str) -> None:
+  """Refuse values outside ``[0, 2**bits)``: packed, they would spill into their neighbours'
+  bits. (Traced values are checked when concrete; ``pack_rows`` masks them meanwhile.)"""
+  if isinstance(values, jax.core.Tracer):
+    return
+  a = np.asarray(values)
+  bad = int(np.sum((a < 0) | (a > 2**bits - 1)))
+  if bad:
+    raise ValueError(f"{bad} {what} lie outside [0, {2**bits - 1}] (range [{int(a.min())}, "
+                     f"{int(a.max())}]): {bits}-bit packing cannot store them")
+
+
 def pack_rows(q, bits: int):
-  """Codes ``[K, N]`` (ints in [0, 2**bits)) -> ``qweight [K * bits / 32, N]`` int32."""
+  """Codes ``[K, N]`` (ints in [0, 2**bits)) -> ``qweight [K * bits / 32, N]`` int32. Each value
+  is masked to its ``bits`` (``check_range`` refuses out-of-range codes before packing)."""
   k = q.shape[0]
   check_length(k, bits, "the input dimension")
   nvals, nwords = run_shape(bits)
-  v = jnp.asarray(q).astype(jnp.uint32).reshape((k // nvals, nvals) + q.shape[1:])
+  v = jnp.asarray(q).astype(jnp.uint32) & jnp.uint32(2**bits - 1)
+  v = v.reshape((k // nvals, nvals) + q.shape[1:])
   packed = _pack_runs(v, bits).reshape((k // nvals * nwords,) + q.shape[1:])
   return jax.lax.bitcast_convert_type(packed, jnp.int32)
 

@@ -67,8 +67,11 @@ class QuantizedWeight:
     Scales keep their dtype (float32 here, so packing is lossless); the Hugging Face export writes
     them as float16 as the format prescribes.
     """
+    packing.check_range(self.codes, self.bits, "codes")
     if format == "gptq":
-      packing.check_v1_zeros(self.zeros)
+      packing.check_v1_zeros(self.zeros)  # v1 stores zero - 1: zeros in [1, 2**bits]
+    else:
+      packing.check_range(self.zeros, self.bits, "zero points")
     packing.encode_zeros(0, self.bits, format)  # validates the format name
     packing.run_shape(self.bits)
     for dim, what in ((self.codes.shape[0], "the input dimension"),

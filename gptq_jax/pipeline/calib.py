@@ -87,3 +87,18 @@ def check_vocab(samples, vocab_size: int | None) -> None:
   if lo < 0 or (vocab_size is not None and hi >= vocab_size):
     raise ValueError(f"calibration token ids span [{lo}, {hi}], outside the model's vocabulary "
                      f"[0, {vocab_size}): was the data tokenized for another model?")
+
+
+def sample_ids(batches: list[CalibBatch], offset: int = 0) -> list[np.ndarray]:
+  """Each row's calibration sample index, ``[batch]`` int32 per micro-batch: ``offset`` plus its
+  place among the real rows (rows with a token), in order; -1 for padding rows. Under
+  ``jax.distributed``, ``offset`` is the number of samples of the processes before this one, so
+  the indices are those one process holding every sample gives them."""
+  out, k = [], offset
+  for b in batches:
+    real = b.attention_mask.any(axis=1)
+    ids = np.full(real.shape, -1, np.int32)
+    ids[real] = np.arange(k, k + int(real.sum()), dtype=np.int32)
+    k += int(real.sum())
+    out.append(ids)
+  return out

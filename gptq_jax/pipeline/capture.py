@@ -3,8 +3,9 @@
 ``HessianCapture`` runs a block on one micro-batch while the adapter reports each linear's input;
 inputs shared by several linears (q/k/v, gate/up: the same traced array) are counted once. The
 running ``HessianState``s are donated. With a mesh, the batch is split over the data axis with
-``jax.shard_map``: each device runs the block on its own samples and a ``psum`` combines the
-``X^T X`` sums, so the Hessians equal the single-device ones up to float summation order.
+``jax.shard_map``: each device runs the block on its own samples and keeps its own ``X^T X``
+sums, combined when H is read; the Hessians equal the single-device ones bit for bit (up to rare
+rounding ties: core/hessian.py).
 """
 
 from __future__ import annotations
@@ -53,38 +54,45 @@ class HessianCapture:
   ``add(..., given=, keep=)``: ``given`` are inputs of earlier subsets' linears kept from their
   passes (``{path: array}``, sharded like ``hidden``); with ``keep`` the step also returns this
   subset's inputs (``{representative path: x}``) for the later passes (pipeline/stash.py).
+  With a mesh each device keeps the sums of its own samples (no collective per micro-batch);
+  ``hessian(path)`` combines them (``multihost.combined``), so H does not depend on how the
+  samples were spread over micro-batches, devices and processes (core/hessian.py).
   """
 
   def __init__(self, adapter: DecoderAdapter, targets: tuple[LinearPath, ...],
                mesh: Mesh | None = None, axis_name: str = "data"):
-    self.targets = targets
+    self.targets, self.mesh, self.axis_name = targets, mesh, axis_name
     self.alias: dict[LinearPath, LinearPath] = {}  # path -> the path whose Hessian it shares
     self.states: dict[LinearPath, hessian.HessianState] | None = None
     self._final: dict[LinearPath, jax.Array] = {}  # H of each input, once finalized
 
-    def local(block_params, hidden, ctx, mask, given):
+    def linear_reps(block_params, hidden, ctx, given):
       reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets, given)
       self.alias = alias  # fixed at trace time: the same for every call of the compiled step
-      out = {}
-      for path, x in reps.items():
-        out[path] = hessian._xtx(x, mask)
-        if mesh is not None:
-          out[path] = jax.lax.psum(out[path], axis_name)
-      return out, reps
+      return reps
 
+    def local(states, block_params, hidden, ctx, mask, given, keep):
+      mine = multihost.own(states) if mesh is not None else states
+
+      def body(st, h, c, m, g):
+        reps = linear_reps(block_params, h, c, g)
+        return {p: hessian.add(st[p], x, m) for p, x in reps.items()}, (reps if keep else None)
+
+      mine, reps = scan_samples(body, mine, hidden, ctx, mask, given)
+      return (multihost.stacked(mine) if mesh is not None else mine), reps
+
+    inputs = linear_reps
     if mesh is not None:
-      local = jax.shard_map(local, mesh=mesh, out_specs=(P(), P(axis_name)),
-                            in_specs=(P(), P(axis_name), P(axis_name), P(axis_name),
-                                      P(axis_name)))
+      data = P(axis_name)
+      inputs = jax.shard_map(linear_reps, mesh=mesh, in_specs=(P(), data, data, data),
+                             out_specs=data)
+      local = _data_parallel(local, mesh, axis_name)
 
     @functools.partial(jax.jit, donate_argnums=0, static_argnums=6)
     def step(states, block_params, hidden, ctx, mask, given, keep):
-      new, reps = local(block_params, hidden, ctx, mask, given)
-      states = {p: hessian.HessianState(xtx=states[p].xtx + xtx, count=states[p].count + n)
-                for p, (xtx, n) in new.items()}
-      return states, (reps if keep else None)
+      return local(states, block_params, hidden, ctx, mask, given, keep)
 
-    self._local, self._step = local, step
+    self._inputs, self._step = inputs, step
     self._replicate = functools.partial(multihost.replicate, mesh) if mesh else (lambda t: t)
 
   def reset(self) -> None:
@@ -96,33 +104,43 @@ class HessianCapture:
                    given: dict | None = None) -> dict:
     """``{representative path: ShapeDtypeStruct}`` of the inputs ``keep`` would return (traced,
     not run)."""
-    return jax.eval_shape(self._local, block_params, hidden, ctx, mask, given or {})[1]
+    del mask
+    return jax.eval_shape(self._inputs, block_params, hidden, ctx, given or {})
+
+  def _zeros(self, shapes: dict):
+    states = {p: hessian.init(s.shape[-1]) for p, s in shapes.items()}
+    if self.mesh is None:
+      return states
+    return multihost.per_device_zeros(self.mesh, self.axis_name, states)
 
   def add(self, block_params: Any, hidden: jax.Array, ctx: Any, mask: jax.Array,
           given: dict | None = None, keep: bool = False) -> dict | None:
     """Add one micro-batch; -> this subset's inputs on it when ``keep``, else None."""
     block_params, given = self._replicate(block_params), given or {}
     if self.states is None:
-      shapes = jax.eval_shape(self._local, block_params, hidden, ctx, mask, given)[0]
-      self.states = self._replicate({p: hessian.init(s[0].shape[0]) for p, s in shapes.items()})
+      self.states = self._zeros(self.input_shapes(block_params, hidden, ctx, mask, given))
     self.states, kept = self._step(self.states, block_params, hidden, ctx, mask, given, keep)
     return kept
 
   def hessian(self, path: LinearPath) -> jax.Array:
     """The finalized H on one local device (the solver runs there; a replicated H would make it
-    compile again for that sharding). The running sum is dropped once H is made from it (no
+    compile again for that sharding). The running sums are dropped once H is made from them (no
     more ``add`` until ``reset``): one copy of each H is alive, not two."""
     rep = self.alias[path]
     if rep not in self._final:
-      h = hessian.finalize(self.states.pop(rep))
-      # H is replicated: take this process's first copy as a plain single-device array (with
-      # jax.distributed the global array is not addressable as a whole).
-      self._final[rep] = jax.device_put(h.addressable_data(0), jax.local_devices()[0])
+      h = hessian.finalize(multihost.combined(self.mesh, self.axis_name, self.states.pop(rep)))
+      self._final[rep] = local_copy(h)
     return self._final[rep]
 
   def release(self, path: LinearPath) -> None:
     """Drop the finalized H of ``path``'s input (its solves are done)."""
     self._final.pop(self.alias.get(path, path), None)
+
+
+def local_copy(a: jax.Array) -> jax.Array:
+  """A replicated array as a plain array on this process's first device (with jax.distributed the
+  global array is not addressable as a whole)."""
+  return jax.device_put(a.addressable_data(0), jax.local_devices()[0])
 
 
 def run_given(adapter: DecoderAdapter, block_params, hidden, ctx, given=None):
@@ -132,10 +150,46 @@ def run_given(adapter: DecoderAdapter, block_params, hidden, ctx, given=None):
   return adapter.run_block(block_params, hidden, ctx, lambda path, x: given.get(path))
 
 
+def _data_parallel(local, mesh: Mesh, axis_name: str):
+  """``local(states, block_params, hidden, ctx, mask, given, keep)`` per device of the data axis
+  (the states per device, the block replicated, the batch split)."""
+  data = P(axis_name)
+
+  def wrapped(states, block_params, hidden, ctx, mask, given, keep):
+    f = jax.shard_map(functools.partial(local, keep=keep), mesh=mesh,
+                      in_specs=(data, P(), data, data, data, data), out_specs=(data, data))
+    return f(states, block_params, hidden, ctx, mask, given)
+
+  return wrapped
+
+
+def scan_samples(body, carry, *batched):
+  """``body(carry, *sample) -> (carry, out)`` over the samples (axis 0) of the ``batched``
+  pytrees, each passed as a batch of one; the outputs stacked again. XLA's reductions (a norm's
+  mean) may sum in another order for another batch shape: one sample at a time, every sample's
+  arithmetic is the same whatever the micro-batch, device count and process count."""
+  one = lambda tree: jax.tree.map(lambda a: a[None], tree)
+
+  def step(c, xs):
+    c, out = body(c, *one(xs))
+    return c, jax.tree.map(lambda a: a[0], out)
+
+  if carry is not None:
+    carry = hessian.varying_like(carry, batched[0])
+  return jax.lax.scan(step, carry, batched)
+
+
+def map_samples(fn, *batched):
+  """``fn(*sample)`` over the samples of ``batched``, one at a time (see ``scan_samples``)."""
+  return scan_samples(lambda c, *xs: (c, fn(*xs)), None, *batched)[1]
+
+
 def block_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: str = "data"):
   """A jitted ``(block_params, hidden, ctx, given=None) -> hidden``, data-parallel over ``mesh``
-  if given. ``given``: kept linear inputs (``run_given``)."""
-  run = functools.partial(run_given, adapter)
+  if given, one sample at a time (``scan_samples``). ``given``: kept linear inputs
+  (``run_given``)."""
+  run = lambda block_params, hidden, ctx, given: map_samples(
+      functools.partial(run_given, adapter, block_params), hidden, ctx, given)
   if mesh is None:
     run = jax.jit(run)
     call = lambda block_params, hidden, ctx, given=None: run(  # noqa: E731

@@ -93,6 +93,9 @@ class _Stream:
     put = functools.partial(multihost.put_batch, mesh, axis_name)  # this process's rows
     embed = embed_runner(adapter, mesh, axis_name)
     self.masks, self.hidden, self.ctx = [], [], []
+    real = sum(int(b.attention_mask.any(axis=1).sum()) for b in batches)
+    # each row's calibration sample index (-1: padding), laid out like the rows (refine.py)
+    self.ids = [put(i) for i in calib.sample_ids(batches, multihost.sample_offset(real))]
     for b in batches:
       ids, mask = put(b.input_ids), put(b.attention_mask)
       h, ctx = embed(params, ids, mask)
@@ -242,9 +245,13 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   groups = adapter.sequential_groups if cfg.true_sequential else (
       tuple(p for g in adapter.sequential_groups for p in g),)
   float_hidden = list(stream.hidden) if cfg.gptaq else None  # GPTAQ: the float model's stream
-  if cfg.gptaq and start_block:
+  # resumed GPTAQ: the float stream is run through the done blocks' float weights again, when the
+  # adapter can read them (the CLI's streamed model can): the same stream as an unbroken run
+  float_of = getattr(adapter, "get_float_block", None)
+  if cfg.gptaq and start_block and float_of is None:
     warnings.warn(f"GPTAQ resumed at block {start_block}: the float stream starts from the "
-                  "already quantized blocks' outputs", UserWarning, stacklevel=2)
+                  "already quantized blocks' outputs (this adapter has no get_float_block to "
+                  "read their float weights)", UserWarning, stacklevel=2)
   bar = BlockProgress(nblocks, enabled=progress)
   bar.skip(start_block)
   spread = solve_mesh(spread_solves)
@@ -259,7 +266,9 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     block = adapter.get_block(params, i)
     t = st.mark("read blocks", t, block)
     work = dense_block(block)
-    float_work = work if cfg.gptaq else None  # GPTAQ: block i still float (dequantized if resumed)
+    float_work = work if cfg.gptaq else None  # GPTAQ: block i still float
+    if cfg.gptaq and i < start_block and float_of is not None:
+      float_work = dense_block(float_of(params, i))  # a done block's float weights
     if i >= start_block:
       records: list[dict] = []
       st.work("one block forward", len(stream.hidden) * work_of(
@@ -325,5 +334,6 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   st.stash = plan.summary()
   if cfg.lm_head:  # after the last block, on the final norm's outputs (pipeline/dynamic.py)
     params = dynamic.quantize_lm_head(adapter.config, params, stream.hidden, stream.masks, cfg,
-                                      report, getattr(adapter, "lm_head_slices", None))
+                                      report, getattr(adapter, "lm_head_slices", None),
+                                      mesh=mesh, axis_name=axis_name, float_hidden=float_hidden)
   return params

@@ -19,9 +19,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from gptq_jax.config import GPTQConfig, module_config
+from gptq_jax.core import hessian
 from gptq_jax.models.params import untied
+from gptq_jax.pipeline import multihost
+from gptq_jax.pipeline.capture import local_copy, scan_samples
 
 LM_HEAD = "lm_head"
 
@@ -43,35 +47,66 @@ def resolve(cfg: GPTQConfig, name: str) -> GPTQConfig | None:
   return cfg
 
 
-@jax.jit
-def _xtx(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * mask.reshape(-1, 1).astype(jnp.float32)
-  return jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST), mask.sum()
-
-
-def lm_head_hessian(model_config: Any, params: Any, hidden: list, masks: list) -> jax.Array:
-  """``2/n X^T X`` of the final norm's outputs over the unmasked calibration tokens."""
+def lm_head_statistics(model_config: Any, params: Any, hidden: list, masks: list,
+                       mesh: Any = None, axis_name: str = "data",
+                       float_hidden: list | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """``(H, dXXT)`` of the final norm's outputs over the unmasked calibration tokens, on this
+  process's first device: ``H = 2/n X^T X`` (each sample's product on its own, per device of
+  ``mesh``'s data axis, as the blocks' Hessians: core/hessian.py) and, with ``float_hidden`` (the
+  float model's last block outputs: GPTAQ), ``dXXT = 2/n (X_float - X)^T X``, else None."""
   from gptq_jax.models import model as model_lib  # noqa: PLC0415
 
-  norm = jax.jit(lambda p, h: model_lib.CausalLM(model_config).apply(
-      {"params": p}, h, method=lambda m, x: m.norm(x)))
-  params = {"norm": params["norm"]}  # all the final norm reads
-  H, n = 0.0, 0
-  for h, mask in zip(hidden, masks):
-    xtx, count = _xtx(norm(params, h), mask)
-    H, n = H + xtx, n + count
-  return 2.0 * H / jnp.maximum(n, 1)
+  norm = lambda p, h: model_lib.CausalLM(model_config).apply({"params": p}, h,
+                                                             method=lambda m, x: m.norm(x))
+  cross = float_hidden is not None
+
+  def local(state, p, h, mask, fh):
+    mine = multihost.own(state) if mesh is not None else state
+    if cross:
+      body = lambda st, hk, mk, fk: (hessian.cross_add(st, norm(p, hk), norm(p, fk), mk), None)
+    else:
+      body = lambda st, hk, mk, fk: (hessian.add(st, norm(p, hk), mk), None)
+    mine, _ = scan_samples(body, mine, h, mask, fh)
+    return multihost.stacked(mine) if mesh is not None else mine
+
+  state = (hessian.cross_init if cross else hessian.init)(model_config.hidden_size)
+  if mesh is not None:
+    data = P(axis_name)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(data, P(), data, data, data),
+                          out_specs=data)
+    state = multihost.per_device_zeros(mesh, axis_name, state)
+    final = multihost.replicate(mesh, {"norm": params["norm"]})
+  else:
+    final = {"norm": params["norm"]}  # all the final norm reads
+  step = jax.jit(local, donate_argnums=0)
+  for k, (h, mask) in enumerate(zip(hidden, masks)):
+    state = step(state, final, h, mask, float_hidden[k] if cross else h)
+  state = multihost.combined(mesh, axis_name, state)
+  if cross:
+    H, dxxt = hessian.finalize_cross(state)
+    return local_copy(H), local_copy(dxxt)
+  return local_copy(hessian.finalize(state)), None
+
+
+def lm_head_hessian(model_config: Any, params: Any, hidden: list, masks: list,
+                    mesh: Any = None, axis_name: str = "data") -> jax.Array:
+  """``2/n X^T X`` of the final norm's outputs (``lm_head_statistics``' H)."""
+  return lm_head_statistics(model_config, params, hidden, masks, mesh, axis_name)[0]
 
 
 def quantize_lm_head(model_config: Any, params: Any, hidden: list, masks: list, cfg: GPTQConfig,
-                     records: list[dict] | None = None, slices: tuple | None = None) -> Any:
+                     records: list[dict] | None = None, slices: tuple | None = None,
+                     mesh: Any = None, axis_name: str = "data",
+                     float_hidden: list | None = None) -> Any:
   """``params`` with ``lm_head.kernel`` GPTQ-quantized (packed in ``cfg.format``), or unchanged
-  when ``dynamic`` leaves ``lm_head`` in float. ``hidden``: the last block's outputs.
+  when ``dynamic`` leaves ``lm_head`` in float. ``hidden``: the last block's outputs; with GPTAQ,
+  ``float_hidden``: the float model's (its cross-term, as for every other linear).
 
   ``slices``: ``(chunks, columns)`` to read the projection a slice of the vocabulary at a time
   (``columns(lo, hi) -> [hidden, hi - lo]``, a model streamed from disk): each slice is solved
-  on its own (GPTQ's output columns are independent given H, core/shared.py) and packed on the
-  host, so the float projection is never whole in memory. Default: ``params``' own kernel."""
+  on its own (GPTQ's output columns are independent given H and the cross-term, core/shared.py)
+  and packed on the host, so the float projection is never whole in memory. Default: ``params``'
+  own kernel."""
   from gptq_jax.core.gptq import quantize_weight  # noqa: PLC0415
   from gptq_jax.core.weights import concat_columns  # noqa: PLC0415
 
@@ -85,10 +120,12 @@ def quantize_lm_head(model_config: Any, params: Any, hidden: list, masks: list, 
       kernel = params[LM_HEAD]["kernel"]
     slices = ([(0, kernel.shape[1])], lambda lo, hi: kernel)
   chunks, columns = slices
-  H = lm_head_hessian(model_config, params, hidden, masks)
+  H, cross = lm_head_statistics(model_config, params, hidden, masks, mesh, axis_name,
+                                float_hidden if head_cfg.gptaq else None)
   pieces, loss, infos = [], 0.0, []
   for lo, hi in chunks:
-    qw, info = quantize_weight(columns(lo, hi), H, head_cfg, return_info=True, name=LM_HEAD)
+    qw, info = quantize_weight(columns(lo, hi), H, head_cfg, return_info=True, name=LM_HEAD,
+                               cross=cross)
     pieces.append(qw.pack(head_cfg.format) if len(chunks) == 1 else
                   jax.device_get(qw.pack(head_cfg.format)))
     loss, infos = loss + info.loss, infos + [info]

@@ -7,7 +7,9 @@ a second stream of hidden states that only float blocks produced (``FloatStream`
 native-input capture does, the float inputs come from one run of the untouched float block.
 
 ``CrossCapture`` has ``HessianCapture``'s interface (``reset``, ``add``, ``hessian``) plus
-``cross(path)``; with a mesh the batch is split over the data axis and both sums are ``psum``-ed.
+``cross(path)``; with a mesh the batch is split over the data axis, each device keeps its own
+sums and they are combined when read (core/hessian.py: the same statistics however the samples
+are spread).
 """
 
 from __future__ import annotations
@@ -21,66 +23,75 @@ from jax.sharding import Mesh, PartitionSpec as P
 from gptq_jax.core import hessian
 from gptq_jax.pipeline import multihost
 from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath
-from gptq_jax.pipeline.capture import linear_inputs
+from gptq_jax.pipeline.capture import linear_inputs, local_copy, scan_samples
 
 
 class CrossCapture:
-  """Accumulates ``X^T X`` and ``(X_float - X)^T X`` for the linears ``targets`` of a block."""
+  """Accumulates ``X^T X`` and ``(X_float - X)^T X`` for the linears ``targets`` of a block (per
+  device with a mesh, combined when read, as ``HessianCapture``)."""
 
   def __init__(self, adapter: DecoderAdapter, targets: tuple[LinearPath, ...],
                mesh: Mesh | None = None, axis_name: str = "data"):
-    self.targets = targets
+    self.targets, self.mesh, self.axis_name = targets, mesh, axis_name
     self.alias: dict[LinearPath, LinearPath] = {}
     self.states: dict[LinearPath, hessian.CrossState] | None = None
+    self._final: dict[LinearPath, tuple] = {}
 
-    def local(block_params, float_params, hidden, float_hidden, ctx, mask):
+    def pairs(block_params, float_params, hidden, float_hidden, ctx):
       reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets)
       freps, _ = linear_inputs(adapter, float_params, float_hidden, ctx, targets)
       self.alias = alias
-      out = {}
-      for path, x in reps.items():
-        out[path] = hessian._xtx_and_cross(x, freps[path], mask)
-        if mesh is not None:
-          out[path] = jax.lax.psum(out[path], axis_name)
-      return out
+      return {path: (x, freps[path]) for path, x in reps.items()}
 
+    def local(states, block_params, float_params, hidden, float_hidden, ctx, mask):
+      mine = multihost.own(states) if mesh is not None else states
+
+      def body(st, h, fh, c, m):  # one sample (capture.scan_samples)
+        xs = pairs(block_params, float_params, h, fh, c)
+        return {p: hessian.cross_add(st[p], x, xf, m) for p, (x, xf) in xs.items()}, None
+
+      mine, _ = scan_samples(body, mine, hidden, float_hidden, ctx, mask)
+      return multihost.stacked(mine) if mesh is not None else mine
+
+    inputs = pairs
     if mesh is not None:
-      local = jax.shard_map(local, mesh=mesh, out_specs=P(),
-                            in_specs=(P(), P(), P(axis_name), P(axis_name), P(axis_name),
-                                      P(axis_name)))
+      data = P(axis_name)
+      inputs = jax.shard_map(pairs, mesh=mesh, in_specs=(P(), P(), data, data, data),
+                             out_specs=data)
+      local = jax.shard_map(local, mesh=mesh, out_specs=data,
+                            in_specs=(data, P(), P(), data, data, data, data))
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(states, block_params, float_params, hidden, float_hidden, ctx, mask):
-      new = local(block_params, float_params, hidden, float_hidden, ctx, mask)
-      return {p: hessian.CrossState(xtx=states[p].xtx + xtx, dxxt=states[p].dxxt + dxxt,
-                                    count=states[p].count + n)
-              for p, (xtx, dxxt, n) in new.items()}
-
-    self._local, self._step = local, step
+    self._inputs = inputs
+    self._step = jax.jit(local, donate_argnums=0)
     self._replicate = functools.partial(multihost.replicate, mesh) if mesh else (lambda t: t)
 
   def reset(self) -> None:
     self.states = None
+    self._final = {}
 
   def add(self, block_params: Any, hidden: jax.Array, ctx: Any, mask: jax.Array, *,
           float_params: Any, float_hidden: jax.Array) -> None:
     block_params, float_params = self._replicate(block_params), self._replicate(float_params)
     if self.states is None:
-      shapes = jax.eval_shape(self._local, block_params, float_params, hidden, float_hidden, ctx,
-                              mask)
-      self.states = self._replicate({p: hessian.cross_init(s[0].shape[0])
-                                     for p, s in shapes.items()})
+      shapes = jax.eval_shape(self._inputs, block_params, float_params, hidden, float_hidden, ctx)
+      states = {p: hessian.cross_init(s[0].shape[-1]) for p, s in shapes.items()}
+      self.states = states if self.mesh is None else multihost.per_device_zeros(
+          self.mesh, self.axis_name, states)
     self.states = self._step(self.states, block_params, float_params, hidden, float_hidden, ctx,
                              mask)
 
-  def _local_copy(self, a):
-    return jax.device_put(a.addressable_data(0), jax.local_devices()[0])
+  def _finalized(self, path: LinearPath) -> tuple:
+    rep = self.alias[path]
+    if rep not in self._final:
+      state = multihost.combined(self.mesh, self.axis_name, self.states.pop(rep))
+      self._final[rep] = tuple(local_copy(a) for a in hessian.finalize_cross(state))
+    return self._final[rep]
 
   def hessian(self, path: LinearPath) -> jax.Array:
-    return self._local_copy(hessian.finalize_cross(self.states[self.alias[path]])[0])
+    return self._finalized(path)[0]
 
   def cross(self, path: LinearPath) -> jax.Array:
-    return self._local_copy(hessian.finalize_cross(self.states[self.alias[path]])[1])
+    return self._finalized(path)[1]
 
 
 @functools.lru_cache(maxsize=64)

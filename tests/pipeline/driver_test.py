@@ -106,14 +106,17 @@ def test_resume_from_a_block_equals_a_full_run(tiny):
 
 
 def test_one_and_eight_devices_agree(tiny):
+  """One device one sample at a time, and eight devices: the Hessians are the same bit for bit
+  (core/hessian.py), so every code is (natural order: the case float-sum order used to move)."""
   cfg, params, batches = tiny
-  qcfg = gj.GPTQConfig(4, group_size=32, desc_act=True)
-  one = quantize(params, batches, qcfg, model_config=cfg, mesh=None, progress=False)
+  qcfg = gj.GPTQConfig(4, group_size=32)
+  one = quantize(params, batches, qcfg, model_config=cfg, mesh=None, batch_size=1,
+                 progress=False)
   eight = quantize(params, batches, qcfg, model_config=cfg, mesh="auto", progress=False)
   assert jax.device_count() == 8
   same = [np.mean(_codes(one, i, p) == _codes(eight, i, p))
           for i in range(2) for p in sum(LLAMA_GROUPS, ())]
-  assert min(same) >= 0.999, same
+  assert min(same) == 1.0, same
   from gptq_jax.models import forward
   ids = np.asarray(batches[0]["input_ids"])
   logits = lambda q: np.asarray(forward(_dense(q), cfg, ids))

@@ -44,10 +44,16 @@ def _run(tiny, batches=None, **kw):
 
 
 def _held(hs):
-  """Refinement's held-out rows: the last n // 8 samples (the last 4 of 32, or 1 of 8)."""
-  h, pos, mask = hs[-1]
-  k = 4 if sum(x[0].shape[0] for x in hs) == 32 else 1
-  return [(h[-k:], pos[-k:], mask[-k:])]
+  """Refinement's held-out rows: one sample in eight, those whose index is 7 mod 8 (samples 7,
+  15, 23, 31 of 32; sample 7 of 8): refine_rows.py."""
+  out, k = [], 0
+  for h, pos, mask in hs:
+    idx = [r for r in range(h.shape[0]) if (k + r) % 8 == 7]
+    k += h.shape[0]
+    if idx:
+      idx = np.asarray(idx)
+      out.append((h[idx], pos[idx], mask[idx]))
+  return out
 
 
 def _calib32():
@@ -150,16 +156,15 @@ def test_refined_weights_are_valid_packed_weights_and_deterministic(tiny, kw):
 
 
 def test_rounding_offsets_move_gptqs_codes_by_at_most_one_step():
-  from gptq_jax.pipeline.refine import _Static, _codes
+  from gptq_jax.pipeline.refine_loop import codes_of
 
-  st = _Static((("mlp", "up_proj"),), 7, 10, 5e-3, True)
   codes = jnp.array([[0.0, 3.0, 7.0], [5.0, 7.0, 0.0]])
   frozen = {"codes": codes}
-  same = _codes({"v": jnp.zeros_like(codes)}, frozen, st, ste=False)
+  same = codes_of({"v": jnp.zeros_like(codes)}, frozen, True, 7, ste=False)
   np.testing.assert_array_equal(same, codes)  # v = 0: GPTQ's codes, its compensation intact
-  up = _codes({"v": jnp.full_like(codes, 0.6)}, frozen, st, ste=False)
+  up = codes_of({"v": jnp.full_like(codes, 0.6)}, frozen, True, 7, ste=False)
   np.testing.assert_array_equal(up, jnp.minimum(codes + 1, 7))
-  down = _codes({"v": jnp.full_like(codes, -0.9)}, frozen, st, ste=False)
+  down = codes_of({"v": jnp.full_like(codes, -0.9)}, frozen, True, 7, ste=False)
   np.testing.assert_array_equal(down, jnp.maximum(codes - 1, 0))
 
 
