@@ -1,8 +1,9 @@
 """ModelConfig: the architecture of a decoder of any supported family, as typed fields.
 
-One decoder serves Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma 3 (text): every difference between
-them is a field here (biases, q/k norms, sliding-window layers, Gemma's norms and embedding scale,
-the MLP activation, the attention scale, RoPE per layer type). The mapping to and from a Hugging
+One decoder serves Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 and Gemma 4 (text): every difference
+between them is a field here (biases, q/k norms, sliding-window layers, Gemma's norms and embedding
+scale, the MLP activation, the attention scale, RoPE per layer type, and Gemma 4's per-layer
+inputs, per-type head sizes and shared K/V, delimited below). The mapping to and from a Hugging
 Face config.json lives in `families.py`; `ModelConfig.from_hf_dict` / `.to_hf_dict` call it.
 
 Frozen and hashable, so it can be a static argument of `jax.jit`. Validated at construction: every
@@ -17,8 +18,8 @@ from typing import Any, Mapping
 from gptq_jax.config import BACKENDS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ROPE_TYPES = ("llama3", "linear", "yarn")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+ROPE_TYPES = ("llama3", "linear", "yarn", "proportional")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma4_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 FULL, SLIDING = LAYER_TYPES
@@ -30,9 +31,12 @@ def _fail(field: str, value: Any, allowed: str) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-  """Rotary frequency scaling: "llama3" (smooth, by wavelength), "linear" (positions / factor) or
+  """Rotary frequency scaling: "llama3" (smooth, by wavelength), "linear" (positions / factor),
   "yarn" (NTK-by-parts ramp between interpolated and original frequencies, cos/sin scaled by an
-  attention factor). Field meanings and defaults are those of transformers' rope utilities."""
+  attention factor) or "proportional" (Gemma 4's full-attention layers: only the first
+  `partial_rotary_factor` of each head's rotary pairs turn, with the exponents of the whole head;
+  the other pairs pass unrotated; frequencies / factor). Field meanings and defaults are those of
+  transformers' rope utilities."""
 
   rope_type: str
   factor: float
@@ -46,6 +50,8 @@ class RopeScaling:
   mscale: float | None = None
   mscale_all_dim: float | None = None
   truncate: bool = True
+  # proportional only
+  partial_rotary_factor: float = 1.0
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
@@ -56,6 +62,8 @@ class RopeScaling:
       if not 0 < self.low_freq_factor < self.high_freq_factor:
         _fail("rope_scaling.low_freq_factor/high_freq_factor",
               (self.low_freq_factor, self.high_freq_factor), "0 < low_freq_factor < high_freq_factor")
+    if not 0 <= self.partial_rotary_factor <= 1:
+      _fail("rope_scaling.partial_rotary_factor", self.partial_rotary_factor, "a number in [0, 1]")
     if self.rope_type in ("llama3", "yarn"):
       if not isinstance(self.original_max_position_embeddings, int) or (
           self.original_max_position_embeddings <= 0):
@@ -78,6 +86,9 @@ class RopeScaling:
       raise ValueError(f"unsupported rope scaling type {rope_type!r}: gptq_jax supports {ROPE_TYPES}")
     if rope_type == "linear":  # only the factor matters
       return cls(rope_type="linear", factor=float(d["factor"]))
+    if rope_type == "proportional":
+      return cls(rope_type="proportional", factor=float(d.get("factor") or 1.0),
+                 partial_rotary_factor=float(d.get("partial_rotary_factor", 1.0)))
     keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
             "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
     kwargs = {k: d[k] for k in keys if d.get(k) is not None}
@@ -93,6 +104,9 @@ class RopeScaling:
   def to_hf_dict(self) -> dict[str, Any]:
     if self.rope_type == "linear":
       return {"rope_type": "linear", "factor": self.factor}
+    if self.rope_type == "proportional":  # transformers' validator lists no factor (it reads one)
+      return {"rope_type": "proportional", "partial_rotary_factor": self.partial_rotary_factor,
+              **({"factor": self.factor} if self.factor != 1.0 else {})}
     if self.rope_type == "llama3":
       return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
               "high_freq_factor": self.high_freq_factor,
@@ -128,6 +142,22 @@ class ModelConfig:
     rope_local_theta, rope_local_scaling: RoPE of sliding layers when rope_local_theta is set
       (Gemma 3's local base); otherwise every layer uses rope_theta / rope_scaling.
     attn_logit_softcapping, final_logit_softcapping: tanh soft caps (None = off).
+
+  Gemma 4 (text) fields, all off by default (models/gemma4.py holds their machinery):
+    norm_float_scale: RMSNorms multiply by `weight` in float32, then cast (Gemma 4's plain-weight
+      norms; without it the normalized input is cast first, as Llama's).
+    value_norm: a scale-free RMSNorm over head_dim on the values.
+    layer_scalar: each block's output is multiplied by its learned `layer_scalar` [1].
+    global_head_dim, global_num_key_value_heads: head_dim and key/value heads of the
+      full-attention layers (None: those of the sliding ones, `head_dim` / `num_key_value_heads`).
+    attention_k_eq_v: full-attention layers have no v_proj; the values are the k projection's
+      output (before k_norm and RoPE).
+    num_kv_shared_layers: the last N layers compute no keys / values: each attends over those of
+      the last earlier (non-shared) layer of its own type (its "K/V producer").
+    use_double_wide_mlp: the K/V-sharing layers' MLPs are 2 x intermediate_size wide.
+    hidden_size_per_layer_input: P > 0 gives every block a per-layer input [batch, seq, P] (from
+      the token ids and the embedding, see models/gemma4.py) mixed in after the MLP; 0 = none.
+    vocab_size_per_layer_input: rows of the per-layer input table (None: vocab_size).
   """
 
   vocab_size: int
@@ -162,6 +192,18 @@ class ModelConfig:
   rope_local_scaling: RopeScaling | None = None
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
+  # ----- Gemma 4 (gemma4_text) -----
+  norm_float_scale: bool = False
+  value_norm: bool = False
+  layer_scalar: bool = False
+  global_head_dim: int | None = None
+  global_num_key_value_heads: int | None = None
+  attention_k_eq_v: bool = False
+  num_kv_shared_layers: int = 0
+  use_double_wide_mlp: bool = False
+  hidden_size_per_layer_input: int = 0
+  vocab_size_per_layer_input: int | None = None
+  # ----- end Gemma 4 -----
   dtype: str = "float32"
   # How packed (GPTQ) linears run: one of gptq_jax.config.BACKENDS. Not saved to config.json.
   backend: str = "auto"
@@ -222,12 +264,94 @@ class ModelConfig:
       value = getattr(self, name)
       if value is not None and not value > 0:
         _fail(name, value, "None or a positive number")
+    self._check_gemma4()
     if isinstance(self.eos_token_id, (list, tuple)):
       set_("eos_token_id", tuple(int(i) for i in self.eos_token_id))
     if self.dtype not in COMPUTE_DTYPES:
       _fail("dtype", self.dtype, f"one of {COMPUTE_DTYPES}")
     if self.backend not in BACKENDS:
       _fail("backend", self.backend, f"one of {BACKENDS}")
+
+  # ----- Gemma 4 (gemma4_text): validation and per-layer shapes -----
+
+  def _check_gemma4(self) -> None:
+    def count(name: str, value: Any, minimum: int) -> None:
+      if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(name, value, f"an int >= {minimum}")
+
+    if self.global_head_dim is not None:
+      count("global_head_dim", self.global_head_dim, 2)
+      if self.global_head_dim % 2:
+        _fail("global_head_dim", self.global_head_dim, "None or a positive even int")
+    kv = self.global_num_key_value_heads
+    if kv is not None and (not isinstance(kv, int) or kv <= 0 or self.num_attention_heads % kv):
+      _fail("global_num_key_value_heads", kv,
+            f"None or a positive divisor of num_attention_heads={self.num_attention_heads}")
+    count("hidden_size_per_layer_input", self.hidden_size_per_layer_input, 0)
+    for name, base in (("global_head_dim", self.head_dim),
+                       ("global_num_key_value_heads", self.num_key_value_heads)):
+      if getattr(self, name) == base:  # the same as the sliding layers': no override
+        object.__setattr__(self, name, None)
+    if self.vocab_size_per_layer_input is None:
+      object.__setattr__(self, "vocab_size_per_layer_input", self.vocab_size)
+    count("vocab_size_per_layer_input", self.vocab_size_per_layer_input, 1)
+    n, shared = self.num_hidden_layers, self.num_kv_shared_layers
+    count("num_kv_shared_layers", shared, 0)
+    if shared >= n:
+      _fail("num_kv_shared_layers", shared, f"fewer than num_hidden_layers={n} (a layer that "
+            "shares keys / values needs an earlier one of its type that computes them)")
+    missing = sorted(set(self.layer_types[n - shared:]) - set(self.layer_types[:n - shared]))
+    if missing:
+      _fail("num_kv_shared_layers", shared, f"a value whose shared layers' types {missing} also "
+            f"occur among the first {n - shared} layers (their K/V producers)")
+
+  def layer_head_dim(self, layer_type: str) -> int:
+    """head_dim of a layer of this type (Gemma 4's full-attention layers may differ)."""
+    return self.global_head_dim if layer_type == FULL and self.global_head_dim else self.head_dim
+
+  def layer_kv_heads(self, layer_type: str) -> int:
+    """Key / value heads of a layer of this type."""
+    if layer_type == FULL and self.global_num_key_value_heads:
+      return self.global_num_key_value_heads
+    return self.num_key_value_heads
+
+  def layer_has_v_proj(self, layer_type: str) -> bool:
+    """False on Gemma 4's full-attention layers with attention_k_eq_v (values = keys' projection)."""
+    return not (self.attention_k_eq_v and layer_type == FULL)
+
+  def kv_shared(self, i: int) -> bool:
+    """Layer i reads another layer's keys / values (one of the last num_kv_shared_layers)."""
+    return i >= self.num_hidden_layers - self.num_kv_shared_layers
+
+  def kv_producer(self, i: int) -> int | None:
+    """The layer whose keys / values layer i attends over (None: its own): the last layer of
+    its type before the shared ones."""
+    if not self.kv_shared(i):
+      return None
+    first = self.num_hidden_layers - self.num_kv_shared_layers
+    return max(j for j in range(first) if self.layer_types[j] == self.layer_types[i])
+
+  @property
+  def kv_producers(self) -> dict[str, int]:
+    """{layer type: producer layer} of the layers whose K/V later layers read (empty: none)."""
+    return {self.layer_types[i]: self.kv_producer(i) for i in range(self.num_hidden_layers)
+            if self.kv_shared(i)}
+
+  def layer_intermediate_size(self, kv_shared: bool) -> int:
+    """The MLP width of a layer (Gemma 4's double-wide MLP on the K/V-sharing layers)."""
+    return self.intermediate_size * (2 if kv_shared and self.use_double_wide_mlp else 1)
+
+  @property
+  def uniform_layers(self) -> bool:
+    """Every layer has the same parameter shapes and reads only its own inputs (what the
+    scanned decode stacks); False with Gemma 4's per-layer inputs, shared K/V or per-type heads."""
+    return not (self.hidden_size_per_layer_input or self.num_kv_shared_layers or (
+        len(self.distinct_layer_types) > 1 and (
+            self.layer_head_dim(FULL) != self.layer_head_dim(SLIDING)
+            or self.layer_kv_heads(FULL) != self.layer_kv_heads(SLIDING)
+            or self.layer_has_v_proj(FULL) != self.layer_has_v_proj(SLIDING))))
+
+  # ----- end Gemma 4 -----
 
   @property
   def num_kv_groups(self) -> int:

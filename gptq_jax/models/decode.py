@@ -13,8 +13,9 @@ made kernel-ready (``prepare_params``) once, when the ``DecodeModel`` is built.
 Two ways to run the layers (``layer_loop``): "scan" (above) and "loop" (layer_loop.py: one
 compiled program per layer kind, called once per layer, each layer's weights read in place).
 "auto" picks "loop" on CPU, where the scan copies each layer's weight slice before its dots read
-it, and whenever the layers differ in structure (e.g. per-module bit widths), "scan" elsewhere;
-the choice and its reason are logged once (``DecodeModel.path``).
+it, and whenever the layers differ in structure (e.g. per-module bit widths) or read more than
+their own inputs (Gemma 4's per-layer inputs and shared K/V: ``ModelConfig.uniform_layers``), "scan"
+elsewhere; the choice and its reason are logged once (``DecodeModel.path``).
 
 Generation (``generate``): a batch of prompts of different lengths is left-padded (and masked) to
 a common, bucketed length; positions count real tokens only, so a padded row computes what the
@@ -98,12 +99,20 @@ class DecodeModel:
     self.kind_index = jnp.asarray([self.kinds.index(t) for t in self.layer_types], jnp.int32)
     self.layers, self.layer_list = None, layers
     alike = len({_signature(lp) for lp in layers}) == 1
+    uniform = getattr(cfg, "uniform_layers", True)
+    if layer_loop == "scan" and not uniform:
+      raise ValueError("this model's layers differ by kind (Gemma 4's per-layer inputs, shared "
+                       "keys / values or per-type head sizes): the scanned decode runs one "
+                       "layer structure; use layer_loop='loop' (or 'auto')")
     if layer_loop == "scan" and not alike:
       raise ValueError("the decoder layers' parameters differ in structure (e.g. per-module bit "
                        "widths): the scanned decode needs every layer alike; use "
                        "layer_loop='loop'")
     if layer_loop == "loop":
       why = "requested"
+    elif not uniform:
+      why = ("Gemma 4's layers differ by kind (per-layer inputs, shared K/V, per-type heads): "
+             "one program per kind")
     elif not alike:
       why = "the layers differ in structure (e.g. per-module bit widths), so cannot be stacked"
     elif layer_loop == "auto" and jax.default_backend() == "cpu":

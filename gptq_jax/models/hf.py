@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax.models.config import ModelConfig
-from gptq_jax.models.families import (ATTN_PROJS, MLP_PROJS, layer_tensor_specs,  # noqa: F401
-                                      nonlayer_tensor_specs)
+from gptq_jax.models.families import (ATTN_PROJS, MLP_PROJS, embedding_keys,  # noqa: F401
+                                      layer_tensor_specs, nonlayer_tensor_specs)
 from gptq_jax.models.params import ModelParams
 from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
 

@@ -82,9 +82,10 @@ class RMSNorm(nn.Module):
   """Root-mean-square norm with a learned scale "weight" `[dim]`; statistics in float32.
 
   Normalizes over the last axis, so it also serves as a per-head norm (q/k norms on
-  `[..., heads, head_dim]`). `unit_offset` (Gemma): scale by `1 + weight` in float32 and cast the
-  product; otherwise (Llama, Qwen) cast the normalized input to the activation dtype and scale by
-  `weight` there, as Hugging Face does for each.
+  `[..., heads, head_dim]`). `unit_offset` (Gemma 3): scale by `1 + weight` in float32 and cast the
+  product; `float_scale` (Gemma 4): scale by `weight` in float32 and cast the product; otherwise
+  (Llama, Qwen) cast the normalized input to the activation dtype and scale by `weight` there, as
+  Hugging Face does for each. `use_scale=False`: no weight at all (Gemma 4's value norm).
   """
 
   dim: int
@@ -92,15 +93,21 @@ class RMSNorm(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   unit_offset: bool = False
+  float_scale: bool = False
+  use_scale: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
-    weight = self.param("weight", init, (self.dim,), self.param_dtype)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    if not self.use_scale:
+      return xf.astype(self.dtype)
+    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    weight = self.param("weight", init, (self.dim,), self.param_dtype)
     if self.unit_offset:
       return (xf * (1.0 + weight.astype(jnp.float32))).astype(self.dtype)
+    if self.float_scale:
+      return (xf * weight.astype(jnp.float32)).astype(self.dtype)
     return (weight.astype(self.dtype) * xf.astype(self.dtype)).astype(self.dtype)
 
 

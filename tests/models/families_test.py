@@ -72,14 +72,19 @@ def test_config_fields_per_family(pair):
 def test_logits_match_transformers_with_padding(pair):
   """Float32 logits equal transformers' for a plain and a left-padded sequence (the window of 16
   is shorter than the 40 tokens, so sliding layers really drop keys)."""
-  family, hf, cfg, params = pair
-  ids = _ids(2, SEQ)
+  _, hf, cfg, params = pair
+  check_padded_logits(hf, cfg, params, SEQ, 6)
+
+
+def check_padded_logits(hf, cfg, params, seq: int, pad: int) -> None:
+  """Our logits == transformers' on a full row and a row left-padded by `pad` tokens."""
+  ids = _ids(2, seq)
   mask = np.ones_like(ids)
-  mask[1, :6] = 0
+  mask[1, :pad] = 0
   ref = torch_logits(hf, ids, mask)
   ours = np.asarray(_forward(params, cfg, ids, mask))
   _close(ours[0], ref[0])
-  _close(ours[1, 6:], ref[1, 6:])
+  _close(ours[1, pad:], ref[1, pad:])
   assert (ours[0].argmax(-1) == ref[0].argmax(-1)).all()
 
 
