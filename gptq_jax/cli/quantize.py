@@ -154,6 +154,7 @@ def run(args) -> dict:
   from gptq_jax.cli import output, report as report_lib
   from gptq_jax.cli.stream import EvalStream, ModelSource, StreamedRun, eval_windows
   from gptq_jax.models import load_tokenizer
+  from gptq_jax.models.families import embedding_keys
   from gptq_jax.pipeline import quantize
   from gptq_jax.pipeline.adapter import ModelAdapter
   from gptq_jax.pipeline.calib import normalize
@@ -217,7 +218,7 @@ def run(args) -> dict:
   if done:
     _say(f"resuming after block {len(done) - 1} ({len(done)}/{model_config.num_hidden_layers} "
          "blocks already quantized)")
-  embed_params = source.nonlayer(dtype, only=("embed_tokens",))
+  embed_params = source.nonlayer(dtype, only=embedding_keys(model_config))
   evals = None
   if eval_tokens is not None:
     windows = eval_windows(eval_tokens, cfg.seqlen, args.eval_windows, bos)

@@ -288,8 +288,11 @@ def read_block(ckpt: HFCheckpoint, i: int, cfg: GPTQConfig, dtype: Any = jnp.flo
     else:
       dense_specs.append((path, name, shape))
   block = params_from_tensors(dense_specs, ckpt.get, dtype)
-  for (group, proj, leaf), w in packed.items():
-    block.setdefault(group, {}).setdefault(proj, {})[leaf] = w
+  for path, w in packed.items():  # ("self_attn", "q_proj", "kernel"), ("per_layer_projection", "kernel")
+    node = block
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = w
   return block
 
 

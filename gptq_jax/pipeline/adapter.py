@@ -15,6 +15,15 @@ and is the example to follow for another decoder:
   back an input it kept from an earlier pass (the same values), so the jitted pass no longer needs
   what only produced ``x`` and XLA drops it (pipeline/stash.py). An adapter that ignores the
   return value stays correct, only slower.
+
+Optional, for a model whose blocks read more than the previous block's output:
+
+* ``block_adapter(i)``: the adapter that runs block ``i`` (its own ``sequential_groups``).
+* ``advance_ctx(block_params, hidden, ctx, i) -> ctx``: the context block ``i + 1`` reads, from
+  block ``i``'s (quantized) parameters, its input ``hidden`` and its context; with
+  ``advances_ctx`` true the driver calls it after each propagation. Gemma 4 uses it to move its
+  per-layer input to the next block's slice and to hand the K/V a producer block computes to
+  the later blocks that share them.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 LinearPath = tuple[str, ...]
 Capture = Callable[[LinearPath, jax.Array], "jax.Array | None"]
@@ -79,37 +89,52 @@ def block_adapter(adapter: Any, i: int) -> Any:
 class ModelAdapter:
   """The built-in Flax decoder (``gptq_jax.models``), any supported family.
 
-  ``layer_type`` ("full_attention" / "sliding_attention") is the kind of block ``run_block`` runs;
-  ``block_adapter(i)`` gives the (cached) adapter of block ``i``'s type, so the jitted block
-  functions keyed on it are compiled once per layer type and reused by every block of that type.
+  ``layer_type`` ("full_attention" / "sliding_attention") and ``kv_shared`` (Gemma 4: the block
+  attends over an earlier block's keys / values) are the kind of block ``run_block`` runs;
+  ``block_adapter(i)`` gives the (cached) adapter of block ``i``'s kind, so the jitted block
+  functions keyed on it are compiled once per kind and reused by every block of that kind.
+
+  The context (``embed``'s second output) holds ``positions`` and ``attention_mask``; for Gemma 4
+  also ``per_layer_inputs`` [batch, seq, layers, P] with the current block's slice
+  ``per_layer_input``, and ``shared_kv`` {layer type: the producer block's keys / values}
+  (zeros until the producer has run). ``advance_ctx`` updates both after each block, from the
+  quantized block: the shared layers see the keys / values of the quantized producer, as they
+  will at inference.
   """
 
-  def __init__(self, config, layer_type: str | None = None):
+  def __init__(self, config, layer_type: str | None = None, kv_shared: bool = False):
     from gptq_jax.models import families, layers, model  # the model is optional for the core
 
     self.config = config
     self.layer_type = layer_type
-    self.sequential_groups = families.sequential_groups(config)
+    self.kv_shared = kv_shared
+    self.sequential_groups = families.sequential_groups(
+        config, layer_type or config.layer_types[0], kv_shared)
     self._model = model
     self._linear = layers.Linear
+    # Gemma 4: the context changes from block to block (per-layer inputs, shared keys / values)
+    self.advances_ctx = bool(config.hidden_size_per_layer_input or config.kv_producers)
 
   @classmethod
   @functools.lru_cache(maxsize=16)
-  def for_config(cls, config, layer_type: str | None = None) -> "ModelAdapter":
-    """One adapter per (model config, layer type), so compiled block functions are reused across
-    blocks and calls."""
-    return cls(config, layer_type)
+  def for_config(cls, config, layer_type: str | None = None,
+                 kv_shared: bool = False) -> "ModelAdapter":
+    """One adapter per (model config, layer type, K/V sharing), so compiled block functions are
+    reused across blocks and calls."""
+    return cls(config, layer_type, kv_shared)
 
   def block_adapter(self, i: int) -> "ModelAdapter":
-    return ModelAdapter.for_config(self.config, self.config.layer_types[i])
+    return ModelAdapter.for_config(self.config, self.config.layer_types[i],
+                                   self.config.kv_shared(i))
 
   def _layer_type(self) -> str:
     if self.layer_type is not None:
       return self.layer_type
     kinds = set(self.config.layer_types)
-    if len(kinds) > 1:
-      raise ValueError("this model mixes sliding and full attention layers: run block i through "
-                       "adapter.block_adapter(i) (pipeline.adapter.block_adapter)")
+    if len(kinds) > 1 or self.config.num_kv_shared_layers:
+      raise ValueError("this model's blocks differ by kind (sliding / full attention, Gemma 4's "
+                       "shared keys / values): run block i through adapter.block_adapter(i) "
+                       "(pipeline.adapter.block_adapter)")
     return kinds.pop()
 
   def num_blocks(self, params) -> int:
@@ -124,15 +149,46 @@ class ModelAdapter:
     return {**params, f"layers_{i}": block_params}
 
   def embed(self, params, input_ids, attention_mask):
+    cfg = self.config
     b, t = input_ids.shape
-    hidden = self._model.embed(params, self.config, input_ids)
+    hidden, per_layer = self._model.embed_inputs(params, cfg, input_ids)
     positions = self._model.default_positions(attention_mask, b, t)
-    return hidden, {"positions": positions, "attention_mask": attention_mask}
+    ctx = {"positions": positions, "attention_mask": attention_mask}
+    if per_layer is not None:
+      ctx.update(per_layer_inputs=per_layer, per_layer_input=per_layer[:, :, 0])
+    if cfg.kv_producers:
+      from gptq_jax.models.attention import layer_cache_shape  # noqa: PLC0415
+
+      ctx["shared_kv"] = {kind: {k: jnp.zeros(layer_cache_shape(cfg, kind, b, t), hidden.dtype)
+                                 for k in ("k", "v")} for kind in cfg.kv_producers}
+    return hidden, ctx
+
+  def _extra(self, ctx) -> dict:
+    """The Gemma 4 inputs of this kind of block from the context."""
+    extra = {"per_layer_input": ctx.get("per_layer_input")}
+    if self.kv_shared:
+      extra["shared_kv"] = ctx["shared_kv"][self._layer_type()]
+    return extra
+
+  def advance_ctx(self, block_params, hidden, ctx, i: int):
+    """The context block ``i + 1`` reads (see the class docstring); ``hidden``: block ``i``'s
+    input."""
+    cfg, ctx = self.config, dict(ctx)
+    layer_type = cfg.layer_types[i]
+    if cfg.kv_producers.get(layer_type) == i:  # later blocks attend over these keys / values
+      _, kv = self._model.block_forward(
+          block_params, cfg, hidden, ctx["positions"], ctx["attention_mask"],
+          layer_type=layer_type, per_layer_input=ctx.get("per_layer_input"), return_kv=True)
+      ctx["shared_kv"] = {**ctx["shared_kv"], layer_type: kv}
+    if "per_layer_inputs" in ctx and i + 1 < cfg.num_hidden_layers:
+      ctx["per_layer_input"] = ctx["per_layer_inputs"][:, :, i + 1]
+    return ctx
 
   def run_block(self, block_params, hidden, ctx, capture=None):
     def call():
       return self._model.block_forward(block_params, self.config, hidden, ctx["positions"],
-                                       ctx["attention_mask"], layer_type=self._layer_type())
+                                       ctx["attention_mask"], layer_type=self._layer_type(),
+                                       kv_shared=self.kv_shared, **self._extra(ctx))
 
     if capture is None:
       return call()

@@ -147,6 +147,22 @@ def block_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: s
 
 
 @functools.lru_cache(maxsize=64)
+def ctx_advancer_for(adapter: DecoderAdapter, i: int, mesh: Mesh | None, axis_name: str):
+  """A jitted ``(block_params, hidden, ctx) -> ctx`` for block ``i + 1`` (the adapter's
+  ``advance_ctx``; data-parallel over ``mesh``), or None for an adapter whose context does not
+  change from block to block."""
+  if not getattr(adapter, "advances_ctx", False):
+    return None
+  advance = functools.partial(adapter.advance_ctx, i=i)
+  if mesh is None:
+    return jax.jit(advance)
+  run = jax.jit(jax.shard_map(advance, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
+                              out_specs=P(axis_name)))
+  return lambda block_params, hidden, ctx: run(multihost.replicate(mesh, block_params), hidden,
+                                               ctx)
+
+
+@functools.lru_cache(maxsize=64)
 def capture_for(adapter: DecoderAdapter, targets: tuple[LinearPath, ...], mesh: Mesh | None,
                 axis_name: str) -> HessianCapture:
   """A cached ``HessianCapture``: its compiled step is reused across blocks and calls."""

@@ -26,7 +26,7 @@ from gptq_jax.core.weights import PackedWeight, QuantizedWeight
 from gptq_jax.pipeline import calib, dynamic, multihost
 from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
                                        set_path)
-from gptq_jax.pipeline.capture import HessianCapture, capture_for, runner_for
+from gptq_jax.pipeline.capture import HessianCapture, capture_for, ctx_advancer_for, runner_for
 from gptq_jax.pipeline.gptaq import cross_capture_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
@@ -94,11 +94,19 @@ class _Stream:
     """The block's parameters on every device of the mesh, once (not once per micro-batch)."""
     return block_params if self.mesh is None else multihost.replicate(self.mesh, block_params)
 
-  def propagate(self, run, block_params, given=None) -> None:
-    """The block's outputs; ``given[k]``: micro-batch k's kept linear inputs (stash.py)."""
+  def propagate(self, run, block_params, given=None) -> list:
+    """The block's outputs; ``given[k]``: micro-batch k's kept linear inputs (stash.py).
+    -> the block's inputs (for ``advance``)."""
+    inputs = self.hidden
     block_params = self.replicate(block_params)
     given = given or [None] * len(self.hidden)
     self.hidden = [run(block_params, h, c, g) for h, c, g in zip(self.hidden, self.ctx, given)]
+    return inputs
+
+  def advance(self, advance, block_params, inputs) -> None:
+    """The next block's context (``advance``: ``capture.ctx_advancer_for``; None: unchanged)."""
+    if advance is not None:
+      self.ctx = [advance(block_params, h, c) for h, c in zip(inputs, self.ctx)]
 
 
 LayerConfig = Callable[[str], "GPTQConfig | None"]
@@ -208,6 +216,10 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   if not isinstance(cfg, GPTQConfig):
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
   adapter = resolve_adapter(params, model_config, adapter)
+  if cfg.gptaq and getattr(getattr(adapter, "config", None), "num_kv_shared_layers", 0):
+    raise ValueError("GPTQConfig.gptaq=True is not supported for a model whose layers share "
+                     "keys / values (Gemma 4 num_kv_shared_layers > 0): GPTAQ's float stream would "
+                     "need the float producers' keys / values; quantize it without gptaq")
   if cfg.rotation != "none" and start_block == 0:  # rotation.rotate_model must come first
     check_rotated(params, getattr(adapter, "config", None))
   mesh = resolve_mesh(mesh, axis_name)
@@ -226,8 +238,6 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   t = time.perf_counter()
   stream = _Stream(adapter, params, batches, mesh, axis_name)
   t = st.mark("embedding", t, stream.hidden)
-  groups = adapter.sequential_groups if cfg.true_sequential else (
-      tuple(p for g in adapter.sequential_groups for p in g),)
   float_hidden = list(stream.hidden) if cfg.gptaq else None  # GPTAQ: the float model's stream
   if cfg.gptaq and start_block:
     warnings.warn(f"GPTAQ resumed at block {start_block}: the float stream starts from the "
@@ -238,7 +248,9 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   plan = StashPlan(stash_bytes, mesh, mesh.devices.size if mesh is not None else 1)
   kept = out = None
   for i in range(nblocks):
-    blk = block_adapter(adapter, i)  # one per layer type: its compiled functions are shared
+    blk = block_adapter(adapter, i)  # one per layer kind: its compiled functions are shared
+    groups = blk.sequential_groups if cfg.true_sequential else (
+        tuple(p for g in blk.sequential_groups for p in g),)
     run = runner_for(blk, mesh, axis_name)
     captures = [(cross_capture_for if cfg.gptaq else capture_for)(blk, g, mesh, axis_name)
                 for g in groups]
@@ -285,12 +297,14 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     if i + 1 < nblocks or cfg.lm_head:  # the last block's outputs feed only lm_head
       if kept is None or cfg.refine_steps or not any(kept):  # the block from its input
         kept = None
-      stream.propagate(run, work, kept)
+      inputs = stream.propagate(run, work, kept)
       if i >= start_block:
         st.work("propagation", len(stream.ctx) * work_of(
             blk, work, stream.hidden[0], stream.ctx[0], None, kept[0] if kept else None))
       if float_hidden is not None:
         float_hidden = [run(float_work, h, c) for h, c in zip(float_hidden, stream.ctx)]
+      stream.advance(ctx_advancer_for(adapter, i, mesh, axis_name), work, inputs)  # Gemma 4
+      inputs = None
       t = st.mark("propagation", t, stream.hidden)
       st.count("propagation passes")
     if i >= start_block:

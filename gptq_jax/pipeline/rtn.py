@@ -12,7 +12,7 @@ from typing import Any
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import rtn_quantize
-from gptq_jax.pipeline.adapter import DecoderAdapter, get_path, set_path
+from gptq_jax.pipeline.adapter import DecoderAdapter, block_adapter, get_path, set_path
 from gptq_jax.pipeline.driver import resolve_adapter
 
 
@@ -22,7 +22,7 @@ def rtn_model(params: Any, cfg: GPTQConfig, *, model_config: Any = None,
   adapter = resolve_adapter(params, model_config, adapter)
   for i in range(adapter.num_blocks(params)):
     block = adapter.get_block(params, i)
-    for path in (p for group in adapter.sequential_groups for p in group):
+    for path in (p for group in block_adapter(adapter, i).sequential_groups for p in group):
       kernel = get_path(block, path)["kernel"]
       block = set_path(block, path + ("kernel",), rtn_quantize(kernel, cfg).pack(cfg.format))
     params = adapter.set_block(params, i, block)

@@ -57,7 +57,7 @@ def bf16_run(tiny_hf_dir, tmp_path_factory):
   mp.setattr(stream.StreamedRun, "set_block",
              lambda self, p, i, b: sample(f"done {i}") or set_block(self, p, i, b))
   mp.setattr(stream.EvalStream, "advance",
-             lambda self, run, b: advance(self, run, b) or sample("eval"))
+             lambda self, run, b, *rest: advance(self, run, b, *rest) or sample("eval"))
   mp.setattr(driver, "solve_shared",
              lambda ks, h, c, n, **kw: sample(f"solve {n[0]}") or solve(ks, h, c, n, **kw))
   out = str(tmp_path_factory.mktemp("bf16") / "q")
