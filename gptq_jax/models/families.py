@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator, Mapping
 
-from gptq_jax.models.config import FULL, SLIDING, ModelConfig, RopeScaling
+from gptq_jax.models.config import FULL, SLIDING, LayerKind, ModelConfig, RopeScaling
+from gptq_jax.models.moe_families import (MOE_MODEL_TYPES, ExpertSpec, alternative_names,
+                                          expert_specs, moe_config_json, moe_config_kwargs,
+                                          moe_problems, sparse_groups, sparse_mlp_specs)
 
 Spec = tuple[tuple[str, ...], str, tuple[int, ...]]  # (param path, HF tensor name, HF shape)
 LinearPath = tuple[str, ...]
@@ -46,6 +49,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3", "Qwen3ForCausalLM", default_head_dim=128),
     Family("gemma3_text", "Gemma3ForCausalLM", default_tie=True, default_head_dim=256,
            default_rope_theta=1_000_000.0),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM"),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM"),
+    Family("mixtral", "MixtralForCausalLM", default_rope_theta=1_000_000.0),
 )}
 _BY_ARCH = {f.architecture: f.model_type for f in FAMILIES.values()}
 
@@ -154,6 +160,8 @@ def config_from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
         rope_local_theta=float(local_theta),
         rope_local_scaling=RopeScaling.from_hf_dict(local, max_pos),
         final_logit_softcapping=d.get("final_logit_softcapping"))
+  elif mt in MOE_MODEL_TYPES:
+    kwargs.update(moe_config_kwargs(d, n_layers))
   return cls(**kwargs)
 
 
@@ -164,16 +172,20 @@ def _check_expressible(cfg: ModelConfig) -> None:
   mt = cfg.model_type
   gemma = mt == "gemma3_text"
   problems = []
-  want = dict(qk_norm=mt in ("qwen3", "gemma3_text"), norm_unit_offset=gemma,
+  want = dict(qk_norm=mt in ("qwen3", "gemma3_text", "qwen3_moe"), norm_unit_offset=gemma,
               scale_embeddings=gemma, sandwich_norms=gemma)
   problems += [f"{k}={getattr(cfg, k)}" for k, v in want.items() if getattr(cfg, k) != v]
+  problems += moe_problems(cfg)
   if mt == "qwen2":
     if not (cfg.qkv_bias and not cfg.o_bias):
       problems.append("Qwen2 has q/k/v biases and no o_proj bias")
+  elif mt == "qwen2_moe":
+    if cfg.o_bias:
+      problems.append("Qwen2-MoE has no o_proj bias")
   elif cfg.qkv_bias != cfg.o_bias:
     problems.append(f"qkv_bias={cfg.qkv_bias} with o_bias={cfg.o_bias}")
-  if mt == "mistral" and (cfg.qkv_bias or cfg.o_bias):
-    problems.append("Mistral has no attention biases")
+  if mt in ("mistral", "mixtral") and (cfg.qkv_bias or cfg.o_bias):
+    problems.append("Mistral / Mixtral have no attention biases")
   if cfg.mlp_bias and mt != "llama":
     problems.append("mlp_bias (only Llama has it)")
   if cfg.attn_logit_softcapping is not None:
@@ -236,6 +248,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                sliding_window=cfg.sliding_window if sliding else None,
                max_window_layers=sliding[0] if sliding else cfg.num_hidden_layers,
                layer_types=list(cfg.layer_types))
+  elif mt in MOE_MODEL_TYPES:
+    moe_config_json(cfg, out)
   elif mt == "gemma3_text":
     del out["hidden_act"]
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
@@ -274,17 +288,31 @@ def layer_tensor_specs(cfg: ModelConfig, i: int) -> Iterator[Spec]:
   shapes = _proj_shapes(cfg)
   bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias,
           "o_proj": cfg.o_bias, **{p: cfg.mlp_bias for p in MLP_PROJS}}
-  for group, projs in (("self_attn", ATTN_PROJS), ("mlp", MLP_PROJS)):
+  sparse = cfg.sparse_layer(i)
+  for group, projs in (("self_attn", ATTN_PROJS), ("mlp", () if sparse else MLP_PROJS)):
     for proj in projs:
       name = f"model.layers.{i}.{group}.{proj}"
       yield (group, proj, "kernel"), f"{name}.weight", shapes[proj]
       if bias[proj]:
         yield (group, proj, "bias"), f"{name}.bias", shapes[proj][:1]
+  if sparse:
+    yield from sparse_mlp_specs(cfg, i)
   if cfg.qk_norm:
     for norm in ("q_norm", "k_norm"):
       yield ("self_attn", norm, "weight"), f"model.layers.{i}.self_attn.{norm}.weight", (cfg.head_dim,)
   for norm in block_norms(cfg):
     yield (norm, "weight"), f"model.layers.{i}.{norm}.weight", (cfg.hidden_size,)
+
+
+def layer_expert_specs(cfg: ModelConfig, i: int) -> Iterator[ExpertSpec]:
+  """The stacked expert params of layer i (none for a dense layer; moe_families.ExpertSpec)."""
+  if cfg.sparse_layer(i):
+    yield from expert_specs(cfg, i)
+
+
+def hf_names(cfg: ModelConfig, name: str) -> tuple[str, ...]:
+  """`name` and the other names the same tensor may have on disk (tried in this order)."""
+  return (name,) + alternative_names(cfg, name)
 
 
 def nonlayer_tensor_specs(cfg: ModelConfig) -> Iterator[Spec]:
@@ -295,12 +323,15 @@ def nonlayer_tensor_specs(cfg: ModelConfig) -> Iterator[Spec]:
     yield ("lm_head", "kernel"), "lm_head.weight", (cfg.vocab_size, cfg.hidden_size)
 
 
-def sequential_groups(cfg: ModelConfig) -> tuple[tuple[LinearPath, ...], ...]:
-  """The true-sequential groups of a block of this family."""
-  del cfg  # the same for every supported family
+def sequential_groups(cfg: ModelConfig, kind: LayerKind | None = None
+                      ) -> tuple[tuple[LinearPath, ...], ...]:
+  """The true-sequential groups of a block of this kind (default: dense): the attention's, then
+  the MLP's (a sparse block's: moe_families.sparse_groups)."""
+  if kind is not None and kind.sparse:
+    return SEQUENTIAL_GROUPS[:2] + sparse_groups(cfg)
   return SEQUENTIAL_GROUPS
 
 
 __all__ = ["FAMILIES", "Family", "SEQUENTIAL_GROUPS", "block_norms", "config_from_hf",
-           "config_to_hf", "family_of", "layer_tensor_specs", "nonlayer_tensor_specs",
-           "sequential_groups"]
+           "config_to_hf", "family_of", "hf_names", "layer_expert_specs", "layer_tensor_specs",
+           "nonlayer_tensor_specs", "sequential_groups"]

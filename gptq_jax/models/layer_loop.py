@@ -23,9 +23,9 @@ from gptq_jax.models import model as _model
 from gptq_jax.models.sampling import finish_rows, prompt_positions, select_tokens
 
 
-def layer_module(cfg, layer_type: str | None):
-  return _model.DecoderLayer(cfg) if layer_type is None else _model.DecoderLayer(
-      cfg, layer_type=layer_type)
+def layer_module(cfg, kind):
+  """The DecoderLayer of a layer kind (a ``LayerKind``, a layer type string, or None)."""
+  return _model.decoder_layer(cfg, kind)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from gptq_jax.models.attention import Attention, KVCache, init_kv_cache
-from gptq_jax.models.config import FULL, ModelConfig
+from gptq_jax.models.config import FULL, LayerKind, ModelConfig
 from gptq_jax.models.layers import Embed, Linear, RMSNorm
+from gptq_jax.models.mlp import MLP
+from gptq_jax.models.moe import SparseMoeBlock
 from gptq_jax.models.params import ModelParams, plain
 
 Params = dict[str, Any]
@@ -32,43 +34,20 @@ def default_positions(attention_mask: jax.Array | None, batch: int, seq: int) ->
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _activation(name: str):
-  if name == "gelu_pytorch_tanh":
-    return lambda x: jax.nn.gelu(x, approximate=True)
-  return jax.nn.silu
-
-
-class MLP(nn.Module):
-  """Gated MLP: down(act(gate(x)) * up(x)); act is silu (SwiGLU) or tanh-GELU (Gemma's GeGLU)."""
-
-  config: ModelConfig
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
-    cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
-    proj = lambda name, n_in, n_out: Linear(  # noqa: E731
-        n_in, n_out, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=self.param_dtype, name=name)
-    gate = proj("gate_proj", cfg.hidden_size, cfg.intermediate_size)(x)
-    up = proj("up_proj", cfg.hidden_size, cfg.intermediate_size)(x)
-    act = _activation(cfg.hidden_act)
-    return proj("down_proj", cfg.intermediate_size, cfg.hidden_size)(act(gate) * up)
-
-
 class DecoderLayer(nn.Module):
   """One pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). Usable on its own.
 
   With `config.sandwich_norms` (Gemma 3) the attention and MLP outputs are normed too:
   h = x + post_attention_norm(attn(input_norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h))).
   `layer_type` ("full_attention" / "sliding_attention", i.e. `config.layer_types[i]`) picks the
-  attention window and RoPE base.
+  attention window and RoPE base; `sparse` (`config.sparse_layer(i)`) makes the MLP a mixture of
+  experts (models/moe.py).
   """
 
   config: ModelConfig
   param_dtype: Any = jnp.float32
   layer_type: str = FULL
+  sparse: bool = False
 
   @nn.compact
   def __call__(self, hidden: jax.Array, positions: jax.Array | None = None,
@@ -91,16 +70,17 @@ class DecoderLayer(nn.Module):
                                 param_dtype=self.param_dtype, unit_offset=cfg.norm_unit_offset,
                                 name=name)
     hidden = hidden.astype(dtype)
+    mlp_class = SparseMoeBlock if self.sparse else MLP
     attn = Attention(cfg, self.param_dtype, self.layer_type, name="self_attn")(
         norm("input_layernorm")(hidden), positions, attention_mask, kv_cache, cache_index)
     attn, new_cache = attn if kv_cache is not None else (attn, None)
     if cfg.sandwich_norms:
       hidden = hidden + norm("post_attention_layernorm")(attn)
-      mlp = MLP(cfg, self.param_dtype, name="mlp")(norm("pre_feedforward_layernorm")(hidden))
+      mlp = mlp_class(cfg, self.param_dtype, name="mlp")(norm("pre_feedforward_layernorm")(hidden))
       hidden = hidden + norm("post_feedforward_layernorm")(mlp)
     else:
       hidden = hidden + attn
-      hidden = hidden + MLP(cfg, self.param_dtype, name="mlp")(
+      hidden = hidden + mlp_class(cfg, self.param_dtype, name="mlp")(
           norm("post_attention_layernorm")(hidden))
     return hidden if kv_cache is None else (hidden, new_cache)
 
@@ -117,7 +97,8 @@ class CausalLM(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                               param_dtype=self.param_dtype)
-    self.layers = [DecoderLayer(cfg, self.param_dtype, layer_type) for layer_type in cfg.layer_types]
+    self.layers = [DecoderLayer(cfg, self.param_dtype, kind.attention, kind.sparse)
+                   for kind in cfg.layer_kinds]
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=self.param_dtype,
                         unit_offset=cfg.norm_unit_offset)
     if not cfg.tie_word_embeddings:
@@ -208,12 +189,21 @@ def embed(params: Params, cfg: ModelConfig | None, input_ids: jax.Array) -> jax.
 
 def block_forward(layer_params: Params, cfg: ModelConfig, hidden: jax.Array,
                   positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                  *, layer_type: str = FULL) -> jax.Array:
+                  *, layer_type: str = FULL, sparse: bool = False) -> jax.Array:
   """One decoder layer: hidden [batch, seq, hidden] -> [batch, seq, hidden].
 
-  layer_type: "full_attention" or "sliding_attention" (`cfg.layer_types[i]` for layer i)."""
-  return DecoderLayer(cfg, layer_type=layer_type).apply({"params": layer_params}, hidden,
-                                                        positions, attention_mask)
+  layer_type: "full_attention" or "sliding_attention" (`cfg.layer_types[i]` for layer i);
+  sparse: a mixture-of-experts MLP (`cfg.sparse_layer(i)`)."""
+  return decoder_layer(cfg, LayerKind(layer_type, sparse)).apply(
+      {"params": layer_params}, hidden, positions, attention_mask)
+
+
+def decoder_layer(cfg: ModelConfig, kind: LayerKind | str | None = None,
+                  param_dtype: Any = jnp.float32) -> DecoderLayer:
+  """The DecoderLayer of a `LayerKind` (a bare layer type string: a dense layer of that type)."""
+  if kind is None or isinstance(kind, str):
+    kind = LayerKind(kind or FULL, False)
+  return DecoderLayer(cfg, param_dtype, kind.attention, kind.sparse)
 
 
 def final_logits(params: Params, cfg: ModelConfig | None, hidden: jax.Array) -> jax.Array:
@@ -240,7 +230,7 @@ def _config(params: Any, cfg: ModelConfig | None) -> ModelConfig:
 __all__ = [
     "MLP", "DecoderLayer", "CausalLM", "Params", "ModelParams", "init_params", "init_kv_cache",
     "forward", "forward_with_cache", "embed", "block_forward", "final_logits", "layer_params",
-    "default_positions",
+    "default_positions", "decoder_layer", "LayerKind",
 ]
 
 # The pre-families names.

@@ -6,7 +6,9 @@ Each family's tiny config exercises what sets it apart: GQA everywhere; Llama's 
 scaling; Mistral's sliding window (shorter than the test sequences); Qwen2's q/k/v biases, tied
 embeddings and a sliding last layer; Qwen3's q/k norms and a head_dim that is not hidden / heads;
 Gemma 3's sliding and full layers with their two RoPE bases (linear scaling on the full ones), its
-(1 + w) norms, four norms per block, GELU-tanh MLP, scaled embeddings and query_pre_attn_scalar.
+(1 + w) norms, four norms per block, GELU-tanh MLP, scaled embeddings and query_pre_attn_scalar;
+Qwen3-MoE's renormalized top-k and a dense-only layer (`mlp_only_layers`); Qwen2-MoE's gated
+shared expert and a sliding first layer; Mixtral's sliding window on every layer.
 """
 
 from __future__ import annotations
@@ -44,20 +46,34 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                                             "rope_theta": 100000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
         tie_word_embeddings=True, pad_token_id=0, hidden_activation="gelu_pytorch_tanh"),
+    # Mixtures of experts (models/moe.py): 8 / 8 / 4 experts, 2 per token.
+    "qwen3_moe": dict(_COMMON, head_dim=32, rope_theta=10000.0, tie_word_embeddings=False,
+                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, mlp_only_layers=[1], intermediate_size=96),
+    "qwen2_moe": dict(_COMMON, rope_theta=10000.0, tie_word_embeddings=False, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, norm_topk_prob=False,
+                      use_sliding_window=True, sliding_window=16, max_window_layers=1),
+    "mixtral": dict(_COMMON, rope_theta=10000.0, tie_word_embeddings=False, num_local_experts=4,
+                    num_experts_per_tok=2, intermediate_size=64, sliding_window=16),
 }
-FAMILY_NAMES = tuple(TINY_CONFIGS)
+MOE_FAMILY_NAMES = ("qwen3_moe", "qwen2_moe", "mixtral")
+FAMILY_NAMES = tuple(f for f in TINY_CONFIGS if f not in MOE_FAMILY_NAMES)  # the dense ones
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
             "mistral": ("MistralConfig", "MistralForCausalLM"),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+            "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 
 
 def _family(family: str) -> str:
   aliases = {"gemma3": "gemma3_text", "gemma": "gemma3_text", "qwen2.5": "qwen2"}
   family = aliases.get(family, family)
   if family not in TINY_CONFIGS:
-    raise ValueError(f"unknown family {family!r}: one of {FAMILY_NAMES}")
+    raise ValueError(f"unknown family {family!r}: one of {tuple(TINY_CONFIGS)}")
   return family
 
 
@@ -118,3 +134,15 @@ def torch_logits(hf_model: Any, ids: np.ndarray, attention_mask: np.ndarray | No
     mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
     out = hf_model(torch.tensor(np.asarray(ids, np.int64)), attention_mask=mask)
     return out.logits.float().numpy()
+
+
+def random_ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:
+  """Token ids `[batch, seq]` in [3, 256) (the tiny models' vocabulary, past bos / eos)."""
+  return np.random.RandomState(seed).randint(3, 256, size=(batch, seq)).astype(np.int32)
+
+
+def assert_close(ours: Any, ref: np.ndarray, rel: float = 2e-6) -> None:
+  """max |ours - ref| below `rel` times max |ref|."""
+  scale = float(np.abs(ref).max())
+  err = float(np.abs(np.asarray(ours) - ref).max())
+  assert err < rel * scale, f"max error {err} vs scale {scale}"
