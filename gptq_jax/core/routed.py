@@ -92,7 +92,8 @@ def expert_gram(x: jax.Array, group_sizes: jax.Array, row_mask: jax.Array | None
     update = jnp.matmul(xt.T, xt, precision=HIGHEST)
     return xtx.at[g].add(update), None
 
-  xtx, _ = jax.lax.scan(step, jnp.zeros((E, d, d), jnp.float32), (tiles, layout.tile_group))
+  init = jnp.zeros_like(x, shape=(E, d, d))  # like x: under shard_map it varies over the data axis
+  xtx, _ = jax.lax.scan(step, init, (tiles, layout.tile_group))
   group_of_row = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows),
                                               side="right"), E - 1)
   counts = jnp.zeros((E,), jnp.float32).at[group_of_row].add(mask)

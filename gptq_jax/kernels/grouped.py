@@ -94,9 +94,11 @@ def grouped_matmul(x: jax.Array, w: Any, group_sizes: jax.Array, *, dtype: Any =
 
   def step(_, inp):
     xt, g, n = inp
+    # zeros for a tile without rows; made like xt so that under shard_map both branches vary
+    # over the data axis alike
     y = jax.lax.cond(n > 0,
                      lambda: jnp.dot(xt, dense_expert(w, g, dtype), precision=_precision(dtype)),
-                     lambda: jnp.zeros((layout.tile, out), dtype))
+                     lambda: jnp.zeros_like(xt, shape=(layout.tile, out)))
     return None, y
 
   _, y = jax.lax.scan(step, None, (tiles, layout.tile_group, filled))
