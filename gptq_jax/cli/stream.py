@@ -71,6 +71,8 @@ class ModelSource:
     specs = list(hf_lib.nonlayer_tensor_specs(cfg))
     for i in range(cfg.num_hidden_layers):
       specs += list(hf_lib.layer_tensor_specs(cfg, i))
+      specs += [(s.path, s.fused_name, (len(s.names),) + s.shape)
+                for s in hf_lib.layer_expert_specs(cfg, i)]
     for _, _, shape in specs:
       n += math.prod(shape)
     return n * jnp.dtype(dtype).itemsize
@@ -82,7 +84,12 @@ class ModelSource:
       self.close()  # drop the memory maps: no page of the file stays resident
 
   def block(self, i: int, dtype: Any) -> dict:
-    return self._read(hf_lib.layer_tensor_specs(self.config, i), dtype)
+    """Decoder block i (a sparse block's experts stacked, from per-expert or fused tensors)."""
+    try:
+      has = getattr(self.ckpt, "has", lambda name: True)
+      return hf_lib.layer_from_tensors(self.config, i, self.ckpt.get, has, dtype)
+    finally:
+      self.close()
 
   def nonlayer(self, dtype: Any, only: tuple[str, ...] | None = None) -> dict:
     specs = [s for s in hf_lib.nonlayer_tensor_specs(self.config) if only is None or

@@ -13,16 +13,32 @@ error names the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from gptq_jax.config import BACKENDS
+from gptq_jax.kernels.grouped import IMPLS as MOE_IMPLS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ROPE_TYPES = ("llama3", "linear", "yarn", "proportional")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma4_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma4_text",
+                         "qwen3_moe", "qwen2_moe", "mixtral")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 FULL, SLIDING = LAYER_TYPES
+# How a mixture-of-experts block picks each token's experts (models/moe.py): "softmax_topk" is
+# softmax over the router logits in float32, then the top-k probabilities (renormalized to sum 1
+# with norm_topk_prob) weight the chosen experts (Qwen3-MoE, Qwen2-MoE, Mixtral).
+ROUTERS = ("softmax_topk",)
+
+
+class LayerKind(NamedTuple):
+  """What sets a decoder layer's program apart: its attention type, whether its MLP is a mixture
+  of experts, and whether it reads another layer's keys / values (Gemma 4's shared K/V). Layers
+  of one kind share one compiled block function."""
+
+  attention: str = FULL
+  sparse: bool = False
+  kv_shared: bool = False
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -143,6 +159,16 @@ class ModelConfig:
       (Gemma 3's local base); otherwise every layer uses rope_theta / rope_scaling.
     attn_logit_softcapping, final_logit_softcapping: tanh soft caps (None = off).
 
+  Mixture of experts (0 experts = a dense model; models/moe.py):
+    num_experts, num_experts_per_tok: experts per sparse layer, and how many each token uses.
+    moe_intermediate_size: each expert's MLP width (None: intermediate_size, as Mixtral; the
+      dense-only layers of a sparse model use intermediate_size).
+    norm_topk_prob: the chosen experts' probabilities are renormalized to sum to 1.
+    router: how experts are picked, one of ROUTERS.
+    shared_expert_intermediate_size: a dense MLP of this width beside the experts (0: none), its
+      output times sigmoid(shared_expert_gate(x)) when shared_expert_gate (Qwen2-MoE).
+    decoder_sparse_step, mlp_only_layers: layer i is sparse when (i + 1) % decoder_sparse_step ==
+      0 and i is not in mlp_only_layers (dense-only layers).
   Gemma 4 (text) fields, all off by default (models/gemma4.py holds their machinery):
     norm_float_scale: RMSNorms multiply by `weight` in float32, then cast (Gemma 4's plain-weight
       norms; without it the normalized input is cast first, as Llama's).
@@ -192,6 +218,15 @@ class ModelConfig:
   rope_local_scaling: RopeScaling | None = None
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int | None = None
+  norm_topk_prob: bool = False
+  router: str = "softmax_topk"
+  shared_expert_intermediate_size: int = 0
+  shared_expert_gate: bool = False
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
   # ----- Gemma 4 (gemma4_text) -----
   norm_float_scale: bool = False
   value_norm: bool = False
@@ -207,6 +242,8 @@ class ModelConfig:
   dtype: str = "float32"
   # How packed (GPTQ) linears run: one of gptq_jax.config.BACKENDS. Not saved to config.json.
   backend: str = "auto"
+  # How the experts' grouped matmuls run: one of kernels/grouped.py's IMPLS. Not saved.
+  moe_impl: str = "auto"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -267,10 +304,52 @@ class ModelConfig:
     self._check_gemma4()
     if isinstance(self.eos_token_id, (list, tuple)):
       set_("eos_token_id", tuple(int(i) for i in self.eos_token_id))
+    self._check_moe()
     if self.dtype not in COMPUTE_DTYPES:
       _fail("dtype", self.dtype, f"one of {COMPUTE_DTYPES}")
     if self.backend not in BACKENDS:
       _fail("backend", self.backend, f"one of {BACKENDS}")
+
+  def _check_moe(self) -> None:
+    minimum = dict(num_experts=0, num_experts_per_tok=0, shared_expert_intermediate_size=0,
+                   decoder_sparse_step=1)
+    for name, least in minimum.items():
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        _fail(name, value, f"an int >= {least}")
+    object.__setattr__(self, "mlp_only_layers", tuple(sorted(int(i) for i in self.mlp_only_layers)))
+    if not self.num_experts:
+      return
+    if not 0 < self.num_experts_per_tok <= self.num_experts:
+      _fail("num_experts_per_tok", self.num_experts_per_tok,
+            f"an int in [1, num_experts={self.num_experts}]")
+    if self.moe_intermediate_size is not None and (
+        not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0):
+      _fail("moe_intermediate_size", self.moe_intermediate_size, "None or a positive int")
+    if self.moe_impl not in MOE_IMPLS:
+      _fail("moe_impl", self.moe_impl, f"one of {MOE_IMPLS}")
+    if self.router not in ROUTERS:
+      _fail("router", self.router, f"one of {ROUTERS}")
+    if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+      _fail("shared_expert_gate", True, "False without a shared expert")
+    if any(not 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers):
+      _fail("mlp_only_layers", self.mlp_only_layers,
+            f"layer indices in [0, {self.num_hidden_layers})")
+
+  def sparse_layer(self, i: int) -> bool:
+    """Whether layer i's MLP is a mixture of experts."""
+    return bool(self.num_experts) and (i + 1) % self.decoder_sparse_step == 0 and (
+        i not in self.mlp_only_layers)
+
+  @property
+  def expert_intermediate_size(self) -> int:
+    return self.moe_intermediate_size or self.intermediate_size
+
+  @property
+  def layer_kinds(self) -> tuple[LayerKind, ...]:
+    """Each layer's `LayerKind` (attention type, sparse MLP, shared K/V)."""
+    return tuple(LayerKind(t, self.sparse_layer(i), self.kv_shared(i))
+                 for i, t in enumerate(self.layer_types))
 
   # ----- Gemma 4 (gemma4_text): validation and per-layer shapes -----
 

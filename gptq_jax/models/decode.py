@@ -2,7 +2,8 @@
 
 The decoder layers' parameters are stacked once (``DecodeModel``) and run with ``lax.scan``, so the
 compiled program holds one copy of the block whatever the depth. Layers of different kinds
-(``cfg.layer_types``: full and sliding-window attention, each with its own RoPE base) are selected
+(``cfg.layer_kinds``: full and sliding-window attention, each with its own RoPE base; dense or
+mixture-of-experts MLPs, which differ in structure and so run on the "loop" path) are selected
 inside the scan body by ``lax.switch`` on a per-layer kind index: one branch per kind, compiled
 once. The KV cache is one stacked array pair ``[layers, batch, kv_heads, max_len, head_dim]``
 carried through the scan and donated to each step, so it is updated in place.
@@ -50,9 +51,10 @@ LAYER_LOOPS = ("auto", "scan", "loop")
 _logged: set[str] = set()
 
 
-def _layer_types(cfg) -> tuple[str | None, ...]:
-  types = getattr(cfg, "layer_types", None)
-  return tuple(types) if types else (None,) * cfg.num_hidden_layers
+def _layer_types(cfg) -> tuple:
+  """Each layer's kind (``LayerKind``: attention type, sparse MLP); None for a config without."""
+  kinds = getattr(cfg, "layer_kinds", None)
+  return tuple(kinds) if kinds else (None,) * cfg.num_hidden_layers
 
 
 def _full_perm(w: Any) -> Any:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator, Mapping
 
-from gptq_jax.models.config import FULL, SLIDING, ModelConfig, RopeScaling
+from gptq_jax.models.config import FULL, SLIDING, LayerKind, ModelConfig, RopeScaling
 from gptq_jax.models.gemma4_config import gemma4_from_hf, gemma4_problems, gemma4_to_hf
+from gptq_jax.models.moe_families import (MOE_MODEL_TYPES, ExpertSpec, alternative_names,
+                                          expert_specs, moe_config_json, moe_config_kwargs,
+                                          moe_problems, sparse_groups, sparse_mlp_specs)
 
 Spec = tuple[tuple[str, ...], str, tuple[int, ...]]  # (param path, HF tensor name, HF shape)
 LinearPath = tuple[str, ...]
@@ -50,6 +53,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            default_rope_theta=1_000_000.0),
     Family("gemma4_text", "Gemma4ForCausalLM", default_tie=True, default_head_dim=256,
            default_rope_theta=1_000_000.0),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM"),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM"),
+    Family("mixtral", "MixtralForCausalLM", default_rope_theta=1_000_000.0),
 )}
 _BY_ARCH = {f.architecture: f.model_type for f in FAMILIES.values()}
 
@@ -163,6 +169,8 @@ def config_from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
         final_logit_softcapping=d.get("final_logit_softcapping"))
   elif mt == "gemma4_text":
     kwargs.update(gemma4_from_hf(d, full, local, max_pos))
+  elif mt in MOE_MODEL_TYPES:
+    kwargs.update(moe_config_kwargs(d, n_layers))
   return cls(**kwargs)
 
 
@@ -173,16 +181,20 @@ def _check_expressible(cfg: ModelConfig) -> None:
   mt = cfg.model_type
   gemma = mt in ("gemma3_text", "gemma4_text")
   problems = gemma4_problems(cfg)
-  want = dict(qk_norm=mt in ("qwen3", "gemma3_text", "gemma4_text"),
+  want = dict(qk_norm=mt in ("qwen3", "gemma3_text", "gemma4_text", "qwen3_moe"),
               norm_unit_offset=mt == "gemma3_text", scale_embeddings=gemma, sandwich_norms=gemma)
   problems += [f"{k}={getattr(cfg, k)}" for k, v in want.items() if getattr(cfg, k) != v]
+  problems += moe_problems(cfg)
   if mt == "qwen2":
     if not (cfg.qkv_bias and not cfg.o_bias):
       problems.append("Qwen2 has q/k/v biases and no o_proj bias")
+  elif mt == "qwen2_moe":
+    if cfg.o_bias:
+      problems.append("Qwen2-MoE has no o_proj bias")
   elif cfg.qkv_bias != cfg.o_bias:
     problems.append(f"qkv_bias={cfg.qkv_bias} with o_bias={cfg.o_bias}")
-  if mt == "mistral" and (cfg.qkv_bias or cfg.o_bias):
-    problems.append("Mistral has no attention biases")
+  if mt in ("mistral", "mixtral") and (cfg.qkv_bias or cfg.o_bias):
+    problems.append("Mistral / Mixtral have no attention biases")
   if cfg.mlp_bias and mt != "llama":
     problems.append("mlp_bias (only Llama has it)")
   if cfg.attn_logit_softcapping is not None:
@@ -247,6 +259,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                layer_types=list(cfg.layer_types))
   elif mt == "gemma4_text":
     gemma4_to_hf(cfg, out)
+  elif mt in MOE_MODEL_TYPES:
+    moe_config_json(cfg, out)
   elif mt == "gemma3_text":
     del out["hidden_act"]
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
@@ -295,12 +309,15 @@ def layer_tensor_specs(cfg: ModelConfig, i: int) -> Iterator[Spec]:
   shapes = _proj_shapes(cfg, layer_type, kv_shared)
   bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias,
           "o_proj": cfg.o_bias, **{p: cfg.mlp_bias for p in MLP_PROJS}}
-  for group, projs in (("self_attn", ATTN_PROJS), ("mlp", MLP_PROJS)):
+  sparse = cfg.sparse_layer(i)
+  for group, projs in (("self_attn", ATTN_PROJS), ("mlp", () if sparse else MLP_PROJS)):
     for proj in (p for p in projs if p in shapes):
       name = f"model.layers.{i}.{group}.{proj}"
       yield (group, proj, "kernel"), f"{name}.weight", shapes[proj]
       if bias[proj]:
         yield (group, proj, "bias"), f"{name}.bias", shapes[proj][:1]
+  if sparse:
+    yield from sparse_mlp_specs(cfg, i)
   if cfg.qk_norm:
     for norm in ("q_norm",) if kv_shared else ("q_norm", "k_norm"):
       yield (("self_attn", norm, "weight"), f"model.layers.{i}.self_attn.{norm}.weight",
@@ -313,6 +330,17 @@ def layer_tensor_specs(cfg: ModelConfig, i: int) -> Iterator[Spec]:
       yield (proj, "kernel"), f"model.layers.{i}.{proj}.weight", shape
   if cfg.layer_scalar:
     yield ("layer_scalar",), f"model.layers.{i}.layer_scalar", (1,)
+
+
+def layer_expert_specs(cfg: ModelConfig, i: int) -> Iterator[ExpertSpec]:
+  """The stacked expert params of layer i (none for a dense layer; moe_families.ExpertSpec)."""
+  if cfg.sparse_layer(i):
+    yield from expert_specs(cfg, i)
+
+
+def hf_names(cfg: ModelConfig, name: str) -> tuple[str, ...]:
+  """`name` and the other names the same tensor may have on disk (tried in this order)."""
+  return (name,) + alternative_names(cfg, name)
 
 
 def nonlayer_tensor_specs(cfg: ModelConfig) -> Iterator[Spec]:
@@ -338,19 +366,23 @@ def embedding_keys(cfg: ModelConfig) -> tuple[str, ...]:
   return ("embed_tokens",) + (extra if cfg.hidden_size_per_layer_input else ())
 
 
-def sequential_groups(cfg: ModelConfig, layer_type: str = FULL, kv_shared: bool = False
+def sequential_groups(cfg: ModelConfig, kind: LayerKind | None = None
                       ) -> tuple[tuple[LinearPath, ...], ...]:
-  """The true-sequential groups of a block of this family and kind: SEQUENTIAL_GROUPS minus the
-  projections a Gemma 4 layer lacks, then Gemma 4's per-layer input gate and projection (as
-  GPTQModel's Gemma 4 definition orders them; each reads what the one before it wrote)."""
-  present = _proj_shapes(cfg, layer_type, kv_shared)
-  groups = tuple(g for g in (tuple(p for p in group if p[1] in present)
-                             for group in SEQUENTIAL_GROUPS) if g)
+  """The true-sequential groups of a block of this kind (default: a dense full-attention block
+  with its own K/V): the attention's (without the projections a Gemma 4 layer lacks), then the
+  MLP's (a sparse block's: moe_families.sparse_groups), then Gemma 4's per-layer input gate and
+  projection (as GPTQModel's Gemma 4 definition orders them; each reads what the one before it
+  wrote)."""
+  kind = LayerKind() if kind is None else kind
+  present = _proj_shapes(cfg, kind.attention, kind.kv_shared)
+  attention = tuple(g for g in (tuple(p for p in group if p[1] in present)
+                                for group in SEQUENTIAL_GROUPS[:2]) if g)
+  groups = attention + (sparse_groups(cfg) if kind.sparse else SEQUENTIAL_GROUPS[2:])
   if cfg.hidden_size_per_layer_input:
     groups += ((("per_layer_input_gate",),), (("per_layer_projection",),))
   return groups
 
 
 __all__ = ["FAMILIES", "Family", "SEQUENTIAL_GROUPS", "block_norms", "config_from_hf",
-           "config_to_hf", "embedding_keys", "family_of", "layer_tensor_specs",
-           "nonlayer_tensor_specs", "sequential_groups"]
+           "config_to_hf", "embedding_keys", "family_of", "hf_names", "layer_expert_specs",
+           "layer_tensor_specs", "nonlayer_tensor_specs", "sequential_groups"]

@@ -26,16 +26,9 @@ from gptq_jax.models.attention import init_kv_cache
 from gptq_jax.models.sampling import finish_rows, prompt_positions, select_tokens
 
 
-def layer_module(cfg, layer_type: str | None, kv_shared: bool = False):
-  if layer_type is None:
-    return _model.DecoderLayer(cfg)
-  return _model.DecoderLayer(cfg, layer_type=layer_type, kv_shared=kv_shared)
-
-
-def _kinds(cfg, layer_types) -> list[tuple[str | None, bool]]:
-  """(layer type, reads another layer's K/V) of every layer: what its program is keyed on."""
-  shared = getattr(cfg, "kv_shared", lambda i: False)
-  return [(t, bool(shared(i))) for i, t in enumerate(layer_types)]
+def layer_module(cfg, kind):
+  """The DecoderLayer of a layer kind (a ``LayerKind``, a layer type string, or None)."""
+  return _model.decoder_layer(cfg, kind)
 
 
 def _embed(cfg, rest, ids):
@@ -61,8 +54,8 @@ def embed_token(cfg, rest, token):
 def _apply(cfg, kind, lp, cache, hidden, positions, cache_mask, index, extra):
   """One layer at cache slot ``index`` -> (hidden, its new cache; None for a K/V-sharing layer,
   which reads its producer's updated cache ``extra["shared_kv"]`` and writes none)."""
-  module = layer_module(cfg, *kind)
-  if kind[1]:
+  module = layer_module(cfg, kind)
+  if getattr(kind, "kv_shared", False):
     return module.apply({"params": lp}, hidden, positions, cache_mask, None, index, **extra), None
   return module.apply({"params": lp}, hidden, positions, cache_mask, cache, index, **extra)
 
@@ -70,7 +63,7 @@ def _apply(cfg, kind, lp, cache, hidden, positions, cache_mask, index, extra):
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def prefill_layer(cfg, kind, lp, cache, hidden, positions, cache_mask, extra):
   """One layer over the prompt, written at cache slots 0..p-1 -> (hidden, cache). ``kind``:
-  (layer type, K/V-sharing); ``extra``: Gemma 4's per_layer_input / shared_kv (or empty)."""
+  the layer's ``LayerKind``; ``extra``: Gemma 4's per_layer_input / shared_kv (or empty)."""
   return _apply(cfg, kind, lp, cache, hidden, positions, cache_mask, 0, extra)
 
 
@@ -103,7 +96,7 @@ def _run(cfg, layers, layer_types, caches, hidden, per_layer, step):
   its producer has just written."""
   new = []
   producer = getattr(cfg, "kv_producer", lambda i: None)
-  for i, (lp, kind, c) in enumerate(zip(layers, _kinds(cfg, layer_types), caches)):
+  for i, (lp, kind, c) in enumerate(zip(layers, layer_types, caches)):
     extra = {}
     if per_layer is not None:
       extra["per_layer_input"] = per_layer[:, :, i]

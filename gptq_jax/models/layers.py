@@ -39,6 +39,17 @@ def linear_apply(x: jax.Array, kernel: Any, bias: jax.Array | None, dtype: Any,
   return y
 
 
+def mirror_existing(module: nn.Module, init: Initializer, name: str = "kernel") -> Initializer:
+  """``init``, or, when the module's param ``name`` already holds a packed weight pytree, an init
+  that mirrors its structure: flax checks an existing param's leaves against the init's abstract
+  shapes, and a packed weight's are not the dense ``[in, out]``."""
+  if module.has_variable("params", name):
+    existing = module.get_variable("params", name)
+    if not _is_dense(existing):
+      return lambda *_: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), existing)
+  return init
+
+
 class Linear(nn.Module):
   """A projection with param "kernel" `[in, out]` (Flax layout) and optional "bias" `[out]`."""
 
@@ -64,14 +75,8 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = self.kernel_init
-    if self.has_variable("params", "kernel"):
-      existing = self.get_variable("params", "kernel")
-      if not _is_dense(existing):
-        # A packed weight pytree: flax checks an existing param's leaves against the init's
-        # abstract shapes, so mirror its structure instead of the dense [in, out].
-        init = lambda *_: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), existing)  # noqa: E731
-    kernel = self.param("kernel", init, (self.in_features, self.out_features), self.param_dtype)
+    kernel = self.param("kernel", mirror_existing(self, self.kernel_init),
+                        (self.in_features, self.out_features), self.param_dtype)
     bias = None
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.out_features,), self.param_dtype)

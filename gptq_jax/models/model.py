@@ -23,8 +23,10 @@ import jax.numpy as jnp
 
 from gptq_jax.models import gemma4
 from gptq_jax.models.attention import Attention, KVCache, init_kv_cache
-from gptq_jax.models.config import FULL, ModelConfig
+from gptq_jax.models.config import FULL, LayerKind, ModelConfig
 from gptq_jax.models.layers import Embed, Linear, RMSNorm
+from gptq_jax.models.mlp import MLP, activation
+from gptq_jax.models.moe import SparseMoeBlock
 from gptq_jax.models.params import ModelParams, plain
 
 Params = dict[str, Any]
@@ -37,48 +39,23 @@ def default_positions(attention_mask: jax.Array | None, batch: int, seq: int) ->
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _activation(name: str):
-  if name == "gelu_pytorch_tanh":
-    return lambda x: jax.nn.gelu(x, approximate=True)
-  return jax.nn.silu
-
-
-class MLP(nn.Module):
-  """Gated MLP: down(act(gate(x)) * up(x)); act is silu (SwiGLU) or tanh-GELU (Gemma's GeGLU)."""
-
-  config: ModelConfig
-  param_dtype: Any = jnp.float32
-  intermediate_size: int | None = None  # None: config.intermediate_size
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
-    cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
-    m = self.intermediate_size or cfg.intermediate_size
-    proj = lambda name, n_in, n_out: Linear(  # noqa: E731
-        n_in, n_out, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=self.param_dtype, name=name)
-    gate = proj("gate_proj", cfg.hidden_size, m)(x)
-    up = proj("up_proj", cfg.hidden_size, m)(x)
-    act = _activation(cfg.hidden_act)
-    return proj("down_proj", m, cfg.hidden_size)(act(gate) * up)
-
-
 class DecoderLayer(nn.Module):
   """One pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). Usable on its own.
 
   With `config.sandwich_norms` (Gemma) the attention and MLP outputs are normed too:
   h = x + post_attention_norm(attn(input_norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h))).
   `layer_type` ("full_attention" / "sliding_attention", i.e. `config.layer_types[i]`) picks the
-  attention window and RoPE base. Gemma 4: `kv_shared` (`config.kv_shared(i)`) makes a layer
-  that attends over its producer's keys / values (`shared_kv`) with a possibly double-wide MLP;
-  the per-layer input residual (models/gemma4.py) follows the MLP, and `layer_scalar` scales
-  the output.
+  attention window and RoPE base; `sparse` (`config.sparse_layer(i)`) makes the MLP a mixture of
+  experts (models/moe.py). Gemma 4: `kv_shared` (`config.kv_shared(i)`) makes a layer that
+  attends over its producer's keys / values (`shared_kv`) with a possibly double-wide MLP; the
+  per-layer input residual (models/gemma4.py) follows the MLP, and `layer_scalar` scales the
+  output.
   """
 
   config: ModelConfig
   param_dtype: Any = jnp.float32
   layer_type: str = FULL
+  sparse: bool = False
   kv_shared: bool = False
 
   @nn.compact
@@ -111,7 +88,10 @@ class DecoderLayer(nn.Module):
         norm("input_layernorm")(hidden), positions, attention_mask, kv_cache, cache_index,
         shared_kv, return_kv)
     attn, kv = attn if with_kv else (attn, None)
-    mlp = MLP(cfg, self.param_dtype, cfg.layer_intermediate_size(self.kv_shared), name="mlp")
+    if self.sparse:
+      mlp = SparseMoeBlock(cfg, self.param_dtype, name="mlp")
+    else:
+      mlp = MLP(cfg, self.param_dtype, cfg.layer_intermediate_size(self.kv_shared), name="mlp")
     if cfg.sandwich_norms:
       hidden = hidden + norm("post_attention_layernorm")(attn)
       hidden = hidden + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(
@@ -123,7 +103,7 @@ class DecoderLayer(nn.Module):
       linear = lambda name, n_in, n_out: Linear(  # noqa: E731
           n_in, n_out, dtype=dtype, param_dtype=self.param_dtype, name=name)
       hidden = gemma4.per_layer_input_residual(cfg, hidden, per_layer_input, linear, norm,
-                                               _activation(cfg.hidden_act))
+                                               activation(cfg.hidden_act))
     if cfg.layer_scalar:
       hidden = gemma4.scale_output(hidden, self.param("layer_scalar", nn.initializers.ones, (1,),
                                                       self.param_dtype))
@@ -143,8 +123,8 @@ class CausalLM(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                               param_dtype=self.param_dtype)
-    self.layers = [DecoderLayer(cfg, self.param_dtype, layer_type, cfg.kv_shared(i))
-                   for i, layer_type in enumerate(cfg.layer_types)]
+    self.layers = [DecoderLayer(cfg, self.param_dtype, kind.attention, kind.sparse, kind.kv_shared)
+                   for kind in cfg.layer_kinds]
     if cfg.hidden_size_per_layer_input:
       for name, module in gemma4.per_layer_modules(cfg, dtype, self.param_dtype).items():
         setattr(self, name, module)
@@ -268,18 +248,27 @@ def embed_inputs(params: Params, cfg: ModelConfig | None, input_ids: jax.Array
 
 def block_forward(layer_params: Params, cfg: ModelConfig, hidden: jax.Array,
                   positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                  *, layer_type: str = FULL, kv_shared: bool = False,
+                  *, layer_type: str = FULL, sparse: bool = False, kv_shared: bool = False,
                   per_layer_input: jax.Array | None = None, shared_kv: KVCache | None = None,
                   return_kv: bool = False):
   """One decoder layer: hidden [batch, seq, hidden] -> [batch, seq, hidden] (and, with
   `return_kv`, its keys / values `{"k", "v"}: [batch, kv_heads, seq, head_dim]`).
 
   layer_type: "full_attention" or "sliding_attention" (`cfg.layer_types[i]` for layer i);
-  kv_shared, per_layer_input, shared_kv: Gemma 4 (`cfg.kv_shared(i)`, the layer's slice of the
-  per-layer inputs, its producer's keys / values; see DecoderLayer)."""
-  return DecoderLayer(cfg, layer_type=layer_type, kv_shared=kv_shared).apply(
+  sparse: a mixture-of-experts MLP (`cfg.sparse_layer(i)`); kv_shared, per_layer_input,
+  shared_kv: Gemma 4 (`cfg.kv_shared(i)`, the layer's slice of the per-layer inputs, its
+  producer's keys / values; see DecoderLayer)."""
+  return decoder_layer(cfg, LayerKind(layer_type, sparse, kv_shared)).apply(
       {"params": layer_params}, hidden, positions, attention_mask,
       per_layer_input=per_layer_input, shared_kv=shared_kv, return_kv=return_kv)
+
+
+def decoder_layer(cfg: ModelConfig, kind: LayerKind | str | None = None,
+                  param_dtype: Any = jnp.float32) -> DecoderLayer:
+  """The DecoderLayer of a `LayerKind` (a bare layer type string: a dense layer of that type)."""
+  if kind is None or isinstance(kind, str):
+    kind = LayerKind(kind or FULL)
+  return DecoderLayer(cfg, param_dtype, kind.attention, kind.sparse, kind.kv_shared)
 
 
 def final_logits(params: Params, cfg: ModelConfig | None, hidden: jax.Array) -> jax.Array:
@@ -306,8 +295,7 @@ def _config(params: Any, cfg: ModelConfig | None) -> ModelConfig:
 __all__ = [
     "MLP", "DecoderLayer", "CausalLM", "Params", "ModelParams", "init_params", "init_kv_cache",
     "forward", "forward_with_cache", "embed", "embed_inputs", "block_forward", "final_logits",
-    "layer_params",
-    "default_positions",
+    "layer_params", "default_positions", "decoder_layer", "LayerKind",
 ]
 
 # The pre-families names.

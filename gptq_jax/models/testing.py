@@ -7,6 +7,8 @@ scaling; Mistral's sliding window (shorter than the test sequences); Qwen2's q/k
 embeddings and a sliding last layer; Qwen3's q/k norms and a head_dim that is not hidden / heads;
 Gemma 3's sliding and full layers with their two RoPE bases (linear scaling on the full ones), its
 (1 + w) norms, four norms per block, GELU-tanh MLP, scaled embeddings and query_pre_attn_scalar;
+Qwen3-MoE's renormalized top-k and a dense-only layer (`mlp_only_layers`); Qwen2-MoE's gated
+shared expert and a sliding first layer; Mixtral's sliding window on every layer.
 Gemma 4 (`gemma4_text`, 4 layers): per-layer inputs, full layers with their own head size (32 vs
 16), one key/value head and k_eq_v, proportional RoPE, the last two layers sharing the first two's
 keys / values with double-wide MLPs, a window of 8, a final soft cap, random `layer_scalar`s and
@@ -57,6 +59,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         hidden_size_per_layer_input=8, vocab_size_per_layer_input=256, num_kv_shared_layers=2,
         use_double_wide_mlp=True, final_logit_softcapping=60.0, tie_word_embeddings=False,
         pad_token_id=0, hidden_activation="gelu_pytorch_tanh"),
+    # Mixtures of experts (models/moe.py): 8 / 8 / 4 experts, 2 per token.
+    "qwen3_moe": dict(_COMMON, head_dim=32, rope_theta=10000.0, tie_word_embeddings=False,
+                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, mlp_only_layers=[1], intermediate_size=96),
+    "qwen2_moe": dict(_COMMON, rope_theta=10000.0, tie_word_embeddings=False, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, norm_topk_prob=False,
+                      use_sliding_window=True, sliding_window=16, max_window_layers=1),
+    "mixtral": dict(_COMMON, rope_theta=10000.0, tie_word_embeddings=False, num_local_experts=4,
+                    num_experts_per_tok=2, intermediate_size=64, sliding_window=16),
 }
 GEMMA4_PLAIN = dict(num_kv_shared_layers=0, attention_k_eq_v=False, use_double_wide_mlp=False,
                     tie_word_embeddings=True)
@@ -67,14 +79,19 @@ GEMMA4_UNIFORM = dict(num_hidden_layers=3, layer_types=["sliding_attention", "fu
                       num_kv_shared_layers=1, intermediate_size=64, num_key_value_heads=4,
                       global_head_dim=16, num_global_key_value_heads=4, use_double_wide_mlp=False,
                       hidden_size_per_layer_input=64)
-# The families of the shared parametrized tests (Gemma 4 has its own: tests/models/gemma4_test.py).
-FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+MOE_FAMILY_NAMES = ("qwen3_moe", "qwen2_moe", "mixtral")
+# The dense families of the shared parametrized tests (Gemma 4 has its own:
+# tests/models/gemma4_test.py).
+FAMILY_NAMES = tuple(f for f in TINY_CONFIGS if f not in MOE_FAMILY_NAMES + ("gemma4_text",))
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
             "mistral": ("MistralConfig", "MistralForCausalLM"),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
             "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-            "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM")}
+            "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM"),
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+            "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 
 
 def _family(family: str) -> str:
@@ -147,3 +164,15 @@ def torch_logits(hf_model: Any, ids: np.ndarray, attention_mask: np.ndarray | No
     mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
     out = hf_model(torch.tensor(np.asarray(ids, np.int64)), attention_mask=mask)
     return out.logits.float().numpy()
+
+
+def random_ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:
+  """Token ids `[batch, seq]` in [3, 256) (the tiny models' vocabulary, past bos / eos)."""
+  return np.random.RandomState(seed).randint(3, 256, size=(batch, seq)).astype(np.int32)
+
+
+def assert_close(ours: Any, ref: np.ndarray, rel: float = 2e-6) -> None:
+  """max |ours - ref| below `rel` times max |ref|."""
+  scale = float(np.abs(ref).max())
+  err = float(np.abs(np.asarray(ours) - ref).max())
+  assert err < rel * scale, f"max error {err} vs scale {scale}"

@@ -2,7 +2,9 @@
 
 ``HessianCapture`` runs a block on one micro-batch while the adapter reports each linear's input;
 inputs shared by several linears (q/k/v, gate/up: the same traced array) are counted once. The
-running ``HessianState``s are donated. With a mesh, the batch is split over the data axis with
+running ``HessianState``s are donated. An expert projection's input (``Routed``: the token copies
+sorted by expert) gives one ``X^T X`` per expert over exactly the rows routed to it, padding
+tokens masked out (``core.routed.expert_gram``; state ``[E, in, in]`` and counts ``[E]``). With a mesh, the batch is split over the data axis with
 ``jax.shard_map``: each device runs the block on its own samples and a ``psum`` combines the
 ``X^T X`` sums, so the Hessians equal the single-device ones up to float summation order.
 """
@@ -13,11 +15,12 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from gptq_jax.core import hessian
+from gptq_jax.core import hessian, routed
 from gptq_jax.pipeline import multihost
-from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath
+from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath, is_routed
 
 
 def linear_inputs(adapter, block_params, hidden, ctx, targets, given=None):
@@ -33,11 +36,11 @@ def linear_inputs(adapter, block_params, hidden, ctx, targets, given=None):
 
   def capture(path, x):
     if path in targets and path not in alias:
-      rep = by_input.setdefault(id(x), path)
+      rep = by_input.setdefault(id(x.x) if is_routed(x) else id(x), path)
       alias[path] = rep
       if rep == path:
         reps[path] = x
-    return given.get(path)
+    return None if is_routed(x) else given.get(path)
 
   adapter.run_block(block_params, hidden, ctx, capture)
   missing = [p for p in targets if p not in alias]
@@ -61,13 +64,20 @@ class HessianCapture:
     self.alias: dict[LinearPath, LinearPath] = {}  # path -> the path whose Hessian it shares
     self.states: dict[LinearPath, hessian.HessianState] | None = None
     self._final: dict[LinearPath, jax.Array] = {}  # H of each input, once finalized
+    self.routed: set[LinearPath] = set()  # representative paths of expert inputs
 
     def local(block_params, hidden, ctx, mask, given):
       reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets, given)
       self.alias = alias  # fixed at trace time: the same for every call of the compiled step
+      self.routed = {p for p, x in reps.items() if is_routed(x)}
       out = {}
       for path, x in reps.items():
-        out[path] = hessian._xtx(x, mask)
+        if is_routed(x):  # per expert, the rows routed to it (a row's mask is its token's)
+          rows_mask = mask.reshape(-1)[x.routing.token]
+          out[path] = routed.expert_gram(x.x, x.routing.group_sizes, rows_mask,
+                                         num_groups=x.routing.group_sizes.shape[0])
+        else:
+          out[path] = hessian._xtx(x, mask)
         if mesh is not None:
           out[path] = jax.lax.psum(out[path], axis_name)
       return out, reps
@@ -104,7 +114,9 @@ class HessianCapture:
     block_params, given = self._replicate(block_params), given or {}
     if self.states is None:
       shapes = jax.eval_shape(self._local, block_params, hidden, ctx, mask, given)[0]
-      self.states = self._replicate({p: hessian.init(s[0].shape[0]) for p, s in shapes.items()})
+      self.states = self._replicate({p: hessian.HessianState(
+          xtx=jnp.zeros(s[0].shape, jnp.float32), count=jnp.zeros(s[1].shape, jnp.float32))
+          for p, s in shapes.items()})
     self.states, kept = self._step(self.states, block_params, hidden, ctx, mask, given, keep)
     return kept
 
@@ -118,6 +130,18 @@ class HessianCapture:
       # H is replicated: take this process's first copy as a plain single-device array (with
       # jax.distributed the global array is not addressable as a whole).
       self._final[rep] = jax.device_put(h.addressable_data(0), jax.local_devices()[0])
+    return self._final[rep]
+
+  def expert_hessians(self, path: LinearPath) -> tuple[jax.Array, jax.Array]:
+    """An expert projection's ``(H [E, in, in], tokens [E])``: each expert's ``2 / n_e X_e^T X_e``
+    over the tokens routed to it (zero for an expert that got none), on one local device, and the
+    token counts. The running sum is dropped, as in ``hessian``."""
+    rep = self.alias[path]
+    if rep not in self._final:
+      state = self.states.pop(rep)
+      local = lambda a: jax.device_put(a.addressable_data(0), jax.local_devices()[0])  # noqa: E731
+      xtx, count = local(state.xtx), local(state.count)
+      self._final[rep] = (xtx * (2.0 / jnp.maximum(count, 1.0))[:, None, None], count)
     return self._final[rep]
 
   def release(self, path: LinearPath) -> None:

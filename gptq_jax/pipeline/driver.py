@@ -23,7 +23,7 @@ from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import quantize_weight  # noqa: F401 (re-exported for callers)
 from gptq_jax.core.shared import can_share, quantize_shared as solve_shared, solve_mesh
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
-from gptq_jax.pipeline import calib, dynamic, multihost
+from gptq_jax.pipeline import calib, dynamic, experts, multihost
 from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
                                        set_path)
 from gptq_jax.pipeline.capture import HessianCapture, capture_for, ctx_advancer_for, runner_for
@@ -124,26 +124,44 @@ def _solve_sets(capture: HessianCapture, group, names, configs) -> list[list[int
   return list(sets.values())
 
 
+def _refuse_quantized(kernel: Any, name: str) -> None:
+  if _is_quantized(kernel):
+    raise ValueError(f"{name} is already quantized: quantize a float model (an HF float folder, "
+                     "a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
+
+
 def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: GPTQConfig,
                     i: int, progress: BlockProgress, records: list[dict],
-                    layer_config: LayerConfig | None = None, spread: Mesh | None = None):
+                    layer_config: LayerConfig | None = None, spread: Mesh | None = None,
+                    total_tokens: float = 0.0):
   """Quantize the linears ``group`` of block ``i`` from the Hessians in ``capture``.
 
   Layers sharing a Hessian and a config are solved in one call (``core.shared``: H factorized
   once, the codes those of separate solves; their rows spread over ``spread``'s devices when
   given). ``layer_config(name)`` gives a layer's own settings
-  (None: leave it unquantized); default: ``cfg`` for every layer.
+  (None: leave it unquantized); default: ``cfg`` for every layer. A mixture-of-experts layer's
+  experts are solved together (pipeline/experts.py; ``total_tokens``: the calibration tokens,
+  for the few-token fallback); its router stays float unless a dynamic rule names it.
   """
+  routed = [p for p in group if capture.alias.get(p, p) in capture.routed]
+  if routed:  # a mixture-of-experts layer's experts: their own Hessians, solved together
+    n_exp = get_path(block, routed[0])["kernel"].shape[0]
+    configs = [experts.expert_config(cfg, i, p, n_exp, layer_config) for p in routed]
+    for p in routed:
+      _refuse_quantized(get_path(block, p)["kernel"], f"layers.{i}." + ".".join(p))
+    block, work = experts.quantize_expert_sets(capture, block, work, routed, configs, i, progress,
+                                               records, total_tokens, spread)
+    group = tuple(p for p in group if p not in routed)
   names = [f"layers.{i}." + ".".join(path) for path in group]
   if layer_config is None:  # per-module precision (GPTQModel's dynamic), or None: stays float
     configs = [dynamic.resolve(cfg, dynamic.module_name(i, path)) for path in group]
   else:
     configs = [layer_config(n) for n in names]
+  configs = [dynamic.resolve(cfg, dynamic.module_name(i, p), unmatched=None)  # the router
+             if experts.float_by_default(p) else c for p, c in zip(group, configs)]
   for k, path in enumerate(group):
     kernel = get_path(block, path)["kernel"]
-    if _is_quantized(kernel):
-      raise ValueError(f"{names[k]} is already quantized: quantize a float model (an HF float "
-                       "folder, a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
+    _refuse_quantized(kernel, names[k])
     if configs[k] is None:  # a "-:" rule
       records.append({"block": i, "layer": names[k], "shape": list(kernel.shape), "skipped": True})
   sets = _solve_sets(capture, group, names, configs)
@@ -220,6 +238,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     raise ValueError("GPTQConfig.gptaq=True is not supported for a model whose layers share "
                      "keys / values (Gemma 4 num_kv_shared_layers > 0): GPTAQ's float stream would "
                      "need the float producers' keys / values; quantize it without gptaq")
+  experts.check_model(cfg, getattr(adapter, "config", None), layer_config)
   if cfg.rotation != "none" and start_block == 0:  # rotation.rotate_model must come first
     check_rotated(params, getattr(adapter, "config", None))
   mesh = resolve_mesh(mesh, axis_name)
@@ -238,6 +257,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   t = time.perf_counter()
   stream = _Stream(adapter, params, batches, mesh, axis_name)
   t = st.mark("embedding", t, stream.hidden)
+  total_tokens = float(sum(float(m.sum()) for m in stream.masks))  # the few-token fallback
   float_hidden = list(stream.hidden) if cfg.gptaq else None  # GPTAQ: the float model's stream
   if cfg.gptaq and start_block:
     warnings.warn(f"GPTAQ resumed at block {start_block}: the float stream starts from the "
@@ -249,10 +269,11 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   kept = out = None
   for i in range(nblocks):
     blk = block_adapter(adapter, i)  # one per layer kind: its compiled functions are shared
+    run = runner_for(blk, mesh, axis_name)
     groups = blk.sequential_groups if cfg.true_sequential else (
         tuple(p for g in blk.sequential_groups for p in g),)
-    run = runner_for(blk, mesh, axis_name)
-    captures = [(cross_capture_for if cfg.gptaq else capture_for)(blk, g, mesh, axis_name)
+    calib_blk = experts.calibration_adapter(blk, cfg)  # moe_routing: the Hessian passes only
+    captures = [(cross_capture_for if cfg.gptaq else capture_for)(calib_blk, g, mesh, axis_name)
                 for g in groups]
     t = time.perf_counter()
     block = adapter.get_block(params, i)
@@ -284,7 +305,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         t = st.mark("hessian passes", t, capture.states)
         st.count("hessian passes")
         block, work = _quantize_group(capture, block, work, group, cfg, i, bar, records,
-                                      layer_config, spread)
+                                      layer_config, spread, total_tokens)
         t = st.mark("solves", t, work)
         capture.reset()
       if cfg.refine_steps:  # optax block-wise refinement against the float block (refine.py)

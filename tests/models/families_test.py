@@ -22,7 +22,8 @@ from gptq_jax.eval import generate
 from gptq_jax.pipeline import dense_block, rtn_model
 from gptq_jax.models import ModelConfig, ModelParams, forward, load_model, save_hf_folder
 from gptq_jax.models.params import plain
-from gptq_jax.models.testing import FAMILY_NAMES, tiny_pair, torch_logits
+from gptq_jax.models.testing import (FAMILY_NAMES, assert_close, random_ids, tiny_pair,
+                                     torch_logits)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -40,14 +41,7 @@ def pair(request):
 _forward = jax.jit(forward, static_argnums=1)  # one compile beats op-by-op dispatch here
 
 
-def _ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:
-  return np.random.RandomState(seed).randint(3, 256, size=(batch, seq)).astype(np.int32)
-
-
-def _close(ours, ref, rel=2e-6):
-  scale = float(np.abs(ref).max())
-  err = float(np.abs(np.asarray(ours) - ref).max())
-  assert err < rel * scale, f"max error {err} vs scale {scale}"
+_ids, _close = random_ids, assert_close
 
 
 def test_config_fields_per_family(pair):
