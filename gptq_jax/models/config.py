@@ -17,9 +17,10 @@ from typing import Any, Mapping, NamedTuple
 
 from gptq_jax.config import BACKENDS
 from gptq_jax.kernels.grouped import IMPLS as MOE_IMPLS
+from gptq_jax.models.rope_scaling import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported)
+from gptq_jax.models.rope_scaling import fail as _fail
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ROPE_TYPES = ("llama3", "linear", "yarn", "proportional")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma4_text",
                          "qwen3_moe", "qwen2_moe", "mixtral")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -27,8 +28,10 @@ HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 FULL, SLIDING = LAYER_TYPES
 # How a mixture-of-experts block picks each token's experts (models/moe.py): "softmax_topk" is
 # softmax over the router logits in float32, then the top-k probabilities (renormalized to sum 1
-# with norm_topk_prob) weight the chosen experts (Qwen3-MoE, Qwen2-MoE, Mixtral).
-ROUTERS = ("softmax_topk",)
+# with norm_topk_prob) weight the chosen experts (Qwen3-MoE, Qwen2-MoE, Mixtral); "gemma4" first
+# scales the router's input (a scale-free RMSNorm, a learned per-channel scale, hidden ** -0.5)
+# and multiplies each chosen weight by its expert's learned scale (moe.ScaledRouter).
+ROUTERS = ("softmax_topk", "gemma4")
 
 
 class LayerKind(NamedTuple):
@@ -41,107 +44,12 @@ class LayerKind(NamedTuple):
   kv_shared: bool = False
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RopeScaling:
-  """Rotary frequency scaling: "llama3" (smooth, by wavelength), "linear" (positions / factor),
-  "yarn" (NTK-by-parts ramp between interpolated and original frequencies, cos/sin scaled by an
-  attention factor) or "proportional" (Gemma 4's full-attention layers: only the first
-  `partial_rotary_factor` of each head's rotary pairs turn, with the exponents of the whole head;
-  the other pairs pass unrotated; frequencies / factor). Field meanings and defaults are those of
-  transformers' rope utilities."""
-
-  rope_type: str
-  factor: float
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int | None = 8192
-  # yarn only
-  beta_fast: float = 32.0
-  beta_slow: float = 1.0
-  attention_factor: float | None = None  # None: derived from factor (and mscale / mscale_all_dim)
-  mscale: float | None = None
-  mscale_all_dim: float | None = None
-  truncate: bool = True
-  # proportional only
-  partial_rotary_factor: float = 1.0
-
-  def __post_init__(self):
-    if self.rope_type not in ROPE_TYPES:
-      _fail("rope_scaling.rope_type", self.rope_type, f"one of {ROPE_TYPES} (or no rope_scaling)")
-    if not self.factor > 0:
-      _fail("rope_scaling.factor", self.factor, "a positive number")
-    if self.rope_type == "llama3":
-      if not 0 < self.low_freq_factor < self.high_freq_factor:
-        _fail("rope_scaling.low_freq_factor/high_freq_factor",
-              (self.low_freq_factor, self.high_freq_factor), "0 < low_freq_factor < high_freq_factor")
-    if not 0 <= self.partial_rotary_factor <= 1:
-      _fail("rope_scaling.partial_rotary_factor", self.partial_rotary_factor, "a number in [0, 1]")
-    if self.rope_type in ("llama3", "yarn"):
-      if not isinstance(self.original_max_position_embeddings, int) or (
-          self.original_max_position_embeddings <= 0):
-        _fail("rope_scaling.original_max_position_embeddings",
-              self.original_max_position_embeddings, "a positive int")
-
-  @classmethod
-  def from_hf_dict(cls, d: Mapping[str, Any] | None,
-                   max_position_embeddings: int | None = None) -> RopeScaling | None:
-    """Reads HF `rope_scaling` / `rope_parameters`; None or rope_type "default" means no scaling.
-
-    `max_position_embeddings` fills a missing `original_max_position_embeddings` (as transformers
-    does for llama3 / yarn)."""
-    if not d:
-      return None
-    rope_type = d.get("rope_type", d.get("type", "default"))
-    if rope_type == "default":
-      return None
-    if rope_type not in ROPE_TYPES:
-      raise ValueError(f"unsupported rope scaling type {rope_type!r}: gptq_jax supports {ROPE_TYPES}")
-    if rope_type == "linear":  # only the factor matters
-      return cls(rope_type="linear", factor=float(d["factor"]))
-    if rope_type == "proportional":
-      return cls(rope_type="proportional", factor=float(d.get("factor") or 1.0),
-                 partial_rotary_factor=float(d.get("partial_rotary_factor", 1.0)))
-    keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
-            "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
-    kwargs = {k: d[k] for k in keys if d.get(k) is not None}
-    if "original_max_position_embeddings" not in kwargs and max_position_embeddings:
-      kwargs["original_max_position_embeddings"] = int(max_position_embeddings)
-    factor = d.get("factor")
-    if factor is None and rope_type == "yarn" and max_position_embeddings:
-      factor = max_position_embeddings / kwargs["original_max_position_embeddings"]
-    if factor is None:
-      raise ValueError(f"rope scaling {rope_type!r} needs a 'factor'")
-    return cls(rope_type=rope_type, factor=float(factor), **kwargs)
-
-  def to_hf_dict(self) -> dict[str, Any]:
-    if self.rope_type == "linear":
-      return {"rope_type": "linear", "factor": self.factor}
-    if self.rope_type == "proportional":  # transformers' validator lists no factor (it reads one)
-      return {"rope_type": "proportional", "partial_rotary_factor": self.partial_rotary_factor,
-              **({"factor": self.factor} if self.factor != 1.0 else {})}
-    if self.rope_type == "llama3":
-      return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
-              "high_freq_factor": self.high_freq_factor,
-              "original_max_position_embeddings": self.original_max_position_embeddings}
-    out = {"rope_type": "yarn", "factor": self.factor,
-           "original_max_position_embeddings": self.original_max_position_embeddings,
-           "beta_fast": self.beta_fast, "beta_slow": self.beta_slow, "truncate": self.truncate}
-    for k in ("attention_factor", "mscale", "mscale_all_dim"):
-      if getattr(self, k) is not None:
-        out[k] = getattr(self, k)
-    return out
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   """A decoder. `dtype` is the compute dtype (not saved to config.json); params stay as loaded.
 
   The family fields (defaults = Llama):
-    model_type: the HF family ("llama", "mistral", "qwen2", "qwen3", "gemma3_text").
+    model_type: the HF family (one of SUPPORTED_MODEL_TYPES).
     attention_bias: biases on q, k, v and o (Llama / Qwen3 / Gemma 3 `attention_bias`).
     qkv_bias, o_bias: per-projection biases; None = `attention_bias` (Qwen2: q/k/v only).
     qk_norm: a per-head RMSNorm (`self_attn.q_norm` / `k_norm`, weight [head_dim]) on q and k,
@@ -184,6 +92,9 @@ class ModelConfig:
     hidden_size_per_layer_input: P > 0 gives every block a per-layer input [batch, seq, P] (from
       the token ids and the embedding, see models/gemma4.py) mixed in after the MLP; 0 = none.
     vocab_size_per_layer_input: rows of the per-layer input table (None: vocab_size).
+    dense_mlp_beside_experts: a sparse layer keeps its dense MLP, and adds the experts' output
+      to it (each with its own norms; the router reads the attention residual): Gemma 4's MoE
+      layers (models/gemma4.py, router "gemma4").
   """
 
   vocab_size: int
@@ -238,6 +149,7 @@ class ModelConfig:
   use_double_wide_mlp: bool = False
   hidden_size_per_layer_input: int = 0
   vocab_size_per_layer_input: int | None = None
+  dense_mlp_beside_experts: bool = False
   # ----- end Gemma 4 -----
   dtype: str = "float32"
   # How packed (GPTQ) linears run: one of gptq_jax.config.BACKENDS. Not saved to config.json.
@@ -379,6 +291,8 @@ class ModelConfig:
     if shared >= n:
       _fail("num_kv_shared_layers", shared, f"fewer than num_hidden_layers={n} (a layer that "
             "shares keys / values needs an earlier one of its type that computes them)")
+    if self.dense_mlp_beside_experts and not self.num_experts:
+      _fail("dense_mlp_beside_experts", True, "False without experts (num_experts=0)")
     missing = sorted(set(self.layer_types[n - shared:]) - set(self.layer_types[:n - shared]))
     if missing:
       _fail("num_kv_shared_layers", shared, f"a value whose shared layers' types {missing} also "

@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any, Iterator, Mapping
 
 from gptq_jax.models.config import FULL, SLIDING, LayerKind, ModelConfig, RopeScaling
-from gptq_jax.models.gemma4_config import gemma4_from_hf, gemma4_problems, gemma4_to_hf
+from gptq_jax.models.gemma4_family import gemma4_from_hf, gemma4_problems, gemma4_to_hf
 from gptq_jax.models.moe_families import (MOE_MODEL_TYPES, ExpertSpec, alternative_names,
                                           expert_specs, moe_config_json, moe_config_kwargs,
                                           moe_problems, sparse_groups, sparse_mlp_specs)

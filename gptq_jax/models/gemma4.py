@@ -1,7 +1,8 @@
 """Gemma 4's per-layer inputs (PLE) in the one decoder: their embedding, projection and norm, and
-the residual each block adds from its slice. (The other Gemma 4 differences are ModelConfig
-fields read by attention.py and model.py: per-type head sizes, k_eq_v, the value norm, shared K/V,
-the double-wide MLP, `layer_scalar`.)
+the residual each block adds from its slice; and its mixture-of-experts layers, which keep the
+dense MLP beside the experts (`dense_and_experts`). (The other Gemma 4 differences are
+ModelConfig fields read by attention.py and model.py: per-type head sizes, k_eq_v, the value norm,
+shared K/V, the double-wide MLP, `layer_scalar`.)
 
 With `hidden_size_per_layer_input` P > 0, the model computes, once from the token ids and the
 first block's input `e` (the scaled token embedding):
@@ -17,6 +18,16 @@ and block l, after its MLP's residual, adds
 with x_l = per_layer_inputs[:, :, l]. The embedding table `embed_tokens_per_layer`
 [vocab, layers * P] and `per_layer_model_projection` stay float (they are not in a block); the
 gate [hidden -> P] and projection [P -> hidden] are block linears, quantized like the others.
+
+A sparse layer (`enable_moe_block`: `dense_mlp_beside_experts`, router kind "gemma4") computes,
+from the attention residual h,
+
+    ff = post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(h)))
+       + post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(h), router(h)))
+
+and adds post_feedforward_layernorm(ff) to h: the router (moe.ScaledRouter, params `router/...`)
+reads h itself, the experts (moe.Experts, params `experts/{gate,up,down}_proj`, routed dispatch)
+their own normed copy.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import jax.numpy as jnp
 
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.layers import Embed, Linear, RMSNorm
+from gptq_jax.models.moe import Experts, route
 
 PER_LAYER_KEYS = ("embed_tokens_per_layer", "per_layer_model_projection",
                   "per_layer_projection_norm")
@@ -76,10 +88,25 @@ def per_layer_input_residual(cfg: ModelConfig, hidden: jax.Array, per_layer_inpu
   return hidden + norm("post_per_layer_input_norm")(linear("per_layer_projection", p, h)(gate))
 
 
+def dense_and_experts(cfg: ModelConfig, hidden: jax.Array, mlp: Callable,
+                      norm: Callable[[str], Any], param_dtype: Any) -> jax.Array:
+  """A Gemma 4 sparse layer's feed-forward output before `post_feedforward_layernorm` (module
+  docstring); called inside the block's compact method. hidden: [batch, seq, hidden] (the
+  attention residual) -> [batch, seq, hidden]."""
+  dense = norm("post_feedforward_layernorm_1")(mlp(norm("pre_feedforward_layernorm")(hidden)))
+  flat = hidden.reshape(-1, cfg.hidden_size)
+  weights, index = route(cfg, flat, param_dtype)
+  experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.hidden_act,
+                    hidden.dtype, param_dtype, cfg.moe_impl, name="experts")
+  routed = experts(norm("pre_feedforward_layernorm_2")(flat), index, weights)
+  return dense + norm("post_feedforward_layernorm_2")(routed.astype(hidden.dtype).reshape(
+      hidden.shape))
+
+
 def scale_output(hidden: jax.Array, layer_scalar: jax.Array) -> jax.Array:
   """hidden [batch, seq, hidden] times the block's learned scalar [1] (compute dtype)."""
   return hidden * layer_scalar.astype(hidden.dtype)
 
 
-__all__ = ["PER_LAYER_KEYS", "per_layer_input_residual", "per_layer_inputs", "per_layer_modules",
+__all__ = ["PER_LAYER_KEYS", "dense_and_experts", "per_layer_input_residual", "per_layer_inputs", "per_layer_modules",
            "scale_output"]

@@ -46,10 +46,10 @@ class DecoderLayer(nn.Module):
   h = x + post_attention_norm(attn(input_norm(x))); out = h + post_ff_norm(mlp(pre_ff_norm(h))).
   `layer_type` ("full_attention" / "sliding_attention", i.e. `config.layer_types[i]`) picks the
   attention window and RoPE base; `sparse` (`config.sparse_layer(i)`) makes the MLP a mixture of
-  experts (models/moe.py). Gemma 4: `kv_shared` (`config.kv_shared(i)`) makes a layer that
-  attends over its producer's keys / values (`shared_kv`) with a possibly double-wide MLP; the
-  per-layer input residual (models/gemma4.py) follows the MLP, and `layer_scalar` scales the
-  output.
+  experts (models/moe.py; Gemma 4's keeps its dense MLP beside them, models/gemma4.py). Gemma 4:
+  `kv_shared` (`config.kv_shared(i)`) makes a layer that attends over its producer's keys /
+  values (`shared_kv`) with a possibly double-wide MLP; the per-layer input residual
+  (models/gemma4.py) follows the MLP, and `layer_scalar` scales the output.
   """
 
   config: ModelConfig
@@ -88,14 +88,18 @@ class DecoderLayer(nn.Module):
         norm("input_layernorm")(hidden), positions, attention_mask, kv_cache, cache_index,
         shared_kv, return_kv)
     attn, kv = attn if with_kv else (attn, None)
-    if self.sparse:
+    beside = self.sparse and cfg.dense_mlp_beside_experts  # Gemma 4's sparse layers
+    if self.sparse and not beside:
       mlp = SparseMoeBlock(cfg, self.param_dtype, name="mlp")
     else:
       mlp = MLP(cfg, self.param_dtype, cfg.layer_intermediate_size(self.kv_shared), name="mlp")
     if cfg.sandwich_norms:
       hidden = hidden + norm("post_attention_layernorm")(attn)
-      hidden = hidden + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(
-          hidden)))
+      if beside:
+        ff = gemma4.dense_and_experts(cfg, hidden, mlp, norm, self.param_dtype)
+      else:
+        ff = mlp(norm("pre_feedforward_layernorm")(hidden))
+      hidden = hidden + norm("post_feedforward_layernorm")(ff)
     else:
       hidden = hidden + attn
       hidden = hidden + mlp(norm("post_attention_layernorm")(hidden))

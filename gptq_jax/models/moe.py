@@ -16,9 +16,11 @@ Parameters (per sparse layer, inside ``mlp``; Hugging Face names in families.py)
   ``shared_expert_intermediate_size``) and ``shared_expert_gate/kernel [hidden, 1]`` (its output
   is scaled by ``sigmoid(shared_expert_gate(x))``).
 
-Router kinds (``ModelConfig.router``): "softmax_topk" (softmax of the router logits in float32,
-top-k, optionally renormalized: ``norm_topk_prob``). Another router (e.g. Gemma 4's) is one more
-function in ``ROUTE`` plus its parameters; ``Experts`` is independent of how tokens were routed.
+Router kinds (``ModelConfig.router``, made by ``route``): "softmax_topk" (softmax of the router
+logits in float32, top-k, optionally renormalized: ``norm_topk_prob``; one more function in
+``ROUTE`` adds a logits-based kind) and "gemma4" (``ScaledRouter``: its own input scaling and
+per-expert output scales, parameters under ``router``). ``Experts`` is independent of how tokens
+were routed; Gemma 4's layers use it beside their dense MLP (models/gemma4.py).
 
 The pipeline sees each expert projection's input through ``ExpertLinear``: ``(x_sorted,
 routing)``, from which it takes one Hessian per expert over exactly the rows routed to it.
@@ -35,7 +37,7 @@ from flax import struct
 
 from gptq_jax.kernels.grouped import grouped_matmul
 from gptq_jax.models.config import ModelConfig
-from gptq_jax.models.layers import Linear, mirror_existing
+from gptq_jax.models.layers import Linear, RMSNorm, mirror_existing
 from gptq_jax.models.mlp import MLP, activation
 
 
@@ -87,6 +89,40 @@ ROUTE: dict[str, Callable[[ModelConfig, jax.Array], tuple[jax.Array, jax.Array]]
     "softmax_topk": lambda cfg, logits: softmax_topk(logits, cfg.num_experts_per_tok,
                                                      cfg.norm_topk_prob),
 }
+
+
+class ScaledRouter(nn.Module):
+  """Gemma 4's router (kind "gemma4"): the input RMS-normed without a weight, times a learned
+  ``scale [hidden]`` and ``hidden ** -0.5``, projected by ``proj`` (``[hidden, E]``) to the
+  logits; softmax in float32, top-k renormalized to sum 1 (``norm_topk_prob``), each chosen
+  weight times its expert's learned ``per_expert_scale [E]``.
+  ``x [tokens, hidden] -> (weights [tokens, k] float32, index [tokens, k] int32)``."""
+
+  config: ModelConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    cfg = self.config
+    dtype, h, e = jnp.dtype(cfg.dtype), cfg.hidden_size, cfg.num_experts
+    scale = self.param("scale", nn.initializers.ones, (h,), self.param_dtype)
+    x = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype, use_scale=False)(x)
+    x = x * scale.astype(dtype) * (h ** -0.5)
+    logits = Linear(h, e, dtype=dtype, param_dtype=self.param_dtype, name="proj")(x)
+    weights, index = softmax_topk(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    per_expert = self.param("per_expert_scale", nn.initializers.ones, (e,), self.param_dtype)
+    return weights * per_expert.astype(jnp.float32)[index], index
+
+
+def route(cfg: ModelConfig, x: jax.Array, param_dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """x [tokens, hidden] -> (weights [tokens, k] float32, expert index [tokens, k]) by the router
+  of kind ``cfg.router``, made as a submodule of the calling module: ``gate`` (a ``Linear`` to
+  the logits) or ``router`` (``ScaledRouter``)."""
+  if cfg.router == "gemma4":
+    return ScaledRouter(cfg, param_dtype, name="router")(x)
+  logits = Linear(cfg.hidden_size, cfg.num_experts, dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=param_dtype, name="gate")(x)
+  return ROUTE[cfg.router](cfg, logits)
 
 
 class ExpertLinear(nn.Module):
@@ -146,9 +182,7 @@ class SparseMoeBlock(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     shape = x.shape
     xf = x.reshape(-1, cfg.hidden_size).astype(dtype)
-    logits = Linear(cfg.hidden_size, cfg.num_experts, dtype=dtype, param_dtype=self.param_dtype,
-                    name="gate")(xf)
-    weights, index = ROUTE[cfg.router](cfg, logits)
+    weights, index = route(cfg, xf, self.param_dtype)
     out = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.hidden_act,
                   dtype, self.param_dtype, cfg.moe_impl, name="experts")(xf, index, weights)
     if cfg.shared_expert_intermediate_size:
