@@ -14,8 +14,9 @@ from typing import Any, Iterator, Mapping
 
 from gptq_jax.models.config import FULL, SLIDING, LayerKind, ModelConfig, RopeScaling
 from gptq_jax.models.moe_families import (MOE_MODEL_TYPES, ExpertSpec, alternative_names,
-                                          expert_specs, moe_config_json, moe_config_kwargs,
-                                          moe_problems, sparse_groups, sparse_mlp_specs)
+                                          expert_specs, module_tensor_name, moe_config_json,
+                                          moe_config_kwargs, moe_problems, sparse_groups,
+                                          sparse_mlp_specs)
 
 Spec = tuple[tuple[str, ...], str, tuple[int, ...]]  # (param path, HF tensor name, HF shape)
 LinearPath = tuple[str, ...]
@@ -334,4 +335,4 @@ def sequential_groups(cfg: ModelConfig, kind: LayerKind | None = None
 
 __all__ = ["FAMILIES", "Family", "SEQUENTIAL_GROUPS", "block_norms", "config_from_hf",
            "config_to_hf", "family_of", "hf_names", "layer_expert_specs", "layer_tensor_specs",
-           "nonlayer_tensor_specs", "sequential_groups"]
+           "module_tensor_name", "nonlayer_tensor_specs", "sequential_groups"]
