@@ -16,8 +16,9 @@ from typing import Any, Iterator, Mapping
 from gptq_jax.models.config import FULL, SLIDING, LayerKind, ModelConfig, RopeScaling
 from gptq_jax.models.gemma4_family import gemma4_from_hf, gemma4_problems, gemma4_to_hf
 from gptq_jax.models.moe_families import (MOE_MODEL_TYPES, ExpertSpec, alternative_names,
-                                          expert_specs, moe_config_json, moe_config_kwargs,
-                                          moe_problems, sparse_groups, sparse_mlp_specs)
+                                          expert_specs, module_tensor_name, moe_config_json,
+                                          moe_config_kwargs, moe_problems, sparse_groups,
+                                          sparse_mlp_specs)
 
 Spec = tuple[tuple[str, ...], str, tuple[int, ...]]  # (param path, HF tensor name, HF shape)
 LinearPath = tuple[str, ...]
@@ -385,4 +386,4 @@ def sequential_groups(cfg: ModelConfig, kind: LayerKind | None = None
 
 __all__ = ["FAMILIES", "Family", "SEQUENTIAL_GROUPS", "block_norms", "config_from_hf",
            "config_to_hf", "embedding_keys", "family_of", "hf_names", "layer_expert_specs",
-           "layer_tensor_specs", "nonlayer_tensor_specs", "sequential_groups"]
+           "layer_tensor_specs", "module_tensor_name", "nonlayer_tensor_specs", "sequential_groups"]

@@ -159,6 +159,12 @@ def alternative_names(cfg: ModelConfig, name: str) -> tuple[str, ...]:
   return (alt,)
 
 
+def module_tensor_name(cfg: ModelConfig, name: str) -> str:
+  """The name a tensor has in transformers 5's modules once experts are one module each (what
+  GPTQ loaders address: GPTQModel expects Mixtral's `mlp.experts.{e}.gate_proj.qweight`)."""
+  return (alternative_names(cfg, name) or (name,))[0]
+
+
 def sparse_groups(cfg: ModelConfig) -> tuple[tuple[tuple[str, ...], ...], ...]:
   """The true-sequential groups after attention in a sparse layer: the router, shared-expert
   gate and up projections with the experts' gate / up (the router and the shared-expert gate stay

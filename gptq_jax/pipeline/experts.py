@@ -133,3 +133,25 @@ def quantize_expert_sets(capture, block, work, paths, configs, i: int, progress,
       losses = [x.loss for x in infos if np.isfinite(x.loss)]
       progress.update(i, ".".join(paths[k][1:]), max(losses) if losses else None, experts=(E, E))
   return block, work
+
+
+def block_module_names(model_config: Any, cfg: GPTQConfig) -> list[list[str]]:
+  """The quantized linears of every block, by true-sequential group, as names inside a block
+  (``self_attn.q_proj``, ``mlp.experts.3.gate_proj``, ...): the ``modules_in_block_to_quantize``
+  of a mixture-of-experts export, so that loaders leave the float router / shared-expert gate
+  alone (Optimum would otherwise make every ``nn.Linear`` of a block a quantized one)."""
+  from gptq_jax.models.families import sequential_groups  # noqa: PLC0415
+
+  groups: dict[int, list[str]] = {}
+  for i, kind in enumerate(model_config.layer_kinds):
+    for g, group in enumerate(sequential_groups(model_config, kind)):
+      for path in group:
+        per = ([path[:-1] + (str(e), path[-1]) for e in range(model_config.num_experts)]
+               if is_expert_path(path) else [path])
+        for p in per:
+          name = dynamic.module_name(i, p)
+          c = (dynamic.resolve(cfg, name, unmatched=None) if float_by_default(p)
+               else dynamic.resolve(cfg, name))
+          if c is not None and ".".join(p) not in groups.setdefault(g, []):
+            groups[g].append(".".join(p))
+  return [groups[g] for g in sorted(groups)]
