@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,14 +27,21 @@ from gptq_jax.interop import calibration
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight, stack_weights, unstack_weights
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.families import module_tensor_name
-from gptq_jax.models.hf import (HFCheckpoint, Params, experts_from_tensors, layer_expert_specs,
-                                layer_tensor_specs, nonlayer_tensor_specs, params_from_tensors)
+from gptq_jax.models.hf import (HFCheckpoint, Params, experts_from_tensors, float_expert_tensors,
+                                layer_expert_specs, layer_tensor_specs, merge_into,
+                                nonlayer_tensor_specs, params_from_tensors)
 from gptq_jax.models.params import ModelParams
 from gptq_jax.models.safetensors_io import save_safetensors
 from gptq_jax.pipeline.dynamic import LM_HEAD, resolve, untied
 from gptq_jax.pipeline.experts import block_module_names
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+GEMMA4_EXPERTS_WARNING = (
+    "this Gemma 4 export has quantized experts (model.layers.{i}.experts.{e}.*_proj.qweight ...): "
+    "gptq_jax.interop.import_hf reads them, but transformers 5.25 (with GPTQModel 7.7 / Optimum) "
+    "cannot: its Gemma 4 experts are fused parameters, not nn.Linear modules, and it leaves them "
+    "randomly initialized. Keep the experts in float (dynamic '-:.*experts.*') for a folder "
+    "transformers runs")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 _SAFETENSORS_META = {"format": "pt"}
 _META_KEYS = ("damp_percent", "static_groups", "true_sequential", "act_group_aware")
@@ -76,6 +84,9 @@ def write_configs(folder: str, model_config: ModelConfig, cfg: GPTQConfig, dtype
   qc = quantization_config(cfg, calibration_source=calibration_source)
   if model_config.num_experts:  # only these linears are quantized (pipeline/experts.py)
     qc["modules_in_block_to_quantize"] = block_module_names(model_config, cfg)
+    if model_config.dense_mlp_beside_experts and any("experts." in name for group in qc[
+        "modules_in_block_to_quantize"] for name in group):
+      warnings.warn(GEMMA4_EXPERTS_WARNING, UserWarning, stacklevel=3)
   config = dict(model_config.to_hf_dict(), torch_dtype=_float_dtype(dtype).name,
                 quantization_config=qc)
   with open(os.path.join(folder, "config.json"), "w") as f:
@@ -139,7 +150,8 @@ def _tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype) -> dict[str,
 
 def _expert_tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype) -> dict[str, np.ndarray]:
   """A sparse block's experts, one HF linear per expert (``...experts.{e}.gate_proj.qweight`` ...,
-  or ``.weight`` for experts left in float)."""
+  or, for experts left in float, ``.weight`` or the model's fused tensors, as transformers
+  writes them)."""
   out: dict[str, np.ndarray] = {}
   for spec in specs:
     value = tree
@@ -150,8 +162,7 @@ def _expert_tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype) -> di
         prefix = name[:-len(".weight")]
         out.update(_packed_tensors(_packed_in(w, cfg, prefix), prefix, spec.shape))
       continue
-    for name, w in zip(spec.names, np.asarray(value)):
-      out[name] = np.ascontiguousarray(w.T.astype(dtype))
+    out.update(float_expert_tensors(spec, np.asarray(value), dtype, out))
   return out
 
 
@@ -324,9 +335,7 @@ def read_block(ckpt: HFCheckpoint, i: int, cfg: GPTQConfig, dtype: Any = jnp.flo
     else:
       float_experts.append(spec)
   block = params_from_tensors(dense_specs, ckpt.get, dtype)
-  experts = experts_from_tensors(float_experts, ckpt.get, ckpt.has, dtype)
-  if experts:
-    block.setdefault("mlp", {}).update(experts["mlp"])
+  merge_into(block, experts_from_tensors(float_experts, ckpt.get, ckpt.has, dtype))
   for path, w in packed.items():
     node = block
     for key in path[:-1]:

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Iterator, Mapping
 
 from gptq_jax.models.config import FULL, SLIDING, LayerKind, ModelConfig, RopeScaling
+from gptq_jax.models import gemma4_family
 from gptq_jax.models.gemma4_family import gemma4_from_hf, gemma4_problems, gemma4_to_hf
 from gptq_jax.models.moe_families import (MOE_MODEL_TYPES, ExpertSpec, alternative_names,
                                           expert_specs, module_tensor_name, moe_config_json,
@@ -311,14 +312,16 @@ def layer_tensor_specs(cfg: ModelConfig, i: int) -> Iterator[Spec]:
   bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias,
           "o_proj": cfg.o_bias, **{p: cfg.mlp_bias for p in MLP_PROJS}}
   sparse = cfg.sparse_layer(i)
-  for group, projs in (("self_attn", ATTN_PROJS), ("mlp", () if sparse else MLP_PROJS)):
+  beside = sparse and cfg.dense_mlp_beside_experts  # Gemma 4: the dense MLP stays
+  for group, projs in (("self_attn", ATTN_PROJS),
+                       ("mlp", () if sparse and not beside else MLP_PROJS)):
     for proj in (p for p in projs if p in shapes):
       name = f"model.layers.{i}.{group}.{proj}"
       yield (group, proj, "kernel"), f"{name}.weight", shapes[proj]
       if bias[proj]:
         yield (group, proj, "bias"), f"{name}.bias", shapes[proj][:1]
   if sparse:
-    yield from sparse_mlp_specs(cfg, i)
+    yield from (gemma4_family.sparse_layer_specs if beside else sparse_mlp_specs)(cfg, i)
   if cfg.qk_norm:
     for norm in ("q_norm",) if kv_shared else ("q_norm", "k_norm"):
       yield (("self_attn", norm, "weight"), f"model.layers.{i}.self_attn.{norm}.weight",
@@ -336,7 +339,8 @@ def layer_tensor_specs(cfg: ModelConfig, i: int) -> Iterator[Spec]:
 def layer_expert_specs(cfg: ModelConfig, i: int) -> Iterator[ExpertSpec]:
   """The stacked expert params of layer i (none for a dense layer; moe_families.ExpertSpec)."""
   if cfg.sparse_layer(i):
-    yield from expert_specs(cfg, i)
+    beside = cfg.dense_mlp_beside_experts
+    yield from (gemma4_family.sparse_layer_experts if beside else expert_specs)(cfg, i)
 
 
 def hf_names(cfg: ModelConfig, name: str) -> tuple[str, ...]:
@@ -378,7 +382,11 @@ def sequential_groups(cfg: ModelConfig, kind: LayerKind | None = None
   present = _proj_shapes(cfg, kind.attention, kind.kv_shared)
   attention = tuple(g for g in (tuple(p for p in group if p[1] in present)
                                 for group in SEQUENTIAL_GROUPS[:2]) if g)
-  groups = attention + (sparse_groups(cfg) if kind.sparse else SEQUENTIAL_GROUPS[2:])
+  mlp = SEQUENTIAL_GROUPS[2:]
+  if kind.sparse:
+    beside = cfg.dense_mlp_beside_experts
+    mlp = (gemma4_family.sparse_layer_groups if beside else sparse_groups)(cfg)
+  groups = attention + mlp
   if cfg.hidden_size_per_layer_input:
     groups += ((("per_layer_input_gate",),), (("per_layer_projection",),))
   return groups

@@ -1,17 +1,23 @@
-"""Gemma 4 (text, `gemma4_text` / Gemma4ForCausalLM) config.json <-> ModelConfig fields.
+"""Gemma 4 (text, `gemma4_text` / Gemma4ForCausalLM): config.json <-> ModelConfig fields, and the
+tensors of its mixture-of-experts layers. families.py calls these for model_type gemma4_text.
 
 What transformers 5 reads and writes: per-layer-type `rope_parameters` (proportional RoPE with a
 partial rotary factor on the full-attention layers), the full layers' head size and key/value
 heads as `per_layer_config` overrides (or, in older files, `global_head_dim` /
 `num_global_key_value_heads`, the head size defaulting to 512), the K/V sharing, k_eq_v,
-double-wide MLP and per-layer input settings. families.py calls these for model_type gemma4_text.
+double-wide MLP and per-layer input settings, and `enable_moe_block` (every layer sparse:
+`num_experts`, `top_k_experts`, `moe_intermediate_size`; router kind "gemma4", the dense MLP kept
+beside the experts). A sparse layer's tensors: `router.proj.weight [E, hidden]`, `router.scale`,
+`router.per_expert_scale`, three more norms, and the experts, which transformers writes fused
+(`experts.gate_up_proj [E, 2I, hidden]`, `experts.down_proj [E, hidden, I]`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from gptq_jax.models.config import FULL, SLIDING, ModelConfig, RopeScaling
+from gptq_jax.models.moe_families import ExpertSpec, expert_specs
 
 _GEMMA4_ROPE = {FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                        "rope_theta": 1_000_000.0},
@@ -46,9 +52,6 @@ def gemma4_from_hf(d: Mapping[str, Any], full: dict, local: dict | None, max_pos
     raise ValueError("Gemma 4 with use_bidirectional_attention="
                      f"{d['use_bidirectional_attention']!r} is not supported: gptq_jax runs "
                      "causal decoders (set it to null)")
-  if d.get("enable_moe_block"):
-    raise ValueError("Gemma 4 with enable_moe_block=True (mixture-of-experts layers) is not "
-                     "supported yet: gptq_jax runs the dense Gemma 4 text models")
   n = d["num_hidden_layers"]
   types = list(d.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
   types[-1] = FULL  # as transformers: the last layer always attends fully
@@ -73,20 +76,37 @@ def gemma4_from_hf(d: Mapping[str, Any], full: dict, local: dict | None, max_pos
       num_kv_shared_layers=int(d.get("num_kv_shared_layers", 0)),
       use_double_wide_mlp=bool(d.get("use_double_wide_mlp", False)),
       hidden_size_per_layer_input=int(d.get("hidden_size_per_layer_input", 256) or 0),
-      vocab_size_per_layer_input=d.get("vocab_size_per_layer_input", 262_144))
+      vocab_size_per_layer_input=d.get("vocab_size_per_layer_input", 262_144), **_moe(d))
+
+
+def _moe(d: Mapping[str, Any]) -> dict[str, Any]:
+  """The mixture-of-experts fields of `enable_moe_block` (every layer sparse)."""
+  if not d.get("enable_moe_block"):
+    return {}
+  missing = [k for k in ("num_experts", "top_k_experts") if not d.get(k)]
+  if missing:
+    raise ValueError(f"Gemma 4 config.json with enable_moe_block=True is missing {missing}")
+  return dict(num_experts=int(d["num_experts"]), num_experts_per_tok=int(d["top_k_experts"]),
+              moe_intermediate_size=d.get("moe_intermediate_size"), norm_topk_prob=True,
+              router="gemma4", dense_mlp_beside_experts=True)
 
 
 _GEMMA4_FIELDS = dict(value_norm=True, norm_float_scale=True, layer_scalar=True)  # off elsewhere
 _GEMMA4_ONLY = ("global_head_dim", "global_num_key_value_heads", "attention_k_eq_v",
-                "num_kv_shared_layers", "use_double_wide_mlp", "hidden_size_per_layer_input")
+                "num_kv_shared_layers", "use_double_wide_mlp", "hidden_size_per_layer_input",
+                "dense_mlp_beside_experts")
+# a Gemma 4 sparse model: these fields as transformers' Gemma4TextDecoderLayer has them
+_GEMMA4_MOE = dict(router="gemma4", dense_mlp_beside_experts=True, norm_topk_prob=True,
+                   shared_expert_intermediate_size=0, decoder_sparse_step=1, mlp_only_layers=())
 
 
 def gemma4_problems(cfg: ModelConfig) -> list[str]:
   """What a Gemma 4 config.json cannot express (or, for another family, its Gemma 4 fields)."""
   if cfg.model_type != "gemma4_text":
     return [f"{k}={getattr(cfg, k)}" for k in (*_GEMMA4_FIELDS, *_GEMMA4_ONLY)
-            if getattr(cfg, k)]
-  problems = [f"{k}={getattr(cfg, k)}" for k, v in _GEMMA4_FIELDS.items() if getattr(cfg, k) != v]
+            if getattr(cfg, k)] + (["router='gemma4'"] if cfg.router == "gemma4" else [])
+  want = dict(_GEMMA4_FIELDS, **(_GEMMA4_MOE if cfg.num_experts else {}))
+  problems = [f"{k}={getattr(cfg, k)}" for k, v in want.items() if getattr(cfg, k) != v]
   if cfg.query_pre_attn_scalar != 1.0:
     problems.append(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar} (Gemma 4 scores are "
                     "unscaled: 1.0)")
@@ -112,6 +132,39 @@ def gemma4_to_hf(cfg: ModelConfig, out: dict[str, Any]) -> None:
       per_layer_config={str(i): dict(override) for i, t in enumerate(cfg.layer_types)
                         if t == FULL},
       attention_k_eq_v=cfg.attention_k_eq_v, num_kv_shared_layers=cfg.num_kv_shared_layers,
-      use_double_wide_mlp=cfg.use_double_wide_mlp, enable_moe_block=False,
+      use_double_wide_mlp=cfg.use_double_wide_mlp, enable_moe_block=bool(cfg.num_experts),
+      num_experts=cfg.num_experts or None, top_k_experts=cfg.num_experts_per_tok or None,
+      moe_intermediate_size=cfg.expert_intermediate_size if cfg.num_experts else None,
       hidden_size_per_layer_input=cfg.hidden_size_per_layer_input,
       vocab_size_per_layer_input=cfg.vocab_size_per_layer_input)
+
+
+# ----- a sparse layer's tensors -----------------------------------------------------------------
+
+def sparse_layer_specs(cfg: ModelConfig, i: int) -> Iterator[tuple[tuple[str, ...], str,
+                                                                   tuple[int, ...]]]:
+  """(param path, HF name, HF shape) of sparse layer i's router and its three extra norms (its
+  dense MLP is the usual `mlp`)."""
+  h, e, layer = cfg.hidden_size, cfg.num_experts, f"model.layers.{i}"
+  yield ("router", "proj", "kernel"), f"{layer}.router.proj.weight", (e, h)
+  yield ("router", "scale"), f"{layer}.router.scale", (h,)
+  yield ("router", "per_expert_scale"), f"{layer}.router.per_expert_scale", (e,)
+  for norm in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1",
+               "post_feedforward_layernorm_2"):
+    yield (norm, "weight"), f"{layer}.{norm}.weight", (h,)
+
+
+def sparse_layer_experts(cfg: ModelConfig, i: int) -> Iterator[ExpertSpec]:
+  """Sparse layer i's experts (`experts/{gate,up,down}_proj`), saved fused as transformers does;
+  one tensor per expert (`experts.{e}.{proj}.weight`, GPTQ exports' names) also loads."""
+  return expert_specs(cfg, i, root=(), saved_fused=True)
+
+
+def sparse_layer_groups(cfg: ModelConfig) -> tuple[tuple[tuple[str, ...], ...], ...]:
+  """A sparse layer's true-sequential groups after attention: the dense MLP's gate / up, the
+  router and the experts' gate / up (independent branches that all read the attention residual),
+  then both down projections. The router stays float unless a dynamic rule names it."""
+  del cfg  # the same for every Gemma 4 sparse layer
+  return ((("mlp", "gate_proj"), ("mlp", "up_proj"), ("router", "proj"),
+           ("experts", "gate_proj"), ("experts", "up_proj")),
+          (("mlp", "down_proj"), ("experts", "down_proj")))

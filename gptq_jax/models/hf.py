@@ -43,6 +43,16 @@ def params_from_tensors(specs, get, dtype: Any = jnp.float32) -> Params:
   return out
 
 
+def merge_into(tree: Params, other: Params) -> Params:
+  """`other`'s leaves set into the nested dict `tree` (in place; returns it)."""
+  for key, value in other.items():
+    if isinstance(value, dict) and isinstance(tree.get(key), dict):
+      merge_into(tree[key], value)
+    else:
+      tree[key] = value
+  return tree
+
+
 def experts_from_tensors(specs, get, has, dtype: Any = jnp.float32) -> Params:
   """Stacked expert kernels `[E, in, out]` (moe_families.ExpertSpec) from the per-expert HF tensors
   when all are there (`has(name)`), else from transformers 5's fused tensor."""
@@ -65,10 +75,7 @@ def experts_from_tensors(specs, get, has, dtype: Any = jnp.float32) -> Params:
 def layer_from_tensors(cfg: ModelConfig, i: int, get, has, dtype: Any = jnp.float32) -> Params:
   """Decoder layer i's params: one HF tensor per leaf, plus a sparse layer's stacked experts."""
   out = params_from_tensors(layer_tensor_specs(cfg, i), get, dtype)
-  experts = experts_from_tensors(layer_expert_specs(cfg, i), get, has, dtype)
-  if experts:
-    out["mlp"].update(experts["mlp"])
-  return out
+  return merge_into(out, experts_from_tensors(layer_expert_specs(cfg, i), get, has, dtype))
 
 
 def _resolving(cfg: ModelConfig, get, has):
@@ -297,11 +304,21 @@ def to_hf_state_dict(cfg: ModelConfig, params: Params, dtype: Any = None) -> dic
       if not hasattr(stacked, "shape") or not hasattr(stacked, "dtype"):
         raise ValueError(f"layers_{i}/{'/'.join(spec.path)} is not a dense array: only float "
                          "params can be saved as a Hugging Face float folder")
-      stacked = np.asarray(stacked)
-      for e, name in enumerate(spec.names):  # one HF tensor per expert, as transformers writes
-        value = stacked[e].T
-        out[name] = np.ascontiguousarray(value if dtype is None else value.astype(dtype))
+      out.update(float_expert_tensors(spec, np.asarray(stacked), dtype, out))
   return out
+
+
+def float_expert_tensors(spec, stacked: np.ndarray, dtype: Any, written: dict) -> dict:
+  """HF tensors of float experts `stacked` `[E, in, out]`: one per expert, as transformers writes
+  them, or (`spec.saved_fused`, Gemma 4) this projection's rows of the fused `[E, parts * out,
+  in]` tensor, which `written` may already hold (the other part)."""
+  hf = np.swapaxes(stacked if dtype is None else stacked.astype(dtype), 1, 2)  # [E, out, in]
+  if not spec.saved_fused:
+    return {name: np.ascontiguousarray(w) for name, w in zip(spec.names, hf)}
+  fused = written.get(spec.fused_name, np.zeros(spec.fused_shape, hf.dtype))
+  rows = spec.shape[0]
+  fused[:, spec.part * rows:(spec.part + 1) * rows] = hf
+  return {spec.fused_name: fused}
 
 
 def save_hf_folder(folder: str | os.PathLike, cfg: ModelConfig | None, params: Params,

@@ -23,7 +23,9 @@ EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _MIXTRAL_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 ROUTER = ("mlp", "gate")
 SHARED_GATE = ("mlp", "shared_expert_gate")
-FLOAT_BY_DEFAULT = (ROUTER, SHARED_GATE)  # quantized only when a dynamic "+:" rule names them
+SCALED_ROUTER = ("router", "proj")  # Gemma 4's (moe.ScaledRouter, at the layer's top level)
+# quantized only when a dynamic "+:" rule names them
+FLOAT_BY_DEFAULT = (ROUTER, SHARED_GATE, SCALED_ROUTER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class ExpertSpec:
   fused_name: str
   part: int
   parts: int
+  saved_fused: bool = False  # transformers writes this model's experts fused (Gemma 4)
 
   @property
   def fused_shape(self) -> tuple[int, int, int]:
@@ -73,6 +76,8 @@ def moe_config_kwargs(d: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
 def moe_problems(cfg: ModelConfig) -> list[str]:
   """What this config sets that its MoE family's transformers model cannot express."""
   mt, problems = cfg.model_type, []
+  if mt == "gemma4_text":  # its experts are checked with its other fields (gemma4_family.py)
+    return []
   if mt not in MOE_MODEL_TYPES:
     return ["num_experts > 0 (a mixture of experts)"] if cfg.num_experts else []
   if not cfg.num_experts:
@@ -136,17 +141,21 @@ def sparse_mlp_specs(cfg: ModelConfig, i: int) -> Iterator[tuple[tuple[str, ...]
     yield SHARED_GATE + ("kernel",), f"model.layers.{i}.mlp.shared_expert_gate.weight", (1, h)
 
 
-def expert_specs(cfg: ModelConfig, i: int) -> Iterator[ExpertSpec]:
-  """The stacked expert params of sparse layer i."""
+def expert_specs(cfg: ModelConfig, i: int, root: tuple[str, ...] = ("mlp",),
+                 saved_fused: bool = False) -> Iterator[ExpertSpec]:
+  """The stacked expert params of sparse layer i, under `root` in the layer (Gemma 4: none, its
+  experts are `model.layers.{i}.experts`)."""
   h, m, E = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts
-  fused = f"model.layers.{i}.mlp.experts"
+  fused = ".".join((f"model.layers.{i}", *root, "experts"))
   for proj in EXPERT_PROJS:
-    names = tuple(_expert_name(cfg, i, e, proj) for e in range(E))
+    names = tuple(_expert_name(cfg, i, e, proj) if root == ("mlp",) else
+                  f"{fused}.{e}.{proj}.weight" for e in range(E))
+    path = (*root, "experts", proj, "kernel")
     if proj == "down_proj":
-      yield ExpertSpec(("mlp", "experts", proj, "kernel"), names, (h, m), f"{fused}.down_proj", 0, 1)
+      yield ExpertSpec(path, names, (h, m), f"{fused}.down_proj", 0, 1, saved_fused)
     else:
-      yield ExpertSpec(("mlp", "experts", proj, "kernel"), names, (m, h), f"{fused}.gate_up_proj",
-                       EXPERT_PROJS.index(proj), 2)
+      yield ExpertSpec(path, names, (m, h), f"{fused}.gate_up_proj", EXPERT_PROJS.index(proj), 2,
+                       saved_fused)
 
 
 def alternative_names(cfg: ModelConfig, name: str) -> tuple[str, ...]:

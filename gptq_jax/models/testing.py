@@ -14,7 +14,8 @@ Gemma 4 (`gemma4_text`, 4 layers): per-layer inputs, full layers with their own 
 keys / values with double-wide MLPs, a window of 8, a final soft cap, random `layer_scalar`s and
 an untied lm_head (tied, the random model's greedy continuation repeats the last token).
 `GEMMA4_PLAIN` turns sharing, k_eq_v and the double-wide MLP off and ties the embeddings
-(`tiny_pair("gemma4_text", **GEMMA4_PLAIN)`).
+(`tiny_pair("gemma4_text", **GEMMA4_PLAIN)`); `GEMMA4_MOE` makes every layer a mixture of experts
+beside its dense MLP.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ GEMMA4_UNIFORM = dict(num_hidden_layers=3, layer_types=["sliding_attention", "fu
                       num_kv_shared_layers=1, intermediate_size=64, num_key_value_heads=4,
                       global_head_dim=16, num_global_key_value_heads=4, use_double_wide_mlp=False,
                       hidden_size_per_layer_input=64)
+# Gemma 4's mixture of experts (every layer sparse, the dense MLP beside): 4 experts, 2 per token.
+GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
 MOE_FAMILY_NAMES = ("qwen3_moe", "qwen2_moe", "mixtral")
 # The dense families of the shared parametrized tests (Gemma 4 has its own:
 # tests/models/gemma4_test.py).
@@ -118,7 +121,7 @@ def tiny_hf_model(seed: int = 0, family: str = "llama", **overrides: Any):
 
   Norm scales near 1 (Gemma 3's (1 + w) norms: w near 0), embeddings N(0, 1), projections and
   biases N(0, 0.12^2): logits of order 10, so disagreements show. Gemma 4's `layer_scalar`
-  buffers are drawn in [0.5, 1.5].
+  buffers are drawn in [0.5, 1.5], its router's `scale` and `per_expert_scale` near 1.
   """
   import torch  # noqa: PLC0415 (optional dependency)
   import transformers  # noqa: PLC0415
@@ -132,7 +135,7 @@ def tiny_hf_model(seed: int = 0, family: str = "llama", **overrides: Any):
   offset = family == "gemma3_text"
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
+      if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
         p.copy_((0.0 if offset else 1.0) + 0.2 * torch.randn_like(p))
       elif name.endswith("embed_tokens.weight"):
         p.copy_(torch.randn_like(p))

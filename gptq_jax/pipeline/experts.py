@@ -14,9 +14,9 @@ the expert's output). The experts of a layer have the same shapes, so they are s
   token: GPTQModel's ``ExpertsRoutingBypass``) or "topk:N" (``ExpertsRoutingOverride``). It
   applies to the Hessian passes only; the block outputs passed on to the next block use the
   model's own routing (GPTQModel's replay forwards do the same).
-* The router (``mlp.gate``) and a shared-expert gate stay float unless a ``dynamic`` "+:" rule
-  names them; every expert of a projection must resolve to the same ``dynamic`` settings (they
-  are stored stacked).
+* The router (``mlp.gate``, Gemma 4's ``router.proj``) and a shared-expert gate stay float
+  unless a ``dynamic`` "+:" rule names them; every expert of a projection must resolve to the
+  same ``dynamic`` settings (they are stored stacked).
 """
 
 from __future__ import annotations
@@ -77,10 +77,11 @@ def check_model(cfg: GPTQConfig, model_config: Any, layer_config: LayerConfig | 
     if on:
       raise ValueError(f"{what} is not supported for mixture-of-experts models "
                        f"({model_config.model_type}): quantize without it")
+  from gptq_jax.models.families import layer_expert_specs  # noqa: PLC0415
+
   for i in range(model_config.num_hidden_layers):
-    if model_config.sparse_layer(i):
-      for proj in ("gate_proj", "up_proj", "down_proj"):
-        expert_config(cfg, i, ("mlp", "experts", proj), model_config.num_experts, layer_config)
+    for spec in layer_expert_specs(model_config, i):  # ("mlp", "experts", "gate_proj", "kernel")
+      expert_config(cfg, i, spec.path[:-1], model_config.num_experts, layer_config)
 
 
 def calibration_adapter(blk: Any, cfg: GPTQConfig) -> Any:

@@ -7,7 +7,9 @@ produces the keys / values the last (full) layer shares, per-layer inputs, every
 Quantized per block kind: [q, k, v] / [q, k] / [q], [o], [gate, up], [down],
 [per_layer_input_gate], [per_layer_projection]; the per-layer input table and model projection
 stay float. A block that shares keys / values is calibrated on the *quantized* producer's
-(what it reads at inference), which the stream-versus-inference test checks.
+(what it reads at inference), which the stream-versus-inference test checks. The same model with
+every layer a mixture of 4 experts beside its dense MLP (`GEMMA4_MOE`) is quantized once more:
+each expert from its own routed tokens, the router in float.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from gptq_jax import checkpoint
 from gptq_jax.core.weights import PackedWeight
 from gptq_jax.interop import export_hf, import_hf
 from gptq_jax.models import CausalLM, forward
-from gptq_jax.models.testing import GEMMA4_UNIFORM, tiny_pair, torch_logits
+from gptq_jax.models.testing import GEMMA4_MOE, GEMMA4_UNIFORM, tiny_pair, torch_logits
 from gptq_jax.pipeline import dense_block, dynamic
 from tests.interop.helpers import tiny_tokenizer, transformers_logits
 
@@ -123,13 +125,13 @@ def test_calibration_stream_is_the_quantized_models_own(run):
   assert np.abs(run.stream_out - float_).max() > 1e-2 * scale
 
 
-def _assert_imported(params, qparams) -> None:
+def _assert_imported(params, qparams, extra: int = 0) -> None:
   """Every packed linear of `qparams` read back from a GPTQ folder bit for bit (scales are
-  float16 on disk)."""
+  float16 on disk); `extra` packed kernels per block beyond the dense block's (stacked experts)."""
   for i in range(3):
     packed = jax.tree_util.tree_leaves_with_path(
         qparams[f"layers_{i}"], is_leaf=lambda x: isinstance(x, PackedWeight))
-    assert sum(isinstance(w, PackedWeight) for _, w in packed) == len(ATTN[i]) + 6
+    assert sum(isinstance(w, PackedWeight) for _, w in packed) == len(ATTN[i]) + 6 + extra
     for path, w in (pw for pw in packed if isinstance(pw[1], PackedWeight)):
       back = params[f"layers_{i}"]
       for key in path:
@@ -231,3 +233,65 @@ def test_streamed_cli_quantizes_evaluates_resumes_and_exports(run, tmp_path, cap
   resumed = checkpoint.load(out2)
   for x, y in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(ckpt.params), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def moe_run():
+  hf, cfg, params = tiny_pair("gemma4_text", seed=3, **GEMMA4_UNIFORM, **GEMMA4_MOE)
+  records: list[dict] = []
+  qparams = gj.quantize(params, CALIB, QCFG, progress=False, report=records)
+  return hf, cfg, params, qparams, records
+
+
+def _hf_state(hf, cfg, blocks) -> dict:
+  """transformers' state dict with every block's linears (experts fused) from `blocks`."""
+  state = {k: v.clone() for k, v in hf.state_dict().items()}
+  put = lambda name, a: state.__setitem__(name, torch.tensor(np.ascontiguousarray(a)))  # noqa: E731
+  for i, block in enumerate(blocks):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(block):
+      keys = [k.key for k in path]
+      if keys[-1] == "kernel" and keys[0] != "experts":
+        put(".".join(["model", "layers", str(i), *keys[:-1], "weight"]), np.asarray(leaf).T)
+    gate, up, down = (np.asarray(block["experts"][p]["kernel"])
+                      for p in ("gate_proj", "up_proj", "down_proj"))
+    put(f"model.layers.{i}.experts.gate_up_proj", np.concatenate([gate, up], 2).transpose(0, 2, 1))
+    put(f"model.layers.{i}.experts.down_proj", down.transpose(0, 2, 1))
+  return state
+
+
+def test_moe_quantizes_each_expert_and_matches_transformers(moe_run, tmp_path):
+  """Every expert quantized from the tokens routed to it (two per token: the counts add up), the
+  router left float; the packed model equals transformers' on the dequantized weights. The GPTQ
+  export warns that transformers cannot load quantized Gemma 4 experts and imports back bit for
+  bit; with the experts left float (dynamic "-:" rule) plain transformers loads it, logits equal
+  ours."""
+  hf, cfg, params, qparams, records = moe_run
+  for i in range(3):
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      rows = [r for r in records if r["layer"].startswith(f"layers.{i}.experts.")
+              and r["layer"].endswith(proj)]
+      assert [r["expert"] for r in rows] == [0, 1, 2, 3]
+      assert sum(r["tokens"] for r in rows) == 2 * CALIB.size
+    assert not isinstance(qparams[f"layers_{i}"]["router"]["proj"]["kernel"], PackedWeight)
+    assert isinstance(qparams[f"layers_{i}"]["experts"]["down_proj"]["kernel"], PackedWeight)
+  deq = type(hf)(hf.config).eval()
+  deq.load_state_dict(_hf_state(hf, cfg, [dense_block(qparams[f"layers_{i}"]) for i in range(3)]))
+  ref, ours = torch_logits(deq, EVAL_IDS), _logits(qparams, cfg)
+  assert np.abs(ours - ref).max() < 2e-6 * np.abs(ref).max()
+  assert np.abs(ref - torch_logits(hf, EVAL_IDS)).max() > 1e-2
+
+  with pytest.warns(UserWarning, match="cannot: its Gemma 4 experts are fused parameters"):
+    folder = export_hf(tmp_path / "q", qparams, cfg, QCFG)
+  model_config, back, _ = import_hf(folder)
+  assert model_config == cfg
+  _assert_imported(back, qparams, extra=3)
+  np.testing.assert_allclose(_logits(back, cfg), ours, rtol=0, atol=1e-2 * np.abs(ours).max())
+
+  float_experts = QCFG.replace(dynamic={"-:.*experts.*": {}})
+  mixed = qparams.replace(**{f"layers_{i}": dict(qparams[f"layers_{i}"],
+                                                 experts=params[f"layers_{i}"]["experts"])
+                             for i in range(3)})
+  folder = export_hf(tmp_path / "f", mixed, cfg, float_experts, tokenizer=tiny_tokenizer(256))
+  _, back, _ = import_hf(folder)
+  theirs = transformers_logits([folder], EVAL_IDS, str(tmp_path))[0]
+  assert np.abs(_logits(back, cfg) - theirs).max() <= 1e-4 * np.abs(theirs).max()

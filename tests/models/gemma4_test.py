@@ -1,11 +1,12 @@
 """Gemma 4 text (`gemma4_text`) against transformers' own Gemma4ForCausalLM: config mapping,
-float32 logits, cached greedy generation and HF folders.
+float32 logits, cached greedy generation and HF folders, dense and mixture of experts.
 
-Two tiny random models (gptq_jax.models.testing): the full-featured one (per-layer inputs, full
+Three tiny random models (gptq_jax.models.testing): the full-featured one (per-layer inputs, full
 layers with head size 32 and one k_eq_v key/value head beside sliding layers with 16, the last two
 layers sharing the first two's keys / values with double-wide MLPs, a window of 8, proportional
-RoPE, a final soft cap, random layer scalars, untied) and the plain one (per-layer inputs, no
-sharing / k_eq_v / double-wide MLP, tied embeddings). Sequences of 24-32 tokens, so the sliding
+RoPE, a final soft cap, random layer scalars, untied), the plain one (per-layer inputs, no
+sharing / k_eq_v / double-wide MLP, tied embeddings) and the full-featured one with every layer a
+mixture of 4 experts (2 per token) beside its dense MLP. Sequences of 24-32 tokens, so the sliding
 layers really drop keys.
 """
 
@@ -20,7 +21,7 @@ import pytest
 
 from gptq_jax.models import ModelConfig, decode, forward, load_model, save_hf_folder
 from gptq_jax.models.safetensors_io import SafetensorsFile
-from gptq_jax.models.testing import GEMMA4_PLAIN, tiny_pair, torch_logits
+from gptq_jax.models.testing import GEMMA4_MOE, GEMMA4_PLAIN, tiny_pair, torch_logits
 from tests.models.families_test import _ids, check_padded_logits
 
 torch = pytest.importorskip("torch")
@@ -37,6 +38,11 @@ def full():
 @pytest.fixture(scope="module")
 def plain():
   return tiny_pair("gemma4_text", seed=5, **GEMMA4_PLAIN)
+
+
+@pytest.fixture(scope="module")
+def moe():
+  return tiny_pair("gemma4_text", seed=3, **GEMMA4_MOE)
 
 
 def test_config_maps_transformers_fields(full):
@@ -65,8 +71,7 @@ def test_config_maps_transformers_fields(full):
 
 @pytest.mark.parametrize("change,match", [
     (dict(use_bidirectional_attention="all"), "use_bidirectional_attention"),
-    (dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
-     "enable_moe_block"),
+    (dict(enable_moe_block=True, num_experts=None), "enable_moe_block"),
     (dict(per_layer_config={"0": {"head_dim": 8}}), "per_layer_config"),
     (dict(num_kv_shared_layers=4), "num_kv_shared_layers"),
 ])
@@ -75,7 +80,7 @@ def test_unsupported_configs_are_refused(full, change, match):
     ModelConfig.from_hf_dict(dict(full[0].config.to_dict(), **change))
 
 
-@pytest.mark.parametrize("which", ["full", "plain"])
+@pytest.mark.parametrize("which", ["full", "plain", "moe"])
 def test_logits_match_transformers_with_padding(which, request):
   check_padded_logits(*request.getfixturevalue(which), seq=24, pad=5)
 
@@ -92,6 +97,26 @@ def test_each_difference_matters(full):
   zero = jax.tree.map(np.zeros_like, params["embed_tokens_per_layer"])
   wrong = np.asarray(_forward(params.replace(embed_tokens_per_layer=zero), cfg, ids))
   assert np.abs(wrong - ref).max() > 1e-3 * np.abs(ref).max(), "per-layer inputs"
+
+
+def test_moe_layers(moe):
+  """The sparse layers: router kind "gemma4" beside the dense MLP, mapped both ways; the experts
+  matter, and the grouped matmul's two implementations agree."""
+  hf, cfg, params = moe
+  expect = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, router="gemma4",
+                dense_mlp_beside_experts=True, norm_topk_prob=True)
+  assert {k: getattr(cfg, k) for k in expect} == expect
+  assert all(kind.sparse for kind in cfg.layer_kinds)
+  assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+  assert set(params["layers_0"]["router"]) == {"proj", "scale", "per_expert_scale"}
+  ids = _ids(1, 24)
+  ref = torch_logits(hf, ids)
+  np.testing.assert_allclose(np.asarray(_forward(params, cfg.replace(moe_impl="ragged_dot"), ids)),
+                             ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+  layer = dict(params["layers_1"], experts=jax.tree.map(np.zeros_like,
+                                                        params["layers_1"]["experts"]))
+  wrong = np.asarray(_forward(params.replace(layers_1=layer), cfg, ids))
+  assert np.abs(wrong - ref).max() > 1e-3 * np.abs(ref).max()
 
 
 def test_cached_generation_equals_transformers(full):
@@ -114,16 +139,19 @@ def test_cached_generation_equals_transformers(full):
     decode.DecodeModel(params, cfg, layer_loop="scan")
 
 
-def test_hf_folder_round_trip(full, tmp_path):
+@pytest.mark.parametrize("which", ["full", "moe"])
+def test_hf_folder_round_trip(which, tmp_path, request):
   """transformers' save_pretrained -> load_model -> save_hf_folder -> transformers loads the same
   tensors bit for bit (the safetensors names are the module names: k/v projections only where
-  the layer has them, layer_scalar, the per-layer input tensors) and the same config."""
-  hf, cfg, _ = full
+  the layer has them, layer_scalar, the per-layer input tensors, the experts fused) and the same
+  config."""
+  hf, cfg, _ = request.getfixturevalue(which)
   hf.save_pretrained(tmp_path / "src")
   names = set(SafetensorsFile(str(tmp_path / "src" / "model.safetensors")).keys())
   assert names == set(hf.state_dict())
   assert "model.layers.2.self_attn.k_proj.weight" not in names  # K/V-sharing layer
   assert "model.layers.1.self_attn.v_proj.weight" not in names  # k_eq_v full layer
+  assert ("model.layers.0.experts.gate_up_proj" in names) == (which == "moe")  # fused on disk
   loaded_cfg, params = load_model(str(tmp_path / "src"))
   assert loaded_cfg == cfg
   save_hf_folder(tmp_path / "out", None, params, dtype=None)
