@@ -62,7 +62,12 @@ class GPTQConfig:
   asymmetric-calibration correction, ``core/gptaq.py``: each linear also matches the float model's
   inputs; GPTQModel's ``GPTAQConfig(alpha=0.25)``), rotation ("none", "hadamard" or "random":
   rotate the residual stream by an orthogonal matrix before quantizing, ``pipeline/rotation.py``;
-  the result is a plain model of the same family).
+  the result is a plain model of the same family). Mixtures of experts (``pipeline/experts.py``):
+  fallback_threshold (an expert that receives fewer than this fraction of the calibration tokens
+  is quantized by round-to-nearest, GPTQModel's ``Fallback`` default of 0.5 %; 0 = only experts
+  that receive none), moe_routing (which experts see which tokens in the calibration passes only:
+  "native" = the model's routing, "all" = every expert sees every token, GPTQModel's
+  ``ExpertsRoutingBypass``, "topk:N" = the N most probable experts, ``ExpertsRoutingOverride``).
   """
 
   bits: int
@@ -96,6 +101,8 @@ class GPTQConfig:
   # held as ((pattern, ((key, value), ...)), ...) so the config stays hashable; given as a dict.
   dynamic: Any = None
   lm_head: bool = False
+  fallback_threshold: float = 0.005
+  moe_routing: str = "native"
 
   def __post_init__(self) -> None:
     if not _is_int(self.bits) or self.bits not in BITS:
@@ -139,6 +146,10 @@ class GPTQConfig:
     if self.static_groups and self.group_size == -1:
       _fail("static_groups", self.static_groups, "False when group_size=-1 (there are no groups)")
     self._check_dataset()
+    if not _is_number(self.fallback_threshold) or not 0 <= self.fallback_threshold < 1:
+      _fail("fallback_threshold", self.fallback_threshold,
+            "a fraction of the calibration tokens in [0, 1) (0.005 = GPTQModel's 0.5 %)")
+    routing_topk(self.moe_routing)  # validates
     if not isinstance(self.lm_head, bool):
       _fail("lm_head", self.lm_head, "a bool (True quantizes the output projection too)")
     object.__setattr__(self, "dynamic", _normalize_dynamic(self))
@@ -272,7 +283,22 @@ class GPTQConfig:
 
 _OURS = ("static_groups", "block_size", "damp_auto_increment", "nsamples", "seqlen", "seed", "mse",
          "mse_weight", "refine_steps", "refine_lr", "refine_rounding", "refine_batch",
-         "refine_seqlen", "gptaq", "gptaq_alpha", "rotation")
+         "refine_seqlen", "gptaq", "gptaq_alpha", "rotation", "fallback_threshold", "moe_routing")
+
+MOE_ROUTINGS = ("native", "all", "topk:N")
+
+
+def routing_topk(routing: Any, num_experts: int | None = None) -> int | None:
+  """Experts per token in the calibration passes for ``moe_routing``: None = the model's own;
+  "all" = ``num_experts``; "topk:N" = N (at most ``num_experts``). Raises for anything else."""
+  if routing == "native":
+    return None
+  if routing == "all":
+    return num_experts if num_experts is not None else -1
+  head, _, n = str(routing).partition(":")
+  if head != "topk" or not n.isdigit() or int(n) < 1:
+    _fail("moe_routing", routing, f"one of {MOE_ROUTINGS} (N a positive int)")
+  return int(n) if num_experts is None else min(int(n), num_experts)
 
 
 DYNAMIC_FIELDS = ("bits", "group_size", "sym", "desc_act", "mse")

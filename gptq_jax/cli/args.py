@@ -13,7 +13,8 @@ from gptq_jax.config import BACKENDS, FORMATS, MSE_WEIGHTS, GPTQConfig
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="quantize_llama.py", description="GPTQ-quantize a decoder LLM: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 (offline).")
+      prog="quantize_llama.py", description="GPTQ-quantize a decoder LLM: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3, "
+                  "Qwen3-MoE, Qwen2-MoE, Mixtral (offline).")
   p.add_argument("--model", default="smollm2-135m",
                  help="HF folder, .gguf file, or an embedded model: 'smollm2-135m' (the default), "
                       "'gemma3-270m'")
@@ -62,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--gptaq-alpha", type=float, default=0.25, help="GPTAQ's correction weight")
   g.add_argument("--rotation", default="none", choices=("none", "hadamard", "random"),
                  help="rotate the residual stream by an orthogonal matrix before quantizing")
+  g.add_argument("--moe-routing", default="native", metavar="{native,all,topk:N}",
+                 help="mixtures of experts, calibration passes only: the model's routing "
+                      "(native), every expert sees every token (all), or the N most probable "
+                      "experts per token (topk:N)")
+  g.add_argument("--fallback-threshold", type=float, default=0.005,
+                 help="mixtures of experts: an expert that receives fewer than this fraction of "
+                      "the calibration tokens is quantized by round-to-nearest (0.005 = 0.5%%, "
+                      "GPTQModel's default; an expert with no token always is)")
   d = p.add_argument_group("calibration and evaluation")
   d.add_argument("--dataset", default=None,
                  help="wikitext2 | c4 | c4-new | a .txt file or folder | a .npy [n, seqlen] token "
@@ -110,6 +119,7 @@ def _config(args) -> GPTQConfig:
             refine_rounding=args.refine_rounding, refine_batch=args.refine_batch,
             refine_seqlen=args.refine_seqlen,
             gptaq=args.gptaq, gptaq_alpha=args.gptaq_alpha, rotation=args.rotation,
+            moe_routing=args.moe_routing, fallback_threshold=args.fallback_threshold,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
   if args.act_group_aware is not None:
     kw["act_group_aware"] = args.act_group_aware

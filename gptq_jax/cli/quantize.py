@@ -180,6 +180,7 @@ def run(args) -> dict:
   from gptq_jax.cli import stream
   from gptq_jax.cli.source import ModelSource
   from gptq_jax.models import load_tokenizer
+  from gptq_jax.models.families import embedding_keys
   from gptq_jax.pipeline import quantize
   from gptq_jax.pipeline.adapter import ModelAdapter
   from gptq_jax.pipeline.calib import normalize
@@ -246,9 +247,12 @@ def run(args) -> dict:
          "blocks already quantized)")
   windows = None if eval_tokens is None else stream.eval_windows(eval_tokens, cfg.seqlen,
                                                                  args.eval_windows, bos)
-  # only the embedding's rows of the tokens the windows use, read from the files (cli/stream.py)
-  used = stream.used_tokens(*[ids for ids, _ in samples], *([] if windows is None else [windows]))
-  embed_params = stream.embedding_table(source.embedding_rows(used), used, dtype)
+  if model_config.hidden_size_per_layer_input:  # Gemma 4's per-layer input tables: whole
+    embed_params = source.tables(dtype, embedding_keys(model_config))
+  else:  # only the embedding's rows of the tokens the windows use, read from the files
+    used = stream.used_tokens(*[ids for ids, _ in samples],
+                              *([] if windows is None else [windows]))
+    embed_params = stream.embedding_table(source.embedding_rows(used), used, dtype)
   evals = None
   if windows is not None:
     evals = tuple(stream.EvalStream(ModelAdapter.for_config(model_config), embed_params, windows)

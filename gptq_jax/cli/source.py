@@ -92,6 +92,8 @@ class ModelSource:
     specs = list(hf_lib.nonlayer_tensor_specs(cfg))
     for i in range(cfg.num_hidden_layers):
       specs += list(hf_lib.layer_tensor_specs(cfg, i))
+      specs += [(e.path, e.fused_name, (len(e.names),) + e.shape)  # a sparse block's experts
+                for e in hf_lib.layer_expert_specs(cfg, i)]
     for _, _, shape in specs:
       n += math.prod(shape)
     return n * jnp.dtype(dtype).itemsize
@@ -105,9 +107,14 @@ class ModelSource:
   # ----- the blocks ---------------------------------------------------------------------------
 
   def block(self, i: int, dtype: Any) -> dict:
-    specs = hf_lib.layer_tensor_specs(self.file_config, i)
+    """Decoder block i (a sparse block's experts stacked, from per-expert or fused tensors)."""
     if self._q is None:
-      return self._read(specs, dtype)
+      try:
+        has = getattr(self.ckpt, "has", lambda name: True)
+        return hf_lib.layer_from_tensors(self.file_config, i, self.ckpt.get, has, dtype)
+      finally:
+        self.close()
+    specs = hf_lib.layer_tensor_specs(self.file_config, i)  # rotation: dense models only
     block = self._read(specs, jnp.float32)  # what load_model reads, then rotates
     rotated = rot.rotate_block(block, self._q, f"layers_{i}")
     return jax.tree.map(lambda x: jnp.asarray(x, dtype), rotated)
@@ -126,6 +133,12 @@ class ModelSource:
     v = self.config.vocab_size
     step = max(32, ROW_CHUNK_BYTES // (4 * self.config.hidden_size) // 32 * 32)
     return [(lo, min(v, lo + step)) for lo in range(0, v, step)]
+
+  def tables(self, dtype: Any, keys: tuple[str, ...]) -> dict:
+    """The top-level non-block params ``keys`` whole, on the device in ``dtype`` (Gemma 4's
+    per-layer input tables, which the embedding rows alone do not give)."""
+    specs = [s for s in hf_lib.nonlayer_tensor_specs(self.file_config) if s[0][0] in keys]
+    return self._read(specs, dtype)
 
   def embedding_rows(self, ids: Any) -> np.ndarray:
     """float32 ``[len(ids), hidden]``: the (rotated) embedding's rows of ``ids``, read a slice of

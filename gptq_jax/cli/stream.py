@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax.cli import source as source_lib
+from gptq_jax.models import hf as hf_lib
 from gptq_jax.pipeline.adapter import ModelAdapter, block_adapter
-from gptq_jax.pipeline.capture import runner_for
+from gptq_jax.pipeline.capture import ctx_advancer_for, runner_for
 
 DTYPES = ("bfloat16", "float32")
 ModelSource, source_digest = source_lib.ModelSource, source_lib.source_digest  # the old home
@@ -128,8 +129,12 @@ class EvalStream:
       self.state.append(embed_rows(adapter, embed_params, ids, jnp.ones_like(ids)))
     self.at = 0  # blocks applied so far
 
-  def advance(self, run, block_params) -> None:
-    self.state = [(run(block_params, h, ctx), ctx) for h, ctx in self.state]
+  def advance(self, run, block_params, advance_ctx=None) -> None:
+    """Carry the windows through one block; ``advance_ctx`` (``capture.ctx_advancer_for``, None
+    for most models) gives the next block's context (Gemma 4)."""
+    self.state = [(run(block_params, h, ctx),
+                   ctx if advance_ctx is None else advance_ctx(block_params, h, ctx))
+                  for h, ctx in self.state]
     self.at += 1
 
 
@@ -192,7 +197,8 @@ class StreamedRun(ModelAdapter):
   def _advance(self, stream, block, i: int, where: str) -> None:
     t0 = time.perf_counter()
     # block i's own kind (sliding / full attention): one compiled runner per layer type
-    stream.advance(runner_for(block_adapter(self, i), None, "data"), block)
+    stream.advance(runner_for(block_adapter(self, i), None, "data"), block,
+                   ctx_advancer_for(self, i, None, "data"))
     jax.block_until_ready(stream.state)
     self.eval_seconds[where] += time.perf_counter() - t0
 
@@ -213,10 +219,12 @@ class StreamedRun(ModelAdapter):
 
   def get_block(self, params, i):
     _trim_heap()  # the previous block's buffers are free: give their pages back first
-    if self.release_embedding and "embed_tokens" in params:
+    if self.release_embedding:
       # The calibration and evaluation windows are embedded once, before block 0: the embedding
-      # is not needed on the devices after that (the driver's params are this dict).
-      del params["embed_tokens"]
+      # (and Gemma 4's per-layer input tables) are not needed on the devices after that (the
+      # driver's params are this dict).
+      for key in hf_lib.embedding_keys(self.config):
+        params.pop(key, None)
     before = self.evals[0] if self.evals else None
     need_float = i not in self.done or (before is not None and before.at == i)
     block = None

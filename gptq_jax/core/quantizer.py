@@ -26,11 +26,15 @@ def true_divide(a, b):
 
   XLA rewrites a division by a broadcast value into a multiplication by its reciprocal, which
   rounds differently in the last bit and can move a code across a rounding boundary. Materialising
-  the broadcast behind an optimisation barrier keeps the true division.
+  the broadcast behind an optimisation barrier keeps the true division. Under ``jax.vmap`` (experts
+  solved together, core/batched.py) a divisor that is not batched gets the batch axis broadcast
+  outside the barrier; selecting it through an opaque all-true mask shaped like ``a`` makes the
+  divisor batched like ``a`` (the same values), so no reciprocal appears there either.
   """
   shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
   b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), shape))
-  return a / b
+  keep = jax.lax.optimization_barrier(jnp.ones(shape, bool))
+  return a / jnp.where(keep, b, jnp.broadcast_to(a, shape))
 
 
 def _grid_from_range(xmin, xmax, maxq: int, sym: bool, min_zero: int):

@@ -52,13 +52,14 @@ def solve_mesh(spread: str | Mesh | None = "auto") -> Mesh | None:
   return Mesh(np.array(devices), ("rows",))
 
 
-def _rows_mesh(mesh: Mesh | None, rows: int) -> Mesh | None:
-  """The first d devices of ``mesh``, d the largest divisor of ``rows`` it has (None: d < 2)."""
+def _rows_mesh(mesh: Mesh | None, rows: int, axis: str = "rows") -> Mesh | None:
+  """The first d devices of ``mesh``, d the largest divisor of ``rows`` it has, on one axis named
+  ``axis`` (None: d < 2)."""
   if mesh is None:
     return None
   devices = list(mesh.devices.flat)
   d = max(k for k in range(1, len(devices) + 1) if rows % k == 0)
-  return Mesh(np.array(devices[:d]), ("rows",)) if d > 1 else None
+  return Mesh(np.array(devices[:d]), (axis,)) if d > 1 else None
 
 
 @functools.lru_cache(maxsize=32)

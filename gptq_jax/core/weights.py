@@ -3,6 +3,10 @@
 Both are ``flax.struct`` dataclasses: arrays are pytree leaves, ``bits`` / ``group_size`` /
 ``format`` are static metadata, so they pass through ``jit``, ``shard_map`` and orbax untouched.
 Dequantization everywhere is ``K[k, n] = scales[g_idx[k], n] * (q[k, n] - zeros[g_idx[k], n])``.
+
+A mixture-of-experts layer keeps one weight per expert stacked on a leading axis (every field
+``[E, ...]``, ``stack_weights``); ``dequantize``, ``pack`` and ``unpack`` work on such stacks
+expert by expert (``dequantize`` -> ``[E, in, out]``).
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class QuantizedWeight:
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The dequantized kernel ``[in, out]`` in the original column order."""
+    if self.codes.ndim == 3:  # stacked experts
+      return jax.vmap(lambda w: w.dequantize(dtype))(self)
     return _dequantize(self.codes, self.scales, self.zeros, self.g_idx, jnp.dtype(dtype))
 
   def pack(self, format: str = "gptq") -> "PackedWeight":
@@ -67,6 +73,8 @@ class QuantizedWeight:
     Scales keep their dtype (float32 here, so packing is lossless); the Hugging Face export writes
     them as float16 as the format prescribes.
     """
+    if self.codes.ndim == 3:  # stacked experts
+      return stack_weights([w.pack(format) for w in unstack_weights(self)])
     packing.check_range(self.codes, self.bits, "codes")
     if format == "gptq":
       packing.check_v1_zeros(self.zeros)  # v1 stores zero - 1: zeros in [1, 2**bits]
@@ -109,7 +117,7 @@ class PackedWeight:
 
   @property
   def in_features(self) -> int:
-    return self.g_idx.shape[0]
+    return self.g_idx.shape[-1]
 
   @property
   def out_features(self) -> int:
@@ -124,6 +132,8 @@ class PackedWeight:
     return _unpack(self.qweight, self.qzeros, self.bits, self.format)[1]
 
   def unpack(self) -> QuantizedWeight:
+    if self.qweight.ndim == 3:  # stacked experts
+      return stack_weights([w.unpack() for w in unstack_weights(self)])
     codes, zeros = _unpack(self.qweight, self.qzeros, self.bits, self.format)
     return QuantizedWeight(
         codes=codes.astype(jnp.uint8),
@@ -135,6 +145,9 @@ class PackedWeight:
     )
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The dequantized kernel ``[in, out]`` (``[E, in, out]`` for stacked experts)."""
+    if self.qweight.ndim == 3:
+      return jax.vmap(lambda w: w.dequantize(dtype))(self)
     codes, zeros = _unpack(self.qweight, self.qzeros, self.bits, self.format)
     return _dequantize(codes, self.scales, zeros, self.g_idx, jnp.dtype(dtype))
 
@@ -162,3 +175,15 @@ def concat_columns(pieces: list[PackedWeight]) -> PackedWeight:
   return PackedWeight(qweight=cat("qweight"), qzeros=cat("qzeros"), scales=cat("scales"),
                       g_idx=np.asarray(first.g_idx), bits=first.bits,
                       group_size=first.group_size, format=first.format)
+
+
+def stack_weights(weights):
+  """Per-expert weights of one type and shape -> one weight whose fields have a leading expert
+  axis (the layout of a mixture-of-experts layer's stacked experts)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *weights)
+
+
+def unstack_weights(stacked) -> list:
+  """The inverse of ``stack_weights``: one weight per expert."""
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return [jax.tree.map(lambda a, e=e: a[e], stacked) for e in range(n)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -23,15 +24,24 @@ import numpy as np
 from gptq_jax.config import GPTQConfig
 from gptq_jax.core import packing
 from gptq_jax.interop import calibration
-from gptq_jax.core.weights import PackedWeight, QuantizedWeight
+from gptq_jax.core.weights import PackedWeight, QuantizedWeight, stack_weights, unstack_weights
 from gptq_jax.models.config import ModelConfig
-from gptq_jax.models.hf import (HFCheckpoint, Params, layer_tensor_specs,
-                                      nonlayer_tensor_specs, params_from_tensors)
+from gptq_jax.models.families import module_tensor_name
+from gptq_jax.models.hf import (HFCheckpoint, Params, experts_from_tensors, float_expert_tensors,
+                                layer_expert_specs, layer_tensor_specs, merge_into,
+                                nonlayer_tensor_specs, params_from_tensors)
 from gptq_jax.models.params import ModelParams
 from gptq_jax.models.safetensors_io import save_safetensors
 from gptq_jax.pipeline.dynamic import LM_HEAD, resolve, untied
+from gptq_jax.pipeline.experts import block_module_names
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+GEMMA4_EXPERTS_WARNING = (
+    "this Gemma 4 export has quantized experts (model.layers.{i}.experts.{e}.*_proj.qweight ...): "
+    "gptq_jax.interop.import_hf reads them, but transformers 5.25 (with GPTQModel 7.7 / Optimum) "
+    "cannot: its Gemma 4 experts are fused parameters, not nn.Linear modules, and it leaves them "
+    "randomly initialized. Keep the experts in float (dynamic '-:.*experts.*') for a folder "
+    "transformers runs")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 _SAFETENSORS_META = {"format": "pt"}
 _META_KEYS = ("damp_percent", "static_groups", "true_sequential", "act_group_aware")
@@ -72,6 +82,11 @@ def write_configs(folder: str, model_config: ModelConfig, cfg: GPTQConfig, dtype
                   tokenizer: Any = None, *, calibration_source: dict | None = None) -> None:
   """config.json (with quantization_config), quantize_config.json and the tokenizer files."""
   qc = quantization_config(cfg, calibration_source=calibration_source)
+  if model_config.num_experts:  # only these linears are quantized (pipeline/experts.py)
+    qc["modules_in_block_to_quantize"] = block_module_names(model_config, cfg)
+    if model_config.dense_mlp_beside_experts and any("experts." in name for group in qc[
+        "modules_in_block_to_quantize"] for name in group):
+      warnings.warn(GEMMA4_EXPERTS_WARNING, UserWarning, stacklevel=3)
   config = dict(model_config.to_hf_dict(), torch_dtype=_float_dtype(dtype).name,
                 quantization_config=qc)
   with open(os.path.join(folder, "config.json"), "w") as f:
@@ -141,10 +156,33 @@ def _tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype, linear=gptq_
   return out
 
 
+def _expert_tensors(specs, tree: Params, cfg: GPTQConfig, dtype: np.dtype, linear=gptq_linear
+                    ) -> dict[str, np.ndarray]:
+  """A sparse block's experts, one HF linear per expert (``...experts.{e}.gate_proj.qweight`` ...,
+  each written by ``linear``), or, for experts left in float, ``.weight`` or the model's fused
+  tensors, as transformers writes them."""
+  out: dict[str, np.ndarray] = {}
+  for spec in specs:
+    value = tree
+    for key in spec.path:
+      value = value[key]
+    if isinstance(value, (PackedWeight, QuantizedWeight)):
+      for name, w in zip(spec.names, unstack_weights(value)):
+        out.update(linear(w, cfg, name[:-len(".weight")], spec.shape, dtype))
+      continue
+    out.update(float_expert_tensors(spec, np.asarray(value), dtype, out))
+  return out
+
+
 def block_tensors(model_config: ModelConfig, i: int, block: Params, cfg: GPTQConfig,
                   dtype: Any = "float16", linear=gptq_linear) -> dict[str, np.ndarray]:
-  """The HF tensors of decoder block ``i`` (its params tree ``block``)."""
-  return _tensors(layer_tensor_specs(model_config, i), block, cfg, _float_dtype(dtype), linear)
+  """The HF tensors of decoder block ``i`` (its params tree ``block``), named as in transformers
+  5's modules with one module per expert (Mixtral: ``mlp.experts.{e}.gate_proj``, not the float
+  files' ``block_sparse_moe.experts.{e}.w1``)."""
+  out = _tensors(layer_tensor_specs(model_config, i), block, cfg, _float_dtype(dtype), linear)
+  out.update(_expert_tensors(layer_expert_specs(model_config, i), block, cfg, _float_dtype(dtype),
+                             linear))
+  return {module_tensor_name(model_config, name): value for name, value in out.items()}
 
 
 def nonlayer_tensors(model_config: ModelConfig, params: Params, dtype: Any = "float16",
@@ -287,19 +325,33 @@ def _read_packed(ckpt: HFCheckpoint, name: str, hf_shape: tuple[int, int], cfg: 
 
 
 def read_block(ckpt: HFCheckpoint, i: int, cfg: GPTQConfig, dtype: Any = jnp.float32) -> Params:
-  """Decoder block ``i`` of a GPTQ folder: PackedWeight kernels where ``<name>.qweight`` exists,
-  dense arrays (``dtype``) for everything else. Reads only this block's tensors."""
-  names = set(ckpt.tensor_names())
+  """Decoder block ``i`` of a GPTQ folder: PackedWeight kernels where ``<name>.qweight`` exists
+  (a sparse block's experts: one per expert, stacked), dense arrays (``dtype``) for everything
+  else. Reads only this block's tensors."""
   dense_specs, packed = [], {}
   for path, name, shape in layer_tensor_specs(ckpt.config, i):
     prefix = name[:-len(".weight")]
-    if path[-1] == "kernel" and f"{prefix}.qweight" in names:
-      packed[path] = _read_packed(ckpt, prefix, shape, cfg)
+    if path[-1] == "kernel" and ckpt.has(f"{prefix}.qweight"):
+      packed[path] = _read_packed(ckpt, ckpt.resolve(f"{prefix}.qweight")[:-len(".qweight")],
+                                  shape, cfg)
     else:
       dense_specs.append((path, name, shape))
+  float_experts = []
+  for spec in layer_expert_specs(ckpt.config, i):
+    prefixes = [n[:-len(".weight")] for n in spec.names]
+    if all(ckpt.has(f"{p}.qweight") for p in prefixes):
+      packed[spec.path] = stack_weights([
+          _read_packed(ckpt, ckpt.resolve(f"{p}.qweight")[:-len(".qweight")], spec.shape, cfg)
+          for p in prefixes])
+    else:
+      float_experts.append(spec)
   block = params_from_tensors(dense_specs, ckpt.get, dtype)
-  for (group, proj, leaf), w in packed.items():
-    block.setdefault(group, {}).setdefault(proj, {})[leaf] = w
+  merge_into(block, experts_from_tensors(float_experts, ckpt.get, ckpt.has, dtype))
+  for path, w in packed.items():
+    node = block
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = w
   return block
 
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.interop.hf_gptq import FolderWriter, block_tensors, nonlayer_tensors
-from gptq_jax.models.hf import HFCheckpoint, Params, nonlayer_tensor_specs, params_from_tensors
+from gptq_jax.models.hf import (HFCheckpoint, Params, embedding_keys, nonlayer_tensor_specs,
+                                params_from_tensors)
 from gptq_jax.pipeline.adapter import ModelAdapter
 from gptq_jax.pipeline.driver import quantize
 
@@ -48,7 +49,8 @@ class StreamingModelAdapter(ModelAdapter):
 
 
 def _embedding(ckpt: HFCheckpoint, dtype: Any) -> Params:
-  specs = [s for s in nonlayer_tensor_specs(ckpt.config) if s[0][0] == "embed_tokens"]
+  keys = embedding_keys(ckpt.config)  # the token embedding (and Gemma 4's per-layer inputs)
+  specs = [s for s in nonlayer_tensor_specs(ckpt.config) if s[0][0] in keys]
   try:
     return params_from_tensors(specs, ckpt.get, dtype)
   finally:

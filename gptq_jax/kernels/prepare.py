@@ -151,7 +151,13 @@ def _is_weight(a: Any) -> bool:
   return isinstance(a, (PackedWeight, QuantizedWeight, PreparedWeight))
 
 
+def _is_2d(a: Any) -> bool:
+  """A single linear layer's weight (MoE experts stacked on a leading axis stay as they are: the
+  grouped matmul dequantizes them one expert at a time, kernels/grouped.py)."""
+  return jax.tree.leaves(a)[0].ndim == 2
+
+
 def prepare_params(params: Any) -> Any:
   """Every ``PackedWeight`` / ``QuantizedWeight`` leaf of a parameter pytree, made kernel-ready."""
-  return jax.tree.map(lambda a: prepare_for_kernel(a) if _is_weight(a) else a, params,
-                      is_leaf=_is_weight)
+  return jax.tree.map(lambda a: prepare_for_kernel(a) if _is_weight(a) and _is_2d(a) else a,
+                      params, is_leaf=_is_weight)

@@ -82,41 +82,68 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
 class Attention(nn.Module):
   """Self-attention: q/k/v/o projections (separate `Linear`s), optional q/k norms, RoPE, GQA.
 
-  `layer_type` ("full_attention" / "sliding_attention") picks the window and the RoPE base."""
+  `layer_type` ("full_attention" / "sliding_attention") picks the window, the RoPE base and (Gemma
+  4) the head size and key/value heads. `kv_shared` (Gemma 4): the layer has no k/v projections
+  and attends over another layer's keys and values, passed as `shared_kv`."""
 
   config: ModelConfig
   param_dtype: Any = jnp.float32
   layer_type: str = FULL
+  kv_shared: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               kv_cache: KVCache | None = None, cache_index: jax.Array | int = 0):
-    """x: [batch, seq, hidden]; positions: [batch, seq] -> [batch, seq, hidden] (and the new cache)."""
+               kv_cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+               shared_kv: KVCache | None = None, return_kv: bool = False):
+    """x: [batch, seq, hidden]; positions: [batch, seq] -> [batch, seq, hidden].
+
+    With `kv_cache` or `return_kv` -> (out, kv): this layer's keys / values in cache layout
+    `{"k", "v"}: [batch, kv_heads, keys, head_dim]` (the updated cache when `kv_cache` is given;
+    None for a `kv_shared` layer). `shared_kv`: the producer's keys / values in that layout (its
+    updated cache when caching), over the same keys as `attention_mask`.
+    """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    heads = cfg.num_attention_heads
+    kv_heads, hd = cfg.layer_kv_heads(self.layer_type), cfg.layer_head_dim(self.layer_type)
     proj = lambda name, n_in, n_out, bias: Linear(  # noqa: E731
         n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=self.param_dtype, name=name)
+    norm = lambda name, scale=True: RMSNorm(  # noqa: E731
+        hd, cfg.rms_norm_eps, dtype=dtype, param_dtype=self.param_dtype,
+        unit_offset=cfg.norm_unit_offset, float_scale=cfg.norm_float_scale, use_scale=scale,
+        name=name)
     b, t, _ = x.shape
     q = proj("q_proj", cfg.hidden_size, heads * hd, cfg.qkv_bias)(x).reshape(b, t, heads, hd)
-    k = proj("k_proj", cfg.hidden_size, kv_heads * hd, cfg.qkv_bias)(x).reshape(b, t, kv_heads, hd)
-    v = proj("v_proj", cfg.hidden_size, kv_heads * hd, cfg.qkv_bias)(x).reshape(b, t, kv_heads, hd)
     if cfg.qk_norm:  # per head, over head_dim, before RoPE
-      norm = lambda name: RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype,  # noqa: E731
-                                  param_dtype=self.param_dtype, unit_offset=cfg.norm_unit_offset,
-                                  name=name)
-      q, k = norm("q_norm")(q), norm("k_norm")(k)
+      q = norm("q_norm")(q)
     cos, sin = rope_cos_sin(cfg, positions, self.layer_type)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = apply_rope(q, cos, sin)
 
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, hd]
     new_cache = None
-    if kv_cache is not None:
-      start = (0, 0, cache_index, 0)
-      k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
-      v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
-      new_cache = {"k": k_all, "v": v_all}
-      k, v = k_all.astype(dtype), v_all.astype(dtype)
+    if self.kv_shared:
+      if shared_kv is None:
+        raise ValueError("a K/V-sharing layer (Gemma 4 num_kv_shared_layers) needs shared_kv: "
+                         "the keys / values of its producer layer")
+      k, v = shared_kv["k"].astype(dtype), shared_kv["v"].astype(dtype)
+    else:
+      k = proj("k_proj", cfg.hidden_size, kv_heads * hd, cfg.qkv_bias)(x).reshape(b, t, kv_heads, hd)
+      v = k  # Gemma 4's attention_k_eq_v: the values are the keys' projection
+      if cfg.layer_has_v_proj(self.layer_type):
+        v = proj("v_proj", cfg.hidden_size, kv_heads * hd, cfg.qkv_bias)(x).reshape(
+            b, t, kv_heads, hd)
+      if cfg.qk_norm:
+        k = norm("k_norm")(k)
+      if cfg.value_norm:
+        v = norm("v_norm", scale=False)(v)
+      k = apply_rope(k, cos, sin)
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, hd]
+      new_cache = {"k": k, "v": v}
+      if kv_cache is not None:
+        start = (0, 0, cache_index, 0)
+        k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
+        v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
+        new_cache = {"k": k_all, "v": v_all}
+        k, v = k_all.astype(dtype), v_all.astype(dtype)
     allowed = attention_weights_mask(attention_mask, jnp.arange(t) + cache_index,
                                      cfg.window(self.layer_type))  # [b, t, keys]
     scale, softcap = cfg.attention_scale, cfg.attn_logit_softcapping
@@ -126,12 +153,23 @@ class Attention(nn.Module):
       out = dot_product_attention(q, k, v, allowed, scale, softcap)
     out = out.reshape(b, t, heads * hd)
     out = proj("o_proj", heads * hd, cfg.hidden_size, cfg.o_bias)(out)
-    return out if kv_cache is None else (out, new_cache)
+    return out if kv_cache is None and not return_kv else (out, new_cache)
 
 
-def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> list[KVCache]:
-  """Zeroed per-layer caches `{"k", "v"}: [batch, kv_heads, max_len, head_dim]` (compute dtype)."""
+def layer_cache_shape(cfg: ModelConfig, layer_type: str, batch: int, max_len: int
+                      ) -> tuple[int, int, int, int]:
+  """`[batch, kv_heads, max_len, head_dim]` of a layer of this type's cache."""
+  return (batch, cfg.layer_kv_heads(layer_type), max_len, cfg.layer_head_dim(layer_type))
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None
+                  ) -> list[KVCache | None]:
+  """Zeroed per-layer caches `{"k", "v"}: [batch, kv_heads, max_len, head_dim]` (compute dtype);
+  None for a layer that reads another layer's keys / values (Gemma 4's shared K/V)."""
   dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
-  shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(cfg.num_hidden_layers)]
+  out: list[KVCache | None] = []
+  for i, layer_type in enumerate(cfg.layer_types):
+    shape = layer_cache_shape(cfg, layer_type, batch, max_len)
+    out.append(None if cfg.kv_shared(i) else
+               {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+  return out

@@ -1,26 +1,32 @@
-"""The typed values of ModelConfig fields that the family mappings (families.py) build too: the
-layer types and RopeScaling. Kept apart from config.py, which calls families.py, so that the two
-import one way (config.py -> families.py -> this module)."""
+"""The typed values of ModelConfig fields that the family mappings (families.py, moe_families.py,
+gemma4_family.py) build too: the layer types and kinds, and RopeScaling (a rotary embedding's
+frequency scaling, read from and written to Hugging Face `rope_scaling` / `rope_parameters`
+dicts; models/rope.py computes the frequencies). Kept apart from config.py, which calls the
+family mappings, so that they import one way (config.py -> families.py -> this module)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
-ROPE_TYPES = ("llama3", "linear", "yarn")
+ROPE_TYPES = ("llama3", "linear", "yarn", "proportional")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 FULL, SLIDING = LAYER_TYPES
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
+def fail(field: str, value: Any, allowed: str) -> None:
+  """The one-line ValueError of an invalid config field."""
   raise ValueError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-  """Rotary frequency scaling: "llama3" (smooth, by wavelength), "linear" (positions / factor) or
+  """Rotary frequency scaling: "llama3" (smooth, by wavelength), "linear" (positions / factor),
   "yarn" (NTK-by-parts ramp between interpolated and original frequencies, cos/sin scaled by an
-  attention factor). Field meanings and defaults are those of transformers' rope utilities."""
+  attention factor) or "proportional" (Gemma 4's full-attention layers: only the first
+  `partial_rotary_factor` of each head's rotary pairs turn, with the exponents of the whole head;
+  the other pairs pass unrotated; frequencies / factor). Field meanings and defaults are those of
+  transformers' rope utilities."""
 
   rope_type: str
   factor: float
@@ -34,20 +40,24 @@ class RopeScaling:
   mscale: float | None = None
   mscale_all_dim: float | None = None
   truncate: bool = True
+  # proportional only
+  partial_rotary_factor: float = 1.0
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
-      _fail("rope_scaling.rope_type", self.rope_type, f"one of {ROPE_TYPES} (or no rope_scaling)")
+      fail("rope_scaling.rope_type", self.rope_type, f"one of {ROPE_TYPES} (or no rope_scaling)")
     if not self.factor > 0:
-      _fail("rope_scaling.factor", self.factor, "a positive number")
+      fail("rope_scaling.factor", self.factor, "a positive number")
     if self.rope_type == "llama3":
       if not 0 < self.low_freq_factor < self.high_freq_factor:
-        _fail("rope_scaling.low_freq_factor/high_freq_factor",
+        fail("rope_scaling.low_freq_factor/high_freq_factor",
               (self.low_freq_factor, self.high_freq_factor), "0 < low_freq_factor < high_freq_factor")
+    if not 0 <= self.partial_rotary_factor <= 1:
+      fail("rope_scaling.partial_rotary_factor", self.partial_rotary_factor, "a number in [0, 1]")
     if self.rope_type in ("llama3", "yarn"):
       if not isinstance(self.original_max_position_embeddings, int) or (
           self.original_max_position_embeddings <= 0):
-        _fail("rope_scaling.original_max_position_embeddings",
+        fail("rope_scaling.original_max_position_embeddings",
               self.original_max_position_embeddings, "a positive int")
 
   @classmethod
@@ -66,6 +76,9 @@ class RopeScaling:
       raise ValueError(f"unsupported rope scaling type {rope_type!r}: gptq_jax supports {ROPE_TYPES}")
     if rope_type == "linear":  # only the factor matters
       return cls(rope_type="linear", factor=float(d["factor"]))
+    if rope_type == "proportional":
+      return cls(rope_type="proportional", factor=float(d.get("factor") or 1.0),
+                 partial_rotary_factor=float(d.get("partial_rotary_factor", 1.0)))
     keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
             "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
     kwargs = {k: d[k] for k in keys if d.get(k) is not None}
@@ -81,6 +94,9 @@ class RopeScaling:
   def to_hf_dict(self) -> dict[str, Any]:
     if self.rope_type == "linear":
       return {"rope_type": "linear", "factor": self.factor}
+    if self.rope_type == "proportional":  # transformers' validator lists no factor (it reads one)
+      return {"rope_type": "proportional", "partial_rotary_factor": self.partial_rotary_factor,
+              **({"factor": self.factor} if self.factor != 1.0 else {})}
     if self.rope_type == "llama3":
       return {"rope_type": "llama3", "factor": self.factor, "low_freq_factor": self.low_freq_factor,
               "high_freq_factor": self.high_freq_factor,
@@ -92,3 +108,16 @@ class RopeScaling:
       if getattr(self, k) is not None:
         out[k] = getattr(self, k)
     return out
+
+
+_fail = fail  # the name config.py uses
+
+
+class LayerKind(NamedTuple):
+  """What sets a decoder layer's program apart: its attention type, whether its MLP is a mixture
+  of experts, and whether it reads another layer's keys / values (Gemma 4's shared K/V). Layers
+  of one kind share one compiled block function."""
+
+  attention: str = FULL
+  sparse: bool = False
+  kv_shared: bool = False

@@ -2,7 +2,8 @@
 
 The decoder layers' parameters are stacked once (``DecodeModel``) and run with ``lax.scan``, so the
 compiled program holds one copy of the block whatever the depth. Layers of different kinds
-(``cfg.layer_types``: full and sliding-window attention, each with its own RoPE base) are selected
+(``cfg.layer_kinds``: full and sliding-window attention, each with its own RoPE base; dense or
+mixture-of-experts MLPs, which differ in structure and so run on the "loop" path) are selected
 inside the scan body by ``lax.switch`` on a per-layer kind index: one branch per kind, compiled
 once. The KV cache is one stacked array pair ``[layers, batch, kv_heads, max_len, head_dim]``
 carried through the scan and donated to each step, so it is updated in place.
@@ -13,8 +14,9 @@ made kernel-ready (``prepare_params``) once, when the ``DecodeModel`` is built.
 Two ways to run the layers (``layer_loop``): "scan" (above) and "loop" (layer_loop.py: one
 compiled program per layer kind, called once per layer, each layer's weights read in place).
 "auto" picks "loop" on CPU, where the scan copies each layer's weight slice before its dots read
-it, and whenever the layers differ in structure (e.g. per-module bit widths), "scan" elsewhere;
-the choice and its reason are logged once (``DecodeModel.path``).
+it, and whenever the layers differ in structure (e.g. per-module bit widths) or read more than
+their own inputs (Gemma 4's per-layer inputs and shared K/V: ``ModelConfig.uniform_layers``), "scan"
+elsewhere; the choice and its reason are logged once (``DecodeModel.path``).
 
 Generation (``generate``): a batch of prompts of different lengths is left-padded (and masked) to
 a common, bucketed length; positions count real tokens only, so a padded row computes what the
@@ -49,9 +51,10 @@ LAYER_LOOPS = ("auto", "scan", "loop")
 _logged: set[str] = set()
 
 
-def _layer_types(cfg) -> tuple[str | None, ...]:
-  types = getattr(cfg, "layer_types", None)
-  return tuple(types) if types else (None,) * cfg.num_hidden_layers
+def _layer_types(cfg) -> tuple:
+  """Each layer's kind (``LayerKind``: attention type, sparse MLP); None for a config without."""
+  kinds = getattr(cfg, "layer_kinds", None)
+  return tuple(kinds) if kinds else (None,) * cfg.num_hidden_layers
 
 
 def _full_perm(w: Any) -> Any:
@@ -98,12 +101,20 @@ class DecodeModel:
     self.kind_index = jnp.asarray([self.kinds.index(t) for t in self.layer_types], jnp.int32)
     self.layers, self.layer_list = None, layers
     alike = len({_signature(lp) for lp in layers}) == 1
+    uniform = getattr(cfg, "uniform_layers", True)
+    if layer_loop == "scan" and not uniform:
+      raise ValueError("this model's layers differ by kind (Gemma 4's per-layer inputs, shared "
+                       "keys / values or per-type head sizes): the scanned decode runs one "
+                       "layer structure; use layer_loop='loop' (or 'auto')")
     if layer_loop == "scan" and not alike:
       raise ValueError("the decoder layers' parameters differ in structure (e.g. per-module bit "
                        "widths): the scanned decode needs every layer alike; use "
                        "layer_loop='loop'")
     if layer_loop == "loop":
       why = "requested"
+    elif not uniform:
+      why = ("Gemma 4's layers differ by kind (per-layer inputs, shared K/V, per-type heads): "
+             "one program per kind")
     elif not alike:
       why = "the layers differ in structure (e.g. per-module bit widths), so cannot be stacked"
     elif layer_loop == "auto" and jax.default_backend() == "cpu":

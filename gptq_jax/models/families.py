@@ -2,9 +2,10 @@
 params, and the true-sequential groups of a block.
 
 Every family runs on the one decoder in model.py; what differs is read from config.json into typed
-ModelConfig fields here (and written back). The tensor names are the same for all five families
+ModelConfig fields here (and written back). The tensor names are the same for all families
 (`model.layers.{i}.self_attn.q_proj.weight`, ...); which tensors exist follows the config fields
-(biases, q/k norms, the four norms of a Gemma 3 block, an untied lm_head).
+(biases, q/k norms, the four norms of a Gemma block, an untied lm_head, Gemma 4's per-layer
+inputs and its layers without k/v projections).
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from typing import Any, Iterator, Mapping
 
 # `ModelConfig` in the annotations is models/config.py's (never evaluated: config.py imports this
 # module, so this module imports only the field types it builds).
-from gptq_jax.models.config_fields import FULL, SLIDING, RopeScaling
+from gptq_jax.models import gemma4_family
+from gptq_jax.models.config_fields import FULL, SLIDING, LayerKind, RopeScaling
+from gptq_jax.models.gemma4_family import gemma4_from_hf, gemma4_problems, gemma4_to_hf
+from gptq_jax.models.moe_families import (MOE_MODEL_TYPES, ExpertSpec, alternative_names,
+                                          expert_specs, module_tensor_name, moe_config_json,
+                                          moe_config_kwargs, moe_problems, sparse_groups,
+                                          sparse_mlp_specs)
 
 Spec = tuple[tuple[str, ...], str, tuple[int, ...]]  # (param path, HF tensor name, HF shape)
 LinearPath = tuple[str, ...]
@@ -48,6 +55,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3", "Qwen3ForCausalLM", default_head_dim=128),
     Family("gemma3_text", "Gemma3ForCausalLM", default_tie=True, default_head_dim=256,
            default_rope_theta=1_000_000.0),
+    Family("gemma4_text", "Gemma4ForCausalLM", default_tie=True, default_head_dim=256,
+           default_rope_theta=1_000_000.0),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM"),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM"),
+    Family("mixtral", "MixtralForCausalLM", default_rope_theta=1_000_000.0),
 )}
 _BY_ARCH = {f.architecture: f.model_type for f in FAMILIES.values()}
 
@@ -67,6 +79,9 @@ def family_of(d: Mapping[str, Any]) -> Family:
     model_type = known[0] if known else "llama"
   if model_type not in FAMILIES:
     hint = ""
+    if model_type == "gemma4":
+      hint = (" (this is the multimodal Gemma 4 config; gptq_jax reads the text model, "
+              "model_type 'gemma4_text' / Gemma4ForCausalLM)")
     if model_type == "gemma3":
       hint = (" (this is the multimodal Gemma 3 config; gptq_jax reads the text model, "
               "model_type 'gemma3_text' / Gemma3ForCausalLM)")
@@ -156,6 +171,10 @@ def config_from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
         rope_local_theta=float(local_theta),
         rope_local_scaling=RopeScaling.from_hf_dict(local, max_pos),
         final_logit_softcapping=d.get("final_logit_softcapping"))
+  elif mt == "gemma4_text":
+    kwargs.update(gemma4_from_hf(d, full, local, max_pos))
+  elif mt in MOE_MODEL_TYPES:
+    kwargs.update(moe_config_kwargs(d, n_layers))
   return cls(**kwargs)
 
 
@@ -164,18 +183,22 @@ def config_from_hf(cls, d: Mapping[str, Any]) -> ModelConfig:
 def _check_expressible(cfg: ModelConfig) -> None:
   """Refuses a config whose fields the family's transformers model cannot express."""
   mt = cfg.model_type
-  gemma = mt == "gemma3_text"
-  problems = []
-  want = dict(qk_norm=mt in ("qwen3", "gemma3_text"), norm_unit_offset=gemma,
-              scale_embeddings=gemma, sandwich_norms=gemma)
+  gemma = mt in ("gemma3_text", "gemma4_text")
+  problems = gemma4_problems(cfg)
+  want = dict(qk_norm=mt in ("qwen3", "gemma3_text", "gemma4_text", "qwen3_moe"),
+              norm_unit_offset=mt == "gemma3_text", scale_embeddings=gemma, sandwich_norms=gemma)
   problems += [f"{k}={getattr(cfg, k)}" for k, v in want.items() if getattr(cfg, k) != v]
+  problems += moe_problems(cfg)
   if mt == "qwen2":
     if not (cfg.qkv_bias and not cfg.o_bias):
       problems.append("Qwen2 has q/k/v biases and no o_proj bias")
+  elif mt == "qwen2_moe":
+    if cfg.o_bias:
+      problems.append("Qwen2-MoE has no o_proj bias")
   elif cfg.qkv_bias != cfg.o_bias:
     problems.append(f"qkv_bias={cfg.qkv_bias} with o_bias={cfg.o_bias}")
-  if mt == "mistral" and (cfg.qkv_bias or cfg.o_bias):
-    problems.append("Mistral has no attention biases")
+  if mt in ("mistral", "mixtral") and (cfg.qkv_bias or cfg.o_bias):
+    problems.append("Mistral / Mixtral have no attention biases")
   if cfg.mlp_bias and mt != "llama":
     problems.append("mlp_bias (only Llama has it)")
   if cfg.attn_logit_softcapping is not None:
@@ -238,6 +261,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                sliding_window=cfg.sliding_window if sliding else None,
                max_window_layers=sliding[0] if sliding else cfg.num_hidden_layers,
                layer_types=list(cfg.layer_types))
+  elif mt == "gemma4_text":
+    gemma4_to_hf(cfg, out)
+  elif mt in MOE_MODEL_TYPES:
+    moe_config_json(cfg, out)
   elif mt == "gemma3_text":
     del out["hidden_act"]
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
@@ -255,54 +282,118 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 # ----- tensors --------------------------------------------------------------------------------
 
-def _proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-  """HF `[out, in]` shape of each projection."""
-  q, kv, h, m = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
-                 cfg.hidden_size, cfg.intermediate_size)
-  return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-          "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
+def _proj_shapes(cfg: ModelConfig, layer_type: str = FULL, kv_shared: bool = False
+                 ) -> dict[str, tuple[int, int]]:
+  """HF `[out, in]` shape of each projection a layer of this kind has (Gemma 4: per-type head
+  sizes; no k/v projections on a K/V-sharing layer, no v_proj on a k_eq_v full layer)."""
+  hd = cfg.layer_head_dim(layer_type)
+  q, kv, h = cfg.num_attention_heads * hd, cfg.layer_kv_heads(layer_type) * hd, cfg.hidden_size
+  m = cfg.layer_intermediate_size(kv_shared)
+  out = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+         "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}
+  if kv_shared or not cfg.layer_has_v_proj(layer_type):
+    del out["v_proj"]
+  if kv_shared:
+    del out["k_proj"]
+  return out
 
 
 def block_norms(cfg: ModelConfig) -> tuple[str, ...]:
   """The hidden-size norms of a block, by their HF (and param) names."""
   if cfg.sandwich_norms:
     return ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-            "post_feedforward_layernorm")
+            "post_feedforward_layernorm") + (
+                ("post_per_layer_input_norm",) if cfg.hidden_size_per_layer_input else ())
   return ("input_layernorm", "post_attention_layernorm")
 
 
 def layer_tensor_specs(cfg: ModelConfig, i: int) -> Iterator[Spec]:
   """(param path in `layers_{i}`, HF tensor name, HF shape) for every tensor of layer i."""
-  shapes = _proj_shapes(cfg)
+  layer_type, kv_shared = cfg.layer_types[i], cfg.kv_shared(i)
+  shapes = _proj_shapes(cfg, layer_type, kv_shared)
   bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias,
           "o_proj": cfg.o_bias, **{p: cfg.mlp_bias for p in MLP_PROJS}}
-  for group, projs in (("self_attn", ATTN_PROJS), ("mlp", MLP_PROJS)):
-    for proj in projs:
+  sparse = cfg.sparse_layer(i)
+  beside = sparse and cfg.dense_mlp_beside_experts  # Gemma 4: the dense MLP stays
+  for group, projs in (("self_attn", ATTN_PROJS),
+                       ("mlp", () if sparse and not beside else MLP_PROJS)):
+    for proj in (p for p in projs if p in shapes):
       name = f"model.layers.{i}.{group}.{proj}"
       yield (group, proj, "kernel"), f"{name}.weight", shapes[proj]
       if bias[proj]:
         yield (group, proj, "bias"), f"{name}.bias", shapes[proj][:1]
+  if sparse:
+    yield from (gemma4_family.sparse_layer_specs if beside else sparse_mlp_specs)(cfg, i)
   if cfg.qk_norm:
-    for norm in ("q_norm", "k_norm"):
-      yield ("self_attn", norm, "weight"), f"model.layers.{i}.self_attn.{norm}.weight", (cfg.head_dim,)
+    for norm in ("q_norm",) if kv_shared else ("q_norm", "k_norm"):
+      yield (("self_attn", norm, "weight"), f"model.layers.{i}.self_attn.{norm}.weight",
+             (cfg.layer_head_dim(layer_type),))
   for norm in block_norms(cfg):
     yield (norm, "weight"), f"model.layers.{i}.{norm}.weight", (cfg.hidden_size,)
+  p, h = cfg.hidden_size_per_layer_input, cfg.hidden_size
+  if p:  # Gemma 4's per-layer input (models/gemma4.py)
+    for proj, shape in (("per_layer_input_gate", (p, h)), ("per_layer_projection", (h, p))):
+      yield (proj, "kernel"), f"model.layers.{i}.{proj}.weight", shape
+  if cfg.layer_scalar:
+    yield ("layer_scalar",), f"model.layers.{i}.layer_scalar", (1,)
+
+
+def layer_expert_specs(cfg: ModelConfig, i: int) -> Iterator[ExpertSpec]:
+  """The stacked expert params of layer i (none for a dense layer; moe_families.ExpertSpec)."""
+  if cfg.sparse_layer(i):
+    beside = cfg.dense_mlp_beside_experts
+    yield from (gemma4_family.sparse_layer_experts if beside else expert_specs)(cfg, i)
+
+
+def hf_names(cfg: ModelConfig, name: str) -> tuple[str, ...]:
+  """`name` and the other names the same tensor may have on disk (tried in this order)."""
+  return (name,) + alternative_names(cfg, name)
 
 
 def nonlayer_tensor_specs(cfg: ModelConfig) -> Iterator[Spec]:
-  """(param path, HF tensor name, HF shape) for the embedding, final norm and untied lm_head."""
+  """(param path, HF tensor name, HF shape) for the embedding, final norm and untied lm_head
+  (and Gemma 4's per-layer input embedding, projection and norm)."""
   yield ("embed_tokens", "embedding"), "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
+  p, lp = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
+  if p:
+    yield (("embed_tokens_per_layer", "embedding"), "model.embed_tokens_per_layer.weight",
+           (cfg.vocab_size_per_layer_input, lp))
+    yield (("per_layer_model_projection", "kernel"), "model.per_layer_model_projection.weight",
+           (lp, cfg.hidden_size))
+    yield ("per_layer_projection_norm", "weight"), "model.per_layer_projection_norm.weight", (p,)
   yield ("norm", "weight"), "model.norm.weight", (cfg.hidden_size,)
   if not cfg.tie_word_embeddings:
     yield ("lm_head", "kernel"), "lm_head.weight", (cfg.vocab_size, cfg.hidden_size)
 
 
-def sequential_groups(cfg: ModelConfig) -> tuple[tuple[LinearPath, ...], ...]:
-  """The true-sequential groups of a block of this family."""
-  del cfg  # the same for every supported family
-  return SEQUENTIAL_GROUPS
+def embedding_keys(cfg: ModelConfig) -> tuple[str, ...]:
+  """The top-level params the first block's input is computed from (the token embedding, and
+  Gemma 4's per-layer input embedding, projection and norm)."""
+  extra = ("embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm")
+  return ("embed_tokens",) + (extra if cfg.hidden_size_per_layer_input else ())
+
+
+def sequential_groups(cfg: ModelConfig, kind: LayerKind | None = None
+                      ) -> tuple[tuple[LinearPath, ...], ...]:
+  """The true-sequential groups of a block of this kind (default: a dense full-attention block
+  with its own K/V): the attention's (without the projections a Gemma 4 layer lacks), then the
+  MLP's (a sparse block's: moe_families.sparse_groups), then Gemma 4's per-layer input gate and
+  projection (as GPTQModel's Gemma 4 definition orders them; each reads what the one before it
+  wrote)."""
+  kind = LayerKind() if kind is None else kind
+  present = _proj_shapes(cfg, kind.attention, kind.kv_shared)
+  attention = tuple(g for g in (tuple(p for p in group if p[1] in present)
+                                for group in SEQUENTIAL_GROUPS[:2]) if g)
+  mlp = SEQUENTIAL_GROUPS[2:]
+  if kind.sparse:
+    beside = cfg.dense_mlp_beside_experts
+    mlp = (gemma4_family.sparse_layer_groups if beside else sparse_groups)(cfg)
+  groups = attention + mlp
+  if cfg.hidden_size_per_layer_input:
+    groups += ((("per_layer_input_gate",),), (("per_layer_projection",),))
+  return groups
 
 
 __all__ = ["FAMILIES", "Family", "SEQUENTIAL_GROUPS", "block_norms", "config_from_hf",
-           "config_to_hf", "family_of", "layer_tensor_specs", "nonlayer_tensor_specs",
-           "sequential_groups"]
+           "config_to_hf", "embedding_keys", "family_of", "hf_names", "layer_expert_specs",
+           "layer_tensor_specs", "module_tensor_name", "nonlayer_tensor_specs", "sequential_groups"]

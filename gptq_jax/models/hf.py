@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax.models.config import ModelConfig
-from gptq_jax.models.families import (ATTN_PROJS, MLP_PROJS, layer_tensor_specs,  # noqa: F401
+from gptq_jax.models.families import (ATTN_PROJS, MLP_PROJS, embedding_keys,  # noqa: F401
+                                      hf_names, layer_expert_specs, layer_tensor_specs,
                                       nonlayer_tensor_specs)
 from gptq_jax.models.params import ModelParams
 from gptq_jax.models.safetensors_io import SafetensorsFile, save_safetensors
@@ -42,12 +43,57 @@ def params_from_tensors(specs, get, dtype: Any = jnp.float32) -> Params:
   return out
 
 
-def model_params_from_tensors(cfg: ModelConfig, get, dtype: Any = jnp.float32) -> ModelParams:
+def merge_into(tree: Params, other: Params) -> Params:
+  """`other`'s leaves set into the nested dict `tree` (in place; returns it)."""
+  for key, value in other.items():
+    if isinstance(value, dict) and isinstance(tree.get(key), dict):
+      merge_into(tree[key], value)
+    else:
+      tree[key] = value
+  return tree
+
+
+def experts_from_tensors(specs, get, has, dtype: Any = jnp.float32) -> Params:
+  """Stacked expert kernels `[E, in, out]` (moe_families.ExpertSpec) from the per-expert HF tensors
+  when all are there (`has(name)`), else from transformers 5's fused tensor."""
+  out: Params = {}
+  for spec in specs:
+    if all(has(n) for n in spec.names):
+      value = np.stack([np.asarray(get(n, spec.shape)) for n in spec.names])  # [E, out, in]
+    elif has(spec.fused_name):
+      rows = spec.shape[0]
+      value = np.asarray(get(spec.fused_name, spec.fused_shape))[
+          :, spec.part * rows:(spec.part + 1) * rows]
+    else:
+      missing = next(n for n in spec.names if not has(n))
+      raise ValueError(f"the checkpoint has neither {missing!r} (experts one by one) nor "
+                       f"{spec.fused_name!r} (experts fused)")
+    _set(out, spec.path, jnp.asarray(np.swapaxes(value, 1, 2), dtype=dtype))
+  return out
+
+
+def layer_from_tensors(cfg: ModelConfig, i: int, get, has, dtype: Any = jnp.float32) -> Params:
+  """Decoder layer i's params: one HF tensor per leaf, plus a sparse layer's stacked experts."""
+  out = params_from_tensors(layer_tensor_specs(cfg, i), get, dtype)
+  return merge_into(out, experts_from_tensors(layer_expert_specs(cfg, i), get, has, dtype))
+
+
+def _resolving(cfg: ModelConfig, get, has):
+  """(get, has) that also find a tensor under its alternative names (families.hf_names)."""
+  def resolve(name: str) -> str:
+    return next((n for n in hf_names(cfg, name) if has(n)), name)
+  return (lambda name, shape: get(resolve(name), shape)), (lambda name: has(resolve(name)))
+
+
+def model_params_from_tensors(cfg: ModelConfig, get, dtype: Any = jnp.float32,
+                              has=None) -> ModelParams:
   """The whole params tree (carrying `cfg`) from `get(hf_name, hf_shape) -> np.ndarray` (HF
-  layout, HF names: every loader maps its tensors to HF names and comes through here)."""
+  layout, HF names: every loader maps its tensors to HF names and comes through here) and
+  `has(hf_name) -> bool` (needed for mixture-of-experts models only)."""
+  get, has = _resolving(cfg, get, has or (lambda name: True))
   params = params_from_tensors(nonlayer_tensor_specs(cfg), get, dtype)
   for i in range(cfg.num_hidden_layers):
-    params[f"layers_{i}"] = params_from_tensors(layer_tensor_specs(cfg, i), get, dtype)
+    params[f"layers_{i}"] = layer_from_tensors(cfg, i, get, has, dtype)
   return ModelParams(params, cfg)
 
 
@@ -66,7 +112,7 @@ def from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any],
       raise ValueError(f"tensor {name!r} has shape {value.shape}, expected {tuple(shape)}")
     return value
 
-  return model_params_from_tensors(cfg, get, dtype)
+  return model_params_from_tensors(cfg, get, dtype, has=lambda name: name in state_dict)
 
 
 class _TorchBinFile:
@@ -138,8 +184,17 @@ class HFCheckpoint:
   def tensor_names(self) -> list[str]:
     return list(self._where)
 
+  def has(self, name: str) -> bool:
+    """Whether the checkpoint holds `name` (under this or an alternative name)."""
+    return any(n in self._where for n in hf_names(self.config, name))
+
+  def resolve(self, name: str) -> str:
+    """The name `name` has in this checkpoint (families.hf_names)."""
+    return next((n for n in hf_names(self.config, name) if n in self._where), name)
+
   def get(self, name: str, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """An HF tensor (HF layout), checked against `expected_shape`."""
+    name = self.resolve(name)
     if name not in self._where:
       raise ValueError(f"checkpoint {self.folder!r} is missing tensor {name!r}")
     reader = self._open(self._where[name])
@@ -163,14 +218,14 @@ class HFCheckpoint:
     """The params of decoder layer `i` (reads only that layer's tensors)."""
     if not 0 <= i < self.config.num_hidden_layers:
       raise IndexError(f"layer {i} out of range [0, {self.config.num_hidden_layers})")
-    return params_from_tensors(layer_tensor_specs(self.config, i), self.get, dtype)
+    return layer_from_tensors(self.config, i, self.get, self.has, dtype)
 
   def nonlayer_params(self, dtype: Any = jnp.float32) -> Params:
     """embed_tokens, norm and (untied) lm_head."""
     return params_from_tensors(nonlayer_tensor_specs(self.config), self.get, dtype)
 
   def params(self, dtype: Any = jnp.float32) -> ModelParams:
-    params = model_params_from_tensors(self.config, self.get, dtype)
+    params = model_params_from_tensors(self.config, self.get, dtype, self.has)
     self._warn_unexpected()
     return params
 
@@ -178,7 +233,9 @@ class HFCheckpoint:
     cfg = self.config
     known = {name for _, name, _ in nonlayer_tensor_specs(cfg)} | {"lm_head.weight"}
     for i in range(cfg.num_hidden_layers):
-      known |= {name for _, name, _ in layer_tensor_specs(cfg, i)}
+      known |= {self.resolve(name) for _, name, _ in layer_tensor_specs(cfg, i)}
+      for spec in layer_expert_specs(cfg, i):
+        known |= {self.resolve(n) for n in spec.names} | {spec.fused_name}
     extra = [n for n in self._where if n not in known and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:
       warnings.warn(f"{self.folder!r}: ignoring {len(extra)} unexpected tensors, e.g. {extra[:3]}",
@@ -249,7 +306,29 @@ def to_hf_state_dict(cfg: ModelConfig, params: Params, dtype: Any = None) -> dic
     if value.shape != tuple(shape):
       raise ValueError(f"{'/'.join(path)} has shape {value.shape}, expected {tuple(shape)} (HF)")
     out[name] = np.ascontiguousarray(value if dtype is None else value.astype(dtype))
+  for i in range(cfg.num_hidden_layers):
+    for spec in layer_expert_specs(cfg, i):
+      stacked = params[f"layers_{i}"]
+      for key in spec.path:
+        stacked = stacked[key]
+      if not hasattr(stacked, "shape") or not hasattr(stacked, "dtype"):
+        raise ValueError(f"layers_{i}/{'/'.join(spec.path)} is not a dense array: only float "
+                         "params can be saved as a Hugging Face float folder")
+      out.update(float_expert_tensors(spec, np.asarray(stacked), dtype, out))
   return out
+
+
+def float_expert_tensors(spec, stacked: np.ndarray, dtype: Any, written: dict) -> dict:
+  """HF tensors of float experts `stacked` `[E, in, out]`: one per expert, as transformers writes
+  them, or (`spec.saved_fused`, Gemma 4) this projection's rows of the fused `[E, parts * out,
+  in]` tensor, which `written` may already hold (the other part)."""
+  hf = np.swapaxes(stacked if dtype is None else stacked.astype(dtype), 1, 2)  # [E, out, in]
+  if not spec.saved_fused:
+    return {name: np.ascontiguousarray(w) for name, w in zip(spec.names, hf)}
+  fused = written.get(spec.fused_name, np.zeros(spec.fused_shape, hf.dtype))
+  rows = spec.shape[0]
+  fused[:, spec.part * rows:(spec.part + 1) * rows] = hf
+  return {spec.fused_name: fused}
 
 
 def save_hf_folder(folder: str | os.PathLike, cfg: ModelConfig | None, params: Params,

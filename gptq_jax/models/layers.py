@@ -39,6 +39,17 @@ def linear_apply(x: jax.Array, kernel: Any, bias: jax.Array | None, dtype: Any,
   return y
 
 
+def mirror_existing(module: nn.Module, init: Initializer, name: str = "kernel") -> Initializer:
+  """``init``, or, when the module's param ``name`` already holds a packed weight pytree, an init
+  that mirrors its structure: flax checks an existing param's leaves against the init's abstract
+  shapes, and a packed weight's are not the dense ``[in, out]``."""
+  if module.has_variable("params", name):
+    existing = module.get_variable("params", name)
+    if not _is_dense(existing):
+      return lambda *_: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), existing)
+  return init
+
+
 class Linear(nn.Module):
   """A projection with param "kernel" `[in, out]` (Flax layout) and optional "bias" `[out]`."""
 
@@ -64,14 +75,8 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = self.kernel_init
-    if self.has_variable("params", "kernel"):
-      existing = self.get_variable("params", "kernel")
-      if not _is_dense(existing):
-        # A packed weight pytree: flax checks an existing param's leaves against the init's
-        # abstract shapes, so mirror its structure instead of the dense [in, out].
-        init = lambda *_: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), existing)  # noqa: E731
-    kernel = self.param("kernel", init, (self.in_features, self.out_features), self.param_dtype)
+    kernel = self.param("kernel", mirror_existing(self, self.kernel_init),
+                        (self.in_features, self.out_features), self.param_dtype)
     bias = None
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.out_features,), self.param_dtype)
@@ -82,9 +87,10 @@ class RMSNorm(nn.Module):
   """Root-mean-square norm with a learned scale "weight" `[dim]`; statistics in float32.
 
   Normalizes over the last axis, so it also serves as a per-head norm (q/k norms on
-  `[..., heads, head_dim]`). `unit_offset` (Gemma): scale by `1 + weight` in float32 and cast the
-  product; otherwise (Llama, Qwen) cast the normalized input to the activation dtype and scale by
-  `weight` there, as Hugging Face does for each.
+  `[..., heads, head_dim]`). `unit_offset` (Gemma 3): scale by `1 + weight` in float32 and cast the
+  product; `float_scale` (Gemma 4): scale by `weight` in float32 and cast the product; otherwise
+  (Llama, Qwen) cast the normalized input to the activation dtype and scale by `weight` there, as
+  Hugging Face does for each. `use_scale=False`: no weight at all (Gemma 4's value norm).
   """
 
   dim: int
@@ -92,15 +98,21 @@ class RMSNorm(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   unit_offset: bool = False
+  float_scale: bool = False
+  use_scale: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
-    weight = self.param("weight", init, (self.dim,), self.param_dtype)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    if not self.use_scale:
+      return xf.astype(self.dtype)
+    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    weight = self.param("weight", init, (self.dim,), self.param_dtype)
     if self.unit_offset:
       return (xf * (1.0 + weight.astype(jnp.float32))).astype(self.dtype)
+    if self.float_scale:
+      return (xf * weight.astype(jnp.float32)).astype(self.dtype)
     return (weight.astype(self.dtype) * xf.astype(self.dtype)).astype(self.dtype)
 
 

@@ -1,9 +1,12 @@
-"""Rotary position embeddings (RoFormer) per layer type, with llama3 / linear / yarn scaling.
+"""Rotary position embeddings (RoFormer) per layer type, with llama3 / linear / yarn /
+proportional scaling.
 
 Conventions follow Hugging Face: the head dimension is split in two halves (not interleaved),
 `rotate_half(x) = concat(-x2, x1)`, angles computed in float32. A layer's base and scaling come
-from `cfg.rope(layer_type)` (Gemma 3's sliding layers have their own base); yarn also scales cos
-and sin by its attention factor.
+from `cfg.rope(layer_type)` (Gemma 3's sliding layers have their own base), its head size from
+`cfg.layer_head_dim(layer_type)` (Gemma 4's full layers have their own); yarn also scales cos and
+sin by its attention factor; proportional leaves the pairs past its partial factor unrotated
+(frequency 0: cos 1, sin 0).
 """
 
 from __future__ import annotations
@@ -55,12 +58,16 @@ def attention_factor(scaling: RopeScaling | None) -> float:
 def inv_frequencies(cfg: ModelConfig, layer_type: str = FULL) -> np.ndarray:
   """Inverse frequencies `[head_dim // 2]` float32 of a layer type, scaled as its rope says."""
   theta, scaling = cfg.rope(layer_type)
-  dim = cfg.head_dim
+  dim = cfg.layer_head_dim(layer_type)
   exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
   pos_freqs = (np.float32(theta) ** exponents).astype(np.float32)
   inv_freq = (1.0 / pos_freqs).astype(np.float32)
   if scaling is None:
     return inv_freq
+  if scaling.rope_type == "proportional":  # the first `rotated` pairs turn, the rest stay put
+    rotated = int(scaling.partial_rotary_factor * dim // 2)
+    inv_freq = np.where(np.arange(dim // 2) < rotated, inv_freq, np.float32(0))
+    return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
   if scaling.rope_type == "linear":
     return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
   if scaling.rope_type == "yarn":
@@ -80,7 +87,8 @@ def inv_frequencies(cfg: ModelConfig, layer_type: str = FULL) -> np.ndarray:
 
 def rope_cos_sin(cfg: ModelConfig, positions: jnp.ndarray, layer_type: str = FULL
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """positions: [batch, seq] int -> (cos, sin), each [batch, seq, head_dim] float32."""
+  """positions: [batch, seq] int -> (cos, sin), each [batch, seq, head_dim] float32 (head_dim
+  of this layer type)."""
   inv_freq = jnp.asarray(inv_frequencies(cfg, layer_type))  # [head_dim // 2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim // 2]
   angles = jnp.concatenate([angles, angles], axis=-1)  # [batch, seq, head_dim]

@@ -5,7 +5,10 @@ inputs shared by several linears (q/k/v, gate/up: the same traced array) are cou
 running ``HessianState``s are donated. With a mesh, the batch is split over the data axis with
 ``jax.shard_map``: each device runs the block on its own samples and keeps its own ``X^T X``
 sums, combined when H is read; the Hessians equal the single-device ones bit for bit (up to rare
-rounding ties: core/hessian.py).
+rounding ties: core/hessian.py). An expert projection's input (``Routed``: the
+token copies sorted by expert) gives one ``X^T X`` per expert over exactly the rows routed to it,
+padding tokens masked out (``core.routed.expert_gram``; state ``[E, in, in]``, counts ``[E]``),
+summed and combined the same way.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from gptq_jax.core import hessian
+from gptq_jax.core import hessian, routed
 from gptq_jax.pipeline import multihost
-from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath
+from gptq_jax.pipeline.adapter import DecoderAdapter, LinearPath, is_routed
 
 
 def linear_inputs(adapter, block_params, hidden, ctx, targets, given=None):
@@ -34,11 +38,11 @@ def linear_inputs(adapter, block_params, hidden, ctx, targets, given=None):
 
   def capture(path, x):
     if path in targets and path not in alias:
-      rep = by_input.setdefault(id(x), path)
+      rep = by_input.setdefault(id(x.x) if is_routed(x) else id(x), path)
       alias[path] = rep
       if rep == path:
         reps[path] = x
-    return given.get(path)
+    return None if is_routed(x) else given.get(path)
 
   adapter.run_block(block_params, hidden, ctx, capture)
   missing = [p for p in targets if p not in alias]
@@ -65,10 +69,12 @@ class HessianCapture:
     self.alias: dict[LinearPath, LinearPath] = {}  # path -> the path whose Hessian it shares
     self.states: dict[LinearPath, hessian.HessianState] | None = None
     self._final: dict[LinearPath, jax.Array] = {}  # H of each input, once finalized
+    self.routed: set[LinearPath] = set()  # representative paths of expert inputs
 
     def linear_reps(block_params, hidden, ctx, given):
       reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets, given)
       self.alias = alias  # fixed at trace time: the same for every call of the compiled step
+      self.routed = {p for p, x in reps.items() if is_routed(x)}
       return reps
 
     def local(states, block_params, hidden, ctx, mask, given, keep):
@@ -76,7 +82,9 @@ class HessianCapture:
 
       def body(st, h, c, m, g):
         reps = linear_reps(block_params, h, c, g)
-        return {p: hessian.add(st[p], x, m) for p, x in reps.items()}, (reps if keep else None)
+        new = {p: _add_expert_rows(st[p], x, m) if is_routed(x) else hessian.add(st[p], x, m)
+               for p, x in reps.items()}
+        return new, (reps if keep else None)
 
       mine, reps = scan_samples(body, mine, hidden, ctx, mask, given)
       return (multihost.stacked(mine) if mesh is not None else mine), reps
@@ -108,7 +116,10 @@ class HessianCapture:
     return jax.eval_shape(self._inputs, block_params, hidden, ctx, given or {})
 
   def _zeros(self, shapes: dict):
-    states = {p: hessian.init(s.shape[-1]) for p, s in shapes.items()}
+    # under shard_map the per-device routings are laid end to end: E is one device's share
+    devices = 1 if self.mesh is None else self.mesh.shape[self.axis_name]
+    states = {p: _expert_zeros(s, devices) if is_routed(s) else hessian.init(s.shape[-1])
+              for p, s in shapes.items()}
     if self.mesh is None:
       return states
     return multihost.per_device_zeros(self.mesh, self.axis_name, states)
@@ -132,9 +143,39 @@ class HessianCapture:
       self._final[rep] = local_copy(h)
     return self._final[rep]
 
+  def expert_hessians(self, path: LinearPath) -> tuple[jax.Array, jax.Array]:
+    """An expert projection's ``(H [E, in, in], tokens [E])``: each expert's ``2 / n_e X_e^T X_e``
+    over the tokens routed to it (zero for an expert that got none), on one local device, and the
+    token counts. The running sum is dropped, as in ``hessian``."""
+    rep = self.alias[path]
+    if rep not in self._final:
+      state = multihost.combined(self.mesh, self.axis_name, self.states.pop(rep))
+      xtx = local_copy(state.xtx + state.err)
+      count = local_copy(state.count)
+      self._final[rep] = (xtx * (2.0 / jnp.maximum(count, 1.0))[:, None, None], count)
+    return self._final[rep]
+
   def release(self, path: LinearPath) -> None:
     """Drop the finalized H of ``path``'s input (its solves are done)."""
     self._final.pop(self.alias.get(path, path), None)
+
+
+def _expert_zeros(x, devices: int = 1) -> hessian.HessianState:
+  """The running sums of an expert projection's input (``Routed``; its routing laid end to end
+  over ``devices``): ``[E, in, in]``, ``[E]``."""
+  E, d = x.routing.group_sizes.shape[0] // devices, x.x.shape[-1]
+  zeros = jnp.zeros((E, d, d), jnp.float32)
+  return hessian.HessianState(xtx=zeros, count=jnp.zeros((E,), jnp.float32), err=zeros)
+
+
+def _add_expert_rows(state: hessian.HessianState, x, mask) -> hessian.HessianState:
+  """One sample's routed rows added per expert (a row's mask is its token's), compensated as
+  ``hessian.add``."""
+  rows_mask = mask.reshape(-1)[x.routing.token]
+  gram, n = routed.expert_gram(x.x, x.routing.group_sizes, rows_mask,
+                               num_groups=x.routing.group_sizes.shape[0])
+  xtx, e = hessian.two_sum(state.xtx, gram)
+  return hessian.HessianState(xtx=xtx, count=state.count + n, err=state.err + e)
 
 
 def local_copy(a: jax.Array) -> jax.Array:
@@ -212,6 +253,22 @@ def embed_runner(adapter: DecoderAdapter, mesh: Mesh | None = None, axis_name: s
     embed = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
                           out_specs=P(axis_name))
   return jax.jit(embed)
+
+
+@functools.lru_cache(maxsize=64)
+def ctx_advancer_for(adapter: DecoderAdapter, i: int, mesh: Mesh | None, axis_name: str):
+  """A jitted ``(block_params, hidden, ctx) -> ctx`` for block ``i + 1`` (the adapter's
+  ``advance_ctx``; data-parallel over ``mesh``), or None for an adapter whose context does not
+  change from block to block."""
+  if not getattr(adapter, "advances_ctx", False):
+    return None
+  advance = functools.partial(adapter.advance_ctx, i=i)
+  if mesh is None:
+    return jax.jit(advance)
+  run = jax.jit(jax.shard_map(advance, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
+                              out_specs=P(axis_name)))
+  return lambda block_params, hidden, ctx: run(multihost.replicate(mesh, block_params), hidden,
+                                               ctx)
 
 
 @functools.lru_cache(maxsize=64)

@@ -23,10 +23,11 @@ from gptq_jax.config import GPTQConfig
 from gptq_jax.core.gptq import quantize_weight  # noqa: F401 (re-exported for callers)
 from gptq_jax.core.shared import can_share, quantize_shared as solve_shared, solve_mesh
 from gptq_jax.core.weights import PackedWeight, QuantizedWeight
-from gptq_jax.pipeline import calib, dynamic, multihost
+from gptq_jax.pipeline import calib, dynamic, experts, multihost
 from gptq_jax.pipeline.adapter import (DecoderAdapter, ModelAdapter, block_adapter, get_path,
                                        set_path)
-from gptq_jax.pipeline.capture import HessianCapture, capture_for, embed_runner, runner_for
+from gptq_jax.pipeline.capture import (HessianCapture, capture_for, ctx_advancer_for,
+                                       embed_runner, runner_for)
 from gptq_jax.pipeline.gptaq import cross_capture_for
 from gptq_jax.pipeline.progress import BlockProgress
 from gptq_jax.pipeline.refine import refine_stream
@@ -107,11 +108,19 @@ class _Stream:
     """The block's parameters on every device of the mesh, once (not once per micro-batch)."""
     return block_params if self.mesh is None else multihost.replicate(self.mesh, block_params)
 
-  def propagate(self, run, block_params, given=None) -> None:
-    """The block's outputs; ``given[k]``: micro-batch k's kept linear inputs (stash.py)."""
+  def propagate(self, run, block_params, given=None) -> list:
+    """The block's outputs; ``given[k]``: micro-batch k's kept linear inputs (stash.py).
+    -> the block's inputs (for ``advance``)."""
+    inputs = self.hidden
     block_params = self.replicate(block_params)
     given = given or [None] * len(self.hidden)
     self.hidden = [run(block_params, h, c, g) for h, c, g in zip(self.hidden, self.ctx, given)]
+    return inputs
+
+  def advance(self, advance, block_params, inputs) -> None:
+    """The next block's context (``advance``: ``capture.ctx_advancer_for``; None: unchanged)."""
+    if advance is not None:
+      self.ctx = [advance(block_params, h, c) for h, c in zip(inputs, self.ctx)]
 
 
 LayerConfig = Callable[[str], "GPTQConfig | None"]
@@ -129,26 +138,44 @@ def _solve_sets(capture: HessianCapture, group, names, configs) -> list[list[int
   return list(sets.values())
 
 
+def _refuse_quantized(kernel: Any, name: str) -> None:
+  if _is_quantized(kernel):
+    raise ValueError(f"{name} is already quantized: quantize a float model (an HF float folder, "
+                     "a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
+
+
 def _quantize_group(capture: HessianCapture, block: Any, work: Any, group, cfg: GPTQConfig,
                     i: int, progress: BlockProgress, records: list[dict],
-                    layer_config: LayerConfig | None = None, spread: Mesh | None = None):
+                    layer_config: LayerConfig | None = None, spread: Mesh | None = None,
+                    total_tokens: float = 0.0):
   """Quantize the linears ``group`` of block ``i`` from the Hessians in ``capture``.
 
   Layers sharing a Hessian and a config are solved in one call (``core.shared``: H factorized
   once, the codes those of separate solves; their rows spread over ``spread``'s devices when
   given). ``layer_config(name)`` gives a layer's own settings
-  (None: leave it unquantized); default: ``cfg`` for every layer.
+  (None: leave it unquantized); default: ``cfg`` for every layer. A mixture-of-experts layer's
+  experts are solved together (pipeline/experts.py; ``total_tokens``: the calibration tokens,
+  for the few-token fallback); its router stays float unless a dynamic rule names it.
   """
+  routed = [p for p in group if capture.alias.get(p, p) in capture.routed]
+  if routed:  # a mixture-of-experts layer's experts: their own Hessians, solved together
+    n_exp = get_path(block, routed[0])["kernel"].shape[0]
+    configs = [experts.expert_config(cfg, i, p, n_exp, layer_config) for p in routed]
+    for p in routed:
+      _refuse_quantized(get_path(block, p)["kernel"], f"layers.{i}." + ".".join(p))
+    block, work = experts.quantize_expert_sets(capture, block, work, routed, configs, i, progress,
+                                               records, total_tokens, spread)
+    group = tuple(p for p in group if p not in routed)
   names = [f"layers.{i}." + ".".join(path) for path in group]
   if layer_config is None:  # per-module precision (GPTQModel's dynamic), or None: stays float
     configs = [dynamic.resolve(cfg, dynamic.module_name(i, path)) for path in group]
   else:
     configs = [layer_config(n) for n in names]
+  configs = [dynamic.resolve(cfg, dynamic.module_name(i, p), unmatched=None)  # the router
+             if experts.float_by_default(p) else c for p, c in zip(group, configs)]
   for k, path in enumerate(group):
     kernel = get_path(block, path)["kernel"]
-    if _is_quantized(kernel):
-      raise ValueError(f"{names[k]} is already quantized: quantize a float model (an HF float "
-                       "folder, a .gguf file or an embedded name), not a GPTQ folder or checkpoint")
+    _refuse_quantized(kernel, names[k])
     if configs[k] is None:  # a "-:" rule
       records.append({"block": i, "layer": names[k], "shape": list(kernel.shape), "skipped": True})
   sets = _solve_sets(capture, group, names, configs)
@@ -223,6 +250,11 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   if not isinstance(cfg, GPTQConfig):
     raise ValueError(f"cfg must be a gptq_jax.GPTQConfig, got {type(cfg).__name__}")
   adapter = resolve_adapter(params, model_config, adapter)
+  if cfg.gptaq and getattr(getattr(adapter, "config", None), "num_kv_shared_layers", 0):
+    raise ValueError("GPTQConfig.gptaq=True is not supported for a model whose layers share "
+                     "keys / values (Gemma 4 num_kv_shared_layers > 0): GPTAQ's float stream would "
+                     "need the float producers' keys / values; quantize it without gptaq")
+  experts.check_model(cfg, getattr(adapter, "config", None), layer_config)
   if cfg.rotation != "none" and start_block == 0:  # rotation.rotate_model must come first
     check_rotated(params, getattr(adapter, "config", None), getattr(adapter, "rotation", None),
                   cfg.rotation)
@@ -242,8 +274,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   t = time.perf_counter()
   stream = _Stream(adapter, params, batches, mesh, axis_name)
   t = st.mark("embedding", t, stream.hidden)
-  groups = adapter.sequential_groups if cfg.true_sequential else (
-      tuple(p for g in adapter.sequential_groups for p in g),)
+  total_tokens = float(sum(float(m.sum()) for m in stream.masks))  # the few-token fallback
   float_hidden = list(stream.hidden) if cfg.gptaq else None  # GPTAQ: the float model's stream
   # resumed GPTAQ: the float stream is run through the done blocks' float weights again, when the
   # adapter can read them (the CLI's streamed model can): the same stream as an unbroken run
@@ -258,9 +289,12 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
   plan = StashPlan(stash_bytes, mesh, mesh.devices.size if mesh is not None else 1)
   kept = out = None
   for i in range(nblocks):
-    blk = block_adapter(adapter, i)  # one per layer type: its compiled functions are shared
+    blk = block_adapter(adapter, i)  # one per layer kind: its compiled functions are shared
     run = runner_for(blk, mesh, axis_name)
-    captures = [(cross_capture_for if cfg.gptaq else capture_for)(blk, g, mesh, axis_name)
+    groups = blk.sequential_groups if cfg.true_sequential else (
+        tuple(p for g in blk.sequential_groups for p in g),)
+    calib_blk = experts.calibration_adapter(blk, cfg)  # moe_routing: the Hessian passes only
+    captures = [(cross_capture_for if cfg.gptaq else capture_for)(calib_blk, g, mesh, axis_name)
                 for g in groups]
     t = time.perf_counter()
     block = adapter.get_block(params, i)
@@ -300,7 +334,7 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
         handed = [block]  # _quantize_group holds the only reference: each float kernel is
         del block         # freed once its layer is packed
         block, _ = _quantize_group(capture, handed.pop(), None, group, cfg, i, bar, records,
-                                   layer_config, spread)
+                                   layer_config, spread, total_tokens)
         work = _working_copy(block, dtype)
         t = st.mark("solves", t, work)
         capture.reset()
@@ -314,12 +348,14 @@ def quantize(params: Any, calib_batches: Any, cfg: GPTQConfig, *, model_config: 
     if i + 1 < nblocks or cfg.lm_head:  # the last block's outputs feed only lm_head
       if kept is None or cfg.refine_steps or not any(kept):  # the block from its input
         kept = None
-      stream.propagate(run, work, kept)
+      inputs = stream.propagate(run, work, kept)
       if i >= start_block:
         st.work("propagation", len(stream.ctx) * work_of(
             blk, work, stream.hidden[0], stream.ctx[0], None, kept[0] if kept else None))
       if float_hidden is not None:
         float_hidden = [run(float_work, h, c) for h, c in zip(float_hidden, stream.ctx)]
+      stream.advance(ctx_advancer_for(adapter, i, mesh, axis_name), work, inputs)  # Gemma 4
+      inputs = None
       t = st.mark("propagation", t, stream.hidden)
       st.count("propagation passes")
     if i >= start_block:

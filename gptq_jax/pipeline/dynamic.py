@@ -35,8 +35,13 @@ def module_name(i: int, path: tuple[str, ...]) -> str:
   return f"model.layers.{i}." + ".".join(path)
 
 
-def resolve(cfg: GPTQConfig, name: str) -> GPTQConfig | None:
-  """The config module ``name`` is quantized with, or None when a ``-:`` rule leaves it float."""
+_BASE = object()
+
+
+def resolve(cfg: GPTQConfig, name: str, unmatched: Any = _BASE) -> GPTQConfig | None:
+  """The config module ``name`` is quantized with, or None when a ``-:`` rule leaves it float.
+  ``unmatched``: what a module no rule matches gets (default ``cfg``; None keeps a module that
+  is float by default, a mixture-of-experts router, float unless a rule names it)."""
   for pattern, overrides in cfg.dynamic or ():
     negative = pattern.startswith("-:")
     raw = pattern[2:] if pattern.startswith(("+:", "-:")) else pattern
@@ -44,7 +49,7 @@ def resolve(cfg: GPTQConfig, name: str) -> GPTQConfig | None:
       if negative:
         return None
       return module_config(cfg, dict(overrides)) if overrides else cfg
-  return cfg
+  return cfg if unmatched is _BASE else unmatched
 
 
 def lm_head_statistics(model_config: Any, params: Any, hidden: list, masks: list,

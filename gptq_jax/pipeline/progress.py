@@ -18,7 +18,10 @@ def _fmt(seconds: float) -> str:
 class BlockProgress:
   """A line per block, e.g. ``[block 2/29] ###----- 10% 12s elapsed ETA 1m48s | mlp.up_proj
   loss 0.0123``: blocks are numbered from 0, as in the tensor names (``model.layers.2``), the
-  report and its plot; the line shows the block over the last block's number.
+  report and its plot; the line shows the block over the last block's number. While a
+  mixture-of-experts layer's experts are solved, ``| experts 12/32
+  experts.gate_proj+experts.up_proj``, and the finished line of a sparse block says how many
+  experts it quantized.
 
   On a terminal the line is redrawn after each layer (the layer just quantized and its GPTQ loss)
   and kept when the block finishes; elsewhere (a log file, a pipe) one line per finished block is
@@ -36,6 +39,7 @@ class BlockProgress:
     self.first = 0
     self.t_first: float | None = None  # when the first block of this run finished
     self.worst: tuple[str, float] | None = None  # the current block's largest layer loss
+    self.experts: tuple[int, int] | None = None  # (experts done, per projection) in this block
     self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
   def skip(self, n: int) -> None:
@@ -43,7 +47,9 @@ class BlockProgress:
     self.done = self.first = n
 
   def update(self, block: int, layer: str = "", loss: float | None = None,
-             finished: bool = False) -> None:
+             finished: bool = False, experts: tuple[int, int] | None = None) -> None:
+    if experts is not None:
+      self.experts = experts
     if loss is not None and math.isfinite(loss) and (self.worst is None or loss > self.worst[1]):
       self.worst = (layer, loss)
     if finished:
@@ -54,7 +60,7 @@ class BlockProgress:
       self.stream.write(self.line(block, layer, loss, finished))
       self.stream.flush()
     if finished:
-      self.worst = None
+      self.worst = self.experts = None
 
   def line(self, block: int, layer: str, loss: float | None, finished: bool) -> str:
     elapsed = self.clock() - self.t0
@@ -69,6 +75,8 @@ class BlockProgress:
     text = (f"[block {min(block, self.total - 1)}/{self.total - 1}] "
             f"{'#' * filled}{'-' * (self.width - filled)} {frac:4.0%} "
             f"{_fmt(elapsed)} elapsed ETA {eta}")
+    if self.experts is not None:
+      text += f" | experts {self.experts[0]}/{self.experts[1]}"
     if finished and self.worst is not None:
       text += f" | max layer loss {self.worst[1]:.4g} ({self.worst[0]})"
     elif layer:

@@ -12,7 +12,8 @@ drops what only fed that input: the ``[gate, up]`` pass is ``o`` + residual + no
 pass is ``gate``/``up`` + activation, the propagation is ``o`` and ``down`` with the residuals
 (and Gemma 3's post-norms, which act on those linears' outputs).
 
-The first subset's input is never kept (only norms precede it). A subset is kept when its bytes
+The first subset's input is never kept (only norms precede it), nor a mixture-of-experts
+subset's (its experts' inputs are token copies sorted by expert: they are recomputed). A subset is kept when its bytes
 (all micro-batches, per device) fit the budget left by the earlier kept subsets; otherwise its
 input is recomputed, as before. The budget (``quantize(..., stash_bytes=)``): by default half of a
 device's free memory where the device reports it (TPU, GPU), else half of the host's available
@@ -85,6 +86,9 @@ class StashPlan:
         self.keep[g] = False
       else:
         shapes = capture.input_shapes(*args, given)
+        if getattr(capture, "routed", None):  # experts' inputs: sorted copies, never kept
+          self.keep[g] = False
+          return False
         need = nbatches * sum(math.prod(s.shape) * s.dtype.itemsize for s in shapes.values())
         need = -(-need // self.ndevices)
         self.bytes[g] = need
@@ -122,8 +126,12 @@ def _count(jaxpr) -> int:
       (lhs_contract, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
       total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+    elif eqn.primitive.name == "ragged_dot_general":  # rows x in x out, each row one group
+      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      total += 2 * math.prod(lhs) * rhs[-1]
+    repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
     for sub in jax_core.jaxprs_in_params(eqn.params):
-      total += _count(sub)
+      total += repeat * _count(sub)
   return total
 
 

@@ -60,7 +60,7 @@ def _accounted_run(args: list[str], patches=()) -> tuple[list, str, str]:
   mp.setattr(stream.StreamedRun, "set_block",
              lambda self, p, i, b: sample(f"done {i}") or set_block(self, p, i, b))
   mp.setattr(stream.EvalStream, "advance",
-             lambda self, run, b: advance(self, run, b) or sample("eval"))
+             lambda self, run, b, *rest: advance(self, run, b, *rest) or sample("eval"))
   mp.setattr(driver, "solve_shared",
              lambda ks, h, c, n, **kw: sample(f"solve {n[0]}") or solve(ks, h, c, n, **kw))
   for obj, name, value in patches:

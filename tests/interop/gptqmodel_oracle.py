@@ -14,6 +14,11 @@
       GPTQQuantizer (GPTQModel installed underneath). Only the kernel is chosen (``backend="torch"``,
       a loading attribute transformers lets the caller set): the automatic choice on an AVX-512 CPU
       JIT-compiles a C++ extension for minutes. Model loaded in float16, then cast to float32.
+      Mixtures of experts (qwen3_moe, qwen2_moe, mixtral): transformers 5 holds a layer's experts
+      as one fused parameter and Optimum replaces only ``nn.Linear`` modules, so it cannot load
+      per-expert GPTQ tensors (it reports them UNEXPECTED and leaves the experts random); GPTQModel's
+      ``defuser.replace_fused_blocks(model_type)`` first swaps in one module per expert (what
+      GPTQModel.load does), then ``from_pretrained`` runs as for a dense model.
 
   python gptqmodel_oracle.py quantize SRC IDS.npy OUT BITS GROUP_SIZE DESC_ACT FORMAT
       Quantizes the float HF folder SRC with GPTQModel on the calibration token rows of IDS.npy
@@ -33,6 +38,9 @@ import traceback
 
 import numpy as np
 import torch
+
+
+MOE_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 
 def logits(ids_path, out_path, folders):
@@ -63,7 +71,12 @@ def from_pretrained(ids_path, out_path, folders):
   for k, folder in enumerate(folders):
     try:
       with open(f"{folder}/config.json") as f:
-        bits = json.load(f)["quantization_config"]["bits"]
+        config = json.load(f)
+      bits = config["quantization_config"]["bits"]
+      if config["model_type"] in MOE_MODEL_TYPES:
+        import defuser
+
+        defuser.replace_fused_blocks(config["model_type"])
       loading = transformers.GPTQConfig(bits=bits, backend="torch")  # only the kernel is taken
       model = transformers.AutoModelForCausalLM.from_pretrained(
           folder, device_map="cpu", dtype=torch.float16, quantization_config=loading)

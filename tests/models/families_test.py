@@ -22,7 +22,8 @@ from gptq_jax.eval import generate
 from gptq_jax.pipeline import dense_block, rtn_model
 from gptq_jax.models import ModelConfig, ModelParams, forward, load_model, save_hf_folder
 from gptq_jax.models.params import plain
-from gptq_jax.models.testing import FAMILY_NAMES, tiny_pair, torch_logits
+from gptq_jax.models.testing import (FAMILY_NAMES, assert_close, random_ids, tiny_pair,
+                                     torch_logits)
 from tests.interop.helpers import importorskip
 
 torch = importorskip("torch")
@@ -41,14 +42,7 @@ def pair(request):
 _forward = jax.jit(forward, static_argnums=1)  # one compile beats op-by-op dispatch here
 
 
-def _ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:
-  return np.random.RandomState(seed).randint(3, 256, size=(batch, seq)).astype(np.int32)
-
-
-def _close(ours, ref, rel=2e-6):
-  scale = float(np.abs(ref).max())
-  err = float(np.abs(np.asarray(ours) - ref).max())
-  assert err < rel * scale, f"max error {err} vs scale {scale}"
+_ids, _close = random_ids, assert_close
 
 
 def test_config_fields_per_family(pair):
@@ -73,14 +67,19 @@ def test_config_fields_per_family(pair):
 def test_logits_match_transformers_with_padding(pair):
   """Float32 logits equal transformers' for a plain and a left-padded sequence (the window of 16
   is shorter than the 40 tokens, so sliding layers really drop keys)."""
-  family, hf, cfg, params = pair
-  ids = _ids(2, SEQ)
+  _, hf, cfg, params = pair
+  check_padded_logits(hf, cfg, params, SEQ, 6)
+
+
+def check_padded_logits(hf, cfg, params, seq: int, pad: int) -> None:
+  """Our logits == transformers' on a full row and a row left-padded by `pad` tokens."""
+  ids = _ids(2, seq)
   mask = np.ones_like(ids)
-  mask[1, :6] = 0
+  mask[1, :pad] = 0
   ref = torch_logits(hf, ids, mask)
   ours = np.asarray(_forward(params, cfg, ids, mask))
   _close(ours[0], ref[0])
-  _close(ours[1, 6:], ref[1, 6:])
+  _close(ours[1, pad:], ref[1, pad:])
   assert (ours[0].argmax(-1) == ref[0].argmax(-1)).all()
 
 
