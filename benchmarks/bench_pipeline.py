@@ -1,7 +1,14 @@
 """End-to-end GPTQ of an embedded model: gptq_jax.quantize vs GPTQModel, same calibration tokens, same run.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--model smollm2-135m|gemma3-270m] [--nsamples 64]
-        [--seqlen 512] [--eval-windows 40] [--desc-act off|on|both] [--batch-size 8] [--no-baseline]
+    .venv/bin/python benchmarks/bench_pipeline.py [--model smollm2-135m|gemma3-270m|synthetic-moe]
+        [--nsamples 64] [--seqlen 512] [--eval-windows 40] [--desc-act off|on|both] [--batch-size 8]
+        [--no-baseline]
+
+`--model synthetic-moe`: a mixture of experts written with transformers' own `Qwen3MoeConfig` and
+random weights (seed 0; transformers' initialization, its router included): 8 blocks, hidden 1024,
+16 heads (4 KV heads), 32 experts of width 512, top-4 (renormalized), SmolLM2's vocabulary and
+tokenizer (for the text calibration); both sides quantize that float32 folder. Its perplexities
+are those of a random model: only their relative increases compare.
 
 Calibration: `--nsamples` random `--seqlen`-token windows of the bundled State of the Union
 addresses 1990-2015 (`gptq_jax.data.text_calib_batches(sotu_texts("calib"), ...)`, seed 0), saved
@@ -48,7 +55,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (BASELINES, GPTQMODEL_PYTHON, emit_json, gptqmodel_available, log,  # noqa: E402
                      peak_rss_mb, ratio, run_json, table)
 
-MODELS = ("smollm2-135m", "gemma3-270m")
+MODELS = ("smollm2-135m", "gemma3-270m", "synthetic-moe")
+SYNTHETIC = {"synthetic-moe": dict(
+    hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+    num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, intermediate_size=2048,
+    norm_topk_prob=True, max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=False)}
+
+
+def tokenizer_of(model: str) -> str:
+  """The embedded model whose tokenizer a model uses (a synthetic one: SmolLM2's)."""
+  return MODELS[0] if model in SYNTHETIC else model
+
+
+def write_synthetic(folder: str, model: str, tok) -> None:
+  """The synthetic model as a float32 HF folder, written by transformers itself."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  config = transformers.Qwen3MoeConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id, **SYNTHETIC[model])
+  transformers.Qwen3MoeForCausalLM(config).save_pretrained(folder)
+  tok.save_pretrained(folder)
+
+
+def model_spec(workdir: str, model: str) -> str:
+  """What load_model reads for ``model``: the written folder of a synthetic model."""
+  return os.path.join(workdir, "hf") if model in SYNTHETIC else model
 DAMP = 0.1
 GPTQMODEL_ENV = {"TORCH_COMPILE_DISABLE": "1", "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1",
                  "TRANSFORMERS_OFFLINE": "1", "XLA_FLAGS": ""}
@@ -59,7 +92,7 @@ def prepare(workdir: str, args) -> None:
   from gptq_jax import data
   from gptq_jax.models import load_llama, load_tokenizer, save_hf_folder
 
-  tok = load_tokenizer(args.model)
+  tok = load_tokenizer(tokenizer_of(args.model))
   batches = data.text_calib_batches(data.sotu_texts("calib"), tok, nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=0, batch_size=args.nsamples)
   ids = np.concatenate([b["input_ids"] for b in batches])
@@ -78,7 +111,9 @@ def prepare(workdir: str, args) -> None:
   np.save(os.path.join(workdir, "eval.npy"), windows)
   with open(os.path.join(workdir, "eval_bos.json"), "w") as f:
     json.dump(bos, f)
-  if not args.no_baseline:
+  if args.model in SYNTHETIC:  # both sides read this folder
+    write_synthetic(os.path.join(workdir, "hf"), args.model, tok)
+  elif not args.no_baseline:
     cfg, params = load_llama(args.model)
     save_hf_folder(os.path.join(workdir, "hf"), cfg, params)
     tok.save_pretrained(os.path.join(workdir, "hf"))
@@ -88,7 +123,7 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int, model:
   """Runs in its own process: prints our figures as one JSON line."""
   import gptq_jax as gj
   from gptq_jax.eval import perplexity
-  from gptq_jax.models import load_llama
+  from gptq_jax.models import load_model
   from gptq_jax.pipeline import dense_block, quantize, rtn_model
 
   calib = np.load(os.path.join(workdir, "calib.npy"))
@@ -97,7 +132,7 @@ def side_ours(workdir: str, desc_act: bool, seqlen: int, batch_size: int, model:
     bos = json.load(f)
   tokens = (windows[:, 1:] if bos is not None else windows).reshape(-1)
   t0 = time.perf_counter()
-  cfg, params = load_llama(model)
+  cfg, params = load_model(model_spec(workdir, model))
   load_s = time.perf_counter() - t0
   rss_loaded = peak_rss_mb()
   qcfg = gj.GPTQConfig(4, group_size=128, sym=True, desc_act=desc_act,
@@ -131,7 +166,7 @@ def run_cli(workdir: str, desc_act: bool, args) -> dict:
     shutil.rmtree(os.path.join(workdir, old), ignore_errors=True)
   report = os.path.join(workdir, f"cli_{tag}.json")
   cmd = [sys.executable, os.path.join(root, "scripts", "quantize_llama.py"),
-         "--model", getattr(args, "model", None) or "smollm2-135m",
+         "--model", model_spec(workdir, getattr(args, "model", None) or "smollm2-135m"),
          "--output", os.path.join(workdir, f"cli_{tag}"),
          "--save-hf", os.path.join(workdir, f"cli_hf_{tag}"), "--report", report,
          "--dataset", os.path.join(workdir, "calib.npy"), "--nsamples", str(args.nsamples),

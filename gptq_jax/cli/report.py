@@ -1,10 +1,16 @@
-"""The ``--report`` of a quantization run: a JSON file and, beside it, a PNG of the loss per layer."""
+"""The ``--report`` of a quantization run: a JSON file and, beside it, a PNG of the loss per layer.
+
+Mixture-of-experts layers report one record per expert (its loss, the calibration tokens routed
+to it, whether it fell back to round-to-nearest); the plot draws each expert projection as one
+line (the mean over its experts) inside a band (their min to max), and the legend says how many
+experts fell back."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 
 
@@ -37,25 +43,42 @@ def write(path: str, result: dict) -> str | None:
   return png
 
 
+def loss_series(layers: list[dict]) -> tuple[dict[str, dict[int, list[float]]], dict[str, int]]:
+  """({projection: {block: [losses]}}, {projection: experts that fell back}): a layer's own loss,
+  or every expert's of an expert projection (``mlp.experts.{e}.gate_proj`` -> ``mlp.experts.
+  gate_proj``)."""
+  series: dict[str, dict[int, list[float]]] = {}
+  fallbacks: dict[str, int] = {}
+  for r in layers:
+    name = re.sub(r"\.experts\.\d+\.", ".experts.", r["layer"].split(".", 2)[-1])
+    if "expert" in r and r.get("fallback"):
+      fallbacks[name] = fallbacks.get(name, 0) + 1
+    if r.get("loss") is None or not math.isfinite(r["loss"]) or r["loss"] <= 0:
+      continue
+    series.setdefault(name, {}).setdefault(r["block"], []).append(r["loss"])
+  return series, fallbacks
+
+
 def plot_losses(path: str, layers: list[dict]) -> None:
-  """One line per projection type across blocks, log scale."""
+  """One line per projection type across blocks, log scale (experts: mean, min-max band)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.ticker import MaxNLocator
 
-  series: dict[str, tuple[list[int], list[float]]] = {}
-  for r in layers:
-    if r.get("loss") is None or not math.isfinite(r["loss"]) or r["loss"] <= 0:
-      continue
-    name = r["layer"].split(".", 2)[-1]
-    xs, ys = series.setdefault(name, ([], []))
-    xs.append(r["block"])
-    ys.append(r["loss"])
+  series, fallbacks = loss_series(layers)
   fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-  for name, (xs, ys) in sorted(series.items()):
-    ax.plot(xs, ys, marker=".", label=name)
+  for name, by_block in sorted(series.items()):
+    xs = sorted(by_block)
+    ys = [sum(by_block[b]) / len(by_block[b]) for b in xs]
+    label = name
+    if ".experts." in name:
+      label += " (mean of experts, band min-max" + (
+          f", {fallbacks[name]} fell back)" if fallbacks.get(name) else ")")
+      ax.fill_between(xs, [min(by_block[b]) for b in xs], [max(by_block[b]) for b in xs],
+                      alpha=0.2)
+    ax.plot(xs, ys, marker=".", label=label)
   ax.set_yscale("log")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("block (model.layers.N)")

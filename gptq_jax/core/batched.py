@@ -1,15 +1,16 @@
 """GPTQ for a batch of same-shape linear layers with their own Hessians: a layer's experts.
 
 The experts of a mixture-of-experts layer all have the same shapes, each its own Hessian (from
-the tokens routed to it). ``quantize_batched`` solves them together: every step of
-``quantize_weight`` (dead columns and column order, the inverse-Hessian factor, the grids, the
-scanned column loop, the final reordering) runs once, ``jax.vmap``-ed over the experts, so one
-compiled program serves a whole layer; its codes are those of one ``quantize_weight`` per expert
+the tokens routed to it). ``quantize_batched`` solves them together: the steps of
+``quantize_weight`` (dead columns and column order, the grids, the scanned column loop, the final
+reordering) run once, ``jax.vmap``-ed over the experts, so one compiled program serves a whole
+layer; its codes are those of one ``quantize_weight`` per expert
 (``tests/core/batched_test.py``). Kernels that share each expert's Hessian (its gate and up
 projections) are concatenated along their outputs first, as ``core.shared`` does for one layer.
 
-* Damping: all experts are factorized at ``damp_percent``; an expert whose Hessian is not
-  positive definite at it escalates on its own (``factor.factorize``), as it would alone.
+* Factorization: expert by expert with ``factor.factorize`` (the same program, damping
+  escalation and LAPACK thread limit as ``quantize_weight``; a vmapped Cholesky under that limit
+  deadlocks XLA:CPU); everything after it is vmapped.
 * ``rtn``: experts marked there (too few calibration tokens; see pipeline/experts.py) get
   round-to-nearest instead (their Hessian is replaced by the identity in the batch, so the batch
   keeps its shape; the result is then RTN's).
@@ -40,11 +41,6 @@ def _prepare_all(kernel, H, st):
   return jax.vmap(lambda k, h: gptq._prepare(k, h, st))(kernel, H)
 
 
-@jax.jit
-def _factor_all(Hp, damp):
-  return jax.vmap(factor._inverse_factor_impl, in_axes=(0, None))(Hp, damp)
-
-
 @functools.partial(jax.jit, static_argnums=4)
 def _solve_all(kernel, H, Wp, U, st, perm):
   """Grids, column loop and reordering for every expert -> (codes, scales, zeros, g_idx, loss)."""
@@ -65,20 +61,20 @@ def _spread_solve(mesh: Mesh, st):
                                in_specs=(e,) * 5, out_specs=(e,) * 5, check_vma=False))
 
 
-def _factor(Hp, cfg: GPTQConfig, names: Sequence[str], rebuild):
-  """U for every expert (escalating the damping of those that need it, one by one) and each
-  expert's damping; a None entry in the returned damps' partner list marks an RTN fallback."""
-  with factor._lapack_single_threaded():
-    U, ok = _factor_all(Hp, jnp.float32(cfg.damp_percent))
-    ok = np.asarray(ok)
-  damps, failed = [cfg.damp_percent] * len(ok), []
-  for e in np.flatnonzero(~ok):
-    Ue, damps[e] = factor.factorize(None, cfg, names[e], rebuild=lambda e=e: rebuild(e))
-    if Ue is None:
-      failed.append(int(e))
-    else:
-      U = U.at[e].set(Ue)
-  return U, damps, failed
+def _factor(Hp, cfg: GPTQConfig, names: Sequence[str]):
+  """U for every expert, by ``factor.factorize`` one expert at a time (the program, thread limits
+  and damping escalation of ``quantize_weight``: the same U bit for bit; a vmapped Cholesky under
+  the one-BLAS-thread limit deadlocks XLA:CPU), each expert's damping, and those that failed
+  (identity U in their place: RTN replaces their result)."""
+  Us, damps, failed = [], [], []
+  for e in range(Hp.shape[0]):
+    U, damp = factor.factorize(Hp[e], cfg, names[e])
+    if U is None:
+      failed.append(e)
+      U = jnp.eye(Hp.shape[-1], dtype=Hp.dtype)
+    Us.append(U)
+    damps.append(damp)
+  return jnp.stack(Us), damps, failed
 
 
 def _solve_chunk(kernel, H, cfg: GPTQConfig, names, mesh):
@@ -86,11 +82,8 @@ def _solve_chunk(kernel, H, cfg: GPTQConfig, names, mesh):
   loss [c, out]) as NumPy, each expert's damping, and the experts that fell back to RTN."""
   st = gptq._static_of(cfg)
   Wp, Hp, _, perm = _prepare_all(kernel, H, st)
-  rebuild = lambda e: gptq._prepare(kernel[e], H[e], st)[1]  # noqa: E731
-  U, damps, failed = _factor(Hp, cfg, names, rebuild)
+  U, damps, failed = _factor(Hp, cfg, names)
   del Hp
-  if failed:  # a harmless problem in their place: their result is replaced by RTN below
-    U = U.at[np.asarray(failed)].set(jnp.eye(U.shape[-1], dtype=U.dtype))
   m = shared._rows_mesh(mesh, kernel.shape[0], "experts")
   if m is None:
     out = _solve_all(kernel, H, Wp, U, st, perm)

@@ -113,7 +113,10 @@ def _shape_key(tree) -> tuple:
 
 
 def dot_flops(fn, *args) -> int:
-  """2 x multiply-adds of the ``dot_general``s that ``fn(*args)``'s outputs need (traced only)."""
+  """2 x multiply-adds of the ``dot_general``s that ``fn(*args)``'s outputs need (traced only, on
+  unsharded stand-ins of ``args``: the count is per pass, whatever the data axis)."""
+  stand_in = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "dtype") else x  # noqa: E731
+  args = jax.tree.map(stand_in, args)
   closed = jax.make_jaxpr(fn)(*args)
   jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
   return _count(jaxpr)

@@ -16,11 +16,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _workers(nproc: int, out: str) -> None:
+def _workers(nproc: int, out: str, *extra: str) -> None:
   port = str(_free_port())
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(pid), str(nproc),
-                             port, out], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             port, out, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for pid in range(nproc)]
   logs = []
   try:
@@ -45,5 +45,22 @@ def test_two_processes_match_one(tmp_path):
   assert len(hs) == 14 and sorted(hs) == sorted(k for k in a.files if k.startswith("H:"))
   for k in hs:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6 * np.abs(b[k]).max(), err_msg=k)
+  for k in [k for k in b.files if k.startswith("Q:")]:
+    assert (a[k] == b[k]).mean() >= 0.999, k
+
+
+def test_two_processes_match_one_for_a_mixture_of_experts(tmp_path):
+  """Per-expert Hessian sums over two processes (uneven shares): the same token counts per expert
+  and the codes of one process."""
+  two, one = str(tmp_path / "two.npz"), str(tmp_path / "one.npz")
+  _workers(2, two, "moe")
+  _workers(1, one, "moe")
+  a, b = np.load(two), np.load(one)
+  tokens = [k for k in b.files if k.startswith("T:")]
+  assert len(tokens) == 3 * 8 and sum(int(b[k]) for k in tokens if k.endswith("up_proj")) > 0
+  for k in tokens:
+    assert int(a[k]) == int(b[k]), k
+  experts = [k for k in b.files if k.startswith("Q:") and ".experts." in k]
+  assert len(experts) == 3
   for k in [k for k in b.files if k.startswith("Q:")]:
     assert (a[k] == b[k]).mean() >= 0.999, k
