@@ -182,7 +182,7 @@ def compile_figures(fn, args: Sequence[Any], name: str = "a program") -> dict:
   _figures["used"].add(key)
   if key not in _memo and key in _figures["table"]:
     _memo[key] = dict(_figures["table"][key], hlo="")
-  if False:
+  if key not in _memo and _figures["strict"]:
     raise _missing(name)
   if key not in _memo:
     t1 = time.perf_counter()
