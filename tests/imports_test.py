@@ -10,7 +10,7 @@ forward`` names ``models/__init__.py``. The layers (docs/layout.md), lowest firs
     kernels    kernels/
     models     models/
     pipeline   pipeline/, eval.py
-    io         interop/, checkpoint.py, checkpoint_parts.py, resume.py, loading.py
+    io         interop/, checkpoint.py, checkpoint_parts.py, resume.py, loading.py, plan/
     cli        cli/                                (the scripts' front ends)
     api        __init__.py                         (the public names, re-exported)
 
@@ -36,7 +36,7 @@ LAYER_OF = {
     "gptq_jax.models": "models",
     "gptq_jax.pipeline": "pipeline", "gptq_jax.eval": "pipeline",
     "gptq_jax.interop": "io", "gptq_jax.checkpoint": "io", "gptq_jax.checkpoint_parts": "io",
-    "gptq_jax.resume": "io", "gptq_jax.loading": "io",
+    "gptq_jax.resume": "io", "gptq_jax.loading": "io", "gptq_jax.plan": "io",
     "gptq_jax.cli": "cli",
 }
 

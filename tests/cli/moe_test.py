@@ -16,7 +16,7 @@ from gptq_jax import checkpoint
 from gptq_jax.cli import report as report_lib
 from gptq_jax.cli.quantize import main
 from gptq_jax.interop import import_hf
-from gptq_jax.pipeline import resume
+from gptq_jax import resume
 from tests.cli.conftest import FAST, tiny_tokenizer
 
 pytest.importorskip("transformers")
