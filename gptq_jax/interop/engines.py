@@ -35,7 +35,8 @@ class Linear:
   bits: int
   group_size: int  # -1: one group per output row
   sym: bool
-  desc_act: bool  # the config says act-order (GPTQ ``desc_act``; compressed-tensors ``actorder``)
+  desc_act: bool  # the file says act-order (GPTQ ``desc_act``, written false with static groups;
+  # compressed-tensors ``actorder``)
   act_order_groups: bool  # groups out of input order: a non-trivial g_idx
 
 
@@ -54,7 +55,8 @@ def facts_for(model_config: ModelConfig, cfg: GPTQConfig, hf_format: str = GPTQ)
   if hf_format not in HF_FORMATS:
     raise ValueError(f"hf_format={hf_format!r} is not allowed: use one of {HF_FORMATS}")
   linears = tuple(
-      Linear(name, k, n, c.bits, c.group_size, c.sym, c.desc_act and c.group_size != -1,
+      Linear(name, k, n, c.bits, c.group_size, c.sym,
+             c.desc_act and c.group_size != -1 and not c.static_groups,  # as written: hf_gptq
              ct.act_order_groups(c))
       for name, k, n, c in ct.modules(model_config, cfg) if c is not None)
   return Facts(hf_format, linears, dynamic=bool(cfg.dynamic),
@@ -114,7 +116,8 @@ def _vllm_loader(facts: Facts, cpu: bool) -> str | None:
     if (x.bits, x.sym) not in VLLM_GPTQ_TYPES:
       return f"{_kind(x)}: vLLM's GPTQ loader takes 4/8-bit symmetric only"
     if x.desc_act:
-      return "desc_act=True: vLLM refuses GPTQ act-order (even with static groups)"
+      return ("desc_act=True: vLLM refuses GPTQ act-order with groups out of input order (with "
+              "--static-groups the export says desc_act=false and it runs)")
     if cpu and x.bits != 4:
       return "8-bit: vLLM's GPTQ path on CPU takes 4-bit only (uint4b8)"
     if x.group_size not in VLLM_MARLIN_GROUPS:

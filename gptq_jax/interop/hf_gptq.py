@@ -65,6 +65,12 @@ def quantization_config(cfg: GPTQConfig, format: str | None = None,
   d["dataset"] = calibration.hf_dataset(cfg.dataset)
   d["meta"] = {**d.get("meta", {}), "calibration": calibration_source
                or calibration.describe(cfg.dataset, cfg.nsamples, cfg.seqlen)}
+  if cfg.desc_act and cfg.static_groups and cfg.group_size != -1:
+    # Act-order with static groups keeps every group in input order (g_idx[i] = i // group_size):
+    # to a loader that is desc_act=False, and vLLM refuses desc_act=True. The act order the
+    # columns were solved in is kept under meta (read back by read_quantization_config).
+    d["desc_act"] = False
+    d["meta"]["desc_act"] = True
   return d
 
 
@@ -290,6 +296,8 @@ def read_quantization_config(folder: str) -> GPTQConfig:
   for key in _META_KEYS:  # GPTQModel 7 keeps these under "meta"
     if qc.get(key) is None and meta.get(key) is not None:
       qc[key] = meta[key]
+  if meta.get("desc_act") is True and qc.get("static_groups"):  # see quantization_config
+    qc["desc_act"] = True
   if qc.get("desc_act") and qc.get("act_group_aware") is None:
     qc["act_group_aware"] = False  # act-order checkpoints never use GAR
   return GPTQConfig.from_dict(qc)

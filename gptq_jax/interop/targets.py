@@ -43,6 +43,8 @@ def _fixes(cfg: GPTQConfig, hf_format: str):
       yield f"--group-size {g}", cfg.replace(group_size=g), hf_format
   if not cfg.sym:
     yield "--sym", cfg.replace(sym=True), hf_format
+  if cfg.desc_act and not cfg.static_groups and cfg.group_size != -1:  # keeps the act order
+    yield "--static-groups", cfg.replace(static_groups=True), hf_format
   if cfg.desc_act:
     yield "--no-desc-act", cfg.replace(desc_act=False), hf_format
   if cfg.bits != 4:

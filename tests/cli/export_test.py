@@ -14,6 +14,7 @@ import pytest
 
 from gptq_jax.cli import export
 from gptq_jax.cli.quantize import main as quantize_main
+from gptq_jax.interop.hf_gptq import read_quantization_config
 from tests.cli.conftest import FAST, cli
 
 CT = "compressed-tensors"
@@ -67,7 +68,14 @@ def test_auto_group_and_target_are_said_before_the_work(ct_run):
   weights = qc["config_groups"]["group_0"]["weights"]
   assert (qc["quant_method"], weights["group_size"], weights["actorder"]) == (CT, 64, "weight")
   assert "serving engines for" in proc.stdout
-  assert re.search(r"vLLM Marlin \(GPU\) +yes", proc.stdout), proc.stdout
+  # act-order with static groups: the GPTQ folder says desc_act=false (its g_idx is in input
+  # order), which vLLM 0.32 serves; the act order is kept under meta and read back
+  assert re.search(r"vLLM Marlin \(GPU\) +yes", out), out
+  with open(os.path.join(gptq, "config.json")) as f:
+    qc = json.load(f)["quantization_config"]
+  assert qc["desc_act"] is False and qc["meta"]["desc_act"] is True and qc["static_groups"]
+  back_cfg = read_quantization_config(gptq)
+  assert back_cfg.desc_act and back_cfg.static_groups
   with open(os.path.join(hf, "serving_engines.json")) as f:
     rows = {r["engine"]: r for r in json.load(f)["engines"]}
   assert rows["vLLM Marlin (GPU)"]["runs"] and not rows["tpu-inference (TPU)"]["runs"]
@@ -98,7 +106,14 @@ def test_export_converts_between_layouts_without_requantizing(ct_run, tmp_path, 
     assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
   assert export.main(["--check", gptq]) == 0
   out = capsys.readouterr().out
-  assert re.search(r"vLLM Marlin \(GPU\) +no: .*desc_act=True", out), out  # vLLM 0.32: GPTQ act-order
+  # act-order with static groups: the GPTQ folder says desc_act=false (its g_idx is in input
+  # order), which vLLM 0.32 serves; the act order is kept under meta and read back
+  assert re.search(r"vLLM Marlin \(GPU\) +yes", out), out
+  with open(os.path.join(gptq, "config.json")) as f:
+    qc = json.load(f)["quantization_config"]
+  assert qc["desc_act"] is False and qc["meta"]["desc_act"] is True and qc["static_groups"]
+  back_cfg = read_quantization_config(gptq)
+  assert back_cfg.desc_act and back_cfg.static_groups
 
 
 REFUSED = [
@@ -106,7 +121,7 @@ REFUSED = [
      r"--target vllm: vLLM Marlin \(GPU\): .*64 inputs are not a multiple of group_size 128.*"
      r"\(change: --group-size 64\)"),
     (["--target", "vllm", "--no-sym", "--no-desc-act"], r"4-bit asymmetric.*\(change: --sym\)"),
-    (["--target", "vllm"], r"desc_act=True.*\(change: --no-desc-act\)"),
+    (["--target", "vllm"], r"desc_act=True.*\(change: --static-groups\)"),
     (["--target", "tpu-inference"], "tpu-inference has no GPTQ loader"),
     (["--group-size", "auto"], "--group-size auto picks the group size the --target engine runs"),
     (["--hf-format", CT], "--hf-format sets the layout of the --save-hf folder"),

@@ -66,7 +66,8 @@ EXPECTED = {
                 exllama=Y, vllm_cpu=Y, sglang=Y, tpu="no GPTQ loader"),
     "act-order": dict(gptq_jax=Y, gm_cpu=Y, gm_gpu=Y, marlin="desc_act=True", exllama="desc_act",
                       vllm_cpu="desc_act=True", sglang=Y),
-    "act-order static": dict(gptq_jax=Y, gm_cpu=Y, marlin="desc_act=True", sglang=Y),
+    # static groups: g_idx in input order, written desc_act=false (interop/hf_gptq.py)
+    "act-order static": dict(gptq_jax=Y, gm_cpu=Y, marlin=Y, vllm_cpu=Y, sglang=Y),
     "asym": dict(gptq_jax=Y, gm_cpu=Y, gm_gpu=Y, marlin="4-bit asymmetric: vLLM's GPTQ loader",
                  vllm_cpu="4/8-bit symmetric only", sglang=Y),
     "3-bit": dict(gptq_jax=Y, gm_cpu=Y, gm_gpu=Y, marlin="3-bit symmetric", vllm_cpu="3-bit",
@@ -103,7 +104,7 @@ def test_default_export_runs_on_no_vllm_kernel_and_auto_picks_64():
   assert targets.auto_group_size(SMOLLM2, cfg, "vllm") == 64
   assert targets.suggest(SMOLLM2, gj.GPTQConfig(4, sym=False, **G64), "vllm") == "--sym"
   assert targets.suggest(SMOLLM2, gj.GPTQConfig(4, desc_act=True, **G64), "vllm") == \
-      "--no-desc-act"
+      "--static-groups"  # keeps the act order; --no-desc-act would drop it
   assert targets.target_refusal(SMOLLM2, gj.GPTQConfig(4, **G64), "tpu-inference")
   with pytest.raises(ValueError, match="no group size in"):
     targets.auto_group_size(SMOLLM2, gj.GPTQConfig(4), "tpu-inference")
