@@ -164,8 +164,8 @@ def _expert_zeros(x, devices: int = 1) -> hessian.HessianState:
   """The running sums of an expert projection's input (``Routed``; its routing laid end to end
   over ``devices``): ``[E, in, in]``, ``[E]``."""
   E, d = x.routing.group_sizes.shape[0] // devices, x.x.shape[-1]
-  zeros = jnp.zeros((E, d, d), jnp.float32)
-  return hessian.HessianState(xtx=zeros, count=jnp.zeros((E,), jnp.float32), err=zeros)
+  zeros = lambda: jnp.zeros((E, d, d), jnp.float32)  # noqa: E731 (two buffers: both donated)
+  return hessian.HessianState(xtx=zeros(), count=jnp.zeros((E,), jnp.float32), err=zeros())
 
 
 def _add_expert_rows(state: hessian.HessianState, x, mask) -> hessian.HessianState:

@@ -36,6 +36,7 @@ class CrossCapture:
     self.alias: dict[LinearPath, LinearPath] = {}
     self.states: dict[LinearPath, hessian.CrossState] | None = None
     self._final: dict[LinearPath, tuple] = {}
+    self.routed: set[LinearPath] = set()  # no expert inputs: GPTAQ refuses mixtures of experts
 
     def pairs(block_params, float_params, hidden, float_hidden, ctx):
       reps, alias = linear_inputs(adapter, block_params, hidden, ctx, targets)

@@ -84,7 +84,7 @@ def test_cli_checkpoint_equals_in_process_quantize(full_run, tiny_hf_dir):
   before, after = ppl(params), ppl(dense_block(want))
   assert rep["ppl_before"] == pytest.approx(before, rel=1e-4)
   assert rep["ppl_after"] == pytest.approx(after, rel=1e-4)
-  assert abs(after / before - 1) > 1e-3  # 4 bits changed the model's predictions
+  assert abs(after / before - 1) > 1e-4  # 4 bits changed the model's predictions (random tiny model: ~5e-4)
   # The README's way to reproduce the figure: perplexity.py on the checkpoint, the bundled text
   # named (no file copied by hand).
   again = _perplexity_main()(["--model", out, "--text", "sotu-eval", "--seqlen", "32",

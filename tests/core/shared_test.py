@@ -52,8 +52,10 @@ def test_solve_spread_over_devices_equals_one_solve():
   one = quantize_shared(kernels, H, cfg)
   spread = quantize_shared(kernels, H, cfg, mesh=mesh)
   for (qa, ia), (qb, ib) in zip(one, spread):
-    for field in ("codes", "scales", "zeros", "g_idx"):
+    for field in ("codes", "zeros", "g_idx"):
       np.testing.assert_array_equal(np.asarray(getattr(qb, field)),
                                     np.asarray(getattr(qa, field)), err_msg=field)
+    # a row's grid is computed on its own rows' split: its scale may differ in the last bit
+    np.testing.assert_allclose(np.asarray(qb.scales), np.asarray(qa.scales), rtol=2e-7, atol=0)
     assert len(qb.codes.devices()) == 1
     np.testing.assert_allclose(ib.loss, ia.loss, rtol=1e-5)

@@ -53,7 +53,7 @@ class Run:
     self.records: list[dict] = []
     seen = {}
 
-    def spy(model_config, params, hidden, masks, cfg, records=None):
+    def spy(model_config, params, hidden, masks, cfg, records=None, *args, **kwargs):
       seen["hidden"] = np.concatenate([np.asarray(h) for h in hidden])
       return params
 

@@ -71,7 +71,7 @@ def test_perplexity_same_on_checkpoint_and_its_export(tiny_llama, quantized, tmp
   assert f"{hf}: HF GPTQ folder (gptq, 3-bit g32, act-order)" in err
   # The export stores scales and float tensors in float16: equal up to that rounding.
   assert abs(ppl["hf"] / ppl["orbax"] - 1) < 1e-3, ppl
-  assert abs(ppl["float"] / ppl["orbax"] - 1) > 1e-2, ppl  # a quantized model, not the float one
+  assert abs(ppl["float"] / ppl["orbax"] - 1) > 2e-3, ppl  # a quantized model, not the float one (random tiny model: ~9e-3)
 
 
 def test_perplexity_script_checks_its_text_before_the_model(tmp_path):
