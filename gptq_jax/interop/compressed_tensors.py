@@ -267,7 +267,7 @@ def gptq_config(qc: dict[str, Any], model_config: ModelConfig) -> GPTQConfig:
   the base scheme (modules on other schemes become exact-name ``dynamic`` rules)."""
   recorded = (qc.get("gptq_jax") or {}).get("gptq_config")
   if recorded:
-    return GPTQConfig.from_dict(recorded)
+    return hf_gptq.config_from_dict(recorded)
   groups = list((qc.get("config_groups") or {}).values())
   if not groups:
     raise ValueError("compressed-tensors folder without config_groups: nothing is quantized")

@@ -291,6 +291,11 @@ def read_quantization_config(folder: str) -> GPTQConfig:
   if qc is None:
     raise ValueError(f"{folder!r} is not a GPTQ folder: config.json has no quantization_config and "
                      "there is no quantize_config.json (a float folder loads with load_model)")
+  return config_from_dict(qc)
+
+
+def config_from_dict(qc: dict[str, Any]) -> GPTQConfig:
+  """The GPTQConfig of a ``quantization_config`` dict (ours, GPTQModel's or AutoGPTQ's)."""
   qc = dict(qc)
   meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
   for key in _META_KEYS:  # GPTQModel 7 keeps these under "meta"
