@@ -55,9 +55,10 @@ def candidates(decode: bool):
   return sorted(sizes, key=lambda b: (b.bk * b.bn, b.bkc), reverse=True)
 
 
-def compiles(gen: str, device, sizes: BlockSizes, m: int) -> bool:
-  """True when every representative shape compiles to the Mosaic kernel with ``sizes`` as the
-  preferred tile (the shape's own divisors clamp it, as for any model)."""
+def compiles(gen: str, device, sizes: BlockSizes, m: int) -> str | None:
+  """None when every representative shape compiles to the Mosaic kernel with ``sizes`` as the
+  preferred tile (the shape's own divisors clamp it, as for any model); else why not (the
+  compiler's first line)."""
   sh = SingleDeviceSharding(device)
   jax.clear_caches()  # the jitted matmul's trace holds the previous candidate's block sizes
   saved = block_sizes.TPU_TABLE[gen], block_sizes.VMEM_BUDGET[gen]
@@ -74,13 +75,18 @@ def compiles(gen: str, device, sizes: BlockSizes, m: int) -> bool:
         f = jax.jit(lambda x, w: quantized_matmul(x, w, backend="pallas"))
         try:
           text = f.trace(x, w).lower().compile().as_text()
-        except Exception:  # noqa: BLE001 (Mosaic's refusal: VMEM exceeded, ...)
-          return False
+        except Exception as e:  # noqa: BLE001 (Mosaic's refusal: VMEM exceeded, ...)
+          return f"{k}x{n}: " + _first_line(e)
         if CALL not in text:
-          return False
-    return True
+          return f"{k}x{n}: no Mosaic call (the XLA path)"
+    return None
   finally:
     block_sizes.TPU_TABLE[gen], block_sizes.VMEM_BUDGET[gen] = saved
+
+
+def _first_line(e: Exception) -> str:
+  lines = [ln for ln in str(e).splitlines() if ln.strip()]
+  return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def tune(gen: str) -> tuple[tuple, int]:
@@ -90,10 +96,10 @@ def tune(gen: str) -> tuple[tuple, int]:
   for max_m, m in REGIMES:
     for sizes in candidates(max_m is not None):
       t0 = time.perf_counter()
-      ok = compiles(gen, device, sizes, m)
-      print(f"{gen} m={m} {sizes}: {'compiles' if ok else 'refused'} "
+      why = compiles(gen, device, sizes, m)
+      print(f"{gen} m={m} {sizes}: {'compiles' if why is None else 'refused: ' + why} "
             f"({time.perf_counter() - t0:.1f} s)", flush=True)
-      if ok:
+      if why is None:
         rows.append((max_m, sizes))
         bm = sizes.bm or 16
         gc = groups_per_chunk(sizes.bkc, 128)
@@ -108,7 +114,7 @@ def tune(gen: str) -> tuple[tuple, int]:
 def render(table: dict, budgets: dict) -> str:
   lines = ["TPU_TABLE = {"]
   for gen, rows in table.items():
-    pad = " " * (len(gen) + 7)
+    pad = " " * (len(gen) + 9)
     body = f",\n{pad}".join(f"({m}, {s!r})" for m, s in rows)
     lines.append(f'    "{gen}": ({body}),')
   lines.append("}")
