@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+from gptq_jax.core import batched
 from gptq_jax.kernels import block_sizes
 from gptq_jax.models.families import layer_tensor_specs, nonlayer_tensor_specs
 from gptq_jax.pipeline import experts
@@ -45,6 +46,15 @@ def _packed_bytes(lay: Layout, shapes) -> int:
     groups = 1 if gs == -1 else -(-k // gs)
     total += e * (k * n * bits // 8 + groups * n * (4 + bits / 8) + k * 4)
   return int(total)
+
+
+def _chunks(shapes) -> int:
+  """Sequential solves of a set: 1, or a mixture of experts' chunks (``core.batched``)."""
+  if len(shapes[0]) == 2:
+    return 1
+  E, k = shapes[0][:2]
+  c = batched._chunk_size(k, sum(s[2] for s in shapes), E, batched.DEFAULT_CHUNK_BYTES)
+  return -(-E // c)
 
 
 def _solve_sets(lay: Layout, passes: Passes, group) -> list[list]:
@@ -82,7 +92,7 @@ def block_programs(lay: Layout, kind, budget: int, common: list) -> dict:
               for c in passes.combines[g]]
     for paths in _solve_sets(lay, passes, group):
       shapes = [kernel_shape(block, p) for p in paths]
-      steps += shapes[0][-2]
+      steps += shapes[0][-2] * _chunks(shapes)
       name = "+".join(("experts " if len(shapes[0]) == 3 else "") + p[-1] for p in paths)
       made = (expert_solve(lay, name, shapes) if len(shapes[0]) == 3
               else solve(lay, name, shapes, lay.cfg.gptaq))
@@ -114,16 +124,23 @@ def kind_label(model, kind) -> str:
   return f"{kind.attention}, {'experts' if kind.sparse else 'dense MLP'}"
 
 
-def check_plannable(run: RunSettings) -> None:
-  """Refuses, in one line and before any work, what the planner cannot plan faithfully."""
-  model = run.model
+def not_plannable(model) -> str | None:
+  """Why the planner cannot plan this model faithfully (None: it can)."""
   if model.hidden_size_per_layer_input or any(k.kv_shared for k in model.layer_kinds) or (
       model.model_type.startswith("gemma4")):
-    raise ValueError(f"scripts/plan.py does not plan {model.model_type} (Gemma 4): its blocks "
-                     "read per-layer inputs and shared keys / values that the context carries "
-                     "from block to block, which the planned programs do not; quantize it "
-                     "without a plan")
-  experts.check_model(run.cfg, model, None)
+    return (f"scripts/plan.py does not plan {model.model_type} (Gemma 4): its blocks read "
+            "per-layer inputs and shared keys / values that the context carries from block to "
+            "block, which the planned programs do not; quantize it without a plan")
+  return None
+
+
+def check_plannable(run: RunSettings) -> None:
+  """Refuses, in one line and before any work, what the planner cannot plan faithfully, and what
+  mixture-of-experts quantization itself refuses."""
+  why = not_plannable(run.model)
+  if why:
+    raise ValueError(why)
+  experts.check_model(run.cfg, run.model, None)
 
 
 def plan_quantization(run: RunSettings, sl: Slice, *, with_serving: bool = True) -> dict:
@@ -251,4 +268,5 @@ def fmt_bytes(n: float) -> str:
   return f"{int(n)} B"
 
 
-__all__ = ["RunSettings", "plan_quantization", "refusal", "host_bytes", "fmt_bytes"]
+__all__ = ["RunSettings", "check_plannable", "fmt_bytes", "host_bytes", "not_plannable",
+           "plan_quantization", "refusal"]
