@@ -14,7 +14,8 @@ first device, as the driver runs them.
 
 ``live`` of each program: what the solve keeps alive beside its arguments: the layer's finalized
 expert Hessians ``[E, in, in]`` (the capture's), their padded copy, the float32 kernels and their
-padded concatenation (the results go to the host after each chunk).
+padded concatenation (the results go to the host after each chunk); while packing, the stacked
+codes, scales and zero points of every projection of the set.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def expert_solve(lay: Layout, name: str, shapes: list[tuple[int, int, int]]
     label = f"{name}: column loop ({c} experts over {m.devices.size} chips)"
   out.append((measure(label, "solves", loop, args, calls=chunks), live))
   codes, scales, zeros, g_idx, _ = jax.eval_shape(batched._solve_all, kernel, H, Wp, U, st, perm)
+  # after the solve only every projection's stacked codes, scales, zeros and g_idx stay (the
+  # Hessians and float32 copies are released before packing)
+  per_col = sum(a.dtype.itemsize * a.shape[1] for a in (codes, scales, zeros))
+  live = E * (per_col * out_total + g_idx.dtype.itemsize * k * len(shapes))
   for e, kk, n in shapes:  # each projection: packed expert by expert, dequantized stacked
     c1 = at((kk, n), codes.dtype)
     z1 = at((zeros.shape[1], n), zeros.dtype)
