@@ -24,7 +24,8 @@ import math
 
 from gptq_jax.core import batched
 from gptq_jax.kernels import block_sizes
-from gptq_jax.models.families import layer_tensor_specs, nonlayer_tensor_specs
+from gptq_jax.models.families import (layer_expert_specs, layer_tensor_specs,
+                                      nonlayer_tensor_specs)
 from gptq_jax.pipeline import experts
 from gptq_jax.plan import refinement, serving as serving_lib
 from gptq_jax.plan.expert_solves import expert_solve
@@ -218,11 +219,15 @@ def host_bytes(lay: Layout) -> dict:
   run, model = lay.run, lay.model
   item = lay.dtype.itemsize
   tokens = 2 * run.nsamples * run.seqlen * 4 * 2  # the samples and their micro-batch copies
-  layer = [math.prod(s) for _, _, s in layer_tensor_specs(model, 0)]
+  i = max(range(model.num_hidden_layers), key=lambda j: model.sparse_layer(j))  # experts first
+  experts_of = [(len(e.names),) + tuple(e.shape[::-1]) for e in layer_expert_specs(model, i)]
+  layer = [math.prod(s) for _, _, s in layer_tensor_specs(model, i)] + [
+      math.prod(s) for s in experts_of]  # an expert projection is read stacked
   nonlayer = [math.prod(s) for _, _, s in nonlayer_tensor_specs(model)]
   block_params = sum(layer)
-  kernels = [tuple(s[::-1]) for p, _, s in layer_tensor_specs(model, 0) if p[-1] == "kernel"]
-  packed = _packed_bytes(lay, kernels) + (block_params - sum(k * n for k, n in kernels)) * 4
+  kernels = [tuple(s[::-1]) for p, _, s in layer_tensor_specs(model, i)
+             if p[-1] == "kernel"] + experts_of
+  packed = _packed_bytes(lay, kernels) + (block_params - sum(math.prod(s) for s in kernels)) * 4
   parts = {"calibration tokens": tokens,
            "largest tensor read and staged": 2 * max(layer + nonlayer) * item,
            "a finished block fetched for its save (and orbax's copy)": 2 * packed}
