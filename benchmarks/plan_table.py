@@ -1,6 +1,7 @@
-"""The docs/scale.md table of TPU plans: dense models on v5e-8, v6e-8 and v5p-8, compiled here.
+"""The docs/scale.md table of TPU plans: models on v5e-8, v6e-8 and v5p-8, compiled here.
 
-  .venv-tpu/bin/python benchmarks/plan_table.py [--models llama3-8b qwen3-32b llama3-70b]
+  .venv-tpu/bin/python benchmarks/plan_table.py [--models llama3-8b qwen3-32b llama3-70b
+      qwen3-30b-a3b]
       [--slices v5e-8 v6e-8 v5p-8] [--nsamples 128 --seqlen 2048] [--figures FILE]
 
 Each row is ``scripts/plan.py``'s plan (gptq_jax/plan) of a 4-bit g128 run (bfloat16, 128 x 2048
@@ -37,6 +38,14 @@ MODELS = {  # published sizes (the models' config.json)
                       tie_word_embeddings=False, torch_dtype="bfloat16"),
     "llama3-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64),
+    # a mixture of experts: 128 experts of 768, 8 per token, every layer sparse
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                          vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960,
+                          rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype="bfloat16"),
 }
 GiB = 2**30
 
@@ -46,7 +55,7 @@ def row(name: str, plan: dict) -> str:
 
   def decode(b):
     if b not in serve:
-      return "-"
+      return "not planned (experts)" if plan.get("serving_refusal") else "-"
     r = serve[b]
     return (f"{r['packed']['tokens_per_s_per_chip']:,.0f} vs {r['bf16']['tokens_per_s_per_chip']:,.0f}"
             f" ({r['speedup']:.2f}x)")

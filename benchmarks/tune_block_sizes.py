@@ -5,8 +5,8 @@
 For each TPU generation (v4, v5e, v5p, v6e: libtpu's compile-only client, no TPU needed) and each
 regime of ``gptq_jax/kernels/block_sizes.py`` (decode: at most 64 rows; prefill), the candidates
 (``bn`` output columns, ``bk`` K-rows per grid step, ``bkc`` K-rows per unpack-and-dot chunk) are
-compiled through ``quantized_matmul`` on representative weights (4-bit, groups of 128, bfloat16
-activations; 4096 x 14336 and 14336 x 4096, the MLP of an 8B model), largest tile first.
+compiled through ``quantized_matmul`` on representative weights (4- and 8-bit, groups of 128,
+bfloat16 activations; 4096 x 14336 and 14336 x 4096, the MLP of an 8B model), largest tile first.
 
 Criterion: the largest weight tile (``bk * bn``, then ``bkc``) that the TPU compiler (Mosaic)
 compiles for every representative shape. The compiler's scoped VMEM limit is what rejects a tile
@@ -43,6 +43,7 @@ from gptq_jax.plan import slices  # noqa: E402
 
 S = jax.ShapeDtypeStruct
 SHAPES = ((4096, 14336), (14336, 4096))
+BITS = (4, 8)  # 8-bit words hold twice the bytes of a 4-bit tile (2-bit: half)
 REGIMES = ((64, 1), (None, 512))  # (the table's max rows, the rows compiled)
 CALL = 'custom_call_target="tpu_custom_call"'
 
@@ -55,9 +56,10 @@ def candidates(decode: bool):
   return sorted(sizes, key=lambda b: (b.bk * b.bn, b.bkc), reverse=True)
 
 
-def compiles(gen: str, device, sizes: BlockSizes, m: int) -> bool:
-  """True when every representative shape compiles to the Mosaic kernel with ``sizes`` as the
-  preferred tile (the shape's own divisors clamp it, as for any model)."""
+def compiles(gen: str, device, sizes: BlockSizes, m: int) -> str | None:
+  """None when every representative shape compiles to the Mosaic kernel with ``sizes`` as the
+  preferred tile (the shape's own divisors clamp it, as for any model); else why not (the
+  compiler's first line)."""
   sh = SingleDeviceSharding(device)
   jax.clear_caches()  # the jitted matmul's trace holds the previous candidate's block sizes
   saved = block_sizes.TPU_TABLE[gen], block_sizes.VMEM_BUDGET[gen]
@@ -65,22 +67,27 @@ def compiles(gen: str, device, sizes: BlockSizes, m: int) -> bool:
   block_sizes.VMEM_BUDGET[gen] = 1 << 40  # the compiler decides
   try:
     with block_sizes.for_generation(gen):
-      for k, n in SHAPES:
-        w = PreparedWeight(qweight=S((k // 8, n), jnp.int32, sharding=sh),
+      for (k, n), bits in itertools.product(SHAPES, BITS):
+        w = PreparedWeight(qweight=S((k * bits // 32, n), jnp.int32, sharding=sh),
                            scales=S((k // 128, n), jnp.bfloat16, sharding=sh),
-                           zeros=S((k // 128, n), jnp.bfloat16, sharding=sh), perm=None, bits=4,
-                           group_size=128)
+                           zeros=S((k // 128, n), jnp.bfloat16, sharding=sh), perm=None,
+                           bits=bits, group_size=128)
         x = S((m, k), jnp.bfloat16, sharding=sh)
         f = jax.jit(lambda x, w: quantized_matmul(x, w, backend="pallas"))
         try:
           text = f.trace(x, w).lower().compile().as_text()
-        except Exception:  # noqa: BLE001 (Mosaic's refusal: VMEM exceeded, ...)
-          return False
+        except Exception as e:  # noqa: BLE001 (Mosaic's refusal: VMEM exceeded, ...)
+          return f"{k}x{n} {bits}-bit: " + _first_line(e)
         if CALL not in text:
-          return False
-    return True
+          return f"{k}x{n} {bits}-bit: no Mosaic call (the XLA path)"
+    return None
   finally:
     block_sizes.TPU_TABLE[gen], block_sizes.VMEM_BUDGET[gen] = saved
+
+
+def _first_line(e: Exception) -> str:
+  lines = [ln for ln in str(e).splitlines() if ln.strip()]
+  return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def tune(gen: str) -> tuple[tuple, int]:
@@ -90,15 +97,15 @@ def tune(gen: str) -> tuple[tuple, int]:
   for max_m, m in REGIMES:
     for sizes in candidates(max_m is not None):
       t0 = time.perf_counter()
-      ok = compiles(gen, device, sizes, m)
-      print(f"{gen} m={m} {sizes}: {'compiles' if ok else 'refused'} "
+      why = compiles(gen, device, sizes, m)
+      print(f"{gen} m={m} {sizes}: {'compiles' if why is None else 'refused: ' + why} "
             f"({time.perf_counter() - t0:.1f} s)", flush=True)
-      if ok:
+      if why is None:
         rows.append((max_m, sizes))
         bm = sizes.bm or 16
         gc = groups_per_chunk(sizes.bkc, 128)
         budget = max(budget, block_sizes._tpu_vmem(BlockSizes(bm=bm, bn=sizes.bn, bk=sizes.bk,
-                                                              bkc=sizes.bkc), 4, gc, 2))
+                                                              bkc=sizes.bkc), max(BITS), gc, 2))
         break
     else:
       raise SystemExit(f"{gen}: no candidate compiles for m={m}")
@@ -108,7 +115,7 @@ def tune(gen: str) -> tuple[tuple, int]:
 def render(table: dict, budgets: dict) -> str:
   lines = ["TPU_TABLE = {"]
   for gen, rows in table.items():
-    pad = " " * (len(gen) + 7)
+    pad = " " * (len(gen) + 9)
     body = f",\n{pad}".join(f"({m}, {s!r})" for m, s in rows)
     lines.append(f'    "{gen}": ({body}),')
   lines.append("}")

@@ -122,6 +122,8 @@ def report_text(plan: dict) -> str:
                  f"tokens/s per chip vs bf16 {f['tokens_per_s_per_chip']:,.0f} "
                  f"({row['speedup']:.2f}x; weights {_b(q['weight_bytes'])} vs "
                  f"{_b(f['weight_bytes'])}) at the roofline")
+  if plan.get("serving_refusal"):
+    lines.append(plan["serving_refusal"])
   if plan["refusal"]:
     lines.append(plan["refusal"])
   return "\n".join(lines)
@@ -141,6 +143,7 @@ def run(args) -> dict:
                    act_group_aware=not args.desc_act, gptaq=args.gptaq,
                    refine_steps=args.refine_steps, nsamples=args.nsamples, seqlen=args.seqlen)
   settings = settings_from(args, model_config, native, cfg)
+  planner.check_plannable(settings)  # before libtpu starts
   sl = slices.compile_only(args.topology, args.num_hosts)
   plan = planner.plan_quantization(settings, sl, with_serving=args.serving)
   plan["model"] = args.model

@@ -50,6 +50,10 @@ def check_fits(args, cfg, model_config, dtype: str, say) -> dict | None:
                     seqlen=cfg.seqlen, batch_size=args.batch_size,
                     eval_windows=args.eval_windows if evaluating else 0,
                     stash_bytes=None if stash_mb is None else int(stash_mb * 2**20))
+  why = planner.not_plannable(run.model)
+  if why:  # Gemma 4: the run goes on unplanned
+    say(f"plan: skipped ({why.split(': ', 1)[1]})")
+    return None
   plan = planner.plan_quantization(run, slices.attached(spec), with_serving=False)
   if not plan["fits"]:
     raise ValueError(plan["refusal"])

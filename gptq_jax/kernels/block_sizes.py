@@ -33,19 +33,19 @@ class BlockSizes:
 # (max rows M, preferred sizes); bm=0 means "all rows, padded to the sublane tile".
 # --- TPU_TABLE: written by benchmarks/tune_block_sizes.py (do not edit by hand) ---
 TPU_TABLE = {
-    "v4": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
-           (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
-    "v5e": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
-            (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
-    "v5p": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
-            (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
-    "v6e": ((64, BlockSizes(bm=0, bn=1024, bk=2048, bkc=256)),
-            (None, BlockSizes(bm=256, bn=512, bk=1024, bkc=256))),
+    "v4": ((64, BlockSizes(bm=0, bn=2048, bk=2048, bkc=512)),
+           (None, BlockSizes(bm=256, bn=1024, bk=4096, bkc=512))),
+    "v5e": ((64, BlockSizes(bm=0, bn=2048, bk=2048, bkc=512)),
+            (None, BlockSizes(bm=256, bn=2048, bk=2048, bkc=512))),
+    "v5p": ((64, BlockSizes(bm=0, bn=2048, bk=2048, bkc=512)),
+            (None, BlockSizes(bm=256, bn=2048, bk=2048, bkc=512))),
+    "v6e": ((64, BlockSizes(bm=0, bn=2048, bk=4096, bkc=512)),
+            (None, BlockSizes(bm=256, bn=2048, bk=4096, bkc=512))),
 }
 # Bytes of VMEM a grid step may use by our own estimate (``_tpu_vmem``), per generation: the
 # estimate of the largest tiles the compiler accepted (the compiler's scoped VMEM limit decides;
 # shapes the table does not fit are shrunk until they are under it).
-VMEM_BUDGET = {"v4": 12 * 2**20, "v5e": 12 * 2**20, "v5p": 12 * 2**20, "v6e": 24 * 2**20}
+VMEM_BUDGET = {"v4": 31850496, "v5e": 37748736, "v5p": 37748736, "v6e": 56623104}
 # --- end of TPU_TABLE ---
 TABLE = {
     "gpu": ((16, BlockSizes(bm=16, bn=64, bk=0, bkc=128)),

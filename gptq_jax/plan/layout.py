@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from gptq_jax.config import GPTQConfig
 from gptq_jax.models.config import ModelConfig
-from gptq_jax.models.families import layer_tensor_specs
+from gptq_jax.models.families import layer_expert_specs, layer_tensor_specs
 from gptq_jax.pipeline.adapter import ModelAdapter
 from gptq_jax.plan.slices import Slice
 
@@ -62,25 +62,28 @@ class Layout:
     self.nbatches = math.ceil(run.nsamples / self.batch)
     self.seqlen = run.seqlen
 
-  def adapter(self, layer_type: str | None):
-    base = ModelAdapter.for_config(self.model)
-    return base if layer_type is None else ModelAdapter.for_config(self.model, layer_type)
+  def adapter(self, kind=None):
+    """The driver's adapter of a block of ``kind`` (a ``LayerKind``; None: the model's one)."""
+    return ModelAdapter.for_config(self.model, kind)
 
   def groups(self, adapter) -> tuple:
     if self.cfg.true_sequential:
       return adapter.sequential_groups
     return (tuple(p for g in adapter.sequential_groups for p in g),)
 
-  def layer_index(self, layer_type: str | None) -> int:
-    types = self.model.layer_types
-    return 0 if layer_type is None else types.index(layer_type)
+  def layer_index(self, kind=None) -> int:
+    return 0 if kind is None else self.model.layer_kinds.index(kind)
 
-  def block(self, layer_type: str | None, sharding, dtype=None) -> dict:
-    """One block's parameters (Flax layout) as structs on ``sharding``."""
+  def block(self, kind, sharding, dtype=None) -> dict:
+    """One block's parameters (Flax layout; a sparse block's experts stacked ``[E, in, out]``)
+    as structs on ``sharding``."""
     dtype = dtype or self.dtype
     out: dict = {}
-    for path, _, shape in layer_tensor_specs(self.model, self.layer_index(layer_type)):
-      shape = tuple(shape[::-1]) if path[-1] == "kernel" else tuple(shape)
+    i = self.layer_index(kind)
+    experts = [(e.path, None, (len(e.names),) + tuple(e.shape[::-1]))
+               for e in layer_expert_specs(self.model, i)]
+    for path, _, shape in list(layer_tensor_specs(self.model, i)) + experts:
+      shape = tuple(shape[::-1]) if path[-1] == "kernel" and len(shape) == 2 else tuple(shape)
       node = out
       for key in path[:-1]:
         node = node.setdefault(key, {})

@@ -1,5 +1,5 @@
 """The data-parallel programs of a run, compiled with its real shapes: the embedding, each subset's
-Hessian pass and the propagation of one block of each layer type.
+Hessian pass and the propagation of one block of each layer kind.
 
 These are the driver's own jitted functions (``pipeline/driver.py`` builds the same objects): the
 ``HessianCapture`` / ``CrossCapture`` step of each true-sequential subset (``capture_for``,
@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from gptq_jax.core import hessian
+from gptq_jax.pipeline import multihost
+from gptq_jax.pipeline.experts import float_by_default
 from gptq_jax.pipeline.adapter import get_path
 from gptq_jax.pipeline.capture import capture_for, embed_runner, runner_for
 from gptq_jax.pipeline.gptaq import cross_capture_for
@@ -36,14 +38,27 @@ def embedding(lay: Layout) -> Program:
   return measure("embedding", "embedding", run, (params, ids, ids), calls=lay.nbatches)
 
 
-def _states(lay: Layout, shapes: dict, cross: bool) -> dict:
-  def state(k: int):
-    sq = S((k, k), jnp.float32, sharding=lay.replicated)
-    count = S((), jnp.float32, sharding=lay.replicated)
-    if cross:
-      return hessian.CrossState(xtx=sq, dxxt=sq, count=count)
-    return hessian.HessianState(xtx=sq, count=count)
-  return {p: state(int(s[0].shape[0])) for p, s in shapes.items()}  # s[0]: the X^T X sum
+def _states(lay: Layout, make, *args) -> dict:
+  """The running sums a capture starts from (``make(*args)`` traced: its ``_zeros`` or the
+  cross-term's), as structs laid out as the driver lays them out."""
+  shapes = jax.eval_shape(make, *args)
+  return jax.tree.map(lambda s: S(s.shape, s.dtype, sharding=lay.data), shapes)
+
+
+def _cross_zeros(lay: Layout, cap, *args) -> dict:
+  shapes = jax.eval_shape(cap._inputs, *args)
+  states = {p: hessian.cross_init(s[0].shape[-1]) for p, s in shapes.items()}
+  return states if lay.mesh is None else multihost.per_device_zeros(lay.mesh, "data", states)
+
+
+def _combine(lay: Layout, states: dict, g: int, group) -> list[Program]:
+  """Each running sum summed over the chips (``multihost.combined``), once per block (not the
+  router's: it stays float, its sums are never read)."""
+  if lay.mesh is None:
+    return []
+  run = multihost._combiner(lay.mesh, "data")
+  return [measure(f"combine {g} {p[-1] if p[-2] != 'experts' else 'experts ' + p[-1]}",
+                  "hessian passes", run, (st,)) for p, st in states.items() if p in group and not float_by_default(p)]
 
 
 class Passes:
@@ -53,12 +68,14 @@ class Passes:
   kept before subset ``g``'s pass (all micro-batches); ``kept``: ``{path: struct}`` for the
   propagation."""
 
-  def __init__(self, lay: Layout, layer_type: str | None, budget: int):
-    self.lay, self.layer_type = lay, layer_type
-    adapter = lay.adapter(layer_type)
-    block = lay.block(layer_type, lay.replicated)
+  def __init__(self, lay: Layout, kind, budget: int):
+    self.lay, self.kind = lay, kind
+    adapter = lay.adapter(kind)
+    block = lay.block(kind, lay.replicated)
     hidden, ctx, mask = lay.stream_batch()
     self.programs: list[Program] = []
+    self.combines: list[list[Program]] = []  # per subset, after its pass
+    self.state_bytes: list[int] = []  # per subset: its running sums per chip
     self.kept_bytes: list[int] = []
     self.groups = lay.groups(adapter)
     self.alias: dict = {}
@@ -66,8 +83,10 @@ class Passes:
     if lay.cfg.gptaq:  # GPTAQ: the float block and stream ride along; nothing is kept
       for g, group in enumerate(self.groups):
         cap = cross_capture_for(adapter, group, lay.mesh, "data")
-        shapes = jax.eval_shape(cap._local, block, block, hidden, hidden, ctx, mask)
-        args = (_states(lay, shapes, True), block, block, hidden, hidden, ctx, mask)
+        states = _states(lay, _cross_zeros, lay, cap, block, block, hidden, hidden, ctx)
+        args = (states, block, block, hidden, hidden, ctx, mask)
+        self.state_bytes.append(nbytes(states))
+        self.combines.append(_combine(lay, states, g, group))
         self.programs.append(measure(f"hessian pass {g} {_names(group)}", "hessian passes",
                                      cap._step, args, calls=lay.nbatches))
         self.kept_bytes.append(0)
@@ -77,15 +96,17 @@ class Passes:
     used = 0
     for g, group in enumerate(self.groups):
       cap = capture_for(adapter, group, lay.mesh, "data")
-      shapes = jax.eval_shape(cap._local, block, hidden, ctx, mask, kept)[0]
+      inputs = cap.input_shapes(block, hidden, ctx, mask, kept)  # sets cap.alias, cap.routed
+      states = _states(lay, cap._zeros, inputs)
       self.alias.update(cap.alias)
       keep = False
-      if g > 0 and budget > 0:  # StashPlan.decide
-        inputs = cap.input_shapes(block, hidden, ctx, mask, kept)
+      if g > 0 and budget > 0 and not cap.routed:  # StashPlan.decide
         need = lay.nbatches * nbytes(lay.on_data(inputs))
         keep = used + need <= budget
       self.kept_bytes.append(lay.nbatches * nbytes(kept))
-      args = (_states(lay, shapes, False), block, hidden, ctx, mask, kept, keep)
+      self.state_bytes.append(nbytes(states))
+      self.combines.append(_combine(lay, states, g, group))
+      args = (states, block, hidden, ctx, mask, kept, keep)
       self.programs.append(measure(f"hessian pass {g} {_names(group)}", "hessian passes",
                                    cap._step, args, calls=lay.nbatches))
       if keep:
@@ -97,8 +118,8 @@ class Passes:
   def propagation(self) -> Program:
     """The block's outputs from its inputs (the kept inputs applied; none with refinement)."""
     lay = self.lay
-    adapter = lay.adapter(self.layer_type)
-    block = lay.block(self.layer_type, lay.replicated)
+    adapter = lay.adapter(self.kind)
+    block = lay.block(self.kind, lay.replicated)
     hidden, ctx, _ = lay.stream_batch()
     given = {} if lay.cfg.refine_steps else self.kept
     run = runner_for(adapter, lay.mesh, "data").jitted
@@ -110,5 +131,5 @@ def _names(group) -> str:
   return "[" + ", ".join(p[-1] for p in group) + "]"
 
 
-def kernel_shape(block: dict, path) -> tuple[int, int]:
+def kernel_shape(block: dict, path) -> tuple[int, ...]:
   return tuple(get_path(block, path)["kernel"].shape)

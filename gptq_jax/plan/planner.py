@@ -22,9 +22,13 @@ from __future__ import annotations
 import contextlib
 import math
 
+from gptq_jax.core import batched
 from gptq_jax.kernels import block_sizes
-from gptq_jax.models.families import layer_tensor_specs, nonlayer_tensor_specs
+from gptq_jax.models.families import (layer_expert_specs, layer_tensor_specs,
+                                      nonlayer_tensor_specs)
+from gptq_jax.pipeline import experts
 from gptq_jax.plan import refinement, serving as serving_lib
+from gptq_jax.plan.expert_solves import expert_solve
 from gptq_jax.plan.layout import Layout, RunSettings
 from gptq_jax.plan.measure import Program, nbytes
 from gptq_jax.plan.passes import Passes, embedding, kernel_shape
@@ -35,27 +39,42 @@ GiB = 2**30
 
 
 def _packed_bytes(lay: Layout, shapes) -> int:
+  """Packed bytes of kernels of ``shapes`` (``[in, out]``, or ``[E, in, out]`` stacked experts)."""
   bits, gs = lay.cfg.bits, lay.cfg.group_size
   total = 0
-  for k, n in shapes:
+  for shape in shapes:
+    e, (k, n) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
     groups = 1 if gs == -1 else -(-k // gs)
-    total += k * n * bits // 8 + groups * n * (4 + bits / 8) + k * 4
+    total += e * (k * n * bits // 8 + groups * n * (4 + bits / 8) + k * 4)
   return int(total)
 
 
+def _chunks(shapes) -> int:
+  """Sequential solves of a set: 1, or a mixture of experts' chunks (``core.batched``)."""
+  if len(shapes[0]) == 2:
+    return 1
+  E, k = shapes[0][:2]
+  c = batched._chunk_size(k, sum(s[2] for s in shapes), E, batched.DEFAULT_CHUNK_BYTES)
+  return -(-E // c)
+
+
 def _solve_sets(lay: Layout, passes: Passes, group) -> list[list]:
+  """The driver's solves of a subset: layers sharing an input solved together (GPTAQ: each
+  alone), a mixture of experts' projections apart (batched); the router and a shared-expert gate
+  stay float (no solve)."""
+  group = [p for p in group if not experts.float_by_default(p)]
   if lay.cfg.gptaq:
     return [[p] for p in group]
   sets: dict = {}
   for p in group:
-    sets.setdefault(passes.alias.get(p, p), []).append(p)
-  return list(sets.values())
+    sets.setdefault((experts.is_expert_path(p), passes.alias.get(p, p)), []).append(p)
+  return sorted(sets.values(), key=lambda ps: not experts.is_expert_path(ps[0]))
 
 
-def block_programs(lay: Layout, layer_type: str | None, budget: int, common: list) -> dict:
-  """Every program of one block of ``layer_type``, each with what lies beside it."""
-  passes = Passes(lay, layer_type, budget)
-  block = lay.block(layer_type, lay.home)
+def block_programs(lay: Layout, kind, budget: int, common: list) -> dict:
+  """Every program of one block of ``kind`` (a ``LayerKind``), each with what lies beside it."""
+  passes = Passes(lay, kind, budget)
+  block = lay.block(kind, lay.home)
   block_home = nbytes(block)
   stream = lay.nbatches * nbytes(lay.stream_batch()) * (2 if lay.cfg.gptaq else 1)
   batch = nbytes(lay.stream_batch()) * (2 if lay.cfg.gptaq else 1)
@@ -65,21 +84,26 @@ def block_programs(lay: Layout, layer_type: str | None, budget: int, common: lis
   kept = passes.kept_bytes + [lay.nbatches * nbytes(passes.kept)]
   for g, (group, pas) in enumerate(zip(passes.groups, passes.programs)):
     home = block_home + _packed_bytes(lay, done)
+    base = common + [("calibration activations", stream), ("block on its home chip", home)]
     progs.append(pas.with_beside(common + [
         ("calibration activations", stream - batch), ("kept inputs", kept[g] - kept[g] // max(
             1, lay.nbatches)), ("block on its home chip", home)]))
+    progs += [c.with_beside(base + [("kept inputs", kept[g + 1]),
+                                    ("other running sums", passes.state_bytes[g] - c.hbm_bytes)])
+              for c in passes.combines[g]]
     for paths in _solve_sets(lay, passes, group):
       shapes = [kernel_shape(block, p) for p in paths]
-      steps += shapes[0][0]
-      name = "+".join(p[-1] for p in paths)
-      for prog, live in solve(lay, name, shapes, lay.cfg.gptaq):
-        progs.append(prog.with_beside(common + [
-            ("calibration activations", stream), ("kept inputs", kept[g + 1]),
-            ("block on its home chip", home), ("solve buffers", live)]))
+      steps += shapes[0][-2] * _chunks(shapes)
+      name = "+".join(("experts " if len(shapes[0]) == 3 else "") + p[-1] for p in paths)
+      made = (expert_solve(lay, name, shapes) if len(shapes[0]) == 3
+              else solve(lay, name, shapes, lay.cfg.gptaq))
+      for prog, live in made:
+        progs.append(prog.with_beside(base + [("kept inputs", kept[g + 1]),
+                                              ("solve buffers", live)]))
       done += shapes
   home = block_home + _packed_bytes(lay, done)
   if lay.cfg.refine_steps:
-    refine_progs, gathered = refinement.programs(lay, layer_type)
+    refine_progs, gathered = refinement.programs(lay, kind)
     progs += [p.with_beside(common + [("calibration activations", stream),
                                       ("kept inputs", kept[-1]),
                                       ("stream gathered for refinement", gathered),
@@ -93,7 +117,35 @@ def block_programs(lay: Layout, layer_type: str | None, budget: int, common: lis
   return {"programs": progs, "propagation": prop, "column_steps": steps}
 
 
+def kind_label(model, kind) -> str:
+  """A layer kind by name: its attention type (", experts" / ", dense MLP" in a mixture of
+  experts)."""
+  if not model.num_experts:
+    return kind.attention
+  return f"{kind.attention}, {'experts' if kind.sparse else 'dense MLP'}"
+
+
+def not_plannable(model) -> str | None:
+  """Why the planner cannot plan this model faithfully (None: it can)."""
+  if model.hidden_size_per_layer_input or any(k.kv_shared for k in model.layer_kinds) or (
+      model.model_type.startswith("gemma4")):
+    return (f"scripts/plan.py does not plan {model.model_type} (Gemma 4): its blocks read "
+            "per-layer inputs and shared keys / values that the context carries from block to "
+            "block, which the planned programs do not; quantize it without a plan")
+  return None
+
+
+def check_plannable(run: RunSettings) -> None:
+  """Refuses, in one line and before any work, what the planner cannot plan faithfully, and what
+  mixture-of-experts quantization itself refuses."""
+  why = not_plannable(run.model)
+  if why:
+    raise ValueError(why)
+  experts.check_model(run.cfg, run.model, None)
+
+
 def plan_quantization(run: RunSettings, sl: Slice, *, with_serving: bool = True) -> dict:
+  check_plannable(run)
   lay = Layout(run, sl)
   model, chip = run.model, sl.chip
   tpu = sl.devices[0].platform == "tpu"
@@ -107,13 +159,20 @@ def plan_quantization(run: RunSettings, sl: Slice, *, with_serving: bool = True)
     budget = (run.stash_bytes if run.stash_bytes is not None
               else int(0.5 * (chip.hbm_bytes - embed_home - evals - stream)))
     emb = embedding(lay).with_beside([("calibration activations", stream)] + common[1:])
-    kinds = model.distinct_layer_types if len(model.distinct_layer_types) > 1 else (None,)
     per_type = {}
-    for kind in kinds:
-      per_type[kind or model.layer_types[0]] = block_programs(lay, kind, budget, common)
+    for kind in dict.fromkeys(model.layer_kinds):  # one compiled set per kind, in layer order
+      per_type[kind] = block_programs(lay, kind, budget, common)
     serve = (serving_lib.serving(model, run.cfg, chip, sl.local[0], run.seqlen)
-             if with_serving and tpu else None)
-  return _summarize(lay, emb, per_type, serve)
+             if with_serving and tpu and not model.num_experts else None)
+  plan = _summarize(lay, emb, per_type, serve)
+  if with_serving and model.num_experts:
+    plan["serving_refusal"] = SERVING_MOE
+  return plan
+
+
+SERVING_MOE = ("serving: not planned for a mixture of experts (its decode runs the experts' "
+               "grouped matmul as a loop over expert tiles whose body the compiler's cost counts "
+               "once, so its roofline would be a gross undercount); the quantization is planned")
 
 
 def _summarize(lay: Layout, emb: Program, per_type: dict, serve) -> dict:
@@ -122,8 +181,8 @@ def _summarize(lay: Layout, emb: Program, per_type: dict, serve) -> dict:
   worst = max(everything, key=lambda p: p.peak_bytes)
   per_block = {kind: sum(p.seconds(chip) for p in t["programs"]) + t["propagation"].seconds(chip)
                for kind, t in per_type.items()}
-  counts = {kind: model.layer_types.count(kind) for kind in per_type}
-  last = model.layer_types[-1]
+  counts = {kind: model.layer_kinds.count(kind) for kind in per_type}
+  last = model.layer_kinds[-1]
   total = emb.seconds(chip) + sum(counts[k] * s for k, s in per_block.items()) - (
       per_type[last]["propagation"].seconds(chip) if not lay.cfg.lm_head else 0.0)
   host = host_bytes(lay)
@@ -141,11 +200,13 @@ def _summarize(lay: Layout, emb: Program, per_type: dict, serve) -> dict:
       "hbm_bytes_per_chip": chip.hbm_bytes, "peak_program": worst.name,
       "peak_parts": dict(worst.beside_parts + (("the program itself", worst.hbm_bytes),)),
       "host_peak_bytes": host["peak"], "host_parts": host["parts"],
-      "est_seconds": total, "est_seconds_per_block": per_block,
-      "blocks_per_type": counts,
+      "est_seconds": total,
+      "est_seconds_per_block": {kind_label(model, k): v for k, v in per_block.items()},
+      "blocks_per_type": {kind_label(model, k): v for k, v in counts.items()},
       # the solves' column loops step through a layer's input columns one at a time: latency the
       # roofline does not see
-      "column_steps_per_block": {k: t["column_steps"] for k, t in per_type.items()},
+      "column_steps_per_block": {kind_label(model, k): t["column_steps"]
+                                 for k, t in per_type.items()},
       "programs": [p.to_dict() for p in everything],
       "programs_with_loops": sorted({p.name for p in everything if p.loops}),
       "serving": serve,
@@ -158,11 +219,15 @@ def host_bytes(lay: Layout) -> dict:
   run, model = lay.run, lay.model
   item = lay.dtype.itemsize
   tokens = 2 * run.nsamples * run.seqlen * 4 * 2  # the samples and their micro-batch copies
-  layer = [math.prod(s) for _, _, s in layer_tensor_specs(model, 0)]
+  i = max(range(model.num_hidden_layers), key=lambda j: model.sparse_layer(j))  # experts first
+  experts_of = [(len(e.names),) + tuple(e.shape[::-1]) for e in layer_expert_specs(model, i)]
+  layer = [math.prod(s) for _, _, s in layer_tensor_specs(model, i)] + [
+      math.prod(s) for s in experts_of]  # an expert projection is read stacked
   nonlayer = [math.prod(s) for _, _, s in nonlayer_tensor_specs(model)]
   block_params = sum(layer)
-  kernels = [tuple(s[::-1]) for p, _, s in layer_tensor_specs(model, 0) if p[-1] == "kernel"]
-  packed = _packed_bytes(lay, kernels) + (block_params - sum(k * n for k, n in kernels)) * 4
+  kernels = [tuple(s[::-1]) for p, _, s in layer_tensor_specs(model, i)
+             if p[-1] == "kernel"] + experts_of
+  packed = _packed_bytes(lay, kernels) + (block_params - sum(math.prod(s) for s in kernels)) * 4
   parts = {"calibration tokens": tokens,
            "largest tensor read and staged": 2 * max(layer + nonlayer) * item,
            "a finished block fetched for its save (and orbax's copy)": 2 * packed}
@@ -208,4 +273,5 @@ def fmt_bytes(n: float) -> str:
   return f"{int(n)} B"
 
 
-__all__ = ["RunSettings", "plan_quantization", "refusal", "host_bytes", "fmt_bytes"]
+__all__ = ["RunSettings", "check_plannable", "fmt_bytes", "host_bytes", "not_plannable",
+           "plan_quantization", "refusal"]

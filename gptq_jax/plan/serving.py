@@ -1,7 +1,7 @@
 """Serving at the roofline: one decode step of the packed model against the same model in bf16.
 
 Compiles the per-layer decode path of generation (``models/layer_loop.py``: ``embed_token``, one
-``decode_layer`` per layer type, ``decode_head``) for one chip, with the decoder's kernels packed
+``decode_layer`` per layer kind, ``decode_head``) for one chip, with the decoder's kernels packed
 (``PreparedWeight``, the TPU kernel chosen at lowering) or dense bfloat16, a KV cache of ``cache``
 slots, at batch 1 / 8 / 64. A step's time at the roofline is the sum over the model's layers and
 the head of max(FLOPs / peak, bytes / bandwidth) from the compiler's cost analysis; tokens per
@@ -64,15 +64,15 @@ def decode_step(model: ModelConfig, packed: GPTQConfig | None, chip: Chip, devic
                         jax.eval_shape(lambda: jax.random.key(0)), 0.0, 0, 1.0,
                         S((1,), i32, sharding=sh), S((), i32, sharding=sh))))
   kv = S((b, cfg.num_key_value_heads, cache, cfg.head_dim), bf16, sharding=sh)
-  for layer_type in cfg.distinct_layer_types:
-    i = cfg.layer_types.index(layer_type)
-    count = cfg.layer_types.count(layer_type)
+  for kind in dict.fromkeys(cfg.layer_kinds):  # as models/decode.py passes them
+    i = cfg.layer_kinds.index(kind)
+    count = cfg.layer_kinds.count(kind)
     lp = _params(layer_tensor_specs(cfg, i), packed, sh)
     weights += count * nbytes(lp)
-    args = (cfg, layer_type, lp, {"k": kv, "v": kv}, hidden, token, S((b, cache), i32, sharding=sh),
-            S((), i32, sharding=sh))
-    progs.append(measure(f"decode layer ({layer_type})", "serving", layer_loop.decode_layer, args,
-                         calls=count))
+    args = (cfg, kind, lp, {"k": kv, "v": kv}, hidden, token, S((b, cache), i32, sharding=sh),
+            S((), i32, sharding=sh), {})
+    progs.append(measure(f"decode layer ({kind.attention})", "serving", layer_loop.decode_layer,
+                         args, calls=count))
   seconds = sum(p.seconds(chip) for p in progs)
   return {"batch": b, "step_seconds": seconds, "tokens_per_s_per_chip": b / seconds,
           "weight_bytes": weights, "kv_cache_bytes": 2 * cfg.num_hidden_layers * nbytes(kv),

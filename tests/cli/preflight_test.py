@@ -17,7 +17,7 @@ def test_a_run_that_will_not_fit_stops_before_any_block(tiny_hf_dir, tmp_path, c
   assert main(["--model", tiny_hf_dir, "--output", str(out), *FAST]) == 2
   err = capsys.readouterr().err
   last = err.splitlines()[-1]
-  assert last.startswith("error: the run needs ") and "GiB per chip" in last, err
+  assert last.startswith("error: the run needs ") and " per chip at '" in last, err
   assert " use " in last and ("--" in last or "chip" in last), last
   assert "Traceback" not in err and "layers.0" not in err  # no block was quantized
   assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")

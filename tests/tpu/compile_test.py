@@ -35,7 +35,8 @@ def _big() -> bool:
 
 
 def _tasks(folders: dict) -> list[str]:
-  tasks = ["kernels|v5e", "kernels|v6e", "model_shapes|v4", "model_shapes|v5p", "pipeline"]
+  tasks = ["kernels|v5e", "kernels|v6e", "model_shapes|v4", "model_shapes|v5p", "pipeline",
+           "moe_pipeline"]
   return tasks + (real_size.tasks(folders) if _big() else [])
 
 
@@ -145,6 +146,30 @@ def test_the_plan_holds_the_compilers_own_figures(compiled):
     assert layer["kernel_calls"] == 7  # q, k, v, o, gate, up, down: the Mosaic kernel
     layer = next(p for p in row["bf16"]["programs"] if p["name"].startswith("decode layer"))
     assert layer["kernel_calls"] == 0
+
+
+def test_a_mixture_of_experts_plan_holds_the_compilers_own_figures(compiled):
+  """A tiny Qwen3-MoE: the routed Hessian passes, the expert Hessians summed over the chips, the
+  experts' batched solves (spread over the host's chips) and the propagation are planned, each
+  with the figures of the same program compiled directly; the router stays float (no solve);
+  serving is refused in one line."""
+  r = _result(compiled, "moe_pipeline")
+  plan, names = r["plan"], _programs(r["plan"])
+  for name, direct in r["direct"].items():
+    assert names[name]["hbm_bytes"] == direct["hbm_bytes"], name
+    assert names[name]["flops"] == direct["flops"] > 0, name
+  assert {p["phase"] for p in plan["programs"]} == {"embedding", "hessian passes", "solves",
+                                                     "propagation"}
+  assert "hessian pass 2 [gate, gate_proj, up_proj]" in names
+  for proj in ("experts gate_proj+experts up_proj", "experts down_proj"):
+    assert names[f"{proj}: prepare (8 experts)"]["calls"] == 1
+    assert names[f"{proj}: inverse-Hessian factor"]["calls"] == 8  # expert by expert
+  assert not any(n.startswith("gate:") for n in names)  # the router is not quantized
+  assert plan["est_seconds_per_block"].keys() == {"full_attention, experts"}
+  assert plan["fits"] and plan["hbm_peak_bytes_per_chip"] == max(
+      p["hbm_bytes"] + sum(p["beside_parts"].values()) for p in plan["programs"])
+  assert plan["serving"] is None and "\n" not in plan["serving_refusal"]
+  assert plan["serving_refusal"].startswith("serving: not planned for a mixture of experts")
 
 
 @pytest.mark.parametrize("task,gen,chips", [("8b", "v5e", 8), ("70b|v6e", "v6e", 8)])

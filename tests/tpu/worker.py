@@ -132,6 +132,66 @@ def pipeline() -> dict:
   return {"plan": plan, "direct": direct}
 
 
+MOE_TINY = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=256,
+                hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6)
+
+
+def _figures(compiled) -> dict:
+  m, cost = compiled.memory_analysis(), compiled.cost_analysis()
+  return {"hbm_bytes": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes + m.generated_code_size_in_bytes, "flops": cost["flops"]}
+
+
+def moe_pipeline() -> dict:
+  """A tiny Qwen3-MoE planned on a v5e 2x2 slice (serving asked for: refused for experts), and
+  programs of its expert layers compiled again directly: the routed Hessian pass, the expert
+  Hessians summed over the chips, the experts' batched column loop spread over the host's chips,
+  the propagation."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from gptq_jax.config import GPTQConfig
+  from gptq_jax.core import batched, gptq, hessian
+  from gptq_jax.models.config import ModelConfig
+  from gptq_jax.pipeline import multihost
+  from gptq_jax.pipeline.capture import capture_for, runner_for
+  from gptq_jax.plan import planner, slices
+  from gptq_jax.plan.layout import Layout, RunSettings
+
+  sl = slices.compile_only("v5e:2x2")
+  run = RunSettings(model=ModelConfig.from_hf_dict(MOE_TINY).replace(dtype="bfloat16"),
+                    cfg=GPTQConfig(4, group_size=32), nsamples=16, seqlen=32, batch_size=8)
+  plan = planner.plan_quantization(run, sl, with_serving=True)
+  lay = Layout(run, sl)  # the same programs, built and compiled here by hand
+  kind = run.model.layer_kinds[0]
+  adapter = lay.adapter(kind)
+  block = lay.block(kind, lay.replicated)
+  hidden, ctx, mask = lay.stream_batch()
+  n, E, inter, d = sl.chips, 8, 32, 64
+  data = lambda shape, dtype=jnp.float32: S(shape, dtype, sharding=lay.data)  # noqa: E731
+  down = ("mlp", "experts", "down_proj")
+  sums = {down: hessian.HessianState(xtx=data((n, E, inter, inter)), count=data((n, E)),
+                                     err=data((n, E, inter, inter)))}
+  kept = {("self_attn", "o_proj"): data((8, 32, 4 * 16), jnp.bfloat16)}  # pass 1's input, kept
+  cap = capture_for(adapter, ((down),), lay.mesh, "data")
+  st = gptq._static_of(run.cfg)
+  experts = Mesh(np.array(sl.local), ("experts",))
+  on = lambda shape, dtype=jnp.float32: S(shape, dtype, sharding=NamedSharding(  # noqa: E731
+      experts, P("experts")))
+  direct = {}
+  for name, fn, args in (
+      ("hessian pass 3 [down_proj]", cap._step, (sums, block, hidden, ctx, mask, kept, False)),
+      ("combine 3 experts down_proj", multihost._combiner(lay.mesh, "data"), (sums[down],)),
+      ("experts gate_proj+experts up_proj: column loop (8 experts over 4 chips)",
+       batched._spread_solve(experts, st),
+       (on((E, d, 2 * inter)), on((E, d, d)), on((E, d, 2 * inter)), on((E, d, d)),
+        on((E, d), jnp.int32))),
+      ("propagation", runner_for(adapter, lay.mesh, "data").jitted, (block, hidden, ctx, kept))):
+    direct[name] = _figures(fn.trace(*args).lower().compile())
+  return {"plan": plan, "direct": direct}
+
+
 def big(model: str, topology: str, *argv: str) -> dict:
   """scripts/plan.py's plan (no serving) of a real-size model, with extra flags ``argv``, its
   figures read from $GPTQ_JAX_PLAN_FIGURES (tests/tpu/real_size.py; with
@@ -147,7 +207,8 @@ def big(model: str, topology: str, *argv: str) -> dict:
   return plan
 
 
-TASKS = {"kernels": kernels, "model_shapes": model_shapes, "pipeline": pipeline, "big": big}
+TASKS = {"kernels": kernels, "model_shapes": model_shapes, "pipeline": pipeline,
+         "moe_pipeline": moe_pipeline, "big": big}
 
 
 def main(out_path: str, *tasks: str) -> None:
