@@ -20,6 +20,7 @@ codes, scales and zero points of every projection of the set.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gptq_jax.core import batched, factor, gptq, shared, weights
 from gptq_jax.plan.layout import Layout
 from gptq_jax.plan.measure import Program, measure
+from gptq_jax.plan.solves import FACTOR_COMPILE_MAX, accounted_factor
 
 S = jax.ShapeDtypeStruct
 F32 = jnp.float32
@@ -59,8 +61,12 @@ def expert_solve(lay: Layout, name: str, shapes: list[tuple[int, int, int]]
   Wp, perm = at(Wp.shape), at(perm.shape, perm.dtype)
   out.append((measure(f"{name}: prepare ({c} experts)", "solves", batched._prepare_all,
                       (kernel, H, st), calls=chunks), live))
-  out.append((measure(f"{name}: inverse-Hessian factor", "solves", factor._inverse_factor,
-                      (at((k, k)), at(())), calls=padded), live))
+  if k > FACTOR_COMPILE_MAX and lay.slice_is_tpu:  # plan/solves.py: too slow to compile
+    fac = dataclasses.replace(accounted_factor(name, k), alias_bytes=0, calls=padded)
+  else:
+    fac = measure(f"{name}: inverse-Hessian factor", "solves", factor._inverse_factor,
+                  (at((k, k)), at(())), calls=padded)
+  out.append((fac, live))
   U = at((c, k, k))
   m = shared._rows_mesh(lay.spread, c, "experts")
   if m is None:

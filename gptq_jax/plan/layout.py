@@ -56,6 +56,7 @@ class Layout:
     self.replicated = NamedSharding(self.mesh, P()) if self.mesh is not None else self.home
     self.data = NamedSharding(self.mesh, P("data")) if self.mesh is not None else self.home
     local = sl.local
+    self.slice_is_tpu = local[0].platform == "tpu"  # compiling for a TPU slice (plan/solves.py)
     self.spread = (Mesh(np.array(local), ("rows",))
                    if len(local) > 1 and local[0].platform != "cpu" else None)
     self.batch = -(-max(run.batch_size or 1, n) // n) * n
