@@ -115,10 +115,11 @@ def pipeline() -> dict:
   direct = {}
   group = adapter.sequential_groups[0]
   cap = capture_for(adapter, group, lay.mesh, "data")
-  k = run.model.hidden_size
+  k, n = run.model.hidden_size, sl.chips  # the running sums: one per chip, split over the chips
   state = {group[0]: hessian.HessianState(
-      xtx=S((k, k), jnp.float32, sharding=lay.replicated),
-      count=S((), jnp.float32, sharding=lay.replicated))}
+      xtx=S((n, k, k), jnp.float32, sharding=lay.data),
+      count=S((n,), jnp.float32, sharding=lay.data),
+      err=S((n, k, k), jnp.float32, sharding=lay.data))}
   for name, fn, args in (
       ("hessian pass 0 [q_proj, k_proj, v_proj]", cap._step,
        (state, block, hidden, ctx, mask, {}, False)),
