@@ -105,21 +105,19 @@ def _run_cli(nproc: int, tokens: str, out: str, args) -> float:
 
 
 def _same_codes(a: str, b: str) -> float:
+  import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
   from gptq_jax import PackedWeight, checkpoint  # noqa: PLC0415
 
-  pa, pb = checkpoint.load(a).params, checkpoint.load(b).params
+  packed = lambda x: isinstance(x, PackedWeight)  # noqa: E731
+  la = jax.tree.leaves(checkpoint.load(a).params, is_leaf=packed)
+  lb = jax.tree.leaves(checkpoint.load(b).params, is_leaf=packed)
   same, total = 0, 0
-  for key in pa:
-    if not key.startswith("layers_"):
-      continue
-    for group, projs in pa[key].items():
-      for proj, leaf in projs.items():
-        if isinstance(leaf.get("kernel"), PackedWeight):
-          x = np.asarray(leaf["kernel"].unpack().codes)
-          y = np.asarray(pb[key][group][proj]["kernel"].unpack().codes)
-          same, total = same + int((x == y).sum()), total + x.size
+  for x, y in zip(la, lb, strict=True):  # same tree: a norm's scale sits beside the kernels
+    if packed(x):
+      cx, cy = np.asarray(x.unpack().codes), np.asarray(y.unpack().codes)
+      same, total = same + int((cx == cy).sum()), total + cx.size
   return same / total
 
 
