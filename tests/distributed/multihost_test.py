@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -16,16 +17,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _workers(nproc: int, out: str, *extra: str) -> None:
+def _workers(nproc: int, out: str) -> None:
   port = str(_free_port())
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(pid), str(nproc),
-                             port, out, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             port, out], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for pid in range(nproc)]
   logs = []
   try:
     for p in procs:
-      logs.append(p.communicate(timeout=400)[0])
+      logs.append(p.communicate(timeout=900)[0])
   finally:
     for p in procs:
       if p.poll() is None:
@@ -34,10 +35,18 @@ def _workers(nproc: int, out: str, *extra: str) -> None:
     assert p.returncode == 0, f"process {pid}/{nproc} failed:\n{log[-3000:]}"
 
 
-def test_two_processes_match_one(tmp_path):
-  two, one = str(tmp_path / "two.npz"), str(tmp_path / "one.npz")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two processes, then one, each launch quantizing the dense model and the MoE one."""
+  root = tmp_path_factory.mktemp("multihost")
+  two, one = str(root / "two.npz"), str(root / "one.npz")
   _workers(2, two)
   _workers(1, one)
+  return two, one
+
+
+def test_two_processes_match_one(runs):
+  two, one = runs
   a, b = np.load(two), np.load(one)
   assert (int(a["processes"]), int(a["devices"])) == (2, 4)
   assert (int(b["processes"]), int(b["devices"])) == (1, 2)
@@ -49,12 +58,10 @@ def test_two_processes_match_one(tmp_path):
     assert (a[k] == b[k]).mean() >= 0.999, k
 
 
-def test_two_processes_match_one_for_a_mixture_of_experts(tmp_path):
+def test_two_processes_match_one_for_a_mixture_of_experts(runs):
   """Per-expert Hessian sums over two processes (uneven shares): the same token counts per expert
   and the codes of one process."""
-  two, one = str(tmp_path / "two.npz"), str(tmp_path / "one.npz")
-  _workers(2, two, "moe")
-  _workers(1, one, "moe")
+  two, one = (p[:-len(".npz")] + "_moe.npz" for p in runs)
   a, b = np.load(two), np.load(one)
   tokens = [k for k in b.files if k.startswith("T:")]
   assert len(tokens) == 3 * 8 and sum(int(b[k]) for k in tokens if k.endswith("up_proj")) > 0
