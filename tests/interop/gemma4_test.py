@@ -187,7 +187,7 @@ def test_streamed_cli_quantizes_evaluates_resumes_and_exports(run, tmp_path, cap
   resumes to the same arrays; its --save-hf folder imports to the checkpoint's weights."""
   from gptq_jax.cli.quantize import main  # noqa: PLC0415
   from gptq_jax.eval import perplexity  # noqa: PLC0415
-  from gptq_jax.pipeline.resume import ResumableRun  # noqa: PLC0415
+  from gptq_jax.resume import ResumableRun  # noqa: PLC0415
 
   src = str(tmp_path / "src")
   run.hf.save_pretrained(src)

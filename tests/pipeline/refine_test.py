@@ -224,7 +224,7 @@ def test_smollm2_refinement_lowers_block_error_and_keeps_heldout_perplexity(
   calib = data.text_calib_batches(data.sotu_texts("calib"), tok, nsamples=8, seqlen=128, seed=0,
                                   batch_size=8)
   heldout = sotu_eval_tokens
-  adapter = _FirstBlocks(cfg, 2)  # two blocks: the claim holds per block
+  adapter = _FirstBlocks(cfg, 4)
   qcfg = gj.GPTQConfig(4, group_size=128, desc_act=True, act_group_aware=False)
   ppl = {}
   for steps in (0, 30):
