@@ -41,6 +41,8 @@ def save_checkpoint(path: str, *, source, dtype: str, blocks_dir: str, qhead: di
 
   for key, leaf, axis, pieces in parts:  # one slice of the vocabulary in memory at a time
     writer.add_pieces(key, leaf, axis, counted(pieces))
+  for key in source.other_tables(skip=tuple(qhead)):  # Gemma 4's per-layer input tables
+    writer.add(key, jax.tree.map(np.asarray, source.tables(dtype, (key,))[key]))
   writer.link_blocks(blocks_dir, {f"layers_{i}": i
                                   for i in range(model_config.num_hidden_layers)})
   np_dtype = np.dtype(jax.numpy.dtype(dtype))

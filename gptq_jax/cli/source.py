@@ -134,6 +134,12 @@ class ModelSource:
     step = max(32, ROW_CHUNK_BYTES // (4 * self.config.hidden_size) // 32 * 32)
     return [(lo, min(v, lo + step)) for lo in range(0, v, step)]
 
+  def other_tables(self, skip: tuple[str, ...] = ()) -> list[str]:
+    """The top-level non-block params other than the embedding, the output projection and the
+    final norm (Gemma 4's per-layer input tables), minus ``skip``."""
+    keys = {spec[0][0] for spec in hf_lib.nonlayer_tensor_specs(self.file_config)}
+    return sorted(keys - {"embed_tokens", "lm_head", "norm"} - set(skip))
+
   def tables(self, dtype: Any, keys: tuple[str, ...]) -> dict:
     """The top-level non-block params ``keys`` whole, on the device in ``dtype`` (Gemma 4's
     per-layer input tables, which the embedding rows alone do not give)."""
