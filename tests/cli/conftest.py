@@ -38,13 +38,17 @@ def tiny_tokenizer(vocab_size: int = 320):
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> str:
   """An HF folder: a 6-block Llama whose every linear is 64 x 64 (one compiled solver)."""
+  return write_tiny_llama(str(tmp_path_factory.mktemp("tiny_hf")), LAYERS)
+
+
+def write_tiny_llama(folder: str, layers: int) -> str:
+  """A tiny Llama HF folder (every linear 64 x 64, tied embedding, the tiny tokenizer)."""
   from gptq_jax.models import LlamaConfig, init_params, save_hf_folder
 
   tokenizer = tiny_tokenizer()
   cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
-                    num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
+                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                     head_dim=16, tie_word_embeddings=True)
-  folder = str(tmp_path_factory.mktemp("tiny_hf"))
   save_hf_folder(folder, cfg, init_params(cfg, 0))
   tokenizer.save_pretrained(folder)
   return folder

@@ -47,17 +47,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_block_dir(tmp_path_factory) -> str:
   """The CLI tests' tiny Llama folder with 2 blocks (each launch costs two interpreters)."""
-  from gptq_jax.models import LlamaConfig, init_params, save_hf_folder
-  from tests.cli.conftest import tiny_tokenizer
+  from tests.cli.conftest import write_tiny_llama
 
-  tokenizer = tiny_tokenizer()
-  cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
-                    num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
-                    head_dim=16, tie_word_embeddings=True)
-  folder = str(tmp_path_factory.mktemp("tiny2"))
-  save_hf_folder(folder, cfg, init_params(cfg, 0))
-  tokenizer.save_pretrained(folder)
-  return folder
+  return write_tiny_llama(str(tmp_path_factory.mktemp("tiny2")), LAYERS)
 
 
 class _Launch:
