@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from gptq_jax.kernels.prepare import PreparedWeight, prepare_params
 from gptq_jax.models import layer_loop as _loop
 from gptq_jax.models import model as _model
 from gptq_jax.models.sampling import finish_rows, prompt_positions, select_tokens
+from gptq_jax.models.prompts import left_pad, round_up
 
 logger = logging.getLogger("gptq_jax")
 
@@ -286,22 +287,6 @@ def decode_model(params: Any, cfg: Any = None, layer_loop: str = "auto") -> Deco
   return dm
 
 
-def _round_up(a: int, b: int) -> int:
-  return -(-a // b) * b
-
-
-def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None, pad: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Token lists -> (ids [b, length], mask [b, length]) right-aligned (left-padded)."""
-  length = max(len(p) for p in prompts) if length is None else length
-  ids = np.full((len(prompts), length), pad, np.int32)
-  mask = np.zeros((len(prompts), length), np.int32)
-  for r, p in enumerate(prompts):
-    if len(p):
-      ids[r, length - len(p):], mask[r, length - len(p):] = np.asarray(p, np.int32), 1
-  return ids, mask
-
-
 class GenerateResult(dict):
   """``tokens`` [b, max_new] (pad after EOS), ``lengths`` [b] new tokens up to and including EOS,
   ``ttft`` seconds to the first token, ``decode_time`` seconds of the rest, ``steps``."""
@@ -355,8 +340,8 @@ def generate(params: Any, cfg: Any, prompt_ids: Any, *, max_new_tokens: int,
       eos_ids[0] if eos_ids else (getattr(cfg, "pad_token_id", None) or 0))
 
   b = len(prompts)
-  p_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
-  max_len = _round_up(p_len + max_new_tokens, CACHE_BUCKET)
+  p_len = round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+  max_len = round_up(p_len + max_new_tokens, CACHE_BUCKET)
   ids, mask = left_pad(prompts, p_len)
   cache_mask = np.concatenate([mask, np.ones((b, max_len - p_len), np.int32)], axis=1)
   temperature = float(temperature)
