@@ -98,9 +98,9 @@ class ModelSource:
       n += math.prod(shape)
     return n * jnp.dtype(dtype).itemsize
 
-  def _read(self, specs, dtype) -> dict:
+  def _read(self, specs, dtype, host: bool = False) -> dict:
     try:
-      return hf_lib.params_from_tensors(specs, self.ckpt.get, dtype)
+      return hf_lib.params_from_tensors(specs, self.ckpt.get, dtype, host=host)
     finally:
       self.close()  # drop the memory maps: no page of the file stays resident
 
@@ -115,9 +115,14 @@ class ModelSource:
       finally:
         self.close()
     specs = hf_lib.layer_tensor_specs(self.file_config, i)  # rotation: dense models only
-    block = self._read(specs, jnp.float32)  # what load_model reads, then rotates
-    rotated = rot.rotate_block(block, self._q, f"layers_{i}")
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), rotated)
+    try:  # float32 host views of the files; each rotated kernel goes to the device when made
+      block = hf_lib.params_from_tensors(specs, self.ckpt.get, jnp.float32, host=True)
+      rotated = rot.rotate_block(block, self._q, f"layers_{i}", lambda x: to_device(x, dtype))
+      del block
+      return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else to_device(x, dtype),
+                          rotated)
+    finally:
+      self.close()
 
   # ----- the embedding, the final norm and the output projection, a slice at a time ------------
 

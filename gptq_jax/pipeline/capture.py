@@ -139,7 +139,8 @@ class HessianCapture:
     more ``add`` until ``reset``): one copy of each H is alive, not two."""
     rep = self.alias[path]
     if rep not in self._final:
-      h = hessian.finalize(multihost.combined(self.mesh, self.axis_name, self.states.pop(rep)))
+      h = hessian.finalize_consumed(
+          multihost.combined(self.mesh, self.axis_name, self.states.pop(rep)))
       self._final[rep] = local_copy(h)
     return self._final[rep]
 

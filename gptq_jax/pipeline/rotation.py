@@ -174,9 +174,41 @@ def identity_norm(norm_params: Any, config: Any) -> dict:
   return _identity_norm(norm_params)
 
 
-def rotate_block(block: Any, Q64: np.ndarray, where: str = "block") -> dict:
+# float64 products a slab at a time (about this many bytes of float64 per slab): a streamed
+# block's transients stay small next to its own size (a 2048 x 5632 kernel is 88 MiB in float64)
+_SLAB_BYTES = 16 << 20
+
+
+def _rotate_in(K: Any, Q64: np.ndarray, scale: np.ndarray) -> np.ndarray:
+  """``Q^T diag(scale) K`` for an input-side kernel ``[hidden, out]``, in ``K``'s dtype, computed
+  in float64 over slabs of columns."""
+  K = np.asarray(K)
+  out = np.empty(K.shape, K.dtype)
+  step = max(1, _SLAB_BYTES // (8 * K.shape[0]))
+  for lo in range(0, K.shape[1], step):
+    out[:, lo:lo + step] = Q64.T @ (scale[:, None] * np.asarray(K[:, lo:lo + step], np.float64))
+  return out
+
+
+def _rotate_out(K: Any, Q64: np.ndarray) -> np.ndarray:
+  """``K Q`` for an output-side kernel ``[in, hidden]`` (or a bias ``[hidden]``), in ``K``'s
+  dtype, computed in float64 over slabs of rows."""
+  K = np.asarray(K)
+  if K.ndim == 1:
+    return _cast(np.asarray(K, np.float64) @ Q64, K)
+  out = np.empty(K.shape, K.dtype)
+  step = max(1, _SLAB_BYTES // (8 * K.shape[1]))
+  for lo in range(0, K.shape[0], step):
+    out[lo:lo + step] = np.asarray(K[lo:lo + step], np.float64) @ Q64
+  return out
+
+
+def rotate_block(block: Any, Q64: np.ndarray, where: str = "block",
+                 put: Any = lambda x: x) -> dict:
   """One float decoder block with its norms folded and the residual stream rotated (module doc:
-  steps 1 and 2); each array keeps its dtype."""
+  steps 1 and 2); each array keeps its dtype. Each rotated array goes through ``put`` as soon
+  as it is made (a streamed read sends it to the device there, holding one at a time on the
+  host); the arrays not rotated are returned as they are."""
   new = dict(block)
   scales = {"self_attn": _norm_scale(block["input_layernorm"]),
             "mlp": _norm_scale(block["post_attention_layernorm"])}
@@ -188,14 +220,12 @@ def rotate_block(block: Any, Q64: np.ndarray, where: str = "block") -> dict:
     K = lin["kernel"]
     if not hasattr(K, "shape") or np.asarray(K).ndim != 2:
       raise ValueError(f"{where}.{a}.{b} is not a float kernel: rotate before quantizing")
-    Kr = Q64.T @ (scales[a][:, None] * np.asarray(K, np.float64))
-    subs[a][b] = {**lin, "kernel": _cast(Kr, K)}
+    subs[a][b] = {**lin, "kernel": put(_rotate_in(K, Q64, scales[a]))}
   for a, b in _OUTPUT_SIDE:
     lin = block[a][b]
-    K = lin["kernel"]
-    rot = {"kernel": _cast(np.asarray(K, np.float64) @ Q64, K)}
+    rot = {"kernel": put(_rotate_out(lin["kernel"], Q64))}
     if lin.get("bias") is not None:
-      rot["bias"] = _cast(np.asarray(lin["bias"], np.float64) @ Q64, lin["bias"])
+      rot["bias"] = put(_rotate_out(lin["bias"], Q64))
     subs[a][b] = {**lin, **rot}
   new.update(subs)
   return new
