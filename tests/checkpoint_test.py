@@ -17,6 +17,7 @@ from gptq_jax import checkpoint
 from gptq_jax.eval import generate
 from gptq_jax.models import LlamaConfig, forward, init_params
 from gptq_jax.pipeline import dense_block
+from tests.xla_env import one_device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +58,7 @@ def test_reload_in_a_fresh_process_gives_identical_logits(quantized, tmp_path):
   folder = str(tmp_path / "ckpt")
   checkpoint.save(folder, qparams, model_config=cfg, quant_config=qcfg, extra={"note": "hi"})
   np.save(tmp_path / "ids.npy", ids)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=one_device_flags())
   proc = subprocess.run([sys.executable, "-c", _RELOAD, folder, str(tmp_path / "ids.npy"),
                          str(tmp_path / "logits.npy")], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)

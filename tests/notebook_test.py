@@ -16,6 +16,7 @@ import re
 import pytest
 
 from tests.interop.helpers import importorskip
+from tests.xla_env import one_device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
@@ -29,7 +30,7 @@ def _text(cell) -> str:
 def test_quickstart_notebook_runs(monkeypatch, tmp_path):
   nbformat = importorskip("nbformat")
   nbclient = importorskip("nbclient")
-  monkeypatch.setenv("XLA_FLAGS", "")  # the kernel sees the CPU as a user would: one device
+  monkeypatch.setenv("XLA_FLAGS", one_device_flags())  # the kernel sees one CPU device, as a user
   monkeypatch.chdir(tmp_path)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # "python" in the kernel spec is replaced by sys.executable: the kernel runs in this venv.

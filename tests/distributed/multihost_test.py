@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.xla_env import one_device_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -19,7 +21,7 @@ def _free_port() -> int:
 
 def _workers(nproc: int, out: str) -> None:
   port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=one_device_flags())  # the worker sets its device count
   procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(pid), str(nproc),
                              port, out], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for pid in range(nproc)]

@@ -71,15 +71,16 @@ def test_logits_match_transformers_with_padding(pair):
   check_padded_logits(hf, cfg, params, SEQ, 6)
 
 
-def check_padded_logits(hf, cfg, params, seq: int, pad: int) -> None:
-  """Our logits == transformers' on a full row and a row left-padded by `pad` tokens."""
+def check_padded_logits(hf, cfg, params, seq: int, pad: int, rel: float = 2e-6) -> None:
+  """Our logits == transformers' on a full row and a row left-padded by `pad` tokens (max error
+  below `rel` times the largest logit)."""
   ids = _ids(2, seq)
   mask = np.ones_like(ids)
   mask[1, :pad] = 0
   ref = torch_logits(hf, ids, mask)
   ours = np.asarray(_forward(params, cfg, ids, mask))
-  _close(ours[0], ref[0])
-  _close(ours[1, pad:], ref[1, pad:])
+  _close(ours[0], ref[0], rel)
+  _close(ours[1, pad:], ref[1, pad:], rel)
   assert (ours[0].argmax(-1) == ref[0].argmax(-1)).all()
 
 

@@ -82,7 +82,9 @@ def test_unsupported_configs_are_refused(full, change, match):
 
 @pytest.mark.parametrize("which", ["full", "plain", "moe"])
 def test_logits_match_transformers_with_padding(which, request):
-  check_padded_logits(*request.getfixturevalue(which), seq=24, pad=5)
+  # 5e-6: float32 rounding through Gemma 4's longer chain (per-layer inputs, value norms, experts
+  # beside the dense MLP) reaches 3e-6 of the largest logit with another XLA:CPU code generation
+  check_padded_logits(*request.getfixturevalue(which), seq=24, pad=5, rel=5e-6)
 
 
 def test_each_difference_matters(full):
@@ -112,7 +114,7 @@ def test_moe_layers(moe):
   ids = _ids(1, 24)
   ref = torch_logits(hf, ids)
   np.testing.assert_allclose(np.asarray(_forward(params, cfg.replace(moe_impl="ragged_dot"), ids)),
-                             ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+                             ref, rtol=0, atol=5e-6 * np.abs(ref).max())  # 5e-6: as with padding
   layer = dict(params["layers_1"], experts=jax.tree.map(np.zeros_like,
                                                         params["layers_1"]["experts"]))
   wrong = np.asarray(_forward(params.replace(layers_1=layer), cfg, ids))

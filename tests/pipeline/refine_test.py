@@ -120,7 +120,9 @@ def test_refined_weights_are_valid_packed_weights_and_deterministic(tiny, kw):
   cfg, params, _ = tiny
   batches = _calib32()
   kw = {"group_size": 32, "bits": 4, **kw}
-  qcfg = gj.GPTQConfig(kw.pop("bits"), refine_steps=30, refine_lr=5e-3, **kw)
+  # 60 steps: with 30, whether a block's refinement beats GPTQ on the held-out rows (errors of
+  # 1e-6) turned on the compiler's rounding; with 60 both blocks are kept either way (measured)
+  qcfg = gj.GPTQConfig(kw.pop("bits"), refine_steps=60, refine_lr=5e-3, **kw)
   plain = quantize(params, batches, qcfg.replace(refine_steps=0), model_config=cfg, mesh=None,
                    progress=False)
   report = []
