@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -157,10 +158,13 @@ def main() -> None:
     calib = data.text_calib_batches(data.sotu_texts("calib"), load_tokenizer("smollm2-135m"),
                                     nsamples=args.nsamples, seqlen=args.seqlen)
     tokens = os.path.join(work, "tokens.npy")
-    np.save(tokens, np.concatenate([b["input_ids"] for b in calib]))
-    one = _run_cli(1, tokens, os.path.join(work, "one"), args)
-    two = _run_cli(2, tokens, os.path.join(work, "two"), args)
-    same = _same_codes(os.path.join(work, "one"), os.path.join(work, "two"))
+    try:
+      np.save(tokens, np.concatenate([b["input_ids"] for b in calib]))
+      one = _run_cli(1, tokens, os.path.join(work, "one"), args)
+      two = _run_cli(2, tokens, os.path.join(work, "two"), args)
+      same = _same_codes(os.path.join(work, "one"), os.path.join(work, "two"))
+    finally:  # the two checkpoints and the tokens (about 200 MB): nothing left behind
+      shutil.rmtree(work, ignore_errors=True)
     result["gptaq"] = {"one_process_s": one, "two_processes_s": two, "ratio": two / one,
                        "codes_equal": same}
     rows.append(["GPTAQ CLI, SmolLM2 (30 blocks)", "1 process", one, two, two / one])

@@ -83,6 +83,7 @@ def test_reader_matches_transformers_gguf_loader(gemma_path, gemma_transformers)
 
 SEQLEN = 256
 WINDOWS = 3
+BLOCKS = 6  # GPTQ against RTN: the first six blocks
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +161,29 @@ def test_greedy_16_tokens_match_transformers(gemma_ours, gemma_transformers, gem
 
 
 def test_gptq_4bit_act_order_beats_rtn(gemma_ours, gemma_tokenizer, gemma_eval_tokens):
+  """GPTQ (4-bit g128, act-order) of the first six blocks (five sliding-window layers and the
+  first full-attention one) against round-to-nearest of the same blocks, the rest float in both:
+  held-out perplexity float < GPTQ < RTN (measured 18.73 < 19.26 < 20.90)."""
   import gptq_jax
   from gptq_jax import data
   from gptq_jax.eval import perplexity
-  from gptq_jax.pipeline import dense_block, rtn_model
+  from gptq_jax.pipeline import ModelAdapter, dense_block, rtn_model
+
+  class FirstBlocks(ModelAdapter):
+    def num_blocks(self, params):
+      return BLOCKS
 
   cfg, params = gemma_ours
+  assert cfg.layer_types[:BLOCKS] == ("sliding_attention",) * 5 + ("full_attention",)
   bos = data.bos_token_id(gemma_tokenizer)
-  calib = data.text_calib_batches(data.sotu_texts("calib"), gemma_tokenizer, nsamples=8,
+  calib = data.text_calib_batches(data.sotu_texts("calib"), gemma_tokenizer, nsamples=4,
                                   seqlen=SEQLEN, seed=0, batch_size=4)
   assert all((b["input_ids"][:, 0] == bos).all() for b in calib)
   qcfg = gptq_jax.GPTQConfig(4, group_size=128, desc_act=True, act_group_aware=False, sym=True)
-  quantized = gptq_jax.quantize(params, calib, qcfg)
+  adapter = FirstBlocks(cfg)
+  quantized = gptq_jax.quantize(params, calib, qcfg, adapter=adapter, progress=False)
   ppl = lambda p: perplexity(p, cfg, gemma_eval_tokens, seqlen=SEQLEN,  # noqa: E731
                              max_windows=WINDOWS + 1, bos_token_id=bos)
   ppl_float, ppl_gptq = ppl(params), ppl(dense_block(quantized))
-  ppl_rtn = ppl(dense_block(rtn_model(params, qcfg, model_config=cfg)))
+  ppl_rtn = ppl(dense_block(rtn_model(params, qcfg, adapter=adapter)))
   assert ppl_float < ppl_gptq < ppl_rtn, (ppl_float, ppl_gptq, ppl_rtn)
