@@ -1,7 +1,8 @@
 """quantize_llama.py as two jax.distributed processes on loopback (CPU gloo collectives), each
 feeding half of the calibration samples:
 
-* on text calibration with ``--lm-head`` and ``dynamic`` (8 and 2 bits, a float module), and on
+* on text calibration with ``--rotation hadamard``, ``--lm-head`` and ``dynamic`` (8 and 2 bits, a float
+  module), and on
   ``.npy`` token calibration with GPTAQ, the result equals one process's (the Hessians do not
   depend on how the samples are spread: core/hessian.py), written once;
 * a process killed mid-run (SIGKILL) is an error for the other, within 60 s, with one line naming
@@ -113,25 +114,31 @@ def _assert_codes_equal(got, want) -> None:
 
 
 def _reference(model_dir: str, calib, mesh=None, batch_size=1, **cfg):
-  """The model in this process: by default one device, one sample per micro-batch."""
+  """The model in this process: by default one device, one sample per micro-batch (with
+  ``rotation``: the whole model rotated first, as the CLI's reads are)."""
   from gptq_jax import GPTQConfig
   from gptq_jax.models import load_llama
   from gptq_jax.pipeline import quantize
+  from gptq_jax.pipeline.rotation import rotate_model
 
   model_config, params = load_llama(model_dir)
+  if cfg.get("rotation"):
+    model_config, params = rotate_model(model_config, params, cfg["rotation"])
   qcfg = GPTQConfig(4, group_size=32, nsamples=8, seqlen=32, **cfg)
   return quantize(params, calib, qcfg, model_config=model_config, mesh=mesh,
                   batch_size=batch_size, progress=False)
 
 
-def test_two_processes_on_text_with_lm_head_and_dynamic_equal_one(two_block_dir, cli_env,
-                                                                    tmp_path):
+def test_two_processes_on_text_with_rotation_lm_head_and_dynamic_equal_one(two_block_dir, cli_env,
+                                                                             tmp_path):
+  """Text calibration, the residual stream rotated as it is read, the head quantized a slice of
+  the vocabulary at a time, 8-bit, 2-bit and float modules: the one-process model."""
   from gptq_jax import data
   from gptq_jax.models import load_tokenizer
 
   out, hf, report = str(tmp_path / "q"), str(tmp_path / "hf"), str(tmp_path / "r.json")
   run = _Launch(["--model", two_block_dir, "--output", out, *COMMON, "--lm-head", "--dynamic",
-                 json.dumps(DYNAMIC), "--dtype", "float32", "--save-hf", hf, "--report", report,
+                 json.dumps(DYNAMIC), "--rotation", "hadamard", "--dtype", "float32", "--save-hf", hf, "--report", report,
                  "--eval-windows", "2", "--sample-prompt", "The union is", "--no-progress"],
                 cli_env)
   run.finish()
@@ -142,7 +149,7 @@ def test_two_processes_on_text_with_lm_head_and_dynamic_equal_one(two_block_dir,
   assert sorted(os.listdir(tmp_path)) == ["hf", "q", "r.json", "r.png"]  # no .partial
   calib = data.text_calib_batches(data.sotu_texts("calib"), load_tokenizer(two_block_dir),
                                   nsamples=8, seqlen=32)
-  want = _reference(two_block_dir, calib, lm_head=True, dynamic=DYNAMIC)
+  want = _reference(two_block_dir, calib, lm_head=True, dynamic=DYNAMIC, rotation="hadamard")
   got = checkpoint.load(out).params
   _assert_codes_equal(got, want)
   assert got["lm_head"]["kernel"].bits == 4 and "o_proj" not in str(sorted(_codes(got)))
