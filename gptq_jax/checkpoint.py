@@ -108,9 +108,7 @@ def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
     mngr.close()
     if step is None:
       raise FileNotFoundError(f"{path!r} holds no finished checkpoint (an interrupted save?)")
-  step_dir = os.path.join(os.path.abspath(path), str(step))
-  if not os.path.isdir(step_dir):  # orbax renames a step's folder to its number when committed
-    raise FileNotFoundError(f"{path!r} holds no finished checkpoint step {step}")
+  step_dir = _step_dir(path, step)
   verify_checksums(step_dir)  # names a damaged file (before orbax reads it)
   try:
     meta = dict(_restore(step_dir, meta=ocp.args.JsonRestore())["meta"])
@@ -123,6 +121,15 @@ def read_tree(path: str, step: int | None = None) -> tuple[Any, dict]:
     raise DamagedFileError(step_dir, f"damaged orbax checkpoint ({first})") from None
   tree = jax.tree.map(np.asarray, params)
   return join_packed(tree, meta.get("packed", {})), meta
+
+
+def _step_dir(path: str, step: int) -> str:
+  """The folder of committed step ``step`` under ``path`` (orbax renames a step's folder to its
+  number when the save is committed)."""
+  step_dir = os.path.join(os.path.abspath(path), str(step))
+  if not os.path.isdir(step_dir):
+    raise FileNotFoundError(f"{path!r} holds no finished checkpoint step {step}")
+  return step_dir
 
 
 def _restore(step_dir: str, **items) -> Any:
@@ -145,10 +152,7 @@ def _target(shapes: Any) -> Any:
 
 def read_meta(path: str, step: int) -> dict:
   """The JSON ``meta`` of step ``step`` alone (no array is read)."""
-  step_dir = os.path.join(os.path.abspath(path), str(step))
-  if not os.path.isdir(step_dir):
-    raise FileNotFoundError(f"{path!r} holds no finished checkpoint step {step}")
-  return dict(_restore(step_dir, meta=ocp.args.JsonRestore())["meta"])
+  return dict(_restore(_step_dir(path, step), meta=ocp.args.JsonRestore())["meta"])
 
 
 def steps(path: str) -> list[int]:

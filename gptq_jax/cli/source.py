@@ -32,19 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptq_jax.models import hf as hf_lib
+from gptq_jax.models.hf import to_device  # stream.py also calls it as source.to_device
 from gptq_jax.pipeline import rotation as rot
 
 _SAMPLES, _SAMPLE_BYTES = 16, 4096  # bytes sampled per weight file for the fingerprint
 ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of one slice of the embedding / output projection
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-
-
-def to_device(x: Any, dtype: Any) -> jax.Array:
-  """A host array on the device in ``dtype``, cast on the host first: ``jnp.asarray(x, dtype)``
-  holds about three times the result while it converts (measured), ``device_put`` one copy."""
-  import ml_dtypes  # noqa: F401,PLC0415 (bfloat16 for numpy)
-
-  return jax.device_put(np.asarray(x, np.dtype(jnp.dtype(dtype))))
 
 
 class ModelSource:
@@ -115,14 +108,10 @@ class ModelSource:
       finally:
         self.close()
     specs = hf_lib.layer_tensor_specs(self.file_config, i)  # rotation: dense models only
-    try:  # float32 host views of the files; each rotated kernel goes to the device when made
-      block = hf_lib.params_from_tensors(specs, self.ckpt.get, jnp.float32, host=True)
-      rotated = rot.rotate_block(block, self._q, f"layers_{i}", lambda x: to_device(x, dtype))
-      del block
-      return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else to_device(x, dtype),
-                          rotated)
-    finally:
-      self.close()
+    block = self._read(specs, jnp.float32, host=True)  # float32 host views of the files
+    # each rotated kernel goes to the device when made; the rest (norms) after
+    rotated = rot.rotate_block(block, self._q, f"layers_{i}", lambda x: to_device(x, dtype))
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else to_device(x, dtype), rotated)
 
   # ----- the embedding, the final norm and the output projection, a slice at a time ------------
 

@@ -33,21 +33,29 @@ def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def params_from_tensors(specs, get, dtype: Any = jnp.float32, host: bool = False) -> Params:
-  """Builds a params subtree from `get(hf_name, hf_shape) -> np.ndarray` (HF layout): device
-  arrays in `dtype`, or with `host=True` numpy arrays in `dtype` (views of the file's map where
-  no cast is needed). The cast is done on the host and the result put on the device once
-  (`jnp.asarray(x, dtype)` holds about three times the result while it converts)."""
+def host_array(x: Any, dtype: Any) -> np.ndarray:
+  """``x`` as a numpy array in ``dtype`` (bfloat16 included; a view when no cast is needed)."""
   import ml_dtypes  # noqa: F401,PLC0415 (bfloat16 for numpy)
 
-  np_dtype = np.dtype(jnp.dtype(dtype))
+  return np.asarray(x, np.dtype(jnp.dtype(dtype)))
+
+
+def to_device(x: Any, dtype: Any) -> jax.Array:
+  """A host array on the device in ``dtype``, cast on the host first: ``jnp.asarray(x, dtype)``
+  holds about three times the result while it converts (measured), ``device_put`` one copy."""
+  return jax.device_put(host_array(x, dtype))
+
+
+def params_from_tensors(specs, get, dtype: Any = jnp.float32, host: bool = False) -> Params:
+  """Builds a params subtree from `get(hf_name, hf_shape) -> np.ndarray` (HF layout): device
+  arrays in `dtype` (`to_device`), or with `host=True` numpy arrays in `dtype` (views of the
+  file's map where no cast is needed)."""
   out: Params = {}
   for path, name, shape in specs:
     value = get(name, shape)
     if path[-1] == "kernel":
       value = value.T  # HF [out, in] -> Flax [in, out]
-    value = np.asarray(value, np_dtype)
-    _set(out, path, value if host else jax.device_put(value))
+    _set(out, path, host_array(value, dtype) if host else to_device(value, dtype))
   return out
 
 

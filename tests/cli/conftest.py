@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.xla_env import one_device_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "quantize_llama.py")
 LAYERS = 6
@@ -59,8 +61,7 @@ def cli_env(tmp_path_factory) -> dict:
   """The subprocesses' environment: one CPU device, and a shared JAX compilation cache so later
   runs reuse the first run's executables."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if "device_count" not in f)
+  env["XLA_FLAGS"] = one_device_flags()
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PLATFORMS"] = "cpu"

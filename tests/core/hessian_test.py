@@ -59,6 +59,15 @@ def test_sharded_equals_single_device(batch):
                              atol=1e-6)
 
 
+def test_finalize_consumed_equals_finalize_and_takes_the_state():
+  rng = np.random.default_rng(3)
+  st = hessian.update(hessian.init(16), rng.standard_normal((3, 5, 16)).astype(np.float32))
+  want = np.asarray(hessian.finalize(st))
+  got = hessian.finalize_consumed(st)
+  np.testing.assert_array_equal(np.asarray(got), want)  # the same arithmetic, bit for bit
+  assert st.xtx.is_deleted()  # H was written over the running sum's buffer
+
+
 def test_errors():
   st = hessian.init(48)
   with pytest.raises(ValueError, match="48"):
