@@ -34,8 +34,14 @@ SAMPLE_TOKENS = 32
 
 def _sample(evaluation, params, model_config, tokenizer, prompt: str) -> str:
   """A greedy continuation, cut at the first special token (an instruct model's end of turn)."""
+  from gptq_jax.models import decode  # noqa: PLC0415
+
   ids = tokenizer(prompt)["input_ids"]
-  new = evaluation.generate(params, model_config, ids, max_new_tokens=SAMPLE_TOKENS)[len(ids):]
+  try:
+    new = evaluation.generate(params, model_config, ids,
+                              max_new_tokens=SAMPLE_TOKENS)[len(ids):]
+  finally:  # generate keeps the model for a next call: the float one would stay for the whole run
+    decode.forget_last()
   special = set(getattr(tokenizer, "all_special_ids", []) or [])
   cut = next((k for k, t in enumerate(new.tolist()) if t in special), len(new))
   return tokenizer.decode(new[:cut], skip_special_tokens=True)
@@ -235,6 +241,7 @@ def run(args) -> dict:
     result["sample_before"] = _sample(evaluation, float_params, model_config, tokenizer,
                                       args.sample_prompt)
     del float_params
+    stream.trim_heap()  # the float model's pages back to the system before the blocks
     timing["sample_before"] = time.perf_counter() - t0
   elif args.sample_prompt:
     _say(f"sample before: skipped (the float model is {nbytes / 2**30:.1f} GiB; only the "
@@ -289,6 +296,7 @@ def run(args) -> dict:
   timing["final norm, logits"] = time.perf_counter() - t0
   adapter_eval_seconds = adapter.eval_seconds
   del embed_params, evals, adapter
+  stream.trim_heap()
   t0 = time.perf_counter()
   calibration_source = _calibration_source(cfg)
   output.save_checkpoint(args.output, source=source, dtype=dtype, blocks_dir=state.blocks_dir,
@@ -315,10 +323,12 @@ def run(args) -> dict:
           f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
   if args.sample_prompt:
     _say(f"[sample] the quantized model's continuation ({SAMPLE_TOKENS} tokens at most) ...")
+  stream.trim_heap()  # what the checkpoint's assembly freed, before the quantized model is read
   qparams = output.load_for_sample(args.output) if args.sample_prompt else None  # collective
   if args.sample_prompt and pid == 0:
     t0 = time.perf_counter()
     result["sample"] = _sample(evaluation, qparams, model_config, tokenizer, args.sample_prompt)
+    del qparams
     timing["sample_after"] = time.perf_counter() - t0
     print(f"sample generation (greedy, {SAMPLE_TOKENS} tokens at most) of {args.sample_prompt!r}:"
           f"\n  float:     {result.get('sample_before')!r}\n  quantized: {result['sample']!r}",

@@ -156,7 +156,7 @@ def eval_windows(tokens: np.ndarray, seqlen: int, max_windows: int,
 
 # ----- the adapter the driver quantizes through -------------------------------------------------
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
   """glibc's ``malloc_trim(0)``: return the free pages inside the heap to the system (freed
   blocks' buffers otherwise stay resident, fragmented between live allocations). No-op
   elsewhere."""
@@ -218,7 +218,7 @@ class StreamedRun(ModelAdapter):
                         is_leaf=quantized)
 
   def get_block(self, params, i):
-    _trim_heap()  # the previous block's buffers are free: give their pages back first
+    trim_heap()  # the previous block's buffers are free: give their pages back first
     if self.release_embedding:
       # The calibration and evaluation windows are embedded once, before block 0: the embedding
       # (and Gemma 4's per-layer input tables) are not needed on the devices after that (the

@@ -282,9 +282,16 @@ def decode_model(params: Any, cfg: Any = None, layer_loop: str = "auto") -> Deco
     return params
   if _LAST and _LAST[0][0] is params and _LAST[0][1] == cfg and _LAST[0][2] == layer_loop:
     return _LAST[0][3]
+  _LAST.clear()  # the previous model's device copies go before this one's are made
   dm = DecodeModel(params, cfg, layer_loop)
   _LAST[:] = [(params, cfg, layer_loop, dm)]
   return dm
+
+
+def forget_last() -> None:
+  """Drop the model ``decode_model`` keeps for the next call with the same params (it holds the
+  params and their prepared device copies: a whole model, until the next call replaces it)."""
+  _LAST.clear()
 
 
 class GenerateResult(dict):

@@ -1,15 +1,14 @@
 """quantize_llama.py as two jax.distributed processes on loopback (CPU gloo collectives), each
 feeding half of the calibration samples:
 
-* on text calibration with ``--rotation hadamard``, ``--lm-head`` and ``dynamic`` (8 and 2 bits, a float
-  module), and on
-  ``.npy`` token calibration with GPTAQ, the result equals one process's (the Hessians do not
-  depend on how the samples are spread: core/hessian.py), written once;
+* on text calibration with ``--rotation hadamard``, ``--lm-head``, ``dynamic`` (8 and 2 bits, a
+  float module) and refinement (data-parallel over both processes), the model equals the one a
+  2-device mesh in one process gives with the same rows, code for code, every code within its bit
+  width; on ``.npy`` token calibration with GPTAQ it equals one process on one device (the
+  Hessians do not depend on how the samples are spread: core/hessian.py); written once;
 * a process killed mid-run (SIGKILL) is an error for the other, within 60 s, with one line naming
   it; both restarted with ``--resume`` finish the same model (GPTAQ included: the float stream is
-  carried through the saved blocks' float weights again);
-* refinement (with ``dynamic`` and a float module) runs data-parallel over both processes and gives
-  the model of a 2-device mesh holding the same rows, every code within its bit width.
+  carried through the saved blocks' float weights again).
 
 Each launch checks several things: multi-process runs are slow on a loaded machine.
 """
@@ -113,15 +112,23 @@ def _assert_codes_equal(got, want) -> None:
     assert g[p].bits == w[p].bits, p
 
 
-def _reference(model_dir: str, calib, mesh=None, batch_size=1, **cfg):
-  """The model in this process: by default one device, one sample per micro-batch (with
-  ``rotation``: the whole model rotated first, as the CLI's reads are)."""
+def _reference(model_dir: str, calib, mesh=None, batch_size=1, dtype="float32", **cfg):
+  """The model in this process: by default one device, one sample per micro-batch, float32 (with
+  ``rotation``: the whole model rotated first, as the CLI's reads are; with ``dtype``: the float
+  weights cast to it, as the CLI's ``--dtype`` casts what it reads)."""
+  import jax
+  import jax.numpy as jnp
+
   from gptq_jax import GPTQConfig
   from gptq_jax.models import load_llama
   from gptq_jax.pipeline import quantize
   from gptq_jax.pipeline.rotation import rotate_model
 
   model_config, params = load_llama(model_dir)
+  if dtype != "float32":
+    model_config = model_config.replace(dtype=dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype)
+                          if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   if cfg.get("rotation"):
     model_config, params = rotate_model(model_config, params, cfg["rotation"])
   qcfg = GPTQConfig(4, group_size=32, nsamples=8, seqlen=32, **cfg)
@@ -129,43 +136,67 @@ def _reference(model_dir: str, calib, mesh=None, batch_size=1, **cfg):
                   batch_size=batch_size, progress=False)
 
 
-def test_two_processes_on_text_with_rotation_lm_head_and_dynamic_equal_one(two_block_dir, cli_env,
-                                                                             tmp_path):
+def test_two_processes_on_text_with_rotation_lm_head_dynamic_and_refinement_equal_one(
+    two_block_dir, cli_env, tmp_path):
   """Text calibration, the residual stream rotated as it is read, the head quantized a slice of
-  the vocabulary at a time, 8-bit, 2-bit and float modules: the one-process model."""
+  the vocabulary at a time, 8-bit, 2-bit and float modules, and refinement with learnt rounding
+  run data-parallel over both processes (each trains on its own rows; gradients and held-out
+  errors summed over both): the model one process gives with a 2-device mesh holding the same rows
+  (process p's micro-batches of 2 rows on device p), code for code, every code within its bit
+  width. Against one device refinement differs by its minibatches only:
+  tests/pipeline/refine_mesh_test.py. One launch checks all of it: each costs two interpreters."""
+  import jax
+
   from gptq_jax import data
   from gptq_jax.models import load_tokenizer
 
   out, hf, report = str(tmp_path / "q"), str(tmp_path / "hf"), str(tmp_path / "r.json")
   run = _Launch(["--model", two_block_dir, "--output", out, *COMMON, "--lm-head", "--dynamic",
-                 json.dumps(DYNAMIC), "--rotation", "hadamard", "--dtype", "float32", "--save-hf", hf, "--report", report,
-                 "--eval-windows", "2", "--sample-prompt", "The union is", "--no-progress"],
-                cli_env)
+                 json.dumps(DYNAMIC), "--rotation", "hadamard", "--dtype", "float32",
+                 "--refine-steps", "16", "--refine-seqlen", "0", "--refine-rounding",
+                 "--refine-lr", "0.005", "--refine-batch", "2", "--breakdown",
+                 "--save-hf", hf, "--report", report, "--eval-windows", "2",
+                 "--sample-prompt", "The union is", "--no-progress"], cli_env)
   run.finish()
   assert "perplexity on held-out text (2 windows" in run.log(0)
   assert "sample generation" in run.log(0) and "sample generation" not in run.log(1)
   assert "process 1/2: 4 of 8 calibration samples, 1 of 2 devices" in run.log(1)
   assert "saved" in run.log(0) and "saved" not in run.log(1)  # process 0 speaks and writes
+  assert "breakdown (s):" in run.log(0)
   assert sorted(os.listdir(tmp_path)) == ["hf", "q", "r.json", "r.png"]  # no .partial
   calib = data.text_calib_batches(data.sotu_texts("calib"), load_tokenizer(two_block_dir),
                                   nsamples=8, seqlen=32)
-  want = _reference(two_block_dir, calib, lm_head=True, dynamic=DYNAMIC, rotation="hadamard")
+  # the rows each process's device held, in the order a 2-device mesh lays 4-row batches out
+  order = [0, 1, 4, 5, 2, 3, 6, 7]
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  want = _reference(two_block_dir, [calib[k] for k in order], mesh=mesh, batch_size=4,
+                    lm_head=True, dynamic=DYNAMIC, rotation="hadamard", refine_steps=16,
+                    refine_seqlen=0, refine_rounding=True)
   got = checkpoint.load(out).params
-  _assert_codes_equal(got, want)
   assert got["lm_head"]["kernel"].bits == 4 and "o_proj" not in str(sorted(_codes(got)))
+  assert sorted(_codes(got)) == sorted(_codes(want))
+  for path, pw in _codes(got).items():
+    codes = np.asarray(pw.unpack().codes)
+    assert codes.max() <= 2**pw.bits - 1
+    np.testing.assert_array_equal(pw.unpack().pack(pw.format).qweight, pw.qweight)
+    ref = _codes(want)[path]
+    assert pw.bits == ref.bits
+    np.testing.assert_array_equal(codes, np.asarray(ref.unpack().codes), err_msg=str(path))
+    np.testing.assert_array_equal(np.asarray(pw.scales), np.asarray(ref.scales), err_msg=str(path))
 
 
-def test_lost_process_then_resume_equals_one_process_with_gptaq(two_block_dir, cli_env,
-                                                                 tmp_path):
+def test_lost_process_then_resume_equals_one_process_with_gptaq_in_bfloat16(two_block_dir,
+                                                                              cli_env, tmp_path):
   """Process 1 is killed once block 0 is saved: process 0 stops within
   ``LOST_BOUND`` with one line naming process 1; both restarted with --resume give the
-  one-process GPTAQ model (``.npy`` token calibration)."""
+  one-process GPTAQ model (``.npy`` token calibration, ``--dtype bfloat16`` weights and
+  calibration forward)."""
   ids = np.random.default_rng(5).integers(0, 300, (8, 32)).astype(np.int32)
   npy = str(tmp_path / "ids.npy")
   np.save(npy, ids)
   out = str(tmp_path / "q")
   args = ["--model", two_block_dir, "--output", out, *COMMON, *QUIET, "--dataset", npy,
-          "--gptaq", "--no-progress"]
+          "--gptaq", "--dtype", "bfloat16", "--no-progress"]
   run = _Launch(args, cli_env)
   blocks = os.path.join(out + ".partial", "blocks")
   end = time.monotonic() + TIMEOUT
@@ -187,41 +218,5 @@ def test_lost_process_then_resume_equals_one_process_with_gptaq(two_block_dir, c
   resumed = _Launch(args + ["--resume"], cli_env)
   resumed.finish()
   assert "resuming after block" in resumed.log(0)
-  want = _reference(two_block_dir, ids, gptaq=True)
+  want = _reference(two_block_dir, ids, dtype="bfloat16", gptaq=True)
   _assert_codes_equal(checkpoint.load(out).params, want)
-
-
-def test_refinement_on_two_processes_equals_two_devices(two_block_dir, cli_env, tmp_path):
-  """Data-parallel refinement across two processes (each trains on its own rows, gradients and
-  held-out errors summed over both) with 8-bit, 2-bit and float modules and learnt rounding: every
-  code within its bit width, and the model is the one a 2-device mesh in one process gives with
-  the same rows on each device (process p's micro-batches of 2 rows on device p). Against one
-  device it differs by its minibatches only: tests/pipeline/refine_mesh_test.py."""
-  import jax
-
-  from gptq_jax import data
-  from gptq_jax.models import load_tokenizer
-
-  out = str(tmp_path / "q")
-  run = _Launch(["--model", two_block_dir, "--output", out, *COMMON, *QUIET, "--dynamic",
-                 json.dumps(DYNAMIC), "--refine-steps", "16", "--refine-seqlen", "0",
-                 "--refine-rounding", "--refine-lr", "0.005", "--refine-batch", "2",
-                 "--breakdown", "--no-progress"], cli_env)
-  run.finish()
-  assert "breakdown (s):" in run.log(0)
-  calib = data.text_calib_batches(data.sotu_texts("calib"), load_tokenizer(two_block_dir),
-                                  nsamples=8, seqlen=32)
-  # the rows each process's device held, in the order a 2-device mesh lays 4-row batches out
-  order = [0, 1, 4, 5, 2, 3, 6, 7]
-  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
-  want = _reference(two_block_dir, [calib[k] for k in order], mesh=mesh, batch_size=4,
-                       dynamic=DYNAMIC, refine_steps=16, refine_seqlen=0, refine_rounding=True)
-  got = checkpoint.load(out).params
-  for path, pw in _codes(got).items():
-    codes = np.asarray(pw.unpack().codes)
-    assert codes.max() <= 2**pw.bits - 1
-    np.testing.assert_array_equal(pw.unpack().pack(pw.format).qweight, pw.qweight)
-    ref = _codes(want)[path]
-    assert pw.bits == ref.bits
-    np.testing.assert_array_equal(codes, np.asarray(ref.unpack().codes), err_msg=str(path))
-    np.testing.assert_array_equal(np.asarray(pw.scales), np.asarray(ref.scales), err_msg=str(path))

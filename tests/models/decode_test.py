@@ -174,3 +174,36 @@ def test_layers_of_different_bit_widths_run_layer_by_layer():
   want = reference_generate(mixed, cfg, PROMPT, max_new_tokens=NEW, use_cache=False)
   got = decode.generate(dm, None, PROMPT, max_new_tokens=NEW, stop_at_eos=False)
   np.testing.assert_array_equal(got.tokens[0], want[len(PROMPT):])
+
+
+def test_the_kept_model_is_one_and_goes_before_the_next_is_made():
+  """``decode_model`` keeps the last params' prepared model for the next call with the same
+  params, and no more: the previous one is dropped before a new one is built (two whole models
+  never live together because of it), and ``forget_last`` drops it."""
+  import gc
+  import weakref
+
+  _, cfg, params = tiny_pair("llama", seed=3)
+  first = decode.decode_model(params, cfg)
+  assert decode.decode_model(params, cfg) is first  # reused for the same params
+  gone = weakref.ref(first)
+  built_with_first_alive = []
+  real_init = decode.DecodeModel.__init__
+
+  def spy(self, *a, **kw):
+    gc.collect()
+    built_with_first_alive.append(gone() is not None)
+    real_init(self, *a, **kw)
+
+  del first
+  decode.DecodeModel.__init__ = spy
+  try:
+    second = decode.decode_model(packed_params(params), cfg)
+  finally:
+    decode.DecodeModel.__init__ = real_init
+  assert built_with_first_alive == [False]
+  gone = weakref.ref(second)
+  del second
+  decode.forget_last()
+  gc.collect()
+  assert gone() is None and decode._LAST == []
