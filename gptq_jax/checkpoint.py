@@ -165,6 +165,13 @@ def steps(path: str) -> list[int]:
   return sorted(out)
 
 
+def step_complete(path: str, step: int) -> bool:
+  """Whether step ``step`` under ``path`` was saved to the end: orbax commits the step's folder,
+  then ``write_tree`` writes its checksum table, so a save killed between the two leaves a
+  committed step without a table (listed by ``steps``, not complete)."""
+  return os.path.isfile(os.path.join(os.path.abspath(path), str(step), CHECKSUMS))
+
+
 def table_digest(step_dir: str) -> str:
   """SHA-256 of a step's checksum table (``integrity.py``): how the top step names its parts."""
   path = os.path.join(step_dir, CHECKSUMS)

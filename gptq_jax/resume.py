@@ -3,14 +3,17 @@
 The partial state of a run writing ``<output>`` lives in ``<output>.partial/``: ``fingerprint.json``
 (what the run quantizes: a digest of the model weights and config, the GPTQ config, and the
 calibration tokens) and an orbax ``CheckpointManager`` with one finished step per quantized block.
-orbax finalizes a step only when it is fully written, so a SIGKILL at any point leaves every
-listed step whole. ``--resume`` refuses a partial state whose fingerprint differs.
+orbax finalizes a step only when it is fully written and the step's checksum table follows it, so
+a SIGKILL at any point leaves every block whose table exists whole; a block killed between the two
+(committed, no table) is removed on ``--resume`` and quantized again. ``--resume`` refuses a
+partial state whose fingerprint differs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -20,6 +23,8 @@ import jax
 import numpy as np
 
 from gptq_jax import checkpoint
+
+logger = logging.getLogger("gptq_jax")
 
 _SAMPLE = 1 << 16  # elements hashed per large tensor (evenly strided): cheap for 70B models too
 
@@ -96,23 +101,35 @@ class ResumableRun:
     if not self.resuming:
       return []
     out = []
-    for i in checkpoint.steps(self.blocks_dir):
-      if i != len(out):
-        break
+    for i in range(self._usable()):
       tree, meta = checkpoint.read_tree(self.blocks_dir, i)
       out.append((i, tree, meta.get("records", [])))
     return out
+
+  def _usable(self) -> int:
+    """How many blocks (0..n-1) were saved to the end; a later step (a save killed after orbax
+    committed it, before its checksum table was written, or one past a gap) is removed, so the
+    block is quantized and saved again. Every process calls it at the same point."""
+    listed = checkpoint.steps(self.blocks_dir)
+    n = 0
+    while n < len(listed) and listed[n] == n and checkpoint.step_complete(self.blocks_dir, n):
+      n += 1
+    stale = listed[n:]
+    _sync(f"gptq_jax resume listed {self.blocks_dir}")  # every process listed before any removal
+    if stale and jax.process_index() == 0:
+      logger.warning("gptq_jax: block %d's save was interrupted (no checksum table): it is "
+                     "quantized again", stale[0])
+      for i in stale:
+        shutil.rmtree(os.path.join(self.blocks_dir, str(i)))
+    _sync(f"gptq_jax resume cleaned {self.blocks_dir}")
+    return n
 
   def saved(self) -> "SavedBlocks":
     """``completed()`` without reading the blocks: a mapping ``i -> block`` that reads block
     ``i`` from disk each time it is asked for (nothing held in memory), and the records."""
     if not self.resuming:
       return SavedBlocks(self.blocks_dir, 0, [])
-    n = 0
-    for i in checkpoint.steps(self.blocks_dir):
-      if i != n:
-        break
-      n += 1
+    n = self._usable()
     records = [r for i in range(n) for r in checkpoint.read_meta(self.blocks_dir, i).get(
         "records", [])]
     return SavedBlocks(self.blocks_dir, n, records)
@@ -130,6 +147,14 @@ class ResumableRun:
 
   def finish(self) -> None:
     shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _sync(name: str) -> None:
+  """A barrier of every process under ``jax.distributed`` (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)
 
 
 class SavedBlocks(Mapping):
