@@ -19,12 +19,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _workers(nproc: int, out: str) -> None:
+def _start(nproc: int, out: str) -> list[subprocess.Popen]:
   port = str(_free_port())
   env = dict(os.environ, XLA_FLAGS=one_device_flags())  # the worker sets its device count
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(pid), str(nproc),
-                             port, out], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for pid in range(nproc)]
+  return [subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(pid), str(nproc),
+                            port, out], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for pid in range(nproc)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> None:
   logs = []
   try:
     for p in procs:
@@ -34,16 +37,24 @@ def _workers(nproc: int, out: str) -> None:
       if p.poll() is None:
         p.kill()
   for pid, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {pid}/{nproc} failed:\n{log[-3000:]}"
+    assert p.returncode == 0, f"process {pid}/{len(procs)} failed:\n{log[-3000:]}"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Two processes, then one, each launch quantizing the dense model and the MoE one."""
+  """Two processes and, beside them, one (the reference does not depend on them: the three run
+  at once, so the one process computes while the two wait on each other's collectives); each
+  launch quantizes the dense model and the MoE one."""
   root = tmp_path_factory.mktemp("multihost")
   two, one = str(root / "two.npz"), str(root / "one.npz")
-  _workers(2, two)
-  _workers(1, one)
+  procs = _start(2, two) + _start(1, one)
+  try:
+    _finish(procs[:2])
+    _finish(procs[2:])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   return two, one
 
 

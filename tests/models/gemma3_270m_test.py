@@ -39,10 +39,28 @@ def gemma_transformers(gemma_path):
 
   from transformers.initialization import no_init_weights
 
-  config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(gemma_path)["config"])
-  with no_init_weights():  # every tensor comes from the file
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-  tensors = load_gguf_checkpoint(gemma_path, return_tensors=True, model_to_load=model)["tensors"]
+  import gguf
+
+  # transformers reads the file twice (the config, then the tensors for the built model); each
+  # read parses every metadata field in Python, the 262k-entry vocabulary included (about 20 s):
+  # the reader of the first read serves the second (it only reads the memory-mapped file).
+  real_reader, readers = gguf.GGUFReader, {}
+
+  def reader(path, *a, **kw):
+    if path not in readers:
+      readers[path] = real_reader(path, *a, **kw)
+    return readers[path]
+
+  gguf.GGUFReader = reader
+  try:
+    config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(gemma_path)["config"])
+    with no_init_weights():  # every tensor comes from the file
+      model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    tensors = load_gguf_checkpoint(gemma_path, return_tensors=True,
+                                   model_to_load=model)["tensors"]
+  finally:
+    gguf.GGUFReader = real_reader
+  assert len(readers) == 1  # the file was parsed once
   missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
   assert not unexpected and set(missing) <= {"lm_head.weight"}
   model.tie_weights()
