@@ -46,15 +46,6 @@ LONGEST_FIRST = (
     "tests/models/decode_test.py",  # 69 s
     "tests/distributed/multihost_test.py",  # 68 s
 )
-    "tests/interop/families_test.py",  # 118 s
-    "tests/interop/gemma4_test.py",  # 116 s
-    "tests/distributed/multihost_test.py",  # 92 s
-    "tests/notebook_test.py",  # 91 s
-    "tests/cli/flags_test.py",  # 86 s
-    "tests/models/decode_test.py",  # 85 s
-    "tests/cli/quantize_test.py",  # 80 s
-    "tests/cli/streaming_test.py",  # 78 s
-)
 
 
 def pytest_collection_modifyitems(session, config, items):
