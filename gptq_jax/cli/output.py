@@ -91,6 +91,25 @@ def export_hf(folder: str, checkpoint_path: str, *, model_config, quant_config, 
     writer.finish()
 
 
+SAMPLE_TOKENS = 32  # new tokens of the float and the quantized model's continuations
+
+
+def sample(params, model_config, tokenizer, prompt: str) -> str:
+  """A greedy continuation, cut at the first special token (an instruct model's end of turn)."""
+  from gptq_jax import eval as evaluation  # noqa: PLC0415
+  from gptq_jax.models import decode  # noqa: PLC0415
+
+  ids = tokenizer(prompt)["input_ids"]
+  try:
+    new = evaluation.generate(params, model_config, ids,
+                              max_new_tokens=SAMPLE_TOKENS)[len(ids):]
+  finally:  # generate keeps the model for a next call: the float one would stay for the whole run
+    decode.forget_last()
+  special = set(getattr(tokenizer, "all_special_ids", []) or [])
+  cut = next((k for k, t in enumerate(new.tolist()) if t in special), len(new))
+  return tokenizer.decode(new[:cut], skip_special_tokens=True)
+
+
 def load_for_sample(checkpoint_path: str):
   """The finished checkpoint's params on the device (for the sample generation after; every
   process calls it under ``jax.distributed``: orbax's reads meet at barriers)."""

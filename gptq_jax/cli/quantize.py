@@ -29,24 +29,6 @@ from gptq_jax.data import DatasetUnavailable
 CALIB_DEFAULT = "bundled State of the Union addresses 1990-2015 (gptq_jax/assets/sotu)"
 
 
-SAMPLE_TOKENS = 32
-
-
-def _sample(evaluation, params, model_config, tokenizer, prompt: str) -> str:
-  """A greedy continuation, cut at the first special token (an instruct model's end of turn)."""
-  from gptq_jax.models import decode  # noqa: PLC0415
-
-  ids = tokenizer(prompt)["input_ids"]
-  try:
-    new = evaluation.generate(params, model_config, ids,
-                              max_new_tokens=SAMPLE_TOKENS)[len(ids):]
-  finally:  # generate keeps the model for a next call: the float one would stay for the whole run
-    decode.forget_last()
-  special = set(getattr(tokenizer, "all_special_ids", []) or [])
-  cut = next((k for k, t in enumerate(new.tolist()) if t in special), len(new))
-  return tokenizer.decode(new[:cut], skip_special_tokens=True)
-
-
 def _say(msg: str) -> None:
   import jax
 
@@ -181,7 +163,7 @@ def run(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from gptq_jax import data, eval as evaluation
+  from gptq_jax import data
   from gptq_jax.cli import output, report as report_lib
   from gptq_jax.cli import stream
   from gptq_jax.cli.source import ModelSource
@@ -236,10 +218,10 @@ def run(args) -> dict:
   nbytes = source.float_bytes(dtype)
   if args.sample_prompt and nbytes <= SAMPLE_BEFORE_MAX_BYTES and jax.process_index() == 0:
     t0 = time.perf_counter()
-    _say(f"[sample] the float model's continuation ({SAMPLE_TOKENS} tokens at most) ...")
+    _say(f"[sample] the float model's continuation ({output.SAMPLE_TOKENS} tokens at most) ...")
     float_params = source.params(dtype)  # the float model's continuation, beside the quantized
-    result["sample_before"] = _sample(evaluation, float_params, model_config, tokenizer,
-                                      args.sample_prompt)
+    result["sample_before"] = output.sample(float_params, model_config, tokenizer,
+                                            args.sample_prompt)
     del float_params
     stream.trim_heap()  # the float model's pages back to the system before the blocks
     timing["sample_before"] = time.perf_counter() - t0
@@ -322,15 +304,16 @@ def run(args) -> dict:
           f"{', each starting with <bos>' if bos is not None else ''}): "
           f"before {b:.3f}, after {a:.3f} ({(a / b - 1) * 100:+.2f}%)", flush=True)
   if args.sample_prompt:
-    _say(f"[sample] the quantized model's continuation ({SAMPLE_TOKENS} tokens at most) ...")
+    _say(f"[sample] the quantized model's continuation ({output.SAMPLE_TOKENS} tokens at most) ...")
   stream.trim_heap()  # what the checkpoint's assembly freed, before the quantized model is read
   qparams = output.load_for_sample(args.output) if args.sample_prompt else None  # collective
   if args.sample_prompt and pid == 0:
     t0 = time.perf_counter()
-    result["sample"] = _sample(evaluation, qparams, model_config, tokenizer, args.sample_prompt)
+    result["sample"] = output.sample(qparams, model_config, tokenizer, args.sample_prompt)
     del qparams
     timing["sample_after"] = time.perf_counter() - t0
-    print(f"sample generation (greedy, {SAMPLE_TOKENS} tokens at most) of {args.sample_prompt!r}:"
+    print(f"sample generation (greedy, {output.SAMPLE_TOKENS} tokens at most) of "
+          f"{args.sample_prompt!r}:"
           f"\n  float:     {result.get('sample_before')!r}\n  quantized: {result['sample']!r}",
           flush=True)
   source.close()
