@@ -7,7 +7,8 @@ notices only when its heartbeat times out, and then aborts the process (SIGABRT)
 
 ``PeerWatch`` makes that bounded and explicit. Every process writes a counter to the coordination
 service's key-value store every ``BEAT_SECONDS`` and reads the others'; a thread that does no I/O
-checks that each peer's counter moved (and that the store answered) within ``LOST_AFTER_SECONDS``.
+checks that each peer's counter moved (and that the store answered) within ``LOST_AFTER_SECONDS``
+(``$GPTQ_JAX_LOST_AFTER_SECONDS`` sets another bound).
 When one did not, it prints one line naming the process that went away and saying that
 ``--resume`` on every process continues (the blocks saved so far are whole: ``pipeline/
 resume.py``), and ends the process at once (``os._exit``: the normal exit would wait for the lost
@@ -30,6 +31,7 @@ from typing import Any, Callable
 BEAT_SECONDS = 1.0
 LOST_AFTER_SECONDS = 20.0
 SLACK_SECONDS = 10.0  # beyond LOST_AFTER_SECONDS: a loaded machine runs the watchdog late
+LOST_AFTER_ENV = "GPTQ_JAX_LOST_AFTER_SECONDS"  # another bound, in seconds (a slow network: more)
 EXIT_CODE = 3
 KEY = "gptq_jax/alive/{}"
 
@@ -128,6 +130,23 @@ class PeerWatch:
 _WATCH: PeerWatch | None = None
 
 
+def lost_after_seconds() -> float:
+  """``$GPTQ_JAX_LOST_AFTER_SECONDS`` when set (a number of seconds of at least three beats),
+  else ``LOST_AFTER_SECONDS``; anything else is a ValueError naming the variable."""
+  raw = os.environ.get(LOST_AFTER_ENV, "").strip()
+  if not raw:
+    return LOST_AFTER_SECONDS
+  try:
+    value = float(raw)
+  except ValueError:
+    value = float("nan")
+  if not value >= 3 * BEAT_SECONDS:  # NaN included
+    raise ValueError(f"{LOST_AFTER_ENV}={raw!r}: expected a number of seconds >= "
+                     f"{3 * BEAT_SECONDS:g} (a peer is lost after that long without a heartbeat; "
+                     f"default {LOST_AFTER_SECONDS:g})")
+  return value
+
+
 def watch(process_id: int, num_processes: int, output: str | None) -> PeerWatch | None:
   """Start the watchdog of this process (once), through ``jax.distributed``'s client, and catch
   the runtime's abort (``_catch_abort``)."""
@@ -136,7 +155,8 @@ def watch(process_id: int, num_processes: int, output: str | None) -> PeerWatch 
 
   client = getattr(distributed.global_state, "client", None)
   if _WATCH is None and client is not None and num_processes > 1:
-    _WATCH = PeerWatch(client, process_id, num_processes, output=output).start()
+    _WATCH = PeerWatch(client, process_id, num_processes, output=output,
+                       lost_after=lost_after_seconds()).start()
     _catch_abort(_WATCH)
   return _WATCH
 

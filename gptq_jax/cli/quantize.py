@@ -15,6 +15,7 @@ writes the files.
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import sys
@@ -52,6 +53,7 @@ def init_distributed(args) -> None:
                        f"{args.num_processes})")
     if args.num_processes == 1:
       return
+    peers.lost_after_seconds()  # a bad $GPTQ_JAX_LOST_AFTER_SECONDS fails before the processes meet
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id, initialization_timeout=300)
@@ -187,6 +189,7 @@ def run(args) -> dict:
   cfg = serving.apply(args, cfg, model_config, _say)  # --target / --hf-format, before any work
   preflight.check_fits(args, cfg, model_config, dtype, _say)  # on TPU: refuses what will not fit
   tokenizer = _tokenizer(args, load_tokenizer)
+  stream.freeze_heap()  # the modules and the tokenizer: not scanned by each block's collection
   timing["open model and tokenizer"] = time.perf_counter() - t_start
   t0 = time.perf_counter()
   calib_batches = _calibration(args, cfg, tokenizer)
@@ -383,4 +386,6 @@ def main(argv: list[str] | None = None) -> int:
   except Exception:
     peers.first_a_lost_peer()
     raise
+  finally:
+    gc.unfreeze()  # stream.freeze_heap's objects are collectable again in a caller's process
   return 0

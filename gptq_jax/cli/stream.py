@@ -169,6 +169,16 @@ def trim_heap() -> None:
     pass
 
 
+def freeze_heap() -> None:
+  """``gc.freeze()`` after a collection: what is alive now (the imported modules, transformers'
+  and torch's among them, the tokenizer) is left out of later collections, so each
+  ``trim_heap`` scans only what the run made since (its ``gc.collect()`` took 0.15 s with
+  400k objects alive, once per block). The CLI's ``main`` thaws them when the run ends
+  (``gc.unfreeze``): a caller's process collects them again."""
+  gc.collect()
+  gc.freeze()
+
+
 Sink = Callable[[int, Any], None]
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from gptq_jax import PackedWeight, checkpoint
+from gptq_jax.cli import peers
 from tests.cli.conftest import ROOT, SCRIPT
 
 LAYERS = 2
@@ -35,6 +36,8 @@ DYNAMIC = {r"+:.*\.q_proj": {"bits": 8}, r"+:.*\.up_proj": {"bits": 2}, r"-:.*\.
 COMMON = ["--bits", "4", "--group-size", "32", "--nsamples", "8", "--seqlen", "32"]
 QUIET = ["--eval-text", "none", "--sample-prompt", ""]
 LOST_BOUND = 60.0  # seconds for the survivor to stop once its peer is killed
+LOST_AFTER = 8  # $GPTQ_JAX_LOST_AFTER_SECONDS of the lost-process launch (20 s by default: the
+# survivor then idles 20 s of a suite worker's time)
 TIMEOUT = 900
 
 
@@ -197,7 +200,8 @@ def test_lost_process_then_resume_equals_one_process_with_gptaq_in_bfloat16(two_
   out = str(tmp_path / "q")
   args = ["--model", two_block_dir, "--output", out, *COMMON, *QUIET, "--dataset", npy,
           "--gptaq", "--dtype", "bfloat16", "--no-progress"]
-  run = _Launch(args, cli_env)
+  env = dict(cli_env, **{peers.LOST_AFTER_ENV: str(LOST_AFTER)})
+  run = _Launch(args, env)
   blocks = os.path.join(out + ".partial", "blocks")
   end = time.monotonic() + TIMEOUT
   while not (os.path.isdir(blocks) and checkpoint.steps(blocks)):  # block 0 saved
@@ -213,6 +217,8 @@ def test_lost_process_then_resume_equals_one_process_with_gptaq_in_bfloat16(two_
   assert took <= LOST_BOUND, (took, log[-3000:])
   ours = [l for l in log.splitlines() if l.startswith("error: process 1 of 2 went away")]
   assert len(ours) == 1 and "--resume" in ours[0], log[-3000:]
+  silent = float(ours[0].split("no sign of it for ")[1].split(" s")[0])  # the bound was the env's
+  assert LOST_AFTER <= silent < peers.LOST_AFTER_SECONDS, ours[0]
   assert checkpoint.steps(blocks)[:1] == [0] and not os.path.exists(out)
 
   resumed = _Launch(args + ["--resume"], cli_env)

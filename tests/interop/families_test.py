@@ -51,8 +51,7 @@ from gptq_jax.models.safetensors_io import SafetensorsFile
 from gptq_jax.models.testing import tiny_pair, torch_logits
 from gptq_jax.resume import ResumableRun, fingerprint
 from gptq_jax.pipeline.calib import normalize
-from tests.interop.helpers import (ROOT, oracle_logits, run_oracle, tiny_tokenizer,
-                                   transformers_logits)
+from tests.interop.helpers import ROOT, both_logits, run_oracle, tiny_tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # family -> (bits, desc_act, format): both orders, both formats and 3 bits are each covered.
@@ -176,10 +175,12 @@ def test_every_family_exports_to_gptqmodel_with_our_logits(runs, gptqmodel_folde
     folders.append(folder)
     ours.append(_logits(params, model_config))
   names = [*runs, *(f"{f} by GPTQModel" for f in gptqmodel_folders)]
-  checks = [("GPTQModel.load", names, ours, oracle_logits(folders, EVAL_IDS, str(tmp_path))),
-            # Plain transformers.AutoModelForCausalLM.from_pretrained on our five exports.
-            ("from_pretrained", names[:len(runs)], ours[:len(runs)],
-             transformers_logits(folders[:len(runs)], EVAL_IDS, str(tmp_path)))]
+  # GPTQModel.load on every folder; plain transformers.AutoModelForCausalLM.from_pretrained on
+  # our five exports (one oracle process)
+  by_gptqmodel, by_transformers = both_logits(folders, folders[:len(runs)], EVAL_IDS,
+                                              str(tmp_path))
+  checks = [("GPTQModel.load", names, ours, by_gptqmodel),
+            ("from_pretrained", names[:len(runs)], ours[:len(runs)], by_transformers)]
   for loader, names, ours, theirs in checks:
     for name, a, b in zip(names, ours, theirs, strict=True):
       scale, err = np.abs(b).max(), np.abs(a - b).max()

@@ -20,6 +20,9 @@
       ``defuser.replace_fused_blocks(model_type)`` first swaps in one module per expert (what
       GPTQModel.load does), then ``from_pretrained`` runs as for a dense model.
 
+  python gptqmodel_oracle.py COMMAND ARGS... -- COMMAND ARGS...
+      Several of the commands below, one after the other in one process.
+
   python gptqmodel_oracle.py quantize SRC IDS.npy OUT BITS GROUP_SIZE DESC_ACT FORMAT
       Quantizes the float HF folder SRC with GPTQModel on the calibration token rows of IDS.npy
       and saves the GPTQ folder to OUT; then reloads OUT with the torch kernel and writes each
@@ -116,8 +119,7 @@ def _quantize_one(src, ids_path, out, bits, group_size, desc_act, fmt):
   np.savez(f"{out}/dequantized.npz", **weights)
 
 
-if __name__ == "__main__":
-  cmd, args = sys.argv[1], sys.argv[2:]
+def _run(cmd, args):
   if cmd == "logits":
     logits(args[0], args[1], args[2:])
   elif cmd == "from_pretrained":
@@ -126,3 +128,13 @@ if __name__ == "__main__":
     quantize(*args)
   else:
     raise SystemExit(f"unknown command {cmd!r}: use logits, from_pretrained or quantize")
+
+
+if __name__ == "__main__":
+  # Several commands separated by "--" run one after the other in this process (importing
+  # GPTQModel and torch once costs seconds).
+  argv, start = sys.argv[1:] + ["--"], 0
+  for k, arg in enumerate(argv):
+    if arg == "--":
+      _run(argv[start], argv[start + 1:k])
+      start = k + 1

@@ -80,32 +80,53 @@ def run_oracle(*args: str, timeout: float = 600, python: str | None = None) -> N
     raise AssertionError(f"the GPTQModel oracle failed (rc={proc.returncode}):\n{tail}")
 
 
-def _oracle_outputs(mode: str, folders: list[str], ids: np.ndarray, tmp: str) -> list[tuple]:
-  ids_path, out_path = os.path.join(tmp, f"{mode}_ids.npy"), os.path.join(tmp, f"{mode}_out.npz")
+def _oracle_outputs(asks: dict[str, list[str]], ids: np.ndarray, tmp: str) -> dict[str, list]:
+  """Each mode's folders (``asks``: mode -> folders), in one oracle process."""
+  ids_path = os.path.join(tmp, "oracle_ids.npy")
   np.save(ids_path, ids)
-  run_oracle(mode, ids_path, out_path, *folders)
-  out = np.load(out_path)
-  return [(str(out[f"status_{k}"]), out[f"logits_{k}"] if f"logits_{k}" in out else None)
-          for k in range(len(folders))]
+  argv, outs = [], {}
+  for mode, folders in asks.items():
+    outs[mode] = os.path.join(tmp, f"{mode}_out.npz")
+    argv += [*(["--"] if argv else []), mode, ids_path, outs[mode], *folders]
+  run_oracle(*argv)
+  got = {}
+  for mode, folders in asks.items():
+    out = np.load(outs[mode])
+    got[mode] = [(str(out[f"status_{k}"]), out[f"logits_{k}"] if f"logits_{k}" in out else None)
+                 for k in range(len(folders))]
+  return got
+
+
+_WHO = {"logits": "GPTQModel.load", "from_pretrained": "transformers"}
+
+
+def _checked(mode: str, folders: list[str], outputs: list[tuple]) -> list[np.ndarray]:
+  logits = []
+  for folder, (status, out) in zip(folders, outputs, strict=True):
+    assert status.startswith("ok:"), f"{_WHO[mode]} cannot load {folder}: {status}"
+    assert "TorchLinear" in status, f"{folder} was not served by the torch kernel ({mode}): {status}"
+    logits.append(out)
+  return logits
 
 
 def oracle_logits(folders: list[str], ids: np.ndarray, tmp: str) -> list[np.ndarray]:
   """GPTQModel's logits [batch, seq, vocab] for each folder (GPTQModel.load, torch kernel,
   float32); a folder GPTQModel cannot load fails the test with GPTQModel's own error."""
-  logits = []
-  for folder, (status, out) in zip(folders, _oracle_outputs("logits", folders, ids, tmp)):
-    assert status.startswith("ok:"), f"GPTQModel.load cannot load {folder}: {status}"
-    assert "TorchLinear" in status, f"{folder} was not served by GPTQModel's torch kernel: {status}"
-    logits.append(out)
-  return logits
+  return _checked("logits", folders, _oracle_outputs({"logits": folders}, ids, tmp)["logits"])
 
 
 def transformers_logits(folders: list[str], ids: np.ndarray, tmp: str) -> list[np.ndarray]:
   """Plain ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` logits for each folder
   (GPTQModel installed, torch kernel, float32); a folder transformers refuses fails the test."""
-  logits = []
-  for folder, (status, out) in zip(folders, _oracle_outputs("from_pretrained", folders, ids, tmp)):
-    assert status.startswith("ok:"), f"transformers cannot load {folder}: {status}"
-    assert "TorchLinear" in status, f"{folder} was not served by the torch kernel: {status}"
-    logits.append(out)
-  return logits
+  return _checked("from_pretrained", folders,
+                  _oracle_outputs({"from_pretrained": folders}, ids, tmp)["from_pretrained"])
+
+
+def both_logits(gptqmodel_folders: list[str], transformers_folders: list[str], ids: np.ndarray,
+                tmp: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """``oracle_logits`` and ``transformers_logits`` in one oracle process (plain transformers
+  first, so GPTQModel's own loader has not yet patched anything it uses)."""
+  got = _oracle_outputs({"from_pretrained": transformers_folders, "logits": gptqmodel_folders},
+                        ids, tmp)
+  return (_checked("logits", gptqmodel_folders, got["logits"]),
+          _checked("from_pretrained", transformers_folders, got["from_pretrained"]))

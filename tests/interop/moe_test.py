@@ -32,7 +32,7 @@ from gptq_jax.models import forward
 from gptq_jax.models.safetensors_io import SafetensorsFile
 from gptq_jax.models.testing import tiny_pair, torch_logits
 from gptq_jax.pipeline import rtn_model
-from tests.interop.helpers import oracle_logits, run_oracle, tiny_tokenizer, transformers_logits
+from tests.interop.helpers import both_logits, run_oracle, tiny_tokenizer
 
 GROUP = 32
 EVAL_IDS = np.random.default_rng(98).integers(3, 256, (2, 24)).astype(np.int32)
@@ -118,10 +118,10 @@ def test_transformers_and_gptqmodel_run_the_exports_with_our_logits(exports, tmp
     model_config, params, _ = import_hf(folder)
     ours[family] = _logits(params, model_config)
   gptqmodel_ok = ("qwen2_moe", "mixtral")  # not Qwen3-MoE's dense-only layer (module docstring)
-  checks = [("from_pretrained", list(folders), transformers_logits(
-                list(folders.values()), EVAL_IDS, str(tmp_path))),
-            ("GPTQModel.load", list(gptqmodel_ok), oracle_logits(
-                [folders[f] for f in gptqmodel_ok], EVAL_IDS, str(tmp_path)))]
+  by_gptqmodel, by_transformers = both_logits([folders[f] for f in gptqmodel_ok],
+                                              list(folders.values()), EVAL_IDS, str(tmp_path))
+  checks = [("from_pretrained", list(folders), by_transformers),
+            ("GPTQModel.load", list(gptqmodel_ok), by_gptqmodel)]
   for loader, families, theirs in checks:
     for family, b in zip(families, theirs, strict=True):
       a = ours[family]

@@ -147,16 +147,28 @@ def _torch_window_ppl(model, tokens: np.ndarray, bos: int, seqlen: int, windows:
   return math.exp(nll / count)
 
 
-def test_perplexity_with_bos_matches_transformers(gemma_ours, gemma_transformers, gemma_tokenizer,
-                                                  gemma_eval_tokens):
-  from gptq_jax import data
+def _ppl(params, cfg, tokens, bos: int) -> float:
   from gptq_jax.eval import perplexity
 
+  return perplexity(params, cfg, tokens, seqlen=SEQLEN, max_windows=WINDOWS, bos_token_id=bos)
+
+
+@pytest.fixture(scope="module")
+def gemma_float_ppl(gemma_ours, gemma_tokenizer, gemma_eval_tokens) -> float:
+  """Our float model's perplexity on the held-out windows (262k-way logits: computed once)."""
+  from gptq_jax import data
+
   cfg, params = gemma_ours
+  return _ppl(params, cfg, gemma_eval_tokens, data.bos_token_id(gemma_tokenizer))
+
+
+def test_perplexity_with_bos_matches_transformers(gemma_ours, gemma_transformers, gemma_tokenizer,
+                                                  gemma_eval_tokens, gemma_float_ppl):
+  from gptq_jax import data
+
   bos = data.bos_token_id(gemma_tokenizer)
   assert bos == 2 and gemma_eval_tokens[0] == bos
-  ours = perplexity(params, cfg, gemma_eval_tokens, seqlen=SEQLEN, max_windows=WINDOWS,
-                    bos_token_id=bos)
+  ours = gemma_float_ppl
   ref = _torch_window_ppl(gemma_transformers[1], gemma_eval_tokens, bos, SEQLEN, WINDOWS)
   assert abs(ours / ref - 1) < 0.005, (ours, ref)
   assert 5 < ours < 80  # English under a working 270M model (not a convention bug)
@@ -178,13 +190,14 @@ def test_greedy_16_tokens_match_transformers(gemma_ours, gemma_transformers, gem
   assert text.startswith(" the capital of the country of France"), text
 
 
-def test_gptq_4bit_act_order_beats_rtn(gemma_ours, gemma_tokenizer, gemma_eval_tokens):
+def test_gptq_4bit_act_order_beats_rtn(gemma_ours, gemma_tokenizer, gemma_eval_tokens,
+                                       gemma_float_ppl):
   """GPTQ (4-bit g128, act-order) of the first six blocks (five sliding-window layers and the
   first full-attention one) against round-to-nearest of the same blocks, the rest float in both:
-  held-out perplexity float < GPTQ < RTN (measured 18.73 < 19.26 < 20.90)."""
+  held-out perplexity float < GPTQ < RTN on the three windows the float model's check uses
+  (measured 20.56 < 20.96 < 22.93; 18.73 < 19.26 < 20.90 on four)."""
   import gptq_jax
   from gptq_jax import data
-  from gptq_jax.eval import perplexity
   from gptq_jax.pipeline import ModelAdapter, dense_block, rtn_model
 
   class FirstBlocks(ModelAdapter):
@@ -200,8 +213,7 @@ def test_gptq_4bit_act_order_beats_rtn(gemma_ours, gemma_tokenizer, gemma_eval_t
   qcfg = gptq_jax.GPTQConfig(4, group_size=128, desc_act=True, act_group_aware=False, sym=True)
   adapter = FirstBlocks(cfg)
   quantized = gptq_jax.quantize(params, calib, qcfg, adapter=adapter, progress=False)
-  ppl = lambda p: perplexity(p, cfg, gemma_eval_tokens, seqlen=SEQLEN,  # noqa: E731
-                             max_windows=WINDOWS + 1, bos_token_id=bos)
-  ppl_float, ppl_gptq = ppl(params), ppl(dense_block(quantized))
-  ppl_rtn = ppl(dense_block(rtn_model(params, qcfg, adapter=adapter)))
+  ppl_float, ppl_gptq = gemma_float_ppl, _ppl(dense_block(quantized), cfg, gemma_eval_tokens, bos)
+  ppl_rtn = _ppl(dense_block(rtn_model(params, qcfg, adapter=adapter)), cfg, gemma_eval_tokens,
+                 bos)
   assert ppl_float < ppl_gptq < ppl_rtn, (ppl_float, ppl_gptq, ppl_rtn)
