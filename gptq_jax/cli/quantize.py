@@ -15,7 +15,6 @@ writes the files.
 
 from __future__ import annotations
 
-import gc
 import os
 import resource
 import sys
@@ -387,5 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     peers.first_a_lost_peer()
     raise
   finally:
-    gc.unfreeze()  # stream.freeze_heap's objects are collectable again in a caller's process
+    stream = sys.modules.get("gptq_jax.cli.stream")  # imported by run(), if it got that far
+    if stream is not None:
+      stream.thaw_heap()  # what run() froze is collectable again in a caller's process
   return 0

@@ -169,14 +169,27 @@ def trim_heap() -> None:
     pass
 
 
+_FROZEN: list[bool] = [False]  # freeze_heap froze, thaw_heap has not thawed
+
+
 def freeze_heap() -> None:
   """``gc.freeze()`` after a collection: what is alive now (the imported modules, transformers'
   and torch's among them, the tokenizer) is left out of later collections, so each
   ``trim_heap`` scans only what the run made since (its ``gc.collect()`` took 0.15 s with
   400k objects alive, once per block). The CLI's ``main`` thaws them when the run ends
-  (``gc.unfreeze``): a caller's process collects them again."""
-  gc.collect()
-  gc.freeze()
+  (``thaw_heap``): a caller's process collects them again. A process that froze objects itself
+  is left as it is."""
+  if gc.get_freeze_count() == 0:
+    gc.collect()
+    gc.freeze()
+    _FROZEN[0] = True
+
+
+def thaw_heap() -> None:
+  """Undo ``freeze_heap`` (nothing when it froze nothing)."""
+  if _FROZEN[0]:
+    gc.unfreeze()
+    _FROZEN[0] = False
 
 
 Sink = Callable[[int, Any], None]

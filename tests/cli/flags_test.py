@@ -5,6 +5,7 @@ after a kill: quantize_test.py and multihost_test.py; ``--dtype bfloat16``: stre
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -51,6 +52,7 @@ def test_every_flag_at_once_runs_to_the_end(tiny_hf_dir, tmp_path, capsys):
   from gptq_jax.models import decode
   assert decode._LAST == []  # neither sample's model outlives it (the float one held 1.2 GB of
   # Gemma 3 270M's run through every block before)
+  assert gc.get_freeze_count() == 0  # what the run froze (stream.freeze_heap) is thawed
   assert "perplexity on held-out text (2 windows of 32 tokens)" in printed.out
   ck = checkpoint.load(out)
   cfg = gj.GPTQConfig(3, group_size=32, damp_percent=0.05, act_group_aware=False, sym=False,
