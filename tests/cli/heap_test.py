@@ -17,9 +17,9 @@ def test_freeze_then_thaw_and_a_callers_freeze_is_kept():
   assert gc.get_freeze_count() == 0
   gc.freeze()  # a caller that froze its own objects
   try:
-    frozen = gc.get_freeze_count()
     stream.freeze_heap()
+    assert stream._FROZEN == [False]  # it froze nothing, so thaw_heap thaws nothing
     stream.thaw_heap()
-    assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() > 0  # (the count itself drops as frozen objects are freed)
   finally:
     gc.unfreeze()
