@@ -161,6 +161,17 @@ def _stash_text(stash: dict) -> str:
 
 
 def run(args) -> dict:
+  """The whole job (``_run``); what it froze for its per-block collections is thawed at its end,
+  however it ends (a caller's process collects those objects again)."""
+  from gptq_jax.cli import stream
+
+  try:
+    return _run(args)
+  finally:
+    stream.thaw_heap()
+
+
+def _run(args) -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -385,8 +396,4 @@ def main(argv: list[str] | None = None) -> int:
   except Exception:
     peers.first_a_lost_peer()
     raise
-  finally:
-    stream = sys.modules.get("gptq_jax.cli.stream")  # imported by run(), if it got that far
-    if stream is not None:
-      stream.thaw_heap()  # what run() froze is collectable again in a caller's process
   return 0

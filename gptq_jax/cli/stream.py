@@ -176,7 +176,7 @@ def freeze_heap() -> None:
   """``gc.freeze()`` after a collection: what is alive now (the imported modules, transformers'
   and torch's among them, the tokenizer) is left out of later collections, so each
   ``trim_heap`` scans only what the run made since (its ``gc.collect()`` took 0.15 s with
-  400k objects alive, once per block). The CLI's ``main`` thaws them when the run ends
+  400k objects alive, once per block). The CLI's ``run`` thaws them when it ends
   (``thaw_heap``): a caller's process collects them again. A process that froze objects itself
   is left as it is."""
   if gc.get_freeze_count() == 0:
