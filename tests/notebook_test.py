@@ -16,7 +16,7 @@ import re
 import pytest
 
 from tests.interop.helpers import importorskip
-from tests.xla_env import one_device_flags
+from tests.xla_env import NO_OPT_ENV, one_device_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
@@ -31,6 +31,7 @@ def test_quickstart_notebook_runs(monkeypatch, tmp_path):
   nbformat = importorskip("nbformat")
   nbclient = importorskip("nbclient")
   monkeypatch.setenv("XLA_FLAGS", one_device_flags())  # the kernel sees one CPU device, as a user
+  monkeypatch.setenv(NO_OPT_ENV, "0")  # a real model's run: XLA's optimizations on
   monkeypatch.chdir(tmp_path)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # "python" in the kernel spec is replaced by sys.executable: the kernel runs in this venv.

@@ -1,18 +1,29 @@
-"""XLA_FLAGS of the suite and of the subprocesses it starts.
+"""How the suite's programs are compiled (the pytest process and the subprocesses it starts).
 
-LLVM's optimization passes cost the suite's many small programs more compile time than they save
-in run time: four compile-heavy files (driver, gptq, decode, kernels reference) took 219 s with
-these flags against 285 s without, one after the other on the 2-core machine. The real-model
-work is the other way round (the notebook's SmolLM2 steps: 81 s with them, 69 s without), a
-minority of the suite. No fast-math; the results may differ in the last bits from an optimized
-build (the notebook's GPTQ perplexity 29.99 against 29.81), and every test compares runs compiled
-with the same flags. The TPU compile tests do not get them (their figures
-are the TPU compiler's own, flags as a user has them).
+The suite compiles thousands of small programs: compiling, not running, is most of its CPU time.
+Measured choices (one process, files run one after the other on the 2-core machine):
+
+* ``--xla_cpu_use_fusion_emitters=false`` (XLA_FLAGS, every CPU process of the suite): XLA:CPU's
+  newer fusion emitters cost far more compile time than the elemental emitters they replace.
+  tests/core/gptq_test.py with tests/kernels/reference_test.py: 111 s -> 57 s of test time,
+  backend compile 81 s -> 29 s over 429 programs; run time unchanged.
+* Most optimizations off (jax's ``jax_disable_most_optimizations``: XLA:CPU optimization level 0,
+  LLVM's expensive passes off), set through ``NO_OPT_ENV`` so that subprocesses inherit it. On
+  the small-program files it saves compile time (the same two files 42 / 37 s -> 28 / 23 s,
+  SmolLM2's model tests 67 -> 51 s); on the notebook's real-model steps it costs run time (77 s
+  with optimizations -> 119 s without), so the notebook's kernel turns it off. The in-process
+  real-model tests keep it: with optimizations on, their three files (SmolLM2, Gemma 3 270M,
+  refinement) took 510 s against 485 s without, one full run each.
+
+No fast-math: results may differ in the last bits from a default build (fusion and ordering
+differ); every test compares runs compiled alike. The TPU compile tests get none of this (their
+figures are the TPU compiler's own, flags as a user has them).
 """
 
 import os
 
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FUSION_EMITTERS_OFF = "--xla_cpu_use_fusion_emitters=false"
+NO_OPT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"  # jax's own variable for jax_disable_most_optimizations
 
 
 def one_device_flags() -> str:

@@ -23,6 +23,7 @@ import pytest
 from gptq_jax.plan.chips import CHIPS
 from tests.interop.helpers import oracle_unavailable
 from tests.tpu import real_size
+from tests.xla_env import NO_OPT_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIGURES = real_size.FIGURES
@@ -54,7 +55,8 @@ def compiled(tmp_path_factory) -> dict:
   tmp = tmp_path_factory.mktemp("tpu")
   folders = real_size.write_configs(str(tmp))
   out = str(tmp / "compiled.json")
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", NO_OPT_ENV)}  # the TPU compiler as users have it
   env["PYTHONPATH"] = ROOT
   env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # compile-only: another libtpu process may run beside
   if os.environ.get(BIG_ENV) == "1":  # compile every real-size program
